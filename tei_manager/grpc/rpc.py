@@ -1,0 +1,96 @@
+"""Method descriptions shared by the server, the client channel and generated code."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
+
+from google.protobuf.message import Message
+
+if TYPE_CHECKING:
+    from tei_manager.grpc.server import CallContext
+
+Req = TypeVar("Req", bound=Message)
+Resp = TypeVar("Resp", bound=Message)
+
+
+class Cardinality(enum.Enum):
+    UNARY_UNARY = "unary_unary"
+    UNARY_STREAM = "unary_stream"
+    STREAM_UNARY = "stream_unary"
+    STREAM_STREAM = "stream_stream"
+
+    @property
+    def client_streaming(self) -> bool:
+        return self in (Cardinality.STREAM_UNARY, Cardinality.STREAM_STREAM)
+
+    @property
+    def server_streaming(self) -> bool:
+        return self in (Cardinality.UNARY_STREAM, Cardinality.STREAM_STREAM)
+
+
+@dataclass(frozen=True, slots=True)
+class MethodSpec(Generic[Req, Resp]):
+    """One RPC: where it lives, its shape and its message types."""
+
+    service: str
+    name: str
+    cardinality: Cardinality
+    request_type: type[Req]
+    response_type: type[Resp]
+    path: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", f"/{self.service}/{self.name}")
+
+
+class Servicer:
+    """Base of generated servicer classes: ``METHODS`` lists the service's RPCs.
+
+    A subclass overrides the methods it implements; the rest answer UNIMPLEMENTED.
+    Unary requests arrive as a message, streamed ones as an async iterator; the
+    ``context`` gives the call's metadata, peer and deadline.
+    """
+
+    SERVICE: ClassVar[str]
+    METHODS: ClassVar[tuple[MethodSpec[Any, Any], ...]]
+
+
+
+
+
+class StatusCode(enum.IntEnum):
+    """gRPC status codes."""
+
+    OK = 0
+    CANCELLED = 1
+    UNKNOWN = 2
+    INVALID_ARGUMENT = 3
+    DEADLINE_EXCEEDED = 4
+    NOT_FOUND = 5
+    ALREADY_EXISTS = 6
+    PERMISSION_DENIED = 7
+    RESOURCE_EXHAUSTED = 8
+    FAILED_PRECONDITION = 9
+    ABORTED = 10
+    OUT_OF_RANGE = 11
+    UNIMPLEMENTED = 12
+    INTERNAL = 13
+    UNAVAILABLE = 14
+    DATA_LOSS = 15
+    UNAUTHENTICATED = 16
+
+
+class GrpcError(Exception):
+    """A call that ends with a non-OK status: raised by handlers, and by the client."""
+
+    def __init__(self, code: StatusCode, message: str = "") -> None:
+        super().__init__(f"{code.name}: {message}" if message else code.name)
+        self.code = code
+        self.message = message
+
+
+def unimplemented(service: str, method: str) -> GrpcError:
+    return GrpcError(StatusCode.UNIMPLEMENTED, f"method {method} is not implemented in service {service}")
