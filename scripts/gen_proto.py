@@ -109,7 +109,7 @@ def _write_service_modules(tmp: Path, protos: set[str]) -> None:
             continue
         aliases: dict[str, str] = {}
 
-        def type_ref(full: str) -> str:
+        def type_ref(full: str, aliases: dict[str, str] = aliases) -> str:
             file_name, message = owner[full]
             module = file_name[: -len(".proto")].replace("/", ".") + "_pb2"
             alias = module.replace(".", "_dot_")
@@ -119,7 +119,7 @@ def _write_service_modules(tmp: Path, protos: set[str]) -> None:
         body: list[str] = []
         for svc in f.service:
             full_name = f"{f.package}.{svc.name}"
-            body.append(f"\n\nclass {svc.name}:\n    \"\"\"Methods of ``{full_name}``.\"\"\"\n")
+            body.append(f'\n\nclass {svc.name}:\n    """Methods of ``{full_name}``."""\n')
             body.append(f'    NAME = "{full_name}"')
             specs = []
             for m in svc.method:
@@ -141,12 +141,15 @@ def _write_service_modules(tmp: Path, protos: set[str]) -> None:
                 arg = f"AsyncIterator[{req}]" if m.client_streaming else req
                 ret = f"AsyncIterator[{resp}]" if m.server_streaming else resp
                 name = "requests" if m.client_streaming else "request"
+                signature = f"self, {name}: {arg}, context: CallContext"
                 body.append(
-                    f"\n    async def {m.name}(self, {name}: {arg}, context: CallContext) -> {ret}:\n"
+                    f"\n    async def {m.name}({signature}) -> {ret}:\n"
                     f'        raise unimplemented("{full_name}", "{m.name}")'
                 )
                 if m.server_streaming:
-                    body.append("        yield  # pragma: no cover  (makes this an async generator)")
+                    body.append(
+                        "        yield  # pragma: no cover  (makes this an async generator)"
+                    )
         head = [
             f'"""Service tables and servicer bases for ``{f.name}``."""',
             "",

@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 from google.protobuf.message import Message
-
-if TYPE_CHECKING:
-    from tei_manager.grpc.server import CallContext
 
 Req = TypeVar("Req", bound=Message)
 Resp = TypeVar("Resp", bound=Message)
@@ -58,9 +54,6 @@ class Servicer:
     METHODS: ClassVar[tuple[MethodSpec[Any, Any], ...]]
 
 
-
-
-
 class StatusCode(enum.IntEnum):
     """gRPC status codes."""
 
@@ -93,4 +86,5 @@ class GrpcError(Exception):
 
 
 def unimplemented(service: str, method: str) -> GrpcError:
-    return GrpcError(StatusCode.UNIMPLEMENTED, f"method {method} is not implemented in service {service}")
+    message = f"method {method} is not implemented in service {service}"
+    return GrpcError(StatusCode.UNIMPLEMENTED, message)

@@ -1,0 +1,259 @@
+"""A gRPC client channel on our trio transport: one HTTP/2 connection, many calls.
+
+Deadlines are trio's: a call made under ``trio.fail_after`` / ``move_on_after``
+(or inside a handler whose client set a deadline) sends the time left as
+``grpc-timeout``. Unlike purerpc's client, a cancelled call resets its stream so the
+server stops working on it, and a lost connection fails the calls on it with
+UNAVAILABLE instead of crashing the caller's nursery.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import ssl
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from typing import Any, Generic
+
+import trio
+from google.protobuf.message import DecodeError
+
+from tei_manager.grpc.rpc import GrpcError, MethodSpec, Req, Resp, StatusCode
+from tei_manager.grpc.server import DEFAULT_MAX_MESSAGE_BYTES
+from tei_manager.grpc.transport import Stream, Transport
+
+Metadata = tuple[tuple[str, str], ...]
+
+
+def client_ssl_context(
+    ca_file: str | None = None,
+    *,
+    certfile: str | None = None,
+    keyfile: str | None = None,
+) -> ssl.SSLContext:
+    """A TLS client context with ALPN "h2" and an optional client certificate."""
+    context = ssl.create_default_context(cafile=ca_file)
+    if certfile is not None:
+        context.load_cert_chain(certfile, keyfile)
+    context.set_alpn_protocols(["h2"])
+    return context
+
+
+class Channel:
+    """A connection to one gRPC server. Run it with ``open_channel`` or ``nursery.start(run)``."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        connect_timeout: float = 5.0,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.authority = f"{host}:{port}"
+        self._ssl_context = ssl_context
+        self._server_hostname = server_hostname or host
+        self._max_message_bytes = max_message_bytes
+        self._connect_timeout = connect_timeout
+        self._transport: Transport | None = None
+        self._scope: trio.CancelScope | None = None
+
+    @property
+    def usable(self) -> bool:
+        """True while new calls can be started on this connection."""
+        t = self._transport
+        return t is not None and not t.closed and not t.goaway
+
+    @property
+    def active_calls(self) -> int:
+        return 0 if self._transport is None else len(self._transport.streams)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Connect, then serve the connection until it closes or ``close()`` is called.
+
+        Connection failures before ``started`` raise GrpcError(UNAVAILABLE).
+        """
+        try:
+            with trio.fail_after(self._connect_timeout):
+                sock: trio.abc.Stream = await trio.open_tcp_stream(self.host, self.port)
+                if self._ssl_context is not None:
+                    tls = trio.SSLStream(
+                        sock, self._ssl_context, server_hostname=self._server_hostname
+                    )
+                    await tls.do_handshake()
+                    sock = tls
+        except (OSError, trio.TooSlowError, trio.BrokenResourceError, ssl.SSLError) as error:
+            raise GrpcError(
+                StatusCode.UNAVAILABLE, f"cannot connect to {self.authority}: {error}"
+            ) from None
+        transport = Transport(sock, client_side=True, max_message_bytes=self._max_message_bytes)
+        self._transport = transport
+        with trio.CancelScope() as self._scope:
+            await transport.run(task_status=task_status)
+
+    def close(self) -> None:
+        """Drop the connection; calls on it fail with UNAVAILABLE."""
+        if self._transport is not None:
+            self._transport.close()
+        if self._scope is not None:
+            self._scope.cancel()
+
+    # -- calls ---------------------------------------------------------------
+    def _start(self, spec: MethodSpec[Any, Any], metadata: Metadata) -> Stream:
+        transport = self._transport
+        if transport is None or transport.closed or transport.goaway:
+            raise GrpcError(StatusCode.UNAVAILABLE, f"no connection to {self.authority}")
+        stream = transport.open_stream()
+        grpc_timeout = None
+        deadline = trio.current_effective_deadline()
+        if deadline != math.inf:
+            left = deadline - trio.current_time()
+            # Whole microseconds, rounded up so the server never sees zero.
+            grpc_timeout = datetime.timedelta(microseconds=max(1, math.ceil(left * 1e6)))
+        transport.conn.start_request(
+            stream.stream_id,
+            "https" if self._ssl_context is not None else "http",
+            spec.service,
+            spec.name,
+            spec.request_type.DESCRIPTOR.full_name,
+            self.authority,
+            grpc_timeout,
+            "+proto",
+            metadata,
+        )
+        transport.flush()
+        return stream
+
+    @asynccontextmanager
+    async def open_call(
+        self,
+        spec: MethodSpec[Req, Resp],
+        *,
+        metadata: Metadata = (),
+    ) -> AsyncIterator[Call[Req, Resp]]:
+        """A call of any shape: ``send`` requests, ``done_writing``, then read replies.
+
+        Leaving the block before the call ended resets its stream (the server's
+        handler is cancelled).
+        """
+        stream = self._start(spec, metadata)
+        call: Call[Req, Resp] = Call(stream, spec)
+        try:
+            yield call
+        finally:
+            if stream.trailers is None and stream.error is None:
+                stream.cancel()
+            stream.transport.release(stream)
+
+    async def unary_unary(
+        self,
+        spec: MethodSpec[Req, Resp],
+        request: Req,
+        *,
+        metadata: Metadata = (),
+    ) -> Resp:
+        async with self.open_call(spec, metadata=metadata) as call:
+            await call.send(request)
+            await call.done_writing()
+            return await call.single()
+
+    async def stream_unary(
+        self,
+        spec: MethodSpec[Req, Resp],
+        requests: Iterable[Req] | AsyncIterable[Req],
+        *,
+        metadata: Metadata = (),
+    ) -> Resp:
+        async with self.open_call(spec, metadata=metadata) as call:
+            if isinstance(requests, AsyncIterable):
+                async for request in requests:
+                    await call.send(request)
+            else:
+                for request in requests:
+                    await call.send(request)
+            await call.done_writing()
+            return await call.single()
+
+
+class Call(Generic[Req, Resp]):
+    """One call in flight on a channel."""
+
+    __slots__ = ("_spec", "_stream")
+
+    def __init__(self, stream: Stream, spec: MethodSpec[Req, Resp]) -> None:
+        self._stream = stream
+        self._spec = spec
+
+    async def send(self, request: Req) -> None:
+        await self._stream.send_message(request.SerializeToString())
+
+    async def send_raw(self, data: bytes) -> None:
+        """Send an already serialized request message."""
+        await self._stream.send_message(data)
+
+    async def done_writing(self) -> None:
+        self._stream.end_request()
+
+    async def receive_raw(self) -> bytes | None:
+        """The next reply's bytes; None when the call ended OK; GrpcError otherwise."""
+        return await self._stream.receive_message()
+
+    async def receive(self) -> Resp | None:
+        data = await self._stream.receive_message()
+        if data is None:
+            return None
+        try:
+            reply: Resp = self._spec.response_type.FromString(data)
+        except DecodeError:
+            raise GrpcError(StatusCode.INTERNAL, "could not decode the response") from None
+        return reply
+
+    async def single(self) -> Resp:
+        reply = await self.receive()
+        if reply is None:
+            raise GrpcError(StatusCode.INTERNAL, "the call ended without a response")
+        if await self._stream.receive_message() is not None:
+            raise GrpcError(StatusCode.INTERNAL, "expected one response, got more")
+        return reply
+
+    def __aiter__(self) -> AsyncIterator[Resp]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Resp]:
+        while (reply := await self.receive()) is not None:
+            yield reply
+
+    @property
+    def trailing_metadata(self) -> Metadata:
+        trailers = self._stream.trailers
+        return () if trailers is None else tuple(trailers.custom_metadata)
+
+
+@asynccontextmanager
+async def open_channel(
+    host: str,
+    port: int,
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    connect_timeout: float = 5.0,
+) -> AsyncIterator[Channel]:
+    """Connect to ``host:port`` for the duration of the block."""
+    channel = Channel(
+        host,
+        port,
+        ssl_context=ssl_context,
+        max_message_bytes=max_message_bytes,
+        connect_timeout=connect_timeout,
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(channel.run)
+        try:
+            yield channel
+        finally:
+            channel.close()

@@ -1,0 +1,331 @@
+"""The gRPC server: purerpc's protocol layer on our trio transport.
+
+Fixes over purerpc's stock ``Server`` (each has a test in tests/test_grpc_server.py):
+binds the configured host without ``reuse_port``; TLS contexts advertise ALPN
+"h2"; the peer certificate reaches handlers; the message-size limit is
+configurable and an oversized message fails only its call with
+RESOURCE_EXHAUSTED; a client's RST_STREAM or connection loss cancels the
+handler and ``grpc-timeout`` bounds it (DEADLINE_EXCEEDED); handler exceptions
+become INTERNAL with a clean message; cancellation at shutdown logs nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import AsyncGenerator, Callable, Iterable
+from contextlib import aclosing
+from typing import Any
+
+import h2.errors
+import h2.exceptions
+import trio
+from google.protobuf.message import DecodeError, Message
+
+from tei_manager.grpc.rpc import Cardinality, GrpcError, MethodSpec, Servicer, StatusCode
+from tei_manager.grpc.transport import Stream, Transport
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_MESSAGE_BYTES = 40 * 1024 * 1024
+TLS_HANDSHAKE_TIMEOUT = 10.0
+
+Handler = Callable[..., Any]
+
+
+class CallContext:
+    """What a handler may know about its call."""
+
+    __slots__ = ("deadline", "metadata", "method", "peer", "peer_certificate")
+
+    def __init__(
+        self,
+        method: MethodSpec[Any, Any],
+        metadata: tuple[tuple[str, str], ...],
+        peer: str | None,
+        peer_certificate: bytes | None,
+        deadline: float | None,
+    ) -> None:
+        self.method = method
+        self.metadata = metadata
+        self.peer = peer
+        #: DER bytes of the client certificate on a mutual-TLS connection.
+        self.peer_certificate = peer_certificate
+        #: trio clock deadline from the client's ``grpc-timeout``, if any.
+        self.deadline = deadline
+
+    def time_remaining(self) -> float | None:
+        """Seconds left before the client's deadline (None when it set none)."""
+        if self.deadline is None:
+            return None
+        return max(0.0, self.deadline - trio.current_time())
+
+    def metadata_value(self, key: str) -> str | None:
+        for name, value in self.metadata:
+            if name == key:
+                return value
+        return None
+
+
+def server_ssl_context(
+    certfile: str, keyfile: str, *, client_ca: str | None = None
+) -> ssl.SSLContext:
+    """A TLS context for gRPC: ALPN "h2" (grpcio refuses TLS without it), optional mTLS."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(certfile, keyfile)
+    if client_ca is not None:
+        context.load_verify_locations(client_ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+    context.set_alpn_protocols(["h2"])
+    return context
+
+
+def _parse(spec: MethodSpec[Any, Any], data: bytes) -> Message:
+    try:
+        message: Message = spec.request_type.FromString(data)
+        return message
+    except DecodeError:
+        raise GrpcError(
+            StatusCode.INTERNAL, f"could not decode the {spec.request_type.__name__} message"
+        ) from None
+
+
+class GrpcServer:
+    """Serves servicers on one port; ``run`` is a trio service (``nursery.start``)."""
+
+    def __init__(
+        self,
+        servicers: Iterable[Servicer] = (),
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        ssl_context: ssl.SSLContext | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.ssl_context = ssl_context
+        self.max_message_bytes = max_message_bytes
+        self._methods: dict[str, tuple[MethodSpec[Any, Any], Handler]] = {}
+        self._transports: set[Transport] = set()
+        self._accept_scope: trio.CancelScope | None = None
+        self._active_calls = 0
+        self._idle = trio.Event()
+        self._idle.set()
+        self._grace = 0.0
+        for servicer in servicers:
+            self.add_servicer(servicer)
+
+    def add_servicer(self, servicer: Servicer) -> None:
+        for spec in servicer.METHODS:
+            self._methods[spec.path] = (spec, getattr(servicer, spec.name))
+
+    @property
+    def service_names(self) -> list[str]:
+        return sorted({spec.service for spec, _ in self._methods.values()})
+
+    def statistics(self) -> dict[str, int]:
+        return {"connections": len(self._transports), "active_calls": self._active_calls}
+
+    async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen, hand the bound port to ``task_status``, serve until cancelled or shut down."""
+        # trio's listeners set SO_REUSEADDR but never SO_REUSEPORT, so a second
+        # process cannot silently share the port.
+        listeners: list[trio.SocketListener] = await trio.open_tcp_listeners(
+            self.port, host=self.host
+        )
+        self.port = listeners[0].socket.getsockname()[1]
+        try:
+            async with trio.open_nursery() as connections:
+                with trio.CancelScope() as self._accept_scope:
+                    async with trio.open_nursery() as accept:
+                        for listener in listeners:
+                            accept.start_soon(self._accept_loop, listener, connections)
+                        task_status.started(self.port)
+                # Shutdown asked: refuse new calls, let running ones finish within the grace.
+                for listener in listeners:
+                    listener.socket.close()
+                for transport in self._transports:
+                    transport.goaway = True
+                with trio.move_on_after(self._grace):
+                    await self._idle.wait()
+                with trio.move_on_after(1):
+                    async with trio.open_nursery() as closing:
+                        for transport in list(self._transports):
+                            closing.start_soon(transport.close_gracefully)
+                connections.cancel_scope.cancel()
+        finally:
+            for listener in listeners:
+                listener.socket.close()
+
+    def shutdown(self, grace: float = 0.0) -> None:
+        """Stop accepting; running calls get ``grace`` seconds, then everything is cancelled."""
+        self._grace = grace
+        if self._accept_scope is not None:
+            self._accept_scope.cancel()
+
+    async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as error:  # e.g. EMFILE: back off instead of spinning
+                log.warning("accept failed on gRPC port %d: %s", self.port, error)
+                await trio.sleep(0.1)
+                continue
+            nursery.start_soon(self._serve_connection, stream)
+
+    async def _serve_connection(self, sock: trio.SocketStream) -> None:
+        try:
+            peer_host, peer_port = sock.socket.getpeername()[:2]
+            peer: str | None = f"{peer_host}:{peer_port}"
+        except OSError:
+            peer = None
+        stream: trio.abc.Stream = sock
+        certificate: bytes | None = None
+        if self.ssl_context is not None:
+            tls = trio.SSLStream(sock, self.ssl_context, server_side=True)
+            try:
+                with trio.fail_after(TLS_HANDSHAKE_TIMEOUT):
+                    await tls.do_handshake()
+            except (trio.TooSlowError, trio.BrokenResourceError, ssl.SSLError, OSError) as error:
+                log.info("TLS handshake with %s failed: %s", peer, error)
+                await trio.aclose_forcefully(tls)
+                return
+            certificate = tls.getpeercert(binary_form=True)
+            stream = tls
+        async with trio.open_nursery() as calls:
+
+            def on_request(call: Stream) -> None:
+                calls.start_soon(self._serve_call, call, peer, certificate)
+
+            transport = Transport(
+                stream,
+                client_side=False,
+                max_message_bytes=self.max_message_bytes,
+                on_request=on_request,
+            )
+            if self._accept_scope is not None and self._accept_scope.cancel_called:
+                transport.goaway = True
+            self._transports.add(transport)
+            try:
+                await transport.run()
+            finally:
+                self._transports.discard(transport)
+                calls.cancel_scope.cancel()
+
+    async def _serve_call(
+        self, stream: Stream, peer: str | None, certificate: bytes | None
+    ) -> None:
+        request = stream.request
+        assert request is not None
+        path = f"/{request.service_name}/{request.method_name}"
+        entry = self._methods.get(path)
+        transport = stream.transport
+        if entry is None:
+            stream.send_status(
+                StatusCode.UNIMPLEMENTED, f"method {path} is not implemented", headers_sent=False
+            )
+            self._finish(stream)
+            return
+        spec, handler = entry
+        self._active_calls += 1
+        self._idle = trio.Event() if self._idle.is_set() else self._idle
+        deadline = None
+        if request.timeout is not None:
+            deadline = trio.current_time() + request.timeout.total_seconds()
+        context = CallContext(spec, tuple(request.custom_metadata), peer, certificate, deadline)
+        responder = _Responder(stream)
+        code, message = StatusCode.OK, ""
+        try:
+            limit = deadline if deadline is not None else float("inf")
+            with trio.CancelScope(deadline=limit) as scope:
+                stream.handler_scope = scope
+                try:
+                    await _dispatch(spec, handler, stream, context, responder)
+                except GrpcError as error:
+                    code, message = error.code, error.message
+                except Exception:
+                    log.exception("unhandled error in gRPC handler %s", path)
+                    code, message = StatusCode.INTERNAL, f"internal error while handling {path}"
+            if scope.cancelled_caught:
+                if stream.reset or transport.closed:
+                    return
+                code, message = StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"
+            stream.send_status(code, message, headers_sent=responder.headers_sent)
+        finally:
+            self._finish(stream)
+            self._active_calls -= 1
+            if self._active_calls == 0:
+                self._idle.set()
+
+    @staticmethod
+    def _finish(stream: Stream) -> None:
+        transport = stream.transport
+        h2_stream = transport.conn.h2_connection.streams.get(stream.stream_id)
+        if h2_stream is not None and not h2_stream.closed and not stream.reset:
+            # We answered before the client finished sending: tell it to stop.
+            try:
+                transport.conn.reset_stream(stream.stream_id, h2.errors.ErrorCodes.NO_ERROR)
+                transport.flush()
+            except h2.exceptions.H2Error:
+                pass
+        transport.release(stream)
+
+
+class _Responder:
+    __slots__ = ("headers_sent", "stream")
+
+    def __init__(self, stream: Stream) -> None:
+        self.stream = stream
+        self.headers_sent = False
+
+    async def send(self, message: Message) -> None:
+        if not self.headers_sent:
+            self.stream.start_response()
+            self.headers_sent = True
+        await self.stream.send_message(message.SerializeToString())
+
+
+async def _one_request(stream: Stream, spec: MethodSpec[Any, Any]) -> Message:
+    data = await stream.receive_message()
+    if data is None:
+        raise GrpcError(StatusCode.INTERNAL, "the call ended without a request message")
+    return _parse(spec, data)
+
+
+async def _request_stream(
+    stream: Stream, spec: MethodSpec[Any, Any]
+) -> AsyncGenerator[Message, None]:
+    while (data := await stream.receive_message()) is not None:
+        yield _parse(spec, data)
+
+
+async def _dispatch(
+    spec: MethodSpec[Any, Any],
+    handler: Handler,
+    stream: Stream,
+    context: CallContext,
+    responder: _Responder,
+) -> None:
+    cardinality = spec.cardinality
+    if cardinality is Cardinality.UNARY_UNARY:
+        await responder.send(await handler(await _one_request(stream, spec), context))
+        return
+    if cardinality is Cardinality.STREAM_UNARY:
+        async with aclosing(_request_stream(stream, spec)) as requests:
+            await responder.send(await handler(requests, context))
+        return
+    source: Any = (
+        _request_stream(stream, spec)
+        if cardinality is Cardinality.STREAM_STREAM
+        else await _one_request(stream, spec)
+    )
+    responses: AsyncGenerator[Message, None] = handler(source, context)
+    async with aclosing(responses):
+        async for response in responses:
+            await responder.send(response)
+    if isinstance(source, AsyncGenerator):
+        await source.aclose()
+
+
+__all__ = ["CallContext", "GrpcServer", "server_ssl_context"]

@@ -1,0 +1,292 @@
+"""The purerpc compatibility layer: one test per trap listed in ARCHITECTURE.md.
+
+Each test drives the real server over real sockets, mostly with the official
+grpcio client (run in a thread) so the behaviour is what grpcio users see.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import socket
+import ssl
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import trio
+from hyperframe.frame import WindowUpdateFrame
+
+from tei_manager._proto.tei.v1 import tei_grpc, tei_pb2
+from tei_manager.grpc.channel import Channel, client_ssl_context, open_channel
+from tei_manager.grpc.rpc import GrpcError, StatusCode
+from tei_manager.grpc.server import CallContext, GrpcServer, server_ssl_context
+from tests.tls import make_pki
+
+SLEEP_FOREVER = 777
+CRASH = 666
+SLOW = 555
+
+
+class Probe(tei_grpc.TokenizeServicer):
+    """A servicer whose behaviour the tests steer through the request's ids."""
+
+    def __init__(self) -> None:
+        self.started = trio.Event()
+        self.cancelled = trio.Event()
+        self.deadlines: list[float | None] = []
+
+    async def Decode(
+        self, request: tei_pb2.DecodeRequest, context: CallContext
+    ) -> tei_pb2.DecodeResponse:
+        self.deadlines.append(context.time_remaining())
+        if list(request.ids) == [CRASH]:
+            raise RuntimeError("secret internal detail")
+        if list(request.ids) == [SLOW]:
+            self.started.set()
+            await trio.sleep(0.3)
+        if list(request.ids) == [SLEEP_FOREVER]:
+            self.started.set()
+            try:
+                await trio.sleep_forever()
+            finally:
+                self.cancelled.set()
+        return tei_pb2.DecodeResponse(text=" ".join(map(str, request.ids)))
+
+    async def DecodeStream(
+        self, requests: AsyncIterator[tei_pb2.DecodeRequest], context: CallContext
+    ) -> AsyncIterator[tei_pb2.DecodeResponse]:
+        async for request in requests:
+            yield await self.Decode(request, context)
+
+    async def Tokenize(
+        self, request: tei_pb2.EncodeRequest, context: CallContext
+    ) -> tei_pb2.EncodeResponse:
+        cert = context.peer_certificate or b""
+        return tei_pb2.EncodeResponse(
+            tokens=[tei_pb2.SimpleToken(text=hashlib.sha256(cert).hexdigest())]
+        )
+
+
+async def _serve(nursery: trio.Nursery, **kwargs: Any) -> tuple[GrpcServer, Probe]:
+    probe = Probe()
+    server = GrpcServer([probe], **kwargs)
+    await nursery.start(server.run)
+    return server, probe
+
+
+def _decode_stub(channel: grpc.Channel) -> Callable[..., Any]:
+    return channel.unary_unary(
+        "/tei.v1.Tokenize/Decode",
+        request_serializer=tei_pb2.DecodeRequest.SerializeToString,
+        response_deserializer=tei_pb2.DecodeResponse.FromString,
+    )
+
+
+async def _grpcio(port: int, fn: Callable[[grpc.Channel], Any], **channel_kwargs: Any) -> Any:
+    def work() -> Any:
+        creds = channel_kwargs.pop("credentials", None)
+        target = f"127.0.0.1:{port}"
+        ch = (
+            grpc.secure_channel(target, creds, **channel_kwargs)
+            if creds
+            else grpc.insecure_channel(target, **channel_kwargs)
+        )
+        with ch:
+            return fn(ch)
+
+    return await trio.to_thread.run_sync(work)
+
+
+async def test_grpcio_unary_and_stream(nursery: trio.Nursery) -> None:
+    server, _ = await _serve(nursery)
+
+    def calls(ch: grpc.Channel) -> tuple[str, list[str]]:
+        one = _decode_stub(ch)(tei_pb2.DecodeRequest(ids=[1, 2]), timeout=10).text
+        stream = ch.stream_stream(
+            "/tei.v1.Tokenize/DecodeStream",
+            request_serializer=tei_pb2.DecodeRequest.SerializeToString,
+            response_deserializer=tei_pb2.DecodeResponse.FromString,
+        )
+        many = [r.text for r in stream(iter([tei_pb2.DecodeRequest(ids=[i]) for i in range(5)]))]
+        return one, many
+
+    one, many = await _grpcio(server.port, calls)
+    assert one == "1 2"
+    assert many == ["0", "1", "2", "3", "4"]
+
+
+async def test_unknown_method_is_unimplemented(nursery: trio.Nursery) -> None:
+    server, _ = await _serve(nursery)
+    async with open_channel("127.0.0.1", server.port) as channel:
+        with pytest.raises(GrpcError) as info:
+            await channel.unary_unary(tei_grpc.Info.Info, tei_pb2.InfoRequest())
+    assert info.value.code == StatusCode.UNIMPLEMENTED
+
+
+async def test_tls_advertises_alpn_h2_for_grpcio(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """grpcio refuses a TLS server that does not negotiate ALPN h2."""
+    pki = make_pki(tmp_path)
+    context = server_ssl_context(str(pki.server_cert), str(pki.server_key))
+    server, _ = await _serve(nursery, ssl_context=context)
+    creds = grpc.ssl_channel_credentials(root_certificates=pki.ca.read_bytes())
+    text = await _grpcio(
+        server.port,
+        lambda ch: _decode_stub(ch)(tei_pb2.DecodeRequest(ids=[7]), timeout=10).text,
+        credentials=creds,
+    )
+    assert text == "7"
+
+
+async def test_peer_certificate_reaches_the_handler(nursery: trio.Nursery, tmp_path: Path) -> None:
+    pki = make_pki(tmp_path)
+    context = server_ssl_context(str(pki.server_cert), str(pki.server_key), client_ca=str(pki.ca))
+    server, _ = await _serve(nursery, ssl_context=context)
+    client = client_ssl_context(
+        str(pki.ca), certfile=str(pki.client_cert), keyfile=str(pki.client_key)
+    )
+    channel = Channel("127.0.0.1", server.port, ssl_context=client)
+    async with trio.open_nursery() as inner:
+        await inner.start(channel.run)
+        reply = await channel.unary_unary(tei_grpc.Tokenize.Tokenize, tei_pb2.EncodeRequest())
+        channel.close()
+    der = ssl.PEM_cert_to_DER_cert(pki.client_cert.read_text())
+    assert reply.tokens[0].text == hashlib.sha256(der).hexdigest()
+
+
+async def test_oversized_message_fails_only_that_call(nursery: trio.Nursery) -> None:
+    server, _ = await _serve(nursery, max_message_bytes=1024)
+
+    def calls(ch: grpc.Channel) -> tuple[grpc.StatusCode, str, str]:
+        stub = _decode_stub(ch)
+        with pytest.raises(grpc.RpcError) as info:
+            stub(tei_pb2.DecodeRequest(ids=list(range(2000))), timeout=10)
+        # The same connection still serves the next call.
+        after = stub(tei_pb2.DecodeRequest(ids=[3]), timeout=10).text
+        return info.value.code(), info.value.details(), after
+
+    code, details, after = await _grpcio(server.port, calls)
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "1024" in details
+    assert after == "3"
+
+
+async def test_client_cancellation_cancels_the_handler(nursery: trio.Nursery) -> None:
+    server, probe = await _serve(nursery)
+    async with open_channel("127.0.0.1", server.port) as channel:
+        async with trio.open_nursery() as calls:
+            calls.start_soon(
+                channel.unary_unary,
+                tei_grpc.Tokenize.Decode,
+                tei_pb2.DecodeRequest(ids=[SLEEP_FOREVER]),
+            )
+            await probe.started.wait()
+            calls.cancel_scope.cancel()
+        with trio.fail_after(5):
+            await probe.cancelled.wait()
+
+
+async def test_grpc_timeout_cancels_the_handler(nursery: trio.Nursery) -> None:
+    server, probe = await _serve(nursery)
+
+    def call(ch: grpc.Channel) -> grpc.StatusCode:
+        with pytest.raises(grpc.RpcError) as info:
+            _decode_stub(ch)(tei_pb2.DecodeRequest(ids=[SLEEP_FOREVER]), timeout=0.3)
+        return info.value.code()
+
+    assert await _grpcio(server.port, call) == grpc.StatusCode.DEADLINE_EXCEEDED
+    with trio.fail_after(5):
+        await probe.cancelled.wait()
+    assert probe.deadlines[0] is not None and 0 < probe.deadlines[0] <= 0.3
+
+
+async def test_trio_deadline_propagates_as_grpc_timeout(nursery: trio.Nursery) -> None:
+    server, probe = await _serve(nursery)
+    async with open_channel("127.0.0.1", server.port) as channel:
+        with trio.move_on_after(5):
+            await channel.unary_unary(tei_grpc.Tokenize.Decode, tei_pb2.DecodeRequest(ids=[1]))
+    assert probe.deadlines[0] is not None and 4 < probe.deadlines[0] <= 5
+
+
+async def test_window_update_on_closed_stream_keeps_connection(nursery: trio.Nursery) -> None:
+    """RFC 7540 §5.1: WINDOW_UPDATE after END_STREAM is ignored, not a connection error."""
+    server, _ = await _serve(nursery)
+    async with open_channel("127.0.0.1", server.port) as channel:
+        method = tei_grpc.Tokenize.Decode
+        await channel.unary_unary(method, tei_pb2.DecodeRequest(ids=[1]))  # stream 1
+        await channel.unary_unary(method, tei_pb2.DecodeRequest(ids=[2]))  # stream 3
+        transport = channel._transport
+        assert transport is not None
+        frame = WindowUpdateFrame(1, window_increment=1000).serialize()
+        transport.conn.h2_connection._data_to_send += frame
+        transport.flush()
+        reply = await channel.unary_unary(method, tei_pb2.DecodeRequest(ids=[3]))
+    assert reply.text == "3"
+
+
+async def test_handler_exception_is_internal_with_clean_message(nursery: trio.Nursery) -> None:
+    server, _ = await _serve(nursery)
+
+    def call(ch: grpc.Channel) -> tuple[grpc.StatusCode, str]:
+        with pytest.raises(grpc.RpcError) as info:
+            _decode_stub(ch)(tei_pb2.DecodeRequest(ids=[CRASH]), timeout=10)
+        return info.value.code(), info.value.details()
+
+    code, details = await _grpcio(server.port, call)
+    assert code == grpc.StatusCode.INTERNAL
+    assert details == "internal error while handling /tei.v1.Tokenize/Decode"
+    assert "secret" not in details and "Traceback" not in details
+
+
+async def test_shutdown_with_calls_in_flight_logs_no_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    async with trio.open_nursery() as nursery:
+        server, probe = await _serve(nursery)
+        async with open_channel("127.0.0.1", server.port) as channel:
+            nursery.start_soon(
+                channel.unary_unary,
+                tei_grpc.Tokenize.Decode,
+                tei_pb2.DecodeRequest(ids=[SLEEP_FOREVER]),
+            )
+            await probe.started.wait()
+            nursery.cancel_scope.cancel()
+    assert probe.cancelled.is_set()
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+async def test_graceful_shutdown_finishes_running_calls(nursery: trio.Nursery) -> None:
+    server, probe = await _serve(nursery)
+    results: list[str] = []
+    async with open_channel("127.0.0.1", server.port) as channel:
+
+        async def slow_call() -> None:
+            method = tei_grpc.Tokenize.Decode
+            reply = await channel.unary_unary(method, tei_pb2.DecodeRequest(ids=[SLOW]))
+            results.append(reply.text)
+
+        async with trio.open_nursery() as calls:
+            calls.start_soon(slow_call)
+            await probe.started.wait()
+            server.shutdown(grace=5)
+            await trio.sleep(0.05)
+            with pytest.raises(GrpcError) as info:
+                await channel.unary_unary(tei_grpc.Tokenize.Decode, tei_pb2.DecodeRequest(ids=[6]))
+    assert info.value.code == StatusCode.UNAVAILABLE
+    assert results == [str(SLOW)]
+
+
+async def test_port_is_not_shared_with_reuse_port(nursery: trio.Nursery) -> None:
+    server, _ = await _serve(nursery)
+    second = GrpcServer([Probe()], port=server.port)
+    with pytest.raises(OSError):
+        await nursery.start(second.run)
+    # And the stock purerpc behaviour we avoid: a SO_REUSEPORT socket could bind it.
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    with pytest.raises(OSError):
+        sock.bind(("127.0.0.1", server.port))
+    sock.close()
