@@ -31,12 +31,14 @@ DEFAULT_MAX_MESSAGE_BYTES = 40 * 1024 * 1024
 TLS_HANDSHAKE_TIMEOUT = 10.0
 
 Handler = Callable[..., Any]
+#: Called once per finished call with its method, duration in seconds and status.
+CallObserver = Callable[[MethodSpec[Any, Any], float, StatusCode], None]
 
 
 class CallContext:
     """What a handler may know about its call."""
 
-    __slots__ = ("deadline", "metadata", "method", "peer", "peer_certificate")
+    __slots__ = ("deadline", "metadata", "method", "nursery", "peer", "peer_certificate")
 
     def __init__(
         self,
@@ -53,6 +55,10 @@ class CallContext:
         self.peer_certificate = peer_certificate
         #: trio clock deadline from the client's ``grpc-timeout``, if any.
         self.deadline = deadline
+        #: For server-streaming calls: a nursery that lives as long as the call,
+        #: for work a response generator runs concurrently (it must not open
+        #: its own nursery across a ``yield``). Its tasks must not raise.
+        self.nursery: trio.Nursery | None = None
 
     def time_remaining(self) -> float | None:
         """Seconds left before the client's deadline (None when it set none)."""
@@ -101,8 +107,10 @@ class GrpcServer:
         port: int = 0,
         ssl_context: ssl.SSLContext | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        on_call: CallObserver | None = None,
     ) -> None:
         self.host = host
+        self._on_call = on_call
         self.port = port
         self.ssl_context = ssl_context
         self.max_message_bytes = max_message_bytes
@@ -235,13 +243,21 @@ class GrpcServer:
             deadline = trio.current_time() + request.timeout.total_seconds()
         context = CallContext(spec, tuple(request.custom_metadata), peer, certificate, deadline)
         responder = _Responder(stream)
-        code, message = StatusCode.OK, ""
+        code, message = StatusCode.CANCELLED, "cancelled"
+        started = trio.current_time()
         try:
             limit = deadline if deadline is not None else float("inf")
             with trio.CancelScope(deadline=limit) as scope:
                 stream.handler_scope = scope
                 try:
-                    await _dispatch(spec, handler, stream, context, responder)
+                    code, message = StatusCode.OK, ""
+                    if spec.cardinality.server_streaming:
+                        async with trio.open_nursery() as call_nursery:
+                            context.nursery = call_nursery
+                            await _dispatch(spec, handler, stream, context, responder)
+                            call_nursery.cancel_scope.cancel()
+                    else:
+                        await _dispatch(spec, handler, stream, context, responder)
                 except GrpcError as error:
                     code, message = error.code, error.message
                 except Exception:
@@ -249,10 +265,13 @@ class GrpcServer:
                     code, message = StatusCode.INTERNAL, f"internal error while handling {path}"
             if scope.cancelled_caught:
                 if stream.reset or transport.closed:
+                    code = StatusCode.CANCELLED
                     return
                 code, message = StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"
             stream.send_status(code, message, headers_sent=responder.headers_sent)
         finally:
+            if self._on_call is not None:
+                self._on_call(spec, trio.current_time() - started, code)
             self._finish(stream)
             self._active_calls -= 1
             if self._active_calls == 0:

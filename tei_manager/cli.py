@@ -1,0 +1,44 @@
+"""The ``tei-manager`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from tei_manager import __version__
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tei-manager",
+        description="Run many text-embedding model servers behind one REST and gRPC front door.",
+    )
+    parser.add_argument("--version", action="version", version=f"tei-manager {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    from tei_manager.worker.options import build_parser as worker_flags
+
+    worker = commands.add_parser(
+        "worker",
+        help="serve one model over TEI's gRPC API (text-embeddings-router compatible)",
+        description="TEI-compatible embedding server: text-embeddings-router's flags and "
+        "tei.v1 gRPC API, running the model with sentence-transformers.",
+    )
+    worker_flags(worker)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "worker":
+        from tei_manager.logs import configure_logging
+        from tei_manager.worker.main import run_worker_from_args
+
+        configure_logging("INFO", json_output=args.json_output)
+        return run_worker_from_args(args)
+    raise AssertionError(f"unhandled command {args.command}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
