@@ -1,0 +1,513 @@
+"""The manager's configuration and the instance configuration, with their validation.
+
+A configuration file is TOML decoded into :class:`ManagerConfig`; environment
+overrides are applied in one place (:data:`ENV_OVERRIDES`, used by
+:func:`parse_config`). Validation names the field and the rule. The instance checks
+raise :class:`~tei_manager.errors.ValidationError` with the REST contract's codes
+(``INVALID_NAME``, ``INVALID_MODEL_ID``, ``INVALID_PORT``, ``INVALID_GPU_ID``,
+``VALIDATION_ERROR``), so the REST layer uses them unchanged; file configuration
+wraps them in :class:`~tei_manager.errors.ConfigError`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Callable, Mapping
+from typing import Any, Final, Literal
+
+import msgspec
+
+from tei_manager.core.ports import MAX_PORT, MIN_UNPRIVILEGED_PORT
+from tei_manager.errors import (
+    ConfigError,
+    ErrorCode,
+    ValidationError,
+    from_msgspec_error,
+    quote,
+)
+
+__all__ = [
+    "ENV_OVERRIDES",
+    "POOLING_MODES",
+    "ConfigError",
+    "InstanceConfig",
+    "ManagerConfig",
+    "Pooling",
+    "SeedInstance",
+    "decode_instance_config",
+    "default_state_dir",
+    "load_config",
+    "parse_config",
+    "parse_instance_config",
+    "validate_instance_config",
+    "validate_manager_config",
+    "validate_model_id",
+    "validate_name",
+    "validate_port",
+]
+
+Pooling = Literal["cls", "mean", "splade", "last-token"]
+POOLING_MODES: Final[tuple[str, ...]] = ("cls", "mean", "splade", "last-token")
+
+
+class InstanceConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """What one instance runs: the body of ``POST /instances`` and a state file entry.
+
+    ``port`` and ``prometheus_port`` of 0 mean "allocate from the range"; the
+    registry stores the config with the ports it chose filled in. ``None`` for
+    ``prometheus_port`` means the instance exposes no metrics port.
+    """
+
+    name: str
+    model_id: str
+    port: int | None = None
+    gpu_id: int | None = None
+    max_batch_tokens: int = 16384
+    max_concurrent_requests: int = 512
+    pooling: Pooling | None = None
+    prometheus_port: int | None = None
+    startup_timeout_secs: float | None = None  # None: the manager's startup_timeout_secs
+    extra_args: tuple[str, ...] = ()
+    revision: str | None = None
+
+
+class SeedInstance(InstanceConfig, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """An ``[[instances]]`` entry of the configuration file.
+
+    ``auto_start`` only decides the desired run state of a seed when it is first
+    added (absent from the state file): running if true, stopped if false. Once in
+    the state file, the persisted desired state wins. It is not part of the REST
+    create request, which always starts the instance.
+    """
+
+    auto_start: bool = True
+
+    def instance_config(self) -> InstanceConfig:
+        """The seed without its seed-only fields."""
+        fields = msgspec.structs.asdict(self)
+        del fields["auto_start"]
+        return InstanceConfig(**fields)
+
+
+def default_state_dir(env: Mapping[str, str]) -> str:
+    """``$XDG_STATE_HOME/tei-manager``, else ``~/.local/state/tei-manager``."""
+    base = env.get("XDG_STATE_HOME", "")
+    # The XDG spec says relative values are invalid and must be ignored.
+    if not os.path.isabs(base):
+        home = env.get("HOME") or os.path.expanduser("~")
+        base = os.path.join(home, ".local", "state")
+    return os.path.join(base, "tei-manager")
+
+
+def _default_state_file() -> str:
+    return os.path.join(default_state_dir(os.environ), "state.toml")
+
+
+def _default_log_dir() -> str:
+    return os.path.join(default_state_dir(os.environ), "logs")
+
+
+class ManagerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Everything ``tei-manager serve`` is configured with; defaults work on a laptop."""
+
+    api_host: str = "0.0.0.0"
+    api_port: int = 9000  # 0: the OS picks (tests)
+    grpc_port: int = 9001  # 0: the OS picks (tests)
+    grpc_enabled: bool = True
+    state_file: str = msgspec.field(default_factory=_default_state_file)
+    log_dir: str = msgspec.field(default_factory=_default_log_dir)
+    health_check_interval_secs: float = 10.0
+    # Kept for compatibility with the original's files; readiness is polled instead.
+    health_check_initial_delay_secs: float = 0.0
+    startup_timeout_secs: float = 300.0
+    max_failures_before_restart: int = 3  # 0 disables health-triggered restarts
+    graceful_shutdown_timeout_secs: float = 30.0
+    auto_restore_on_restart: bool = True
+    max_instances: int | None = None  # None: unlimited
+    instance_port_start: int = 8080
+    instance_port_end: int = 8180  # inclusive
+    instances: tuple[SeedInstance, ...] = ()
+    models: tuple[str, ...] = ()
+    tei_binary_path: str | None = None
+    grpc_max_message_size_mb: int = 40
+    grpc_max_parallel_streams: int = 1024
+    grpc_request_timeout_secs: float = 30.0
+
+    def manager_ports(self) -> frozenset[int]:
+        """Ports the manager itself listens on, which no instance may take."""
+        ports = {self.api_port}
+        if self.grpc_enabled:
+            ports.add(self.grpc_port)
+        return frozenset(p for p in ports if p != 0)
+
+
+# --- field rules -------------------------------------------------------------
+
+_NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", re.ASCII)
+# One part of a Hugging Face repo id: letters, digits, "_", "-", "."; it may not
+# start or end with "-" or ".", and "--" / ".." are forbidden (the Hub's own rule).
+_HF_PART_RE: Final = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9_])?", re.ASCII)
+_CONTROL_RE: Final = re.compile(r"[\x00-\x1f\x7f]")
+_MAX_PATH_LEN: Final = 4096
+# Flags the manager sets itself from the config; passing them again through
+# extra_args would make the registry and the process disagree (e.g. on the port).
+_MANAGED_FLAGS: Final = frozenset(
+    {
+        "--model-id",
+        "--revision",
+        "--port",
+        "-p",
+        "--prometheus-port",
+        "--pooling",
+        "--max-batch-tokens",
+        "--max-concurrent-requests",
+        "--json-output",
+        "--uds-path",
+    }
+)
+
+
+def validate_name(name: str, field: str = "name") -> None:
+    """An instance name: 1-63 chars of ``[A-Za-z0-9._-]``, starting alphanumeric."""
+    if not name:
+        raise ValidationError(field, "must not be empty", code=ErrorCode.INVALID_NAME)
+    if len(name) > 63:
+        raise ValidationError(
+            field, f"is {len(name)} characters: use at most 63", code=ErrorCode.INVALID_NAME
+        )
+    if not _NAME_RE.fullmatch(name):
+        raise ValidationError(
+            field,
+            f"{quote(name)} is not allowed: use letters, digits, '.', '_' and '-', "
+            "starting with a letter or digit",
+            code=ErrorCode.INVALID_NAME,
+        )
+
+
+def validate_model_id(model_id: str, field: str = "model_id") -> None:
+    """A Hugging Face id (``org/name`` or ``name``) or an absolute local path."""
+
+    def bad(rule: str) -> ValidationError:
+        return ValidationError(field, rule, code=ErrorCode.INVALID_MODEL_ID)
+
+    if not model_id:
+        raise bad("must not be empty")
+    if _CONTROL_RE.search(model_id):
+        raise bad("contains a control character")
+    if "\\" in model_id:
+        raise bad("contains a backslash")
+    if len(model_id) > _MAX_PATH_LEN:
+        raise bad(f"is {len(model_id)} characters: use at most {_MAX_PATH_LEN}")
+    if ".." in model_id.split("/"):
+        raise bad(f"{quote(model_id)} contains a '..' component")
+    if model_id.startswith("/"):
+        if model_id.strip("/") == "":
+            raise bad("'/' is not a model directory")
+        return
+    parts = model_id.split("/")
+    if len(parts) > 2:
+        raise bad(f"{quote(model_id)} is not 'org/name', 'name' or an absolute path")
+    for part in parts:
+        if ".." in part or "--" in part or not _HF_PART_RE.fullmatch(part):
+            raise bad(
+                f"{quote(model_id)} is not a valid Hugging Face id: use 'org/name' with letters, "
+                "digits, '-', '_' and '.', or an absolute path"
+            )
+
+
+def validate_port(port: int, field: str = "port", *, allow_zero: bool = False) -> None:
+    """A TCP port of 1024-65535; with ``allow_zero``, 0 (auto) is accepted too."""
+    if port == 0 and allow_zero:
+        return
+    if 1 <= port < MIN_UNPRIVILEGED_PORT:
+        rule = f"{port} is privileged: use {MIN_UNPRIVILEGED_PORT}-{MAX_PORT}"
+    elif not MIN_UNPRIVILEGED_PORT <= port <= MAX_PORT:
+        rule = f"{port} is out of range: use {MIN_UNPRIVILEGED_PORT}-{MAX_PORT}"
+    else:
+        return
+    raise ValidationError(field, rule, code=ErrorCode.INVALID_PORT)
+
+
+def _at_least(value: float, minimum: float, field: str) -> None:
+    if not math.isfinite(value) or value < minimum:
+        raise ValidationError(field, f"{value} is invalid: use a number >= {minimum:g}")
+
+
+def _positive(value: float, field: str) -> None:
+    if not math.isfinite(value) or value <= 0:
+        raise ValidationError(field, f"{value} is invalid: use a number > 0")
+
+
+def _text(value: str, field: str, *, max_len: int = 255) -> None:
+    if not value:
+        raise ValidationError(field, "must not be empty")
+    if _CONTROL_RE.search(value):
+        raise ValidationError(field, "contains a control character")
+    if len(value) > max_len:
+        raise ValidationError(field, f"is {len(value)} characters: use at most {max_len}")
+
+
+def validate_instance_config(config: InstanceConfig, *, gpu_count: int | None = None) -> None:
+    """Check every field of ``config``; ``gpu_count`` (when known) bounds ``gpu_id``.
+
+    Raises :class:`ValidationError` for the first broken rule, with the contract's
+    code for that field.
+    """
+    validate_name(config.name)
+    validate_model_id(config.model_id)
+    if config.port is not None:
+        validate_port(config.port, "port", allow_zero=True)
+    if config.prometheus_port is not None:
+        validate_port(config.prometheus_port, "prometheus_port", allow_zero=True)
+        if config.prometheus_port != 0 and config.prometheus_port == config.port:
+            raise ValidationError(
+                "prometheus_port",
+                f"{config.port} is also the instance's port: use another",
+                code=ErrorCode.INVALID_PORT,
+            )
+    if config.gpu_id is not None:
+        if config.gpu_id < 0:
+            raise ValidationError(
+                "gpu_id", f"{config.gpu_id} is negative", code=ErrorCode.INVALID_GPU_ID
+            )
+        if gpu_count is not None and config.gpu_id >= gpu_count:
+            have = f"GPUs 0-{gpu_count - 1}" if gpu_count else "no GPU"
+            raise ValidationError(
+                "gpu_id",
+                f"{config.gpu_id} does not exist: this host has {have}",
+                code=ErrorCode.INVALID_GPU_ID,
+            )
+    _at_least(config.max_batch_tokens, 1, "max_batch_tokens")
+    _at_least(config.max_concurrent_requests, 1, "max_concurrent_requests")
+    if config.startup_timeout_secs is not None:
+        _positive(config.startup_timeout_secs, "startup_timeout_secs")
+    if config.revision is not None:
+        _text(config.revision, "revision")
+    for i, arg in enumerate(config.extra_args):
+        if "\x00" in arg:
+            raise ValidationError(f"extra_args[{i}]", "contains a NUL byte")
+        flag = arg.split("=", 1)[0]
+        if flag in _MANAGED_FLAGS:
+            raise ValidationError(
+                f"extra_args[{i}]", f"{flag} is set by the manager: use the config field"
+            )
+
+
+def validate_manager_config(config: ManagerConfig) -> None:
+    """Check ``config`` as a whole, seeds included; raises :class:`ValidationError`."""
+    _text(config.api_host, "api_host")
+    validate_port(config.api_port, "api_port", allow_zero=True)
+    validate_port(config.grpc_port, "grpc_port", allow_zero=True)
+    if config.grpc_enabled and config.api_port != 0 and config.api_port == config.grpc_port:
+        raise ValidationError("grpc_port", f"{config.grpc_port} is also api_port: use another")
+    _text(config.state_file, "state_file", max_len=_MAX_PATH_LEN)
+    _text(config.log_dir, "log_dir", max_len=_MAX_PATH_LEN)
+    if config.tei_binary_path is not None:
+        _text(config.tei_binary_path, "tei_binary_path", max_len=_MAX_PATH_LEN)
+    _positive(config.health_check_interval_secs, "health_check_interval_secs")
+    _at_least(config.health_check_initial_delay_secs, 0, "health_check_initial_delay_secs")
+    _positive(config.startup_timeout_secs, "startup_timeout_secs")
+    _at_least(config.max_failures_before_restart, 0, "max_failures_before_restart")
+    _at_least(config.graceful_shutdown_timeout_secs, 0, "graceful_shutdown_timeout_secs")
+    if config.max_instances is not None:
+        _at_least(config.max_instances, 1, "max_instances")
+    validate_port(config.instance_port_start, "instance_port_start")
+    validate_port(config.instance_port_end, "instance_port_end")
+    if config.instance_port_end < config.instance_port_start:
+        raise ValidationError(
+            "instance_port_end",
+            f"{config.instance_port_end} is below instance_port_start {config.instance_port_start}",
+        )
+    _at_least(config.grpc_max_message_size_mb, 1, "grpc_max_message_size_mb")
+    # gRPC message sizes are int32 byte counts.
+    if config.grpc_max_message_size_mb > 2047:
+        raise ValidationError(
+            "grpc_max_message_size_mb",
+            f"{config.grpc_max_message_size_mb} is too large: use at most 2047",
+        )
+    _at_least(config.grpc_max_parallel_streams, 1, "grpc_max_parallel_streams")
+    _positive(config.grpc_request_timeout_secs, "grpc_request_timeout_secs")
+    _validate_seeds(config)
+    seen_models: set[str] = set()
+    for i, model_id in enumerate(config.models):
+        validate_model_id(model_id, f"models[{i}]")
+        if model_id in seen_models:
+            raise ValidationError(f"models[{i}]", f"duplicate model {quote(model_id)}")
+        seen_models.add(model_id)
+
+
+def _validate_seeds(config: ManagerConfig) -> None:
+    if config.max_instances is not None and len(config.instances) > config.max_instances:
+        raise ValidationError(
+            "instances",
+            f"{len(config.instances)} seeds exceed max_instances = {config.max_instances}",
+        )
+    names: set[str] = set()
+    port_owner: dict[int, str] = {config.api_port: "api_port"}
+    if config.grpc_enabled:
+        port_owner[config.grpc_port] = "grpc_port"
+    port_owner.pop(0, None)
+    for i, seed in enumerate(config.instances):
+        where = f"instances[{i}]"
+        try:
+            validate_instance_config(seed)
+        except ValidationError as e:
+            raise e.at(where) from None
+        if seed.name in names:
+            raise ValidationError(f"{where}.name", f"duplicate name {quote(seed.name)}")
+        names.add(seed.name)
+        for field in ("port", "prometheus_port"):
+            port = getattr(seed, field)
+            if not port:  # None or 0: allocated later, from the range
+                continue
+            if port in port_owner:
+                raise ValidationError(
+                    f"{where}.{field}",
+                    f"{port} is already used by {port_owner[port]}",
+                    code=ErrorCode.INVALID_PORT,
+                )
+            port_owner[port] = f"{where}.{field}"
+
+
+# --- decoding ----------------------------------------------------------------
+
+
+def _from_msgspec(error: msgspec.ValidationError) -> ValidationError:
+    translated = from_msgspec_error(error)
+    if translated.field.rsplit(".", 1)[-1] == "pooling":
+        # msgspec cannot say which values it would have accepted; we can.
+        rule = f"{translated.rule}: use {'|'.join(POOLING_MODES)}"
+        return ValidationError(translated.field, rule, code=translated.code)
+    return translated
+
+
+def parse_instance_config(obj: object, *, gpu_count: int | None = None) -> InstanceConfig:
+    """Build and validate an :class:`InstanceConfig` from decoded JSON (a dict)."""
+    try:
+        config = msgspec.convert(obj, InstanceConfig)
+    except msgspec.ValidationError as e:
+        raise _from_msgspec(e) from None
+    validate_instance_config(config, gpu_count=gpu_count)
+    return config
+
+
+def decode_instance_config(body: bytes, *, gpu_count: int | None = None) -> InstanceConfig:
+    """Decode a ``POST /instances`` body; bad JSON raises ``MALFORMED_JSON``."""
+    try:
+        config = msgspec.json.decode(body, type=InstanceConfig)
+    except msgspec.ValidationError as e:
+        raise _from_msgspec(e) from None
+    except msgspec.DecodeError as e:
+        raise ValidationError("body", f"invalid JSON: {e}", code=ErrorCode.MALFORMED_JSON) from None
+    validate_instance_config(config, gpu_count=gpu_count)
+    return config
+
+
+def _env_int(text: str) -> int:
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise ValueError(f"{quote(text)} is not an integer") from None
+
+
+def _env_float(text: str) -> float:
+    try:
+        return float(text.strip())
+    except ValueError:
+        raise ValueError(f"{quote(text)} is not a number") from None
+
+
+_TRUE: Final = frozenset({"1", "true", "yes", "on"})
+_FALSE: Final = frozenset({"0", "false", "no", "off"})
+
+
+def _env_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(f"{quote(text)} is not a boolean: use true or false")
+
+
+def _env_str(text: str) -> str:
+    return text
+
+
+# The one place environment variables enter the configuration: variable, the field
+# it overrides, and how its text becomes the field's type. Env beats file beats default.
+ENV_OVERRIDES: Final[tuple[tuple[str, str, Callable[[str], object]], ...]] = (
+    ("TEI_MANAGER_API_PORT", "api_port", _env_int),
+    ("TEI_MANAGER_GRPC_PORT", "grpc_port", _env_int),
+    ("TEI_MANAGER_GRPC_ENABLED", "grpc_enabled", _env_bool),
+    ("TEI_MANAGER_STATE_FILE", "state_file", _env_str),
+    ("TEI_MANAGER_LOG_DIR", "log_dir", _env_str),
+    ("TEI_MANAGER_HEALTH_CHECK_INTERVAL", "health_check_interval_secs", _env_float),
+    ("TEI_BINARY_PATH", "tei_binary_path", _env_str),
+)
+
+
+def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str, str]:
+    """Put the overrides into ``raw``; returns field -> variable for error messages."""
+    sources: dict[str, str] = {}
+    for var, field, parse in ENV_OVERRIDES:
+        text = env.get(var, "")
+        # An empty variable (``VAR=`` in Compose) means unset, not "empty value".
+        if not text:
+            continue
+        try:
+            raw[field] = parse(text)
+        except ValueError as e:
+            raise ConfigError(f"{var}: {e}") from None
+        sources[field] = var
+    state_dir = default_state_dir(env)
+    raw.setdefault("state_file", os.path.join(state_dir, "state.toml"))
+    raw.setdefault("log_dir", os.path.join(state_dir, "logs"))
+    return sources
+
+
+def parse_config(data: bytes | str, *, env: Mapping[str, str] | None = None) -> ManagerConfig:
+    """Decode TOML ``data``, apply ``env`` (default ``os.environ``) and validate.
+
+    Raises :class:`ConfigError` whose ``str()`` is one line naming field and rule.
+    """
+    env = os.environ if env is None else env
+    try:
+        raw = msgspec.toml.decode(data)
+    except msgspec.DecodeError as e:
+        raise ConfigError(f"invalid TOML: {e}") from None
+    if not isinstance(raw, dict):  # pragma: no cover - TOML documents are tables
+        raise ConfigError("invalid TOML: the document is not a table")
+    sources = _apply_env(raw, env)
+    try:
+        config = msgspec.convert(raw, ManagerConfig)
+        validate_manager_config(config)
+    except msgspec.ValidationError as e:
+        raise ConfigError.from_validation(_with_source(_from_msgspec(e), sources)) from None
+    except ValidationError as e:
+        raise ConfigError.from_validation(_with_source(e, sources)) from None
+    return config
+
+
+def _with_source(error: ValidationError, sources: Mapping[str, str]) -> ValidationError:
+    """Say which environment variable a bad value came from, if one did."""
+    root = re.split(r"[.\[]", error.field, maxsplit=1)[0]
+    if root in sources:
+        return ValidationError(f"{error.field} (from {sources[root]})", error.rule, code=error.code)
+    return error
+
+
+def load_config(
+    path: str | os.PathLike[str] | None, *, env: Mapping[str, str] | None = None
+) -> ManagerConfig:
+    """Read the TOML file at ``path`` (None: defaults only), apply env, validate."""
+    data = b""
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise ConfigError(f"{os.fspath(path)}: cannot read: {e.strerror}") from None
+    return parse_config(data, env=env)

@@ -1,0 +1,236 @@
+"""The persisted desired state: which instances exist, configured how, wanted running or not.
+
+Written as TOML on every change, atomically: a crash at any moment leaves either
+the old file or the new one, never a torn one. Loading never raises and never
+silently drops data: an unreadable file is moved aside with a timestamp and
+reported. Runtime facts (pids, statuses, counters) are not persisted; after a
+restart every process is new.
+
+The functions block on file I/O; the Trio side runs them via ``trio.to_thread``.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import secrets
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final
+
+import msgspec
+import tomli_w
+
+from tei_manager.config import InstanceConfig, SeedInstance, validate_instance_config
+from tei_manager.core.registry import DesiredState, InstanceRecord
+from tei_manager.errors import ErrorCode, TeiError, ValidationError, quote
+
+__all__ = [
+    "STATE_VERSION",
+    "LoadedState",
+    "PersistedInstance",
+    "PersistedState",
+    "decode_state",
+    "encode_state",
+    "load_state",
+    "merge_seeds",
+    "save_state",
+    "state_from_registry",
+]
+
+logger = logging.getLogger(__name__)
+
+STATE_VERSION: Final = 1
+
+
+class PersistedInstance(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One instance in the state file."""
+
+    config: InstanceConfig
+    desired_state: DesiredState
+    created_at: datetime
+
+
+class PersistedState(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The whole state file; instances in creation order."""
+
+    version: int = STATE_VERSION
+    instances: tuple[PersistedInstance, ...] = ()
+
+    def names(self) -> list[str]:
+        return [i.config.name for i in self.instances]
+
+
+class LoadedState(msgspec.Struct, frozen=True, kw_only=True):
+    """What :func:`load_state` found.
+
+    ``corrupt`` is true when a file existed but could not be used; ``moved_to`` is
+    where it was put aside (None if even that failed; the error is logged).
+    """
+
+    state: PersistedState
+    corrupt: bool = False
+    moved_to: str | None = None
+
+
+def _drop_none(value: Any) -> Any:
+    # TOML has no null: an absent key means None (every optional field defaults to it).
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list | tuple):
+        return [_drop_none(v) for v in value]
+    return value
+
+
+def encode_state(state: PersistedState) -> bytes:
+    """``state`` as TOML bytes; ``created_at`` becomes a native TOML datetime."""
+    builtins = msgspec.to_builtins(state, builtin_types=(datetime,))
+    return tomli_w.dumps(_drop_none(builtins)).encode()
+
+
+def decode_state(data: bytes) -> PersistedState:
+    """Parse and check state file contents; raises ``ValueError`` saying what is wrong."""
+    try:
+        state = msgspec.toml.decode(data, type=PersistedState)
+    except msgspec.DecodeError as e:
+        raise ValueError(str(e)) from None
+    if state.version != STATE_VERSION:
+        raise ValueError(f"version {state.version} is not supported (expected {STATE_VERSION})")
+    seen: set[str] = set()
+    for i, inst in enumerate(state.instances):
+        try:
+            validate_instance_config(inst.config)
+        except ValidationError as e:
+            raise ValueError(f"instances[{i}].config.{e.message}") from None
+        if inst.config.name in seen:
+            raise ValueError(f"instances[{i}]: duplicate name {quote(inst.config.name)}")
+        seen.add(inst.config.name)
+    return state
+
+
+def save_state(path: str | os.PathLike[str], state: PersistedState) -> None:
+    """Replace the file at ``path`` with ``state``, atomically and durably.
+
+    Temp file in the same directory, write, flush, fsync, rename over the old
+    file, fsync the directory (so the rename itself survives a power cut). On
+    failure the old file is untouched and ``IO_ERROR`` is raised.
+    """
+    target = Path(path)
+    data = encode_state(state)
+    tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # O_EXCL: never write through a file or link someone else put there.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(target.parent)
+    except OSError as e:
+        raise TeiError(
+            ErrorCode.IO_ERROR, f"cannot write state file {target}: {e.strerror or e}"
+        ) from e
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        # Some filesystems cannot fsync a directory; the rename is still atomic there.
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
+
+
+def load_state(path: str | os.PathLike[str], *, now: datetime | None = None) -> LoadedState:
+    """Read the state file; never raises.
+
+    A missing file is an empty state. A file that cannot be read or decoded is
+    renamed to ``<name>.corrupt-<UTC timestamp>`` (``now``, default: the current
+    time), logged, and an empty state is returned with ``corrupt=True``, so the
+    manager starts from its seeds without destroying what was there.
+    """
+    target = Path(path)
+    try:
+        data = target.read_bytes()
+        return LoadedState(state=decode_state(data))
+    except FileNotFoundError:
+        return LoadedState(state=PersistedState())
+    except (OSError, ValueError) as e:
+        problem = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+    moved_to = _move_aside(target, now or datetime.now(UTC))
+    if moved_to is None:
+        logger.error("state file %s is unusable (%s) and could not be moved aside", target, problem)
+    else:
+        logger.error(
+            "state file %s is unusable (%s); moved to %s, starting from the seeds",
+            target,
+            problem,
+            moved_to,
+        )
+    return LoadedState(state=PersistedState(), corrupt=True, moved_to=moved_to)
+
+
+def _move_aside(target: Path, now: datetime) -> str | None:
+    stamp = now.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
+    base = target.with_name(f"{target.name}.corrupt-{stamp}")
+    candidate, n = base, 0
+    # Two failures within one second must not overwrite the first file put aside.
+    while candidate.exists():
+        n += 1
+        candidate = base.with_name(f"{base.name}-{n}")
+    try:
+        os.rename(target, candidate)
+        _fsync_dir(target.parent)
+    except OSError as e:
+        logger.error("cannot move %s to %s: %s", target, candidate, e)
+        return None
+    return str(candidate)
+
+
+def merge_seeds(
+    state: PersistedState, seeds: Iterable[SeedInstance], *, now: datetime
+) -> tuple[PersistedState, list[str]]:
+    """Append each seed whose name is absent from ``state``; returns the names added.
+
+    A seed already present keeps its persisted config and desired state (the file
+    records what the user did since). A new seed is wanted running if its
+    ``auto_start`` is true, stopped otherwise, and is created at ``now``.
+    """
+    present = set(state.names())
+    added: list[PersistedInstance] = []
+    for seed in seeds:
+        if seed.name in present:
+            continue
+        present.add(seed.name)
+        added.append(
+            PersistedInstance(
+                config=seed.instance_config(),
+                desired_state=DesiredState.RUNNING if seed.auto_start else DesiredState.STOPPED,
+                created_at=now,
+            )
+        )
+    merged = msgspec.structs.replace(state, instances=state.instances + tuple(added))
+    return merged, [a.config.name for a in added]
+
+
+def state_from_registry(records: Iterable[InstanceRecord]) -> PersistedState:
+    """The desired state of each record (a :class:`Registry` iterates them in creation order)."""
+    return PersistedState(
+        instances=tuple(
+            PersistedInstance(
+                config=record.config, desired_state=record.desired, created_at=record.created_at
+            )
+            for record in records
+        )
+    )

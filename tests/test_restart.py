@@ -1,0 +1,154 @@
+from __future__ import annotations
+
+import pytest
+import trio
+
+from tei_manager.config import ManagerConfig
+from tei_manager.core.registry import DesiredState
+from tei_manager.core.restart import (
+    HealthVerdict,
+    RestartAction,
+    RestartDecision,
+    RestartPolicy,
+    RestartTracker,
+)
+
+RUN = DesiredState.RUNNING
+
+
+def test_backoff_doubles_to_the_cap() -> None:
+    policy = RestartPolicy()
+    assert [policy.backoff(n) for n in range(8)] == [1, 2, 4, 8, 16, 30, 30, 30]
+    assert RestartPolicy(initial_backoff_secs=0.5, backoff_multiplier=3).backoff(2) == 4.5
+
+
+def test_backoff_never_overflows() -> None:
+    assert RestartPolicy().backoff(10_000) == 30.0
+
+
+def test_restart_delays_grow_while_the_instance_keeps_crashing() -> None:
+    tracker = RestartTracker(RestartPolicy(crash_loop_restarts=0))
+    delays = []
+    now = 0.0
+    for _ in range(7):
+        decision = tracker.on_exit(now, desired=RUN)
+        assert decision.action is RestartAction.RESTART
+        delays.append(decision.delay_secs)
+        now += decision.delay_secs + 1  # started, ran one second, crashed
+        tracker.on_running(now - 1)
+    assert delays == [1, 2, 4, 8, 16, 30, 30]
+
+
+def test_a_stable_run_resets_the_backoff() -> None:
+    tracker = RestartTracker(RestartPolicy(stable_after_secs=60))
+    assert tracker.on_exit(0, desired=RUN).delay_secs == 1
+    tracker.on_running(1)
+    assert tracker.on_exit(10, desired=RUN).delay_secs == 2  # ran 9 s: not stable
+    tracker.on_running(12)
+    assert tracker.on_exit(72, desired=RUN).delay_secs == 1  # ran 60 s: stable
+
+
+def test_exit_before_ready_is_not_a_stable_run() -> None:
+    tracker = RestartTracker(RestartPolicy())
+    tracker.on_exit(0, desired=RUN)
+    # Failed to start (never on_running), long after the last exit: backoff still grows.
+    assert tracker.on_exit(200, desired=RUN).delay_secs == 2
+
+
+def test_crash_loop_gives_up() -> None:
+    tracker = RestartTracker(RestartPolicy(crash_loop_restarts=5, crash_loop_window_secs=300))
+    for t in range(5):
+        assert tracker.on_exit(t * 10, desired=RUN).action is RestartAction.RESTART
+    assert tracker.recent_restarts(40) == 5
+    decision = tracker.on_exit(50, desired=RUN)
+    assert decision == RestartDecision(
+        action=RestartAction.GIVE_UP, reason="crash loop: 5 restarts within 300 s"
+    )
+
+
+def test_restarts_spread_beyond_the_window_are_not_a_loop() -> None:
+    tracker = RestartTracker(RestartPolicy(crash_loop_restarts=5, crash_loop_window_secs=300))
+    for n in range(20):
+        decision = tracker.on_exit(n * 61.0, desired=RUN)
+        assert decision.action is RestartAction.RESTART, n
+    assert tracker.recent_restarts(19 * 61.0) == 5
+
+
+def test_restart_exactly_window_ago_has_left_the_window() -> None:
+    tracker = RestartTracker(RestartPolicy(crash_loop_restarts=2, crash_loop_window_secs=100))
+    tracker.on_exit(0, desired=RUN)
+    tracker.on_exit(50, desired=RUN)
+    assert tracker.on_exit(99.999, desired=RUN).action is RestartAction.GIVE_UP
+    tracker = RestartTracker(RestartPolicy(crash_loop_restarts=2, crash_loop_window_secs=100))
+    tracker.on_exit(0, desired=RUN)
+    tracker.on_exit(50, desired=RUN)
+    assert tracker.on_exit(100, desired=RUN).action is RestartAction.RESTART
+
+
+def test_a_stopped_instance_is_never_restarted() -> None:
+    tracker = RestartTracker(RestartPolicy())
+    decision = tracker.on_exit(0, desired=DesiredState.STOPPED)
+    assert decision.action is RestartAction.STAY_STOPPED
+    # ...and it does not count towards a crash loop.
+    assert tracker.recent_restarts(0) == 0
+
+
+def test_reset_forgets_history() -> None:
+    tracker = RestartTracker(RestartPolicy(crash_loop_restarts=1))
+    tracker.on_exit(0, desired=RUN)
+    assert tracker.on_exit(1, desired=RUN).action is RestartAction.GIVE_UP
+    tracker.reset()
+    decision = tracker.on_exit(2, desired=RUN)
+    assert (decision.action, decision.delay_secs) == (RestartAction.RESTART, 1)
+
+
+def test_health_failures_trigger_a_restart_at_the_threshold() -> None:
+    tracker = RestartTracker(RestartPolicy(max_failures_before_restart=3))
+    verdicts = [tracker.on_health_check(ok) for ok in (False, False, True, False, False, False)]
+    assert verdicts == [
+        HealthVerdict.FAILING,
+        HealthVerdict.FAILING,
+        HealthVerdict.HEALTHY,
+        HealthVerdict.FAILING,
+        HealthVerdict.FAILING,
+        HealthVerdict.RESTART,
+    ]
+    assert tracker.health_failures == 0  # counting starts over after the restart
+
+
+def test_zero_threshold_disables_health_restarts() -> None:
+    tracker = RestartTracker(RestartPolicy(max_failures_before_restart=0))
+    assert {tracker.on_health_check(False) for _ in range(100)} == {HealthVerdict.FAILING}
+    assert tracker.health_failures == 100
+
+
+def test_running_and_exit_reset_health_failures() -> None:
+    tracker = RestartTracker(RestartPolicy())
+    tracker.on_health_check(False)
+    tracker.on_running(0)
+    assert tracker.health_failures == 0
+    tracker.on_health_check(False)
+    tracker.on_exit(1, desired=RUN)
+    assert tracker.health_failures == 0
+
+
+@pytest.mark.parametrize("threshold", [0, 3, 7])
+def test_policy_from_config(threshold: int) -> None:
+    config = ManagerConfig(state_file="/s", log_dir="/l", max_failures_before_restart=threshold)
+    assert RestartPolicy.from_config(config).max_failures_before_restart == threshold
+
+
+async def test_supervisor_like_loop_gives_up_at_an_exact_time(autojump_clock: object) -> None:
+    """Drive the policy with Trio's clock the way the supervisor does: crash at once."""
+    tracker = RestartTracker(RestartPolicy())
+    start = trio.current_time()
+    spawned_at = []
+    while True:
+        decision = tracker.on_exit(trio.current_time(), desired=RUN)
+        if decision.action is not RestartAction.RESTART:
+            break
+        await trio.sleep(decision.delay_secs)
+        spawned_at.append(trio.current_time() - start)
+    assert decision.action is RestartAction.GIVE_UP
+    assert spawned_at == [1, 3, 7, 15, 31]
+    assert trio.current_time() - start == 31
