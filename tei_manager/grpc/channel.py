@@ -221,12 +221,14 @@ class Call(Generic[Req, Resp]):
             raise GrpcError(StatusCode.INTERNAL, "expected one response, got more")
         return reply
 
-    def __aiter__(self) -> AsyncIterator[Resp]:
-        return self._iterate()
+    def __aiter__(self) -> Call[Req, Resp]:
+        return self
 
-    async def _iterate(self) -> AsyncIterator[Resp]:
-        while (reply := await self.receive()) is not None:
-            yield reply
+    async def __anext__(self) -> Resp:
+        reply = await self.receive()
+        if reply is None:
+            raise StopAsyncIteration
+        return reply
 
     @property
     def trailing_metadata(self) -> Metadata:
@@ -251,9 +253,16 @@ async def open_channel(
         max_message_bytes=max_message_bytes,
         connect_timeout=connect_timeout,
     )
-    async with trio.open_nursery() as nursery:
-        await nursery.start(channel.run)
-        try:
-            yield channel
-        finally:
-            channel.close()
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(channel.run)
+            try:
+                yield channel
+            finally:
+                channel.close()
+    except BaseExceptionGroup as group:
+        # The connection task never raises once started, so a lone exception is the
+        # caller's own (a GrpcError, say): give it back unwrapped.
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise

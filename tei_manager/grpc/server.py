@@ -121,6 +121,8 @@ class GrpcServer:
         self._idle = trio.Event()
         self._idle.set()
         self._grace = 0.0
+        #: Set once the port is bound and accepting.
+        self.listening = trio.Event()
         for servicer in servicers:
             self.add_servicer(servicer)
 
@@ -149,6 +151,7 @@ class GrpcServer:
                     async with trio.open_nursery() as accept:
                         for listener in listeners:
                             accept.start_soon(self._accept_loop, listener, connections)
+                        self.listening.set()
                         task_status.started(self.port)
                 # Shutdown asked: refuse new calls, let running ones finish within the grace.
                 for listener in listeners:
