@@ -1,0 +1,100 @@
+"""Worker dynamic batching: 32 concurrent single-text Embed calls vs offline batched encode.
+
+(a) SentenceTransformer.encode of all texts at once (the model's best batched throughput);
+(b) a real ``tei-manager worker`` process serving the same model, driven by 32 concurrent
+    clients each sending one text per Embed call (grpc.aio client, one channel).
+Prints both throughputs and the ratio b/a (target >= 0.80); ``--json PATH`` writes them.
+
+    python benches/worker_batching.py [--texts 2000] [--concurrency 32] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+
+from tei_manager._proto.tei.v1 import tei_pb2
+from tei_manager.testing import packaged_model_dir, run_worker_process
+
+WORDS = (
+    "the a model server embedding vector search query document fast slow batch queue "
+    "river mountain city night morning data network cluster memory token sentence "
+    "learning language retrieval ranking quick brown fox jumps over lazy dog system "
+    "request response latency throughput engine python trio stream cache disk"
+).split()
+
+
+def make_texts(count: int, seed: int = 7) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choices(WORDS, k=rng.randint(8, 24))) + "." for _ in range(count)]
+
+
+def offline_throughput(model_dir: Path, texts: list[str]) -> float:
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(model_dir), device="cpu")
+    model.encode(texts[:64], batch_size=32)  # warm-up
+    start = time.perf_counter()
+    model.encode(texts, batch_size=32)
+    return len(texts) / (time.perf_counter() - start)
+
+
+async def served_throughput(port: int, texts: list[str], concurrency: int) -> float:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        embed = channel.unary_unary(
+            "/tei.v1.Embed/Embed",
+            request_serializer=tei_pb2.EmbedRequest.SerializeToString,
+            response_deserializer=tei_pb2.EmbedResponse.FromString,
+        )
+        for text in texts[:64]:  # warm-up
+            await embed(tei_pb2.EmbedRequest(inputs=text))
+        queue = list(reversed(texts))
+
+        async def client() -> None:
+            while queue:
+                await embed(tei_pb2.EmbedRequest(inputs=queue.pop()))
+
+        start = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+        return len(texts) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--texts", type=int, default=2000)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    texts = make_texts(args.texts)
+    model_dir = packaged_model_dir()
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        run_worker_process(model_dir, Path(tmp) / "worker.log") as worker,
+    ):
+        served = asyncio.run(served_throughput(worker.port, texts, args.concurrency))
+    offline = offline_throughput(model_dir, texts)
+    result = {
+        "bench": "worker_batching",
+        "texts": len(texts),
+        "concurrency": args.concurrency,
+        "offline_texts_per_sec": round(offline, 1),
+        "worker_texts_per_sec": round(served, 1),
+        "ratio": round(served / offline, 3),
+        "target_ratio": 0.80,
+    }
+    print(f"offline batched encode : {offline:8.1f} texts/s")
+    print(f"worker, {args.concurrency} clients    : {served:8.1f} texts/s")
+    print(f"ratio                  : {served / offline:8.3f}  (target >= 0.80)")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

