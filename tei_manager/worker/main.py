@@ -23,6 +23,7 @@ from tei_manager.grpc.server import GrpcServer
 from tei_manager.worker.engine import Engine
 from tei_manager.worker.metrics import WorkerMetrics
 from tei_manager.worker.options import WorkerOptions, options_from_namespace
+from tei_manager.worker.priority import lower_other_threads
 from tei_manager.worker.service import EngineHolder, tei_servicers
 
 log = logging.getLogger("tei_manager.worker")
@@ -67,6 +68,7 @@ class Worker:
             started = trio.current_time()
             engine = await trio.to_thread.run_sync(Engine.load, options, abandon_on_cancel=True)
             await nursery.start(engine.run)
+            lower_other_threads()
             self.holder.engine = engine
             self.health.set_all(SERVING)
             log.info(
