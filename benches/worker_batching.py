@@ -5,7 +5,7 @@
     clients each sending one text per Embed call (grpc.aio client, one channel).
 Prints both throughputs and the ratio b/a (target >= 0.80); ``--json PATH`` writes them.
 
-    python benches/worker_batching.py [--texts 1500] [--concurrency 32] [--rounds 3] [--json out.json]
+    python benches/worker_batching.py [--texts 1500] [--concurrency 32] [--rounds 3] [--json F]
 """
 
 from __future__ import annotations
@@ -107,9 +107,8 @@ def main() -> None:
         "worker_rounds": [round(x, 1) for x in served],
     }
     print(f"offline batched encode : {a:8.1f} texts/s   rounds {result['offline_rounds']}")
-    print(
-        f"worker, {args.concurrency} clients    : {b:8.1f} texts/s   rounds {result['worker_rounds']}"
-    )
+    clients = f"worker, {args.concurrency} clients"
+    print(f"{clients:<23}: {b:8.1f} texts/s   rounds {result['worker_rounds']}")
     print(f"ratio b/a              : {b / a:8.3f}  (target >= 0.80)")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -26,6 +27,25 @@ def build_parser() -> argparse.ArgumentParser:
         "tei.v1 gRPC API, running the model with sentence-transformers.",
     )
     worker_flags(worker)
+
+    serve = commands.add_parser(
+        "serve",
+        help="run the manager: instances, REST API and gRPC multiplexer",
+        description="Run the manager with the configuration file (TOML) and environment overrides.",
+    )
+    serve.add_argument(
+        "--config",
+        metavar="FILE",
+        default=os.environ.get("TEI_MANAGER_CONFIG") or None,
+        help="configuration file (TOML); default: $TEI_MANAGER_CONFIG, else built-in defaults",
+    )
+    serve.add_argument(
+        "--log-level",
+        default="info",
+        type=str.lower,
+        choices=["debug", "info", "warning", "error"],
+    )
+    serve.add_argument("--log-format", default="text", choices=["text", "json"])
     return parser
 
 
@@ -37,6 +57,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         configure_logging("INFO", json_output=args.json_output)
         return run_worker_from_args(args)
+    if args.command == "serve":
+        from tei_manager.serve import main as serve_main
+
+        return serve_main(args.config, log_level=args.log_level, log_format=args.log_format)
     raise AssertionError(f"unhandled command {args.command}")
 
 
