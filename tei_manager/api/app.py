@@ -1,0 +1,243 @@
+"""The Quart-Trio application: the REST routes over a :class:`ManagerFacade`.
+
+Handlers are thin: decode, call the manager, encode with msgspec. Every failure
+becomes the contract's error body in one place (:mod:`tei_manager.api.responses`),
+and every request's duration is recorded by route template, method and status.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import MutableMapping
+from typing import Any, Final, cast
+
+import trio
+from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, ASGISendEvent, Scope
+from prometheus_client import generate_latest
+from quart import Response, request
+from quart_trio import QuartTrio
+from quart_trio.asgi import TrioASGILifespan
+from werkzeug.exceptions import HTTPException
+
+from tei_manager.api.dto import ProbeStatus
+from tei_manager.api.facade import ManagerFacade
+from tei_manager.api.openapi import openapi_json
+from tei_manager.api.responses import (
+    error_response,
+    http_exception_response,
+    json_response,
+    unexpected_error_response,
+)
+from tei_manager.api.routes import MAX_BODY_BYTES, OPERATIONS, PROMETHEUS_TEXT, quart_rule
+from tei_manager.api.storage import check_storage
+from tei_manager.config import decode_instance_config
+from tei_manager.errors import ErrorCode, TeiError, ValidationError, quote
+
+__all__ = ["NO_RESPONSE_STATUS", "UNMATCHED_ROUTE", "ApiApp", "create_app"]
+
+# Route label of a request no route matched (404, 405): the raw path would give
+# every scanner's probe its own time series.
+UNMATCHED_ROUTE: Final = "unmatched"
+# Status label of a request that ended without a response: the client went away
+# or shutdown cancelled it (nginx's "client closed request").
+NO_RESPONSE_STATUS: Final = 499
+# Where the matched route template travels from the request hook to the timer.
+_ROUTE_KEY: Final = "tei_manager.route"
+_TEMPLATES: Final = {op.endpoint: op.path for op in OPERATIONS}
+# Slice bounds: an optional sign and digits. Stricter than int(), which also takes
+# "1_000" and " 5", and short enough that no 4300-digit number gets parsed.
+_INT_RE: Final = re.compile(r"[+-]?[0-9]{1,18}")
+_PROBE_OK: Final = ProbeStatus()
+
+
+def _scope_extras(scope: Scope) -> MutableMapping[str, Any]:
+    # ASGI lets servers and middleware add their own scope keys; the TypedDicts
+    # do not know ours.
+    return cast(MutableMapping[str, Any], scope)
+
+
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
+
+
+class _Lifespan(TrioASGILifespan):
+    """Quart-Trio's lifespan handler, with a cancellation left a plain ``Cancelled``.
+
+    Quart-Trio runs the lifespan inside a nursery, so cancelling the server makes
+    it raise a group of ``Cancelled``. Hypercorn 0.17 takes any group from the
+    lifespan for a broken app: it logs an error with a traceback and swallows the
+    cancellation. A group holding nothing but ``Cancelled`` is re-raised bare.
+    """
+
+    async def __call__(self, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+        try:
+            await super().__call__(receive, send)
+        except BaseExceptionGroup as group:
+            cancelled, rest = group.split(trio.Cancelled)
+            if cancelled is not None and rest is None:
+                raise _first_leaf(cancelled) from None
+            raise
+
+
+class ApiApp(QuartTrio):
+    """A QuartTrio app bound to one manager, timing every HTTP request it answers."""
+
+    asgi_lifespan_class = _Lifespan
+
+    def __init__(self, manager: ManagerFacade) -> None:
+        super().__init__(__name__, static_folder=None)
+        self.manager = manager
+
+    async def asgi_app(
+        self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> None:
+        """Serve one ASGI connection; HTTP requests are timed around the whole exchange."""
+        if scope["type"] != "http":
+            await super().asgi_app(scope, receive, send)
+            return
+        status = 0
+
+        async def send_noting_status(message: ASGISendEvent) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        started = time.perf_counter()
+        try:
+            await super().asgi_app(scope, receive, send_noting_status)
+        except Exception:
+            status = status or 500  # the server answers 500 for what escapes the app
+            raise
+        finally:
+            # Also on cancellation: a request cut off at shutdown still took time.
+            self.manager.metrics.observe_http(
+                _scope_extras(scope).get(_ROUTE_KEY, UNMATCHED_ROUTE),
+                scope["method"],
+                status or NO_RESPONSE_STATUS,
+                time.perf_counter() - started,
+            )
+
+
+class _Handlers:
+    """One method per operation in :data:`OPERATIONS`, named by its endpoint."""
+
+    def __init__(self, manager: ManagerFacade) -> None:
+        self._manager = manager
+        self._openapi = openapi_json()
+
+    async def list_instances(self) -> Response:
+        return json_response(self._manager.list_instances())
+
+    async def create_instance(self) -> Response:
+        # The body is JSON whatever the Content-Type says: the original's runbooks
+        # use `curl -d '{...}'`, which sends application/x-www-form-urlencoded.
+        body = await request.get_data(cache=False, as_text=False, parse_form_data=False)
+        config = decode_instance_config(body)
+        return json_response(await self._manager.create_instance(config), 201)
+
+    async def get_instance(self, name: str) -> Response:
+        return json_response(self._manager.get_instance(name))
+
+    async def delete_instance(self, name: str) -> Response:
+        return json_response(await self._manager.delete_instance(name))
+
+    async def start_instance(self, name: str) -> Response:
+        return json_response(await self._manager.start_instance(name))
+
+    async def stop_instance(self, name: str) -> Response:
+        return json_response(await self._manager.stop_instance(name))
+
+    async def restart_instance(self, name: str) -> Response:
+        return json_response(await self._manager.restart_instance(name))
+
+    async def instance_logs(self, name: str) -> Response:
+        start, end = _int_arg("start"), _int_arg("end")
+        return json_response(await self._manager.instance_logs(name, start, end))
+
+    async def health(self) -> Response:
+        summary = self._manager.health_summary()
+        storage = await check_storage(self._manager.config.log_dir)
+        return json_response({**summary, "storage": storage})
+
+    async def health_live(self) -> Response:
+        return json_response(_PROBE_OK)
+
+    async def health_ready(self) -> Response:
+        if not self._manager.ready:
+            raise TeiError(
+                ErrorCode.NOT_READY,
+                "not ready: state is being restored or the listeners are not up yet",
+            )
+        return json_response(_PROBE_OK)
+
+    async def health_startup(self) -> Response:
+        if not self._manager.startup_complete:
+            raise TeiError(
+                ErrorCode.NOT_READY,
+                "startup has not finished: restoring state and launching seed instances",
+            )
+        return json_response(_PROBE_OK)
+
+    async def metrics(self) -> Response:
+        # generate_latest walks every collector synchronously; keep it off the loop.
+        text = await trio.to_thread.run_sync(generate_latest, self._manager.metrics.registry)
+        return Response(text, status=200, content_type=PROMETHEUS_TEXT)
+
+    async def openapi(self) -> Response:
+        return Response(self._openapi, status=200, content_type="application/json")
+
+
+def _int_arg(name: str) -> int | None:
+    """Query parameter ``name`` as an int; absent or empty is None."""
+    raw = request.args.get(name)
+    if not raw:
+        return None
+    if not _INT_RE.fullmatch(raw):
+        shown = raw if len(raw) <= 32 else raw[:32] + "..."
+        raise ValidationError(name, f"{quote(shown)} is not an integer")
+    return int(raw)
+
+
+async def _note_route() -> None:
+    """Hand the matched route's template to the timer in :meth:`ApiApp.asgi_app`."""
+    rule = request.url_rule
+    if rule is not None and rule.endpoint is not None:
+        template = _TEMPLATES.get(rule.endpoint, rule.rule)
+        _scope_extras(request.scope)[_ROUTE_KEY] = template
+
+
+async def _on_tei_error(error: TeiError) -> Response:
+    return error_response(error)
+
+
+async def _on_http_exception(error: HTTPException) -> Response:
+    return http_exception_response(error, request.method, request.path)
+
+
+async def _on_exception(error: Exception) -> Response:
+    # Reached only by exceptions nobody handled: HTTPException and TeiError have
+    # their own handlers, and Quart-Trio offers each member of an exception group
+    # to the handlers one by one before a group gets here.
+    return unexpected_error_response(error, request.method, request.path)
+
+
+def create_app(manager: ManagerFacade) -> ApiApp:
+    """The REST API for ``manager``: every route in :data:`OPERATIONS`."""
+    app = ApiApp(manager)
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    handlers = _Handlers(manager)
+    for op in OPERATIONS:
+        app.add_url_rule(
+            quart_rule(op.path),
+            op.endpoint,
+            getattr(handlers, op.endpoint),
+            methods=[op.method],
+        )
+    app.before_request(_note_route)
+    app.register_error_handler(TeiError, _on_tei_error)
+    app.register_error_handler(HTTPException, _on_http_exception)
+    app.register_error_handler(Exception, _on_exception)
+    return app

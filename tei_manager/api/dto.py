@@ -1,0 +1,74 @@
+"""The REST API's bodies as msgspec Structs: one definition for JSON and the OpenAPI schema.
+
+Request and response types owned elsewhere are re-exported here so the API's
+vocabulary is in one place: the create request is the instance configuration
+itself (unknown fields rejected), an instance is :class:`InstanceInfo`, a log
+window is :class:`LogSlice`, and every error is :class:`ErrorBody`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+from tei_manager.config import InstanceConfig
+from tei_manager.core.logslice import LogSlice
+from tei_manager.core.registry import InstanceInfo
+from tei_manager.errors import ErrorBody
+
+__all__ = [
+    "ErrorBody",
+    "HealthResponse",
+    "InstanceConfig",
+    "InstanceCounts",
+    "InstanceInfo",
+    "LogSlice",
+    "ProbeStatus",
+    "StorageHealth",
+    "StorageStatus",
+]
+
+StorageStatus = Literal["ok", "warning", "unhealthy"]
+
+
+class InstanceCounts(msgspec.Struct, frozen=True, kw_only=True):
+    """Instances by status, as ``GET /health`` reports them."""
+
+    total: int
+    running: int
+    starting: int
+    failed: int
+    stopped: int
+
+
+class StorageHealth(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Free space where instance logs are written.
+
+    ``status`` is ``warning`` under 10% free and ``unhealthy`` under 5% (or when
+    the space cannot be read, in which case the numbers are null and ``error``
+    says why).
+    """
+
+    path: str
+    free_bytes: int | None
+    total_bytes: int | None
+    free_ratio: float | None
+    status: StorageStatus
+    error: str | None = None
+
+
+class HealthResponse(msgspec.Struct, frozen=True, kw_only=True):
+    """``GET /health``: always 200 while the manager serves; details say how it is."""
+
+    status: str
+    version: str
+    uptime_secs: int
+    instances: InstanceCounts
+    storage: StorageHealth
+
+
+class ProbeStatus(msgspec.Struct, frozen=True, kw_only=True):
+    """The body of a passing probe (``/health/live``, ``/ready``, ``/startup``)."""
+
+    status: Literal["ok"] = "ok"

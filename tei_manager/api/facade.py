@@ -1,0 +1,88 @@
+"""What the REST layer needs from the manager, as Protocols.
+
+The API codes against these rather than the concrete ``Manager`` so it can be
+driven by an in-memory fake in tests, and so the dependency points one way:
+the manager knows nothing about HTTP.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from prometheus_client import CollectorRegistry
+
+from tei_manager.config import InstanceConfig, ManagerConfig
+from tei_manager.core.logslice import LogSlice
+from tei_manager.core.registry import InstanceInfo
+
+__all__ = ["HttpMetrics", "ManagerFacade"]
+
+
+class HttpMetrics(Protocol):
+    """The manager's Prometheus metrics, as far as the REST layer uses them."""
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        """The registry ``GET /metrics`` exposes."""
+        ...
+
+    def observe_http(self, route: str, method: str, status: int, seconds: float) -> None:
+        """Record one request in ``tei_manager_http_request_duration_seconds``.
+
+        ``route`` is the route template (``/instances/{name}``), never the raw path,
+        so the label set stays bounded whatever clients send.
+        """
+        ...
+
+
+class ManagerFacade(Protocol):
+    """The manager operations behind the REST routes.
+
+    Data members are read-only properties so that a plain attribute and a
+    computed property both satisfy the protocol. Failures are
+    :class:`~tei_manager.errors.TeiError`; the API turns them into responses.
+    """
+
+    @property
+    def config(self) -> ManagerConfig: ...
+
+    @property
+    def metrics(self) -> HttpMetrics: ...
+
+    @property
+    def ready(self) -> bool:
+        """Config loaded, state restored and listeners up."""
+        ...
+
+    @property
+    def startup_complete(self) -> bool:
+        """Restore and seed launches finished."""
+        ...
+
+    def list_instances(self) -> list[InstanceInfo]:
+        """Every instance, in creation order."""
+        ...
+
+    def get_instance(self, name: str) -> InstanceInfo:
+        """One instance; raises INSTANCE_NOT_FOUND."""
+        ...
+
+    async def create_instance(self, cfg: InstanceConfig) -> InstanceInfo: ...
+
+    async def delete_instance(self, name: str) -> InstanceInfo: ...
+
+    async def start_instance(self, name: str) -> InstanceInfo: ...
+
+    async def stop_instance(self, name: str) -> InstanceInfo: ...
+
+    async def restart_instance(self, name: str) -> InstanceInfo: ...
+
+    async def instance_logs(self, name: str, start: int | None, end: int | None) -> LogSlice: ...
+
+    def health_summary(self) -> dict[str, Any]:
+        """``{status, version, uptime_secs, instances: {total, running, ...}}``."""
+        ...
+
+    def mark_listening(self) -> None:
+        """The REST listener accepts connections (one of the readiness conditions)."""
+        ...

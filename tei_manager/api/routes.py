@@ -1,0 +1,157 @@
+"""Every REST route, once: the app registers its handlers from this table and the
+OpenAPI document is generated from it, so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final, NamedTuple
+
+from tei_manager.api.dto import (
+    HealthResponse,
+    InstanceConfig,
+    InstanceInfo,
+    LogSlice,
+    ProbeStatus,
+)
+from tei_manager.errors import ErrorCode
+
+__all__ = [
+    "BODY_ERRORS",
+    "JSON",
+    "MAX_BODY_BYTES",
+    "OPERATIONS",
+    "PROMETHEUS_TEXT",
+    "Operation",
+    "QueryParam",
+    "quart_rule",
+]
+
+JSON: Final = "application/json"
+# What Prometheus scrapers ask for; the body is the classic text format.
+PROMETHEUS_TEXT: Final = "text/plain; version=0.0.4; charset=utf-8"
+
+# Instance configs are a few hundred bytes; a megabyte is generous and still
+# bounds what one request can make the server buffer.
+MAX_BODY_BYTES: Final = 1 << 20
+
+# A JSON body can always fail these ways, before the manager sees it.
+BODY_ERRORS: Final = (
+    ErrorCode.MALFORMED_JSON,
+    ErrorCode.VALIDATION_ERROR,
+    ErrorCode.PAYLOAD_TOO_LARGE,
+)
+
+
+class QueryParam(NamedTuple):
+    """An optional integer query parameter."""
+
+    name: str
+    description: str
+
+
+class Operation(NamedTuple):
+    """One route: method, path template, success answer and the error codes it can give."""
+
+    endpoint: str  # handler name in app.py; also the OpenAPI operationId
+    method: str
+    path: str  # OpenAPI template, e.g. /instances/{name}; also the metrics route label
+    summary: str
+    status: int  # success status
+    response: object  # msgspec-typed body of the success answer; None for non-JSON
+    content_type: str = JSON
+    request: object = None  # msgspec type of the JSON request body, if any
+    errors: tuple[ErrorCode, ...] = ()
+    query: tuple[QueryParam, ...] = ()
+
+
+_NOT_FOUND = (ErrorCode.INSTANCE_NOT_FOUND,)
+
+OPERATIONS: Final[tuple[Operation, ...]] = (
+    Operation(
+        "list_instances", "GET", "/instances", "List instances in creation order",
+        200, list[InstanceInfo],
+    ),
+    Operation(
+        "create_instance", "POST", "/instances", "Create and start an instance",
+        201, InstanceInfo,
+        request=InstanceConfig,
+        errors=(
+            *BODY_ERRORS,
+            ErrorCode.INVALID_CONFIG,
+            ErrorCode.INVALID_NAME,
+            ErrorCode.INVALID_MODEL_ID,
+            ErrorCode.INVALID_PORT,
+            ErrorCode.INVALID_GPU_ID,
+            ErrorCode.INSTANCE_EXISTS,
+            ErrorCode.PORT_CONFLICT,
+            ErrorCode.MAX_INSTANCES_REACHED,
+            ErrorCode.PORT_ALLOCATION_FAILED,
+        ),
+    ),
+    Operation(
+        "get_instance", "GET", "/instances/{name}", "Get one instance",
+        200, InstanceInfo, errors=_NOT_FOUND,
+    ),
+    Operation(
+        "delete_instance", "DELETE", "/instances/{name}",
+        "Stop and delete an instance; answers it as it was",
+        200, InstanceInfo, errors=_NOT_FOUND,
+    ),
+    Operation(
+        "start_instance", "POST", "/instances/{name}/start", "Start a stopped or failed instance",
+        200, InstanceInfo, errors=(*_NOT_FOUND, ErrorCode.ALREADY_RUNNING),
+    ),
+    Operation(
+        "stop_instance", "POST", "/instances/{name}/stop", "Stop an instance",
+        200, InstanceInfo, errors=(*_NOT_FOUND, ErrorCode.NOT_RUNNING),
+    ),
+    Operation(
+        "restart_instance", "POST", "/instances/{name}/restart", "Restart an instance",
+        200, InstanceInfo, errors=_NOT_FOUND,
+    ),
+    Operation(
+        "instance_logs", "GET", "/instances/{name}/logs",
+        "Lines of the instance's combined stdout/stderr, sliced like Python's lines[start:end]",
+        200, LogSlice,
+        errors=(ErrorCode.VALIDATION_ERROR, *_NOT_FOUND),
+        query=(
+            QueryParam("start", "first line (default 0); negative counts from the end"),
+            QueryParam("end", "line after the last (default: end of log); negative counts "
+                       "from the end"),
+        ),
+    ),
+    Operation(
+        "health", "GET", "/health", "Manager, instance and storage health (always 200)",
+        200, HealthResponse,
+    ),
+    Operation(
+        "health_live", "GET", "/health/live", "Liveness probe: 200 while the process serves",
+        200, ProbeStatus,
+    ),
+    Operation(
+        "health_ready", "GET", "/health/ready",
+        "Readiness probe: 200 once config is loaded, state restored and listeners up",
+        200, ProbeStatus, errors=(ErrorCode.NOT_READY,),
+    ),
+    Operation(
+        "health_startup", "GET", "/health/startup",
+        "Startup probe: 200 once restore and seed launches finished",
+        200, ProbeStatus, errors=(ErrorCode.NOT_READY,),
+    ),
+    Operation(
+        "metrics", "GET", "/metrics", "Prometheus text exposition",
+        200, None, content_type=PROMETHEUS_TEXT,
+    ),
+    Operation(
+        "openapi", "GET", "/openapi.json", "This OpenAPI 3.1 document",
+        200, None,
+    ),
+)  # fmt: skip
+
+_PARAM_RE: Final = re.compile(r"\{(\w+)\}")
+
+
+def quart_rule(path: str) -> str:
+    """The OpenAPI template as a Quart rule: ``/instances/{name}`` → ``/instances/<name>``."""
+    return _PARAM_RE.sub(r"<\1>", path)

@@ -1,0 +1,107 @@
+"""Serving the REST API with Hypercorn on Trio, with a graceful, bounded shutdown.
+
+We bind the listening socket ourselves and hand it to Hypercorn: the bound port
+is known exactly (port 0 in tests), a taken port fails as a plain ``OSError``
+before anything else starts, and the socket options are ours (SO_REUSEADDR so a
+restart need not wait out TIME_WAIT; never SO_REUSEPORT, so a second manager
+cannot silently share the port).
+
+Shutdown is Hypercorn's: once ``shutdown`` is set the listener closes (new
+connections are refused), idle keep-alive connections close, and requests in
+flight get ``drain_timeout_secs`` to finish before they are cancelled.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from functools import partial
+
+import trio
+from hypercorn.config import Config, Sockets
+from hypercorn.trio import serve
+
+from tei_manager.api.app import create_app
+from tei_manager.api.facade import ManagerFacade
+
+__all__ = ["serve_api"]
+
+log = logging.getLogger(__name__)
+
+
+class _PreboundConfig(Config):
+    """A Hypercorn config that serves on an already bound socket."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__()
+        self._sock = sock
+
+    def create_sockets(self) -> Sockets:
+        # Hypercorn listens on these and closes them when it stops serving.
+        return Sockets(secure_sockets=[], insecure_sockets=[self._sock], quic_sockets=[])
+
+
+async def _bind(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` (not listening yet); ``port`` 0 lets the OS pick."""
+    infos = await trio.socket.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    # The resolver's first answer is the system's preferred address for the name.
+    family, type_, proto, _, address = infos[0]
+    sock = socket.socket(family, type_, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.bind(address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def serve_api(
+    manager: ManagerFacade,
+    host: str,
+    port: int,
+    *,
+    shutdown: trio.Event | None = None,
+    drain_timeout_secs: float | None = None,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the REST API for ``manager`` on ``host:port``; hands back the bound port.
+
+    Start it with ``port = await nursery.start(serve_api, manager, host, port)``:
+    the port is handed back (and ``manager.mark_listening()`` called) only once
+    the socket accepts connections. It serves until cancelled, or until
+    ``shutdown`` is set: then it stops accepting, lets requests in flight finish
+    for up to ``drain_timeout_secs`` (default: the manager's
+    ``graceful_shutdown_timeout_secs``), and returns.
+    """
+    sock = await _bind(host, port)
+    # Closing twice is harmless: this only matters if Hypercorn never took the socket.
+    with sock:
+        bound_port: int = sock.getsockname()[1]
+        config = _PreboundConfig(sock)
+        config.bind = [f"{host}:{bound_port}"]
+        config.graceful_timeout = (
+            manager.config.graceful_shutdown_timeout_secs
+            if drain_timeout_secs is None
+            else drain_timeout_secs
+        )
+        # Through our logging setup (text or JSON lines), not Hypercorn's own stderr handler.
+        config.errorlog = logging.getLogger("hypercorn.error")
+        config.accesslog = None
+        config.include_server_header = False
+        app = create_app(manager)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                partial(
+                    serve,
+                    app,
+                    config,
+                    shutdown_trigger=shutdown.wait if shutdown is not None else None,
+                )
+            )
+            log.info("REST API listening on %s port %d", host, bound_port)
+            manager.mark_listening()
+            task_status.started(bound_port)

@@ -1,0 +1,512 @@
+"""The manager: the registry, the supervisor and the state file behind one facade.
+
+The REST API (and later the gRPC multiplexer) call the methods of :class:`Manager`;
+``Manager.run`` is the service that owns the instance processes::
+
+    Manager.run
+    └── service nursery
+        ├── runtime file writer     (pids of live instance processes, for orphan reaping)
+        └── supervisor nursery
+            ├── InstanceRunner "a"  (the instance's nursery: process, checks, restarts)
+            └── InstanceRunner "b"
+
+Each facade method decides synchronously (registry rules, then the runner's
+request), then acts: saving the desired state, waiting for a spawn. Cancelling
+``run`` stops every instance concurrently (SIGTERM → grace → SIGKILL), without
+changing what is wanted running, and saves the state for the next start.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from datetime import UTC, datetime
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import trio
+
+from tei_manager import __version__
+from tei_manager.config import ConfigError, InstanceConfig, ManagerConfig, validate_instance_config
+from tei_manager.core.logslice import LogSlice, read_log_slice
+from tei_manager.core.ports import PortAllocator, PortProbe, probe_bindable
+from tei_manager.core.registry import (
+    DesiredState,
+    InstanceInfo,
+    InstanceRecord,
+    Registry,
+)
+from tei_manager.core.restart import RestartPolicy
+from tei_manager.errors import ConflictError, ErrorCode, TeiError, ValidationError, quote
+from tei_manager.metrics import ManagerMetrics
+from tei_manager.state import (
+    LoadedState,
+    PersistedInstance,
+    PersistedState,
+    load_state,
+    merge_seeds,
+    save_state,
+    state_from_registry,
+)
+from tei_manager.supervisor.gpus import count_gpus
+from tei_manager.supervisor.instance import (
+    BlockingRunner,
+    InstanceRunner,
+    ProcessHandle,
+    RunnerSettings,
+    Spawner,
+)
+from tei_manager.supervisor.launch import Program, instance_log_path, launch_spec, resolve_program
+from tei_manager.supervisor.orphans import (
+    RuntimeFile,
+    RuntimeRecord,
+    manager_alive,
+    read_runtime,
+    reap_orphans,
+    remove_runtime,
+    runtime_path,
+    write_runtime,
+)
+from tei_manager.supervisor.probe import Prober, info_probe
+from tei_manager.supervisor.process import spawn
+from tei_manager.supervisor.procfs import read_stat
+
+__all__ = ["Manager", "port_free_for_instance"]
+
+log = logging.getLogger("tei_manager.manager")
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def port_free_for_instance(port: int) -> bool:
+    """Whether an instance could listen on ``port`` of 127.0.0.1 right now.
+
+    SO_REUSEADDR as the instance servers set it: a socket of a deleted instance left
+    in TIME_WAIT does not count as busy, a live listener does.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+class _Prepared(msgspec.Struct, frozen=True, kw_only=True):
+    """What start-up found on disk (read in a worker thread)."""
+
+    loaded: LoadedState
+    gpu_count: int
+    start_ticks: int | None
+
+
+class Manager:
+    """Instances, their processes and their persisted state; see the module notes.
+
+    ``spawner``, ``prober``, ``gpu_count``, the port probes and ``run_blocking``
+    replace the real process spawning, Info calls, GPU detection, socket probing
+    and worker threads (tests).
+    """
+
+    def __init__(
+        self,
+        config: ManagerConfig,
+        *,
+        spawner: Spawner | None = None,
+        prober: Prober | None = None,
+        gpu_count: int | None = None,
+        port_probe: PortProbe = probe_bindable,
+        explicit_port_probe: PortProbe = port_free_for_instance,
+        policy: RestartPolicy | None = None,
+        settings: RunnerSettings | None = None,
+        run_blocking: BlockingRunner = trio.to_thread.run_sync,
+    ) -> None:
+        self.config = config
+        self.metrics = ManagerMetrics()
+        # Resolved once: a configured TEI binary that cannot run is a ConfigError now.
+        self.program: Program | None = (
+            resolve_program(config.tei_binary_path) if spawner is None else None
+        )
+        self.registry = Registry(
+            PortAllocator(config.instance_port_start, config.instance_port_end, probe=port_probe),
+            max_instances=config.max_instances,
+            reserved_ports=config.manager_ports(),
+        )
+        self.metrics.bind_instance_count(lambda: len(self.registry))
+        # None until run() counted the GPUs; the REST layer passes it to validation.
+        self.gpu_count: int | None = gpu_count
+        self.started_at: float = time.time()
+        self.startup_complete = False
+        # Set when a graceful shutdown begins: the REST server stops accepting,
+        # drains in-flight requests and returns.
+        self.shutdown_requested = trio.Event()
+        self._gpu_count_given = gpu_count is not None
+        self._spawner: Spawner = spawner or self._spawn_process
+        self._prober: Prober = prober or info_probe
+        self._explicit_port_probe = explicit_port_probe
+        self._policy = policy or RestartPolicy.from_config(config)
+        self._settings = settings or RunnerSettings.from_config(config)
+        self._run_blocking = run_blocking
+        self._started_monotonic = time.monotonic()
+        self._restored = False
+        self._listening = False
+        self._runners: dict[str, InstanceRunner] = {}
+        self._supervisor: trio.Nursery | None = None
+        self._state_lock = trio.Lock()
+        self._runtime_path = runtime_path(config.state_file)
+        self._runtime_dirty = trio.Event()
+        self._start_ticks: int | None = None
+        self.state_save_failures = 0
+
+    # -- readiness -----------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        """Config loaded, state restored, listeners up, and not shutting down."""
+        return self._restored and self._listening and not self.shutdown_requested.is_set()
+
+    def mark_listening(self) -> None:
+        """The REST server accepts connections (``/health/ready`` may answer 200)."""
+        self._listening = True
+
+    def begin_shutdown(self) -> None:
+        """A graceful shutdown starts: not ready any more; listeners stop and drain."""
+        self.shutdown_requested.set()
+
+    def kill_now(self) -> None:
+        """SIGKILL every instance process now (a forced shutdown: no grace left)."""
+        for runner in list(self._runners.values()):
+            runner.kill_now()
+
+    # -- reading ------------------------------------------------------------------------
+    def list_instances(self) -> list[InstanceInfo]:
+        """Every instance, in creation order."""
+        return self.registry.infos(_utcnow())
+
+    def get_instance(self, name: str) -> InstanceInfo:
+        """One instance; raises INSTANCE_NOT_FOUND."""
+        return self.registry.get(name).info(_utcnow())
+
+    def log_path(self, name: str) -> Path:
+        """Where ``name``'s process output goes."""
+        return instance_log_path(self.config.log_dir, name)
+
+    async def instance_logs(self, name: str, start: int | None, end: int | None) -> LogSlice:
+        """``lines[start:end]`` of the instance's log; raises INSTANCE_NOT_FOUND."""
+        self.registry.get(name)
+        return await self._run_blocking(partial(read_log_slice, self.log_path(name), start, end))
+
+    def health_summary(self) -> dict[str, Any]:
+        """The body of ``GET /health`` (the REST layer adds ``storage``)."""
+        stats = self.registry.statistics()
+        if self.shutdown_requested.is_set():
+            status = "shutting_down"
+        elif not self.startup_complete:
+            status = "starting"
+        else:
+            status = "healthy"
+        return {
+            "status": status,
+            "version": __version__,
+            "uptime_secs": int(time.monotonic() - self._started_monotonic),
+            "instances": {
+                "total": stats.total,
+                "running": stats.running,
+                "starting": stats.starting,
+                "failed": stats.failed,
+                "stopped": stats.stopped + stats.stopping,
+            },
+        }
+
+    # -- changing -------------------------------------------------------------------------
+    async def create_instance(self, cfg: InstanceConfig) -> InstanceInfo:
+        """Register ``cfg`` and spawn its process; the instance is ``starting`` (or
+        ``failed`` if it could not be spawned).
+
+        Raises the validation codes, INSTANCE_EXISTS, PORT_CONFLICT,
+        MAX_INSTANCES_REACHED, PORT_ALLOCATION_FAILED, or NOT_READY while the
+        manager starts or stops.
+        """
+        supervisor = self._require_supervisor()
+        validate_instance_config(cfg, gpu_count=self.gpu_count)
+        if cfg.name in self._runners and cfg.name not in self.registry:
+            raise ConflictError(
+                ErrorCode.INSTANCE_EXISTS,
+                f"instance {quote(cfg.name)} is still being deleted: try again shortly",
+            )
+        self._check_host_ports(cfg)
+        record = self.registry.add(cfg, created_at=_utcnow())
+        self.metrics.instance_created(record.name, record.config.model_id)
+        runner = self._new_runner(record)
+        log.info(
+            "instance %s created (model %s, port %d)",
+            record.name,
+            record.config.model_id,
+            record.port,
+            extra={"instance": record.name},
+        )
+        # Spawning is synchronous and quick; a caller that goes away meanwhile must
+        # not leave a registered instance without its runner.
+        with trio.CancelScope(shield=True):
+            await supervisor.start(self._run_runner, runner)
+        info = record.info(_utcnow())
+        await self._save_state()
+        return info
+
+    async def delete_instance(self, name: str) -> InstanceInfo:
+        """Unregister ``name`` and end its process; returns the instance as it was."""
+        record = self.registry.get(name)
+        info = record.info(_utcnow())
+        self.registry.remove(name)
+        self.metrics.instance_deleted(name)
+        runner = self._runners.get(name)
+        if runner is not None:
+            runner.cancel()
+        log.info("instance %s deleted", name, extra={"instance": name})
+        await self._save_state()
+        if runner is not None:
+            await runner.done.wait()
+        return info
+
+    async def start_instance(self, name: str) -> InstanceInfo:
+        """Start a stopped or failed instance; raises ALREADY_RUNNING."""
+        self._require_supervisor()
+        record = self.registry.request_start(name)
+        self._runners[name].request_start()
+        info = record.info(_utcnow())
+        await self._save_state()
+        return info
+
+    async def stop_instance(self, name: str) -> InstanceInfo:
+        """Stop an instance; returns at once (``stopping``, or ``stopped`` if no process
+        ran). Raises NOT_RUNNING."""
+        self._require_supervisor()
+        record = self.registry.request_stop(name)
+        self._runners[name].request_stop()
+        info = record.info(_utcnow())
+        await self._save_state()
+        return info
+
+    async def restart_instance(self, name: str) -> InstanceInfo:
+        """End the process (if any) and start a new one, whatever the status."""
+        self._require_supervisor()
+        record = self.registry.get(name)
+        record.desired = DesiredState.RUNNING
+        self._runners[name].request_restart()
+        info = record.info(_utcnow())
+        await self._save_state()
+        return info
+
+    # -- the service ------------------------------------------------------------------------
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Restore the state, launch the instances, then supervise until cancelled.
+
+        ``started()`` once every restored or seeded instance was launched. On
+        cancellation every instance is stopped concurrently and the state saved.
+        """
+        if self._supervisor is not None or self._restored:
+            raise RuntimeError("Manager.run can only be run once")
+        if threading.current_thread() is not threading.main_thread():
+            # PDEATHSIG fires when the forking *thread* exits, not the process.
+            log.warning("the manager runs outside the main thread: instances may die with it")
+        prepared = await self._run_blocking(self._prepare)
+        self.gpu_count = prepared.gpu_count
+        self._start_ticks = prepared.start_ticks
+        runners = self._restore(prepared.loaded.state)
+        try:
+            async with trio.open_nursery() as service:
+                service.start_soon(self._write_runtime_file)
+                async with trio.open_nursery() as supervisor:
+                    self._supervisor = supervisor
+                    for runner in runners:
+                        await supervisor.start(self._run_runner, runner)
+                    await self._save_state()
+                    self._restored = True
+                    self.startup_complete = True
+                    engine = "built-in worker"
+                    if self.program is not None and self.program.is_tei:
+                        engine = self.program.argv[0]
+                    log.info(
+                        "manager started with %d instance(s) from state and seeds; engine: %s",
+                        len(runners),
+                        engine,
+                    )
+                    task_status.started()
+                    await trio.sleep_forever()
+        finally:
+            self._supervisor = None
+            # Every runner ended, so every process is gone: record that, shielded,
+            # since this runs while being cancelled.
+            with trio.CancelScope(shield=True):
+                await self._save_state()
+                await self._run_blocking(partial(remove_runtime, self._runtime_path))
+            log.info("manager stopped")
+
+    # -- internals --------------------------------------------------------------------------
+    def _prepare(self) -> _Prepared:
+        """Start-up I/O, in a worker thread: directories, orphans, GPUs, the state file."""
+        config = self.config
+        for field, directory in (
+            ("log_dir", Path(config.log_dir)),
+            ("state_file", Path(config.state_file).parent),
+        ):
+            try:
+                directory.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise ConfigError(f"{field}: cannot create {directory}: {e.strerror}") from None
+        runtime = read_runtime(self._runtime_path)
+        if runtime is not None:
+            if manager_alive(runtime):
+                raise ConfigError(
+                    f"state_file: another tei-manager (pid {runtime.manager_pid}) is running "
+                    f"with {config.state_file}: use another state_file"
+                )
+            reap_orphans(runtime)
+        gpus = self.gpu_count if self._gpu_count_given else count_gpus()
+        assert gpus is not None
+        if config.auto_restore_on_restart:
+            loaded = load_state(config.state_file)
+        else:
+            loaded = LoadedState(state=PersistedState())
+        stat = read_stat(os.getpid())
+        return _Prepared(
+            loaded=loaded, gpu_count=gpus, start_ticks=None if stat is None else stat.start_ticks
+        )
+
+    def _restore(self, state: PersistedState) -> list[InstanceRunner]:
+        """Register the persisted instances, then the seeds new to the state."""
+        merged, added = merge_seeds(state, self.config.instances, now=_utcnow())
+        if added:
+            log.info("seed instances added: %s", ", ".join(added))
+        runners = []
+        for persisted in merged.instances:
+            record = self._register_restored(persisted)
+            if record is not None:
+                runners.append(self._new_runner(record))
+        return runners
+
+    def _register_restored(self, persisted: PersistedInstance) -> InstanceRecord | None:
+        cfg = persisted.config
+        reserved = self.config.manager_ports()
+        # The manager's own ports may have changed since the state was written.
+        if cfg.port in reserved:
+            log.warning("instance %s: port %s is now the manager's; allocating", cfg.name, cfg.port)
+            cfg = msgspec.structs.replace(cfg, port=None)
+        if cfg.prometheus_port in reserved:
+            cfg = msgspec.structs.replace(cfg, prometheus_port=0)
+        try:
+            record = self.registry.add(
+                cfg, created_at=persisted.created_at, desired=persisted.desired_state
+            )
+        except TeiError as e:
+            log.error("cannot restore instance %s: %s", cfg.name, e, extra={"instance": cfg.name})
+            return None
+        self.metrics.instance_created(record.name, record.config.model_id)
+        try:
+            validate_instance_config(record.config, gpu_count=self.gpu_count)
+        except ValidationError as e:
+            # Kept, so the user sees why it does not run and can delete it.
+            record.mark_failed(f"cannot start: {e}")
+        return record
+
+    def _new_runner(self, record: InstanceRecord) -> InstanceRunner:
+        runner = InstanceRunner(
+            record,
+            spawn=self._spawner,
+            probe=self._prober,
+            settings=self._settings,
+            policy=self._policy,
+            metrics=self.metrics,
+            on_change=self._note_process_change,
+            log_path=self.log_path(record.name),
+            run_blocking=self._run_blocking,
+        )
+        self._runners[record.name] = runner
+        return runner
+
+    async def _run_runner(
+        self, runner: InstanceRunner, *, task_status: trio.TaskStatus[None]
+    ) -> None:
+        try:
+            await runner.run(task_status=task_status)
+        finally:
+            if self._runners.get(runner.name) is runner:
+                del self._runners[runner.name]
+
+    def _spawn_process(self, cfg: InstanceConfig) -> ProcessHandle:
+        assert self.program is not None
+        return spawn(launch_spec(cfg, self.program, log_dir=self.config.log_dir))
+
+    def _require_supervisor(self) -> trio.Nursery:
+        if self._supervisor is None or self.shutdown_requested.is_set():
+            state = "shutting down" if self._restored else "starting"
+            raise TeiError(ErrorCode.NOT_READY, f"the manager is {state}: try again later")
+        return self._supervisor
+
+    def _check_host_ports(self, cfg: InstanceConfig) -> None:
+        """A requested port that another program on this host holds is a conflict."""
+        taken = self.registry.used_ports()
+        for field in ("port", "prometheus_port"):
+            port = getattr(cfg, field)
+            # Ports of instances and the manager get the registry's clearer message.
+            if port and port not in taken and not self._explicit_port_probe(port):
+                raise ConflictError(
+                    ErrorCode.PORT_CONFLICT, f"{field}: {port} is in use on this host"
+                )
+
+    async def _save_state(self) -> None:
+        """Write the desired state of every instance; failures are logged, not raised.
+
+        Shielded: a caller that goes away must not leave the file behind the registry.
+        """
+        with trio.CancelScope(shield=True):
+            async with self._state_lock:
+                # Taken under the lock, so the last write holds the latest state.
+                state = state_from_registry(self.registry)
+                try:
+                    await self._run_blocking(partial(save_state, self.config.state_file, state))
+                except TeiError as e:
+                    self.state_save_failures += 1
+                    log.error("%s", e)
+
+    def _note_process_change(self) -> None:
+        self._runtime_dirty.set()
+
+    def _runtime_snapshot(self) -> RuntimeFile:
+        records = []
+        for runner in self._runners.values():
+            process = runner.process
+            if process is not None and process.start_ticks is not None:
+                records.append(
+                    RuntimeRecord(
+                        name=runner.name,
+                        pid=process.pid,
+                        pgid=process.pgid,
+                        start_ticks=process.start_ticks,
+                        port=runner.record.port,
+                        model_id=runner.record.config.model_id,
+                    )
+                )
+        return RuntimeFile(
+            manager_pid=os.getpid(),
+            manager_start_ticks=self._start_ticks,
+            instances=tuple(records),
+        )
+
+    async def _write_runtime_file(self) -> None:
+        """Keep the runtime file in step with the live processes, coalescing changes."""
+        while True:
+            await self._runtime_dirty.wait()
+            self._runtime_dirty = trio.Event()
+            snapshot = self._runtime_snapshot()
+            try:
+                await self._run_blocking(partial(write_runtime, self._runtime_path, snapshot))
+            except OSError as e:
+                log.warning("cannot write runtime file %s: %s", self._runtime_path, e)

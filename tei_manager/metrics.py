@@ -1,0 +1,162 @@
+"""The manager's Prometheus metrics, on a registry of their own.
+
+The names are a contract (dashboards and alerts use them, see the REST contract).
+Events that must be counted as they happen (an instance created, a restart, a failed
+health check) increment counters here; values that are state (how many instances
+exist) are read from their owner at scrape time through a callback.
+
+:meth:`ManagerMetrics.render` is synchronous and walks every series: call it through
+``trio.to_thread.run_sync`` from async code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Final, Literal
+
+import msgspec
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+__all__ = ["CONTENT_TYPE", "ManagerMetrics", "MetricsStatistics", "RestartReason"]
+
+CONTENT_TYPE: Final = CONTENT_TYPE_LATEST
+
+RestartReason = Literal["crash", "health", "manual"]
+
+# Model loading takes from a second (tiny models) to minutes (large ones, first download).
+_STARTUP_BUCKETS: Final = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, float("inf"))
+# A health check is one Info call over loopback: milliseconds, unless the instance hangs.
+_HEALTH_BUCKETS: Final = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2,
+    5,
+    float("inf"),
+)
+
+
+class MetricsStatistics(msgspec.Struct, frozen=True, kw_only=True):
+    """Totals since start, for tests and diagnostics (Prometheus has the detail)."""
+
+    instances_created: int
+    instances_deleted: int
+    restarts: dict[str, int]  # by reason
+    health_check_failures: int
+    health_checks: int
+    startups: int
+
+
+class ManagerMetrics:
+    """Every ``tei_manager_*`` series; one object per manager."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.instances_count = Gauge(
+            "tei_manager_instances_count", "Instances registered with the manager", registry=r
+        )
+        self.instances_created = Counter(
+            "tei_manager_instances_created",
+            "Instances created (REST, seeds, restored state)",
+            ["instance", "model"],
+            registry=r,
+        )
+        self.instances_deleted = Counter(
+            "tei_manager_instances_deleted", "Instances deleted", ["instance"], registry=r
+        )
+        self.health_check_failures = Counter(
+            "tei_manager_health_check_failures",
+            "Health checks of running instances that failed",
+            ["instance"],
+            registry=r,
+        )
+        self.instance_restarts = Counter(
+            "tei_manager_instance_restarts",
+            "Instance processes restarted, by reason (crash, health, manual)",
+            ["instance", "reason"],
+            registry=r,
+        )
+        self.instance_startup_seconds = Histogram(
+            "tei_manager_instance_startup_seconds",
+            "Time from spawning an instance process to its first answered Info call",
+            buckets=_STARTUP_BUCKETS,
+            registry=r,
+        )
+        self.health_check_seconds = Histogram(
+            "tei_manager_health_check_seconds",
+            "Duration of instance health checks (Info calls)",
+            buckets=_HEALTH_BUCKETS,
+            registry=r,
+        )
+        self.http_request_duration_seconds = Histogram(
+            "tei_manager_http_request_duration_seconds",
+            "REST API request duration",
+            ["route", "method", "status"],
+            registry=r,
+        )
+        self._created = 0
+        self._deleted = 0
+        self._restarts: dict[str, int] = {"crash": 0, "health": 0, "manual": 0}
+        self._health_checks = 0
+        self._health_failures = 0
+        self._startups = 0
+
+    # -- state read at scrape time ------------------------------------------------
+    def bind_instance_count(self, count: Callable[[], int]) -> None:
+        """Read ``tei_manager_instances_count`` from ``count`` at every scrape."""
+        self.instances_count.set_function(lambda: float(count()))
+
+    # -- events -----------------------------------------------------------------------
+    def instance_created(self, instance: str, model: str) -> None:
+        self._created += 1
+        self.instances_created.labels(instance=instance, model=model).inc()
+
+    def instance_deleted(self, instance: str) -> None:
+        self._deleted += 1
+        self.instances_deleted.labels(instance=instance).inc()
+
+    def instance_restarted(self, instance: str, reason: RestartReason) -> None:
+        self._restarts[reason] += 1
+        self.instance_restarts.labels(instance=instance, reason=reason).inc()
+
+    def instance_started(self, seconds: float) -> None:
+        """An instance answered its first Info call ``seconds`` after it was spawned."""
+        self._startups += 1
+        self.instance_startup_seconds.observe(seconds)
+
+    def health_checked(self, instance: str, *, ok: bool, seconds: float) -> None:
+        self._health_checks += 1
+        self.health_check_seconds.observe(seconds)
+        if not ok:
+            self._health_failures += 1
+            self.health_check_failures.labels(instance=instance).inc()
+
+    def observe_http(self, route: str, method: str, status: int, seconds: float) -> None:
+        """One REST request; ``route`` is the route template, never the raw path."""
+        self.http_request_duration_seconds.labels(
+            route=route, method=method, status=str(status)
+        ).observe(seconds)
+
+    # -- reading ------------------------------------------------------------------------
+    def statistics(self) -> MetricsStatistics:
+        return MetricsStatistics(
+            instances_created=self._created,
+            instances_deleted=self._deleted,
+            restarts=dict(self._restarts),
+            health_check_failures=self._health_failures,
+            health_checks=self._health_checks,
+            startups=self._startups,
+        )
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition; blocking, so run it in a worker thread."""
+        return generate_latest(self.registry)

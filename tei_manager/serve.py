@@ -1,0 +1,169 @@
+"""``tei-manager serve``: the manager, its REST API and (later) its gRPC multiplexer.
+
+The root of the nursery tree::
+
+    serve
+    └── root nursery            (SIGTERM/SIGINT: graceful shutdown; a second one forces)
+        ├── Manager.run         supervisor: instance processes, state file
+        ├── serve_api           REST API
+        └── (gRPC multiplexer: started next to the API, stopped with it)
+
+Graceful shutdown, within ``graceful_shutdown_timeout_secs`` (T):
+
+1. ``manager.begin_shutdown()``: readiness answers 503 and the listeners stop
+   accepting and drain in-flight requests (the API returns once drained); after
+   T/2 the API is cancelled whatever is still running.
+2. The manager is cancelled: every instance gets SIGTERM at once, SIGKILL after its
+   grace period (at most 10 s); the state is saved for the next start.
+3. At T, whatever still runs is SIGKILLed. Exit status 0.
+
+A second signal skips the waiting: listeners cancelled, instances SIGKILLed.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Final
+
+import trio
+
+from tei_manager.config import ConfigError, ManagerConfig, load_config
+from tei_manager.logs import configure_logging
+from tei_manager.manager import Manager
+
+__all__ = ["main", "serve"]
+
+log = logging.getLogger("tei_manager.serve")
+
+# Share of the shutdown timeout given to draining requests; the rest is for instances.
+_DRAIN_SHARE: Final = 0.5
+
+
+async def serve(manager: Manager) -> None:
+    """Run the manager and its listeners until a signal, then shut down gracefully."""
+    from tei_manager.api.server import serve_api
+
+    config = manager.config
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as root:
+            manager_task = _Service(manager.run)
+            await root.start(manager_task.run)
+
+            async def api(*, task_status: trio.TaskStatus[int]) -> None:
+                await serve_api(
+                    manager,
+                    config.api_host,
+                    config.api_port,
+                    shutdown=manager.shutdown_requested,
+                    drain_timeout_secs=config.graceful_shutdown_timeout_secs * _DRAIN_SHARE,
+                    task_status=task_status,
+                )
+
+            api_task = _Service(api)
+            await root.start(api_task.run)
+            # The gRPC multiplexer joins here, as a _Service stopped together with the API.
+
+            stop = trio.Event()
+            api_task.on_exit(stop.set)  # an API that ends by itself ends the manager too
+
+            def force() -> None:
+                log.warning("second signal: stopping now")
+                manager.begin_shutdown()
+                api_task.cancel()
+                manager_task.cancel()
+                manager.kill_now()
+
+            root.start_soon(_watch_signals, signals, stop.set, force)
+            await stop.wait()
+            await _shutdown(manager, config, api_task, manager_task)
+            root.cancel_scope.cancel()
+
+
+async def _watch_signals(
+    signals: AsyncIterator[int], first: Callable[[], None], again: Callable[[], None]
+) -> None:
+    seen = False
+    async for signum in signals:
+        if not seen:
+            log.info("%s received: shutting down", signal.Signals(signum).name)
+            seen = True
+            first()
+        else:
+            again()
+
+
+async def _shutdown(
+    manager: Manager, config: ManagerConfig, api_task: _Service, manager_task: _Service
+) -> None:
+    timeout = config.graceful_shutdown_timeout_secs
+    deadline = trio.current_time() + timeout
+    manager.begin_shutdown()
+    with trio.move_on_at(trio.current_time() + timeout * _DRAIN_SHARE):
+        await api_task.done.wait()
+    api_task.cancel()
+    await api_task.done.wait()
+    manager_task.cancel()
+    with trio.move_on_at(deadline):
+        await manager_task.done.wait()
+    if not manager_task.done.is_set():
+        log.warning("instances still running after %g s: killing them", timeout)
+        manager.kill_now()
+        await manager_task.done.wait()
+    log.info("shutdown complete")
+
+
+class _Service:
+    """A long-running service in its own cancel scope, with an event set when it ends."""
+
+    def __init__(self, fn: Callable[..., Awaitable[object]]) -> None:
+        self._fn = fn
+        self._scope = trio.CancelScope()
+        self.done = trio.Event()
+        self._on_exit: list[Callable[[], None]] = []
+
+    def on_exit(self, callback: Callable[[], None]) -> None:
+        self._on_exit.append(callback)
+
+    def cancel(self) -> None:
+        self._scope.cancel()
+
+    async def run(self, *, task_status: trio.TaskStatus[object] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            with self._scope:
+                await self._fn(task_status=task_status)
+        finally:
+            self.done.set()
+            for callback in self._on_exit:
+                callback()
+
+
+def main(config_path: str | None, *, log_level: str = "info", log_format: str = "text") -> int:
+    """Load the config, run the service; the process exit status.
+
+    2 with one line on stderr for a configuration that cannot be used.
+    """
+    configure_logging(log_level, json_output=log_format == "json")
+    try:
+        config = load_config(config_path)
+        manager = Manager(config)
+    except ConfigError as e:
+        print(f"tei-manager: {e}", file=sys.stderr)
+        return 2
+    status = 0
+    try:
+        trio.run(serve, manager)
+    except* ConfigError as group:  # found at start-up, e.g. another manager on the state file
+        print(f"tei-manager: {_first(group)}", file=sys.stderr)
+        status = 2
+    except* Exception:
+        log.exception("tei-manager failed")
+        status = 1
+    return status
+
+
+def _first(group: BaseExceptionGroup[ConfigError]) -> ConfigError:
+    first = group.exceptions[0]
+    return first if isinstance(first, ConfigError) else _first(first)

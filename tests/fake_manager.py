@@ -1,0 +1,147 @@
+"""An in-memory manager for driving the REST layer: real registry rules, no processes.
+
+It keeps real :class:`~tei_manager.core.registry.Registry` records and the real
+:class:`~tei_manager.metrics.ManagerMetrics`, so the errors it raises
+(INSTANCE_EXISTS, PORT_CONFLICT, MAX_INSTANCES_REACHED, ALREADY_RUNNING, ...) and
+the series it exposes are the real manager's, from the same code. Tests steer it
+through plain attributes: ``gate`` holds operations in flight, ``fail_with`` makes
+the next operation raise.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import trio
+
+from tei_manager import __version__
+from tei_manager.config import InstanceConfig, ManagerConfig, validate_instance_config
+from tei_manager.core.logslice import LogSlice, resolve_slice
+from tei_manager.core.ports import PortAllocator
+from tei_manager.core.registry import InstanceInfo, InstanceStatus, Registry
+from tei_manager.metrics import ManagerMetrics
+
+__all__ = ["FakeManager", "http_count"]
+
+
+def http_count(metrics: ManagerMetrics, route: str, method: str, status: int) -> float:
+    """How many requests ``metrics`` observed with these labels."""
+    value = metrics.registry.get_sample_value(
+        "tei_manager_http_request_duration_seconds_count",
+        {"route": route, "method": method, "status": str(status)},
+    )
+    return value or 0.0
+
+
+class FakeManager:
+    """Satisfies :class:`~tei_manager.api.facade.ManagerFacade` in memory."""
+
+    def __init__(self, config: ManagerConfig, *, gpu_count: int | None = None) -> None:
+        self.config = config
+        self.metrics = ManagerMetrics()
+        self.gpu_count = gpu_count
+        self.started_at = time.time()
+        self.state_restored = False
+        self.listening = False
+        self.startup_complete = False
+        # Lines of each instance's log, appended to by tests.
+        self.logs: dict[str, list[str]] = {}
+        # While set to an unset Event, every async operation waits for it
+        # (``entered`` tells the test it is waiting): a request held in flight.
+        self.gate: trio.Event | None = None
+        self.entered = trio.Event()
+        # Raised by the next async operation: an unexpected failure.
+        self.fail_with: BaseException | None = None
+        allocator = PortAllocator(
+            config.instance_port_start, config.instance_port_end, probe=lambda port: True
+        )
+        self._registry = Registry(
+            allocator,
+            max_instances=config.max_instances,
+            reserved_ports=config.manager_ports(),
+        )
+
+    @property
+    def ready(self) -> bool:
+        return self.state_restored and self.listening
+
+    def mark_listening(self) -> None:
+        self.listening = True
+
+    def list_instances(self) -> list[InstanceInfo]:
+        return self._registry.infos(_now())
+
+    def get_instance(self, name: str) -> InstanceInfo:
+        return self._registry.get(name).info(_now())
+
+    async def create_instance(self, cfg: InstanceConfig) -> InstanceInfo:
+        await self._operation()
+        validate_instance_config(cfg, gpu_count=self.gpu_count)
+        record = self._registry.add(cfg, created_at=_now())
+        self.logs.setdefault(cfg.name, [])
+        return record.info(_now())
+
+    async def delete_instance(self, name: str) -> InstanceInfo:
+        await self._operation()
+        info = self._registry.get(name).info(_now())
+        self._registry.remove(name)
+        self.logs.pop(name, None)
+        return info
+
+    async def start_instance(self, name: str) -> InstanceInfo:
+        await self._operation()
+        return self._registry.request_start(name).info(_now())
+
+    async def stop_instance(self, name: str) -> InstanceInfo:
+        await self._operation()
+        record = self._registry.request_stop(name)
+        record.mark_stopped()  # no process to wait for
+        return record.info(_now())
+
+    async def restart_instance(self, name: str) -> InstanceInfo:
+        await self._operation()
+        record = self._registry.get(name)
+        record.restarts += 1
+        record.status = InstanceStatus.STARTING
+        return record.info(_now())
+
+    async def instance_logs(self, name: str, start: int | None, end: int | None) -> LogSlice:
+        await self._operation()
+        self._registry.get(name)
+        lines = self.logs.get(name, [])
+        first, stop = resolve_slice(len(lines), start, end)
+        return LogSlice(lines=lines[first:stop], start=first, end=stop, total_lines=len(lines))
+
+    def health_summary(self) -> dict[str, Any]:
+        stats = self._registry.statistics()
+        return {
+            "status": "healthy",
+            "version": __version__,
+            "uptime_secs": int(time.time() - self.started_at),
+            "instances": {
+                "total": stats.total,
+                "running": stats.running,
+                "starting": stats.starting,
+                "failed": stats.failed,
+                "stopped": stats.stopped,
+            },
+        }
+
+    def set_status(self, name: str, status: InstanceStatus) -> None:
+        """Move an instance as the supervisor would."""
+        self._registry.get(name).status = status
+
+    async def _operation(self) -> None:
+        await trio.lowlevel.checkpoint()
+        if self.fail_with is not None:
+            error, self.fail_with = self.fail_with, None
+            raise error
+        if self.gate is not None:
+            self.entered.set()
+            await self.gate.wait()
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)

@@ -1,0 +1,400 @@
+"""The manager facade with fake processes: the contract's errors, state saving, restore,
+shutdown. Real files (state, logs) in a temporary directory; no real processes."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import msgspec
+import pytest
+import trio
+import trio.testing
+
+from tei_manager.config import InstanceConfig, ManagerConfig, SeedInstance
+from tei_manager.core.registry import DesiredState, InstanceStatus
+from tei_manager.core.restart import RestartPolicy
+from tei_manager.errors import ErrorCode, TeiError
+from tei_manager.manager import Manager
+from tests.fake_processes import FakeHost, run_inline
+
+S = InstanceStatus
+
+
+@pytest.fixture
+def clock(autojump_clock: trio.testing.MockClock) -> trio.testing.MockClock:
+    return autojump_clock
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> ManagerConfig:
+    return ManagerConfig(
+        state_file=str(tmp_path / "state" / "state.toml"),
+        log_dir=str(tmp_path / "logs"),
+        api_port=0,
+        grpc_port=0,
+        instance_port_start=20000,
+        instance_port_end=20009,
+        health_check_interval_secs=10,
+        startup_timeout_secs=60,
+        graceful_shutdown_timeout_secs=5,
+    )
+
+
+def _manager(
+    config: ManagerConfig,
+    host: FakeHost,
+    *,
+    gpu_count: int = 0,
+    host_port_free: Callable[[int], bool] = lambda port: True,
+) -> Manager:
+    return Manager(
+        config,
+        spawner=host.spawn,
+        prober=host.probe,
+        gpu_count=gpu_count,
+        port_probe=lambda port: True,
+        explicit_port_probe=host_port_free,
+        policy=RestartPolicy.from_config(config),
+        run_blocking=run_inline,
+    )
+
+
+@asynccontextmanager
+async def running(manager: Manager) -> AsyncIterator[Manager]:
+    """``manager.run`` in a nursery; leaving the block shuts it down."""
+    async with trio.open_nursery() as nursery:
+        await nursery.start(manager.run)
+        yield manager
+        nursery.cancel_scope.cancel()
+
+
+def _cfg(name: str = "a", **fields: object) -> InstanceConfig:
+    return InstanceConfig(name=name, model_id="org/model", **fields)  # type: ignore[arg-type]
+
+
+def _persisted(config: ManagerConfig) -> dict[str, tuple[DesiredState, int | None]]:
+    from tei_manager.state import load_state
+
+    state = load_state(config.state_file).state
+    return {i.config.name: (i.desired_state, i.config.port) for i in state.instances}
+
+
+async def _code(call: Callable[[], object]) -> ErrorCode:
+    with pytest.raises(TeiError) as error:
+        result = call()
+        if hasattr(result, "__await__"):
+            await result
+    return error.value.code
+
+
+# -- creating ------------------------------------------------------------------------------
+async def test_create_spawns_and_returns_starting(
+    clock: trio.testing.MockClock, nursery: trio.Nursery, config: ManagerConfig
+) -> None:
+    host = FakeHost(nursery)
+    async with running(_manager(config, host)) as manager:
+        assert manager.startup_complete and not manager.ready  # no listener yet
+        manager.mark_listening()
+        assert manager.ready
+        info = await manager.create_instance(_cfg("a"))
+        assert (info.status, info.pid, info.port) == (S.STARTING, host.current("a").pid, 20000)
+        await manager.create_instance(_cfg("b", port=20005, pooling="cls"))
+        await trio.sleep(5)
+        assert [(i.name, i.status, i.port) for i in manager.list_instances()] == [
+            ("a", S.RUNNING, 20000),
+            ("b", S.RUNNING, 20005),
+        ]
+        assert manager.get_instance("b").pooling == "cls"
+        assert _persisted(config) == {
+            "a": (DesiredState.RUNNING, 20000),
+            "b": (DesiredState.RUNNING, 20005),
+        }
+        summary = manager.health_summary()
+        assert summary["status"] == "healthy"
+        assert summary["instances"] == {
+            "total": 2,
+            "running": 2,
+            "starting": 0,
+            "failed": 0,
+            "stopped": 0,
+        }
+
+
+async def test_create_refusals_carry_the_contract_codes(
+    clock: trio.testing.MockClock, nursery: trio.Nursery, config: ManagerConfig
+) -> None:
+    host = FakeHost(nursery)
+    config = msgspec.structs.replace(config, max_instances=2)
+    busy_on_host = {20007}
+    manager = _manager(config, host, gpu_count=1, host_port_free=lambda p: p not in busy_on_host)
+    assert await _code(lambda: manager.create_instance(_cfg())) is ErrorCode.NOT_READY
+    async with running(manager):
+        await manager.create_instance(_cfg("a", port=20001, gpu_id=0))
+        E = ErrorCode
+        assert await _code(lambda: manager.create_instance(_cfg("a"))) is E.INSTANCE_EXISTS
+        assert await _code(lambda: manager.create_instance(_cfg("b", port=20001))) is (
+            E.PORT_CONFLICT
+        )
+        assert await _code(lambda: manager.create_instance(_cfg("b", port=20007))) is (
+            E.PORT_CONFLICT
+        )
+        assert await _code(lambda: manager.create_instance(_cfg("b", gpu_id=1))) is (
+            E.INVALID_GPU_ID
+        )
+        assert await _code(lambda: manager.create_instance(_cfg("b", port=80))) is E.INVALID_PORT
+        await manager.create_instance(_cfg("b"))
+        assert await _code(lambda: manager.create_instance(_cfg("c"))) is (E.MAX_INSTANCES_REACHED)
+        assert [i.name for i in manager.list_instances()] == ["a", "b"]
+        assert len(host.processes) == 2
+
+
+async def test_without_gpus_every_gpu_id_is_refused(
+    clock: trio.testing.MockClock, nursery: trio.Nursery, config: ManagerConfig
+) -> None:
+    async with running(_manager(config, FakeHost(nursery), gpu_count=0)) as manager:
+        with pytest.raises(TeiError) as error:
+            await manager.create_instance(_cfg("a", gpu_id=0))
+        assert error.value.code is ErrorCode.INVALID_GPU_ID
+        assert "this host has no GPU" in str(error.value)
+
+
+async def test_auto_ports_fill_the_range_then_run_out(
+    clock: trio.testing.MockClock, nursery: trio.Nursery, config: ManagerConfig
+) -> None:
+    async with running(_manager(config, FakeHost(nursery))) as manager:
+        ports = [(await manager.create_instance(_cfg(f"i{n}"))).port for n in range(10)]
+        assert ports == list(range(20000, 20010))
+        with pytest.raises(TeiError) as error:
+            await manager.create_instance(_cfg("one-too-many"))
+        assert error.value.code is ErrorCode.PORT_ALLOCATION_FAILED
+
+
+# -- start, stop, restart, delete ------------------------------------------------------------------
+async def test_lifecycle_and_state_saved_on_every_change(
+    clock: trio.testing.MockClock, nursery: trio.Nursery, config: ManagerConfig
+) -> None:
+    host = FakeHost(nursery, sigterm_exit_secs=0.5)
+    async with running(_manager(config, host)) as manager:
+        await manager.create_instance(_cfg("a"))
+        await trio.sleep(5)
+        assert await _code(lambda: manager.start_instance("a")) is ErrorCode.ALREADY_RUNNING
+
+        info = await manager.stop_instance("a")
+        assert info.status is S.STOPPING  # returns at once
+        assert _persisted(config)["a"][0] is DesiredState.STOPPED
+        assert await _code(lambda: manager.stop_instance("a")) is ErrorCode.NOT_RUNNING
+        await trio.sleep(1)
+        assert manager.get_instance("a").status is S.STOPPED
+        await trio.sleep(100)
+        assert len(host.processes["a"]) == 1  # a stopped instance is never restarted
+
+        info = await manager.start_instance("a")
+        assert info.status is S.STARTING
+        assert _persisted(config)["a"][0] is DesiredState.RUNNING
+        await trio.sleep(5)
+        assert manager.get_instance("a").status is S.RUNNING
+
+        before = host.current("a")
+        info = await manager.restart_instance("a")
+        assert (info.status, info.restarts) == (S.STOPPING, 1)
+        await trio.sleep(5)
+        after = manager.get_instance("a")
+        assert (after.status, after.pid) == (S.RUNNING, host.current("a").pid)
+        assert before.returncode == 0 and host.current("a") is not before
+
+        as_it_was = await manager.delete_instance("a")
+        assert (as_it_was.name, as_it_was.status) == ("a", S.RUNNING)
+        assert host.alive("a") == []  # delete waits for the process to be gone
+        assert _persisted(config) == {}
+        assert await _code(lambda: manager.get_instance("a")) is ErrorCode.INSTANCE_NOT_FOUND
+        for call in (manager.start_instance, manager.stop_instance, manager.restart_instance):
+            assert await _code(lambda call=call: call("a")) is ErrorCode.INSTANCE_NOT_FOUND  # type: ignore[misc]
+        assert host.overlaps == 0
+
+
+async def test_start_twice_never_runs_two_processes(
+    clock: trio.testing.MockClock, nursery: trio.Nursery, config: ManagerConfig
+) -> None:
+    host = FakeHost(nursery, sigterm_exit_secs=None)  # SIGKILLed after the 5 s grace
+    async with running(_manager(config, host)) as manager:
+        await manager.create_instance(_cfg("a"))
+        await trio.sleep(2)
+        await manager.stop_instance("a")
+        await trio.sleep(1)
+        # Still stopping: the registry lets a start through; it waits for the old process.
+        assert (await manager.start_instance("a")).status is S.STOPPING
+        assert (await manager.start_instance("a")).status is S.STOPPING
+        await trio.sleep(10)
+        assert manager.get_instance("a").status is S.RUNNING
+        assert await _code(lambda: manager.start_instance("a")) is ErrorCode.ALREADY_RUNNING
+        assert host.spawn_times("a") == [0.0, 7.0]
+        assert host.overlaps == 0
+
+
+async def test_a_failed_instance_can_be_stopped_and_started(
+    clock: trio.testing.MockClock, nursery: trio.Nursery, config: ManagerConfig
+) -> None:
+    host = FakeHost(nursery)
+    host.spawn_error = "cannot start x: No such file or directory"
+    async with running(_manager(config, host)) as manager:
+        info = await manager.create_instance(_cfg("a"))
+        assert (info.status, info.last_error) == (S.FAILED, host.spawn_error)
+        assert (await manager.stop_instance("a")).status is S.STOPPED
+        host.spawn_error = None
+        await manager.start_instance("a")
+        await trio.sleep(5)
+        assert manager.get_instance("a").status is S.RUNNING
+
+
+async def test_a_name_is_free_again_only_once_its_process_is_gone(
+    clock: trio.testing.MockClock, nursery: trio.Nursery, config: ManagerConfig
+) -> None:
+    host = FakeHost(nursery, sigterm_exit_secs=3.0)
+    async with running(_manager(config, host)) as manager:
+        await manager.create_instance(_cfg("a"))
+        async with trio.open_nursery() as inner:
+            inner.start_soon(manager.delete_instance, "a")
+            await trio.sleep(1)
+            assert await _code(lambda: manager.create_instance(_cfg("a"))) is (
+                ErrorCode.INSTANCE_EXISTS
+            )
+        await manager.create_instance(_cfg("a"))
+        assert host.overlaps == 0
+
+
+# -- logs and metrics ------------------------------------------------------------------------
+async def test_logs_are_sliced_like_python(
+    clock: trio.testing.MockClock, nursery: trio.Nursery, config: ManagerConfig
+) -> None:
+    async with running(_manager(config, FakeHost(nursery))) as manager:
+        await manager.create_instance(_cfg("a"))
+        manager.log_path("a").write_text("".join(f"{i}\n" for i in range(10)))
+        logs = await manager.instance_logs("a", -3, None)
+        assert (logs.lines, logs.start, logs.end, logs.total_lines) == (["7", "8", "9"], 7, 10, 10)
+        with pytest.raises(TeiError):
+            await manager.instance_logs("nope", None, None)
+
+
+async def test_every_contract_metric_is_recorded(
+    clock: trio.testing.MockClock, nursery: trio.Nursery, config: ManagerConfig
+) -> None:
+    host = FakeHost(nursery)
+    async with running(_manager(config, host)) as manager:
+        await manager.create_instance(_cfg("a"))
+        await manager.create_instance(_cfg("b"))
+        await trio.sleep(5)
+        host.current("a").exit(1)  # crash
+        await manager.restart_instance("b")  # manual
+        await trio.sleep(5)
+        host.unhealthy.add("a")  # running since 7: failed checks at 17, 27, 37, then restarted
+        await trio.sleep(28)
+        host.unhealthy.discard("a")
+        await trio.sleep(5)
+        await manager.delete_instance("b")
+        manager.metrics.observe_http("/instances", "GET", 200, 0.003)
+        text = (await trio.to_thread.run_sync(manager.metrics.render)).decode()
+    for line in (
+        "tei_manager_instances_count 1.0",
+        'tei_manager_instances_created_total{instance="a",model="org/model"} 1.0',
+        'tei_manager_instances_deleted_total{instance="b"} 1.0',
+        'tei_manager_health_check_failures_total{instance="a"} 3.0',
+        'tei_manager_instance_restarts_total{instance="a",reason="crash"} 1.0',
+        'tei_manager_instance_restarts_total{instance="a",reason="health"} 1.0',
+        'tei_manager_instance_restarts_total{instance="b",reason="manual"} 1.0',
+        "tei_manager_instance_startup_seconds_count 5.0",
+        'tei_manager_http_request_duration_seconds_count{method="GET",route="/instances",'
+        'status="200"} 1.0',
+    ):
+        assert line in text
+    assert "tei_manager_health_check_seconds_count" in text
+
+
+# -- restore and shutdown --------------------------------------------------------------------
+async def test_shutdown_stops_every_instance_concurrently_and_keeps_them_wanted(
+    clock: trio.testing.MockClock, nursery: trio.Nursery, config: ManagerConfig
+) -> None:
+    host = FakeHost(nursery, sigterm_exit_secs=None)  # each needs the full 5 s grace
+    manager = _manager(config, host)
+    async with running(manager):
+        for name in ("a", "b", "c"):
+            await manager.create_instance(_cfg(name))
+        await trio.sleep(5)
+        shutdown_at = trio.current_time()
+    assert trio.current_time() - shutdown_at == 5.0  # not 15: all at once
+    assert all(p.signals == ["SIGTERM", "SIGKILL"] for ps in host.processes.values() for p in ps)
+    assert {i.status for i in manager.list_instances()} == {S.STOPPED}
+    assert {desired for desired, _ in _persisted(config).values()} == {DesiredState.RUNNING}
+    assert not Path(config.state_file).with_suffix(".runtime.json").exists()
+
+
+async def test_a_new_manager_restores_the_state_and_merges_seeds(
+    clock: trio.testing.MockClock, nursery: trio.Nursery, config: ManagerConfig
+) -> None:
+    host = FakeHost(nursery)
+    async with running(_manager(config, host)) as first:
+        await first.create_instance(_cfg("a", pooling="mean"))
+        await first.create_instance(_cfg("b", port=20008))
+        await first.stop_instance("b")
+
+    seeds = (
+        SeedInstance(name="a", model_id="org/other"),  # known: the state file wins
+        SeedInstance(name="c", model_id="org/model", auto_start=False),
+        SeedInstance(name="d", model_id="org/model", port=20009),
+    )
+    config = msgspec.structs.replace(config, instances=seeds)
+    host = FakeHost(nursery)
+    async with running(_manager(config, host)) as second:
+        await trio.sleep(5)
+        restored = {i.name: i for i in second.list_instances()}
+        assert list(restored) == ["a", "b", "c", "d"]
+        assert (restored["a"].status, restored["a"].pooling, restored["a"].port) == (
+            S.RUNNING,
+            "mean",
+            20000,
+        )
+        assert second.get_instance("a").model_id == "org/model"
+        assert (restored["b"].status, restored["b"].port) == (S.STOPPED, 20008)
+        assert restored["c"].status is S.STOPPED
+        assert (restored["d"].status, restored["d"].port) == (S.RUNNING, 20009)
+        assert set(host.processes) == {"a", "d"}
+        assert _persisted(config)["c"] == (DesiredState.STOPPED, 20001)
+
+
+async def test_restore_is_off_when_configured(
+    clock: trio.testing.MockClock, nursery: trio.Nursery, config: ManagerConfig
+) -> None:
+    async with running(_manager(config, FakeHost(nursery))) as first:
+        await first.create_instance(_cfg("a"))
+    config = msgspec.structs.replace(
+        config,
+        auto_restore_on_restart=False,
+        instances=(SeedInstance(name="s", model_id="org/model"),),
+    )
+    async with running(_manager(config, FakeHost(nursery))) as second:
+        assert [i.name for i in second.list_instances()] == ["s"]
+
+
+async def test_a_restored_instance_on_a_missing_gpu_is_failed_not_dropped(
+    clock: trio.testing.MockClock, nursery: trio.Nursery, config: ManagerConfig
+) -> None:
+    async with running(_manager(config, FakeHost(nursery), gpu_count=2)) as first:
+        await first.create_instance(_cfg("a", gpu_id=1))
+    host = FakeHost(nursery)
+    async with running(_manager(config, host, gpu_count=1)) as second:
+        info = second.get_instance("a")
+        assert info.status is S.FAILED
+        assert info.last_error == "cannot start: gpu_id: 1 does not exist: this host has GPUs 0-0"
+        assert host.processes == {}
+        await second.delete_instance("a")
+
+
+async def test_a_restored_port_now_used_by_the_manager_moves(
+    clock: trio.testing.MockClock, nursery: trio.Nursery, config: ManagerConfig
+) -> None:
+    async with running(_manager(config, FakeHost(nursery))) as first:
+        await first.create_instance(_cfg("a", port=20005))
+    config = msgspec.structs.replace(config, api_port=20005)
+    async with running(_manager(config, FakeHost(nursery))) as second:
+        assert second.get_instance("a").port == 20000

@@ -1,0 +1,428 @@
+"""One instance's runner, driven by fakes on Trio's mock clock: restarts, health, stops.
+
+Every test runs on the autojumping mock clock (``clock``: pytest-trio only uses a
+clock the test function asks for itself), so every time asserted here is exact: the
+fakes live in Trio time, and the runner computes its backoff from the moment a
+process ended.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from tei_manager.config import InstanceConfig
+from tei_manager.core.registry import DesiredState, InstanceRecord, InstanceStatus
+from tei_manager.core.restart import RestartPolicy
+from tei_manager.metrics import ManagerMetrics
+from tei_manager.supervisor.instance import InstanceRunner, RunnerSettings
+from tests.fake_processes import NEVER, FakeHost, run_inline
+
+S = InstanceStatus
+
+
+@pytest.fixture
+def clock(autojump_clock: trio.testing.MockClock) -> trio.testing.MockClock:
+    return autojump_clock
+
+
+SETTINGS = RunnerSettings(
+    startup_timeout_secs=60,
+    health_check_interval_secs=10,
+    probe_timeout_secs=2,
+    readiness_interval_secs=0.25,
+    stop_grace_secs=5,
+)
+
+
+def _record(*, status: InstanceStatus = S.STARTING, **fields: object) -> InstanceRecord:
+    config = InstanceConfig(name="a", model_id="org/model", port=8080, **fields)  # type: ignore[arg-type]
+    desired = DesiredState.RUNNING if status is S.STARTING else DesiredState.STOPPED
+    return InstanceRecord(
+        config=config, desired=desired, created_at=datetime.now(UTC), status=status
+    )
+
+
+def _runner(
+    host: FakeHost,
+    record: InstanceRecord,
+    *,
+    policy: RestartPolicy | None = None,
+    settings: RunnerSettings = SETTINGS,
+    metrics: ManagerMetrics | None = None,
+    log_path: Path | None = None,
+    on_change: Callable[[], None] = lambda: None,
+) -> InstanceRunner:
+    return InstanceRunner(
+        record,
+        spawn=host.spawn,
+        probe=host.probe,
+        settings=settings,
+        policy=policy or RestartPolicy(crash_loop_restarts=0),
+        metrics=metrics or ManagerMetrics(),
+        on_change=on_change,
+        log_path=log_path,
+        run_blocking=run_inline,
+    )
+
+
+class Changes:
+    """The runner's change notifications, to wait for a state without polling."""
+
+    def __init__(self) -> None:
+        self._event = trio.Event()
+
+    def notify(self) -> None:
+        self._event.set()
+
+    async def wait_for(self, predicate: Callable[[], bool]) -> None:
+        while not predicate():
+            await self._event.wait()
+            self._event = trio.Event()
+
+
+def _stop(runner: InstanceRunner) -> None:
+    """What the manager does for a stop request once the registry accepted it."""
+    runner.record.desired = DesiredState.STOPPED
+    runner.request_stop()
+
+
+# -- start-up -------------------------------------------------------------------------------
+async def test_running_once_info_answers(
+    clock: trio.testing.MockClock,
+    nursery: trio.Nursery,
+) -> None:
+    host = FakeHost(nursery, ready_after=1.0)
+    record = _record()
+    metrics = ManagerMetrics()
+    await nursery.start(_runner(host, record, metrics=metrics).run)
+    # started() came after the spawn: the pid is known right away.
+    assert (record.status, record.pid) == (S.STARTING, host.current("a").pid)
+    await trio.sleep_until(0.99)
+    assert record.status is S.STARTING
+    await trio.sleep_until(1.01)  # probes at 0, 0.25, ... 1.0: the fifth answers
+    assert record.status is S.RUNNING
+    assert metrics.registry.get_sample_value("tei_manager_instance_startup_seconds_sum") == 1.0
+
+
+async def test_startup_timeout_fails_with_the_log_tail(
+    clock: trio.testing.MockClock, nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    log = tmp_path / "a.log"
+    log.write_text("".join(f"line {i}\n" for i in range(30)))
+    host = FakeHost(nursery, ready_after=NEVER)
+    record = _record(startup_timeout_secs=3.0)  # the instance's own timeout wins
+    changes = Changes()
+    await nursery.start(_runner(host, record, log_path=log, on_change=changes.notify).run)
+    # The log is read in a thread, while the mock clock may jump: wait for the outcome.
+    await changes.wait_for(lambda: record.status is S.FAILED)
+    assert host.current("a").exited_at == 3.0
+    assert host.current("a").signals == ["SIGTERM"]
+    assert len(host.processes["a"]) == 1  # a start-up timeout is not retried
+    error = record.last_error or ""
+    assert error.startswith("not ready within 3 s (UNAVAILABLE: model loading)")
+    assert error.endswith("\n".join(f"line {i}" for i in range(10, 30)))
+    assert "line 9\n" not in error
+
+
+async def test_a_spawn_error_fails_the_instance(
+    clock: trio.testing.MockClock,
+    nursery: trio.Nursery,
+) -> None:
+    host = FakeHost(nursery)
+    host.spawn_error = "cannot start text-embeddings-router: Permission denied"
+    record = _record()
+    await nursery.start(_runner(host, record).run)
+    assert record.status is S.FAILED
+    assert record.last_error == "cannot start text-embeddings-router: Permission denied"
+
+
+# -- crashes ----------------------------------------------------------------------------------
+async def test_crashes_restart_with_exact_exponential_backoff(
+    clock: trio.testing.MockClock,
+    nursery: trio.Nursery,
+) -> None:
+    host = FakeHost(nursery, ready_after=1.0)
+    record = _record()
+    metrics = ManagerMetrics()
+    await nursery.start(_runner(host, record, metrics=metrics).run)
+
+    await trio.sleep_until(5.0)
+    host.current("a").exit(1)  # running since 1: crash → 1 s backoff
+    await trio.sleep_until(5.5)
+    assert (record.status, record.pid, record.restarts) == (S.STARTING, None, 1)
+    assert record.last_error == "process exited with code 1; restarting in 1 s"
+
+    await trio.sleep_until(8.0)  # spawned at 6, running since 7
+    assert record.status is S.RUNNING
+    host.current("a").exit(-11)  # → 2 s backoff
+    await trio.sleep_until(10.5)  # spawned at 10, still loading
+    assert record.status is S.STARTING
+    host.current("a").exit(1)  # an exit during start-up is a crash too → 4 s backoff
+    await trio.sleep_until(10.6)
+    assert record.last_error == ("process exited with code 1 during start-up; restarting in 4 s")
+
+    await trio.sleep_until(100)
+    assert host.spawn_times("a") == [0.0, 6.0, 10.0, 14.5]
+    assert record.status is S.RUNNING
+    assert record.restarts == 3
+    assert metrics.statistics().restarts == {"crash": 3, "health": 0, "manual": 0}
+    assert host.overlaps == 0
+
+
+async def test_a_crash_loop_fails_the_instance(
+    clock: trio.testing.MockClock, nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    log = tmp_path / "a.log"
+    log.write_text("Traceback (most recent call last):\nRuntimeError: CUDA out of memory\n")
+    host = FakeHost(nursery, ready_after=NEVER, crash_after=0.5)
+    record = _record()
+    policy = RestartPolicy(crash_loop_restarts=3, crash_loop_window_secs=300)
+    changes = Changes()
+    runner = _runner(host, record, policy=policy, log_path=log, on_change=changes.notify)
+    await nursery.start(runner.run)
+    await changes.wait_for(lambda: record.status is S.FAILED)
+    await trio.sleep_until(1000)
+    # Exits at 0.5, 2, 4.5, 9; restarts after 1, 2, 4 s; the fourth exit gives up.
+    assert host.spawn_times("a") == [0.0, 1.5, 4.0, 8.5]
+    assert record.status is S.FAILED
+    assert record.pid is None
+    error = record.last_error or ""
+    assert error.startswith(
+        "process exited with code 3 during start-up; crash loop: 3 restarts within 300 s"
+    )
+    assert error.endswith("RuntimeError: CUDA out of memory")
+
+
+# -- stopping -----------------------------------------------------------------------------------
+async def test_a_stopped_instance_is_never_restarted(
+    clock: trio.testing.MockClock,
+    nursery: trio.Nursery,
+) -> None:
+    host = FakeHost(nursery, sigterm_exit_secs=0.5)
+    record = _record()
+    runner = _runner(host, record)
+    await nursery.start(runner.run)
+    await trio.sleep_until(5.0)
+    _stop(runner)
+    assert record.status is S.STOPPING  # at once: the stop returns promptly
+    await trio.sleep_until(5.51)
+    assert (record.status, record.pid) == (S.STOPPED, None)
+    assert host.current("a").signals == ["SIGTERM"]
+    await trio.sleep_until(10_000)
+    assert len(host.processes["a"]) == 1
+    assert record.restarts == 0
+
+
+async def test_stop_escalates_to_sigkill_after_the_grace_period(
+    clock: trio.testing.MockClock,
+    nursery: trio.Nursery,
+) -> None:
+    host = FakeHost(nursery, sigterm_exit_secs=None)  # ignores SIGTERM
+    record = _record()
+    runner = _runner(host, record)
+    await nursery.start(runner.run)
+    await trio.sleep_until(5.0)
+    _stop(runner)
+    await trio.sleep_until(9.99)
+    assert record.status is S.STOPPING
+    await trio.sleep_until(10.01)
+    assert record.status is S.STOPPED
+    assert host.current("a").signals == ["SIGTERM", "SIGKILL"]
+    assert host.current("a").exited_at == 10.0
+
+
+async def test_a_stop_during_backoff_stops_at_once(
+    clock: trio.testing.MockClock,
+    nursery: trio.Nursery,
+) -> None:
+    host = FakeHost(nursery)
+    record = _record()
+    runner = _runner(host, record)
+    await nursery.start(runner.run)
+    await trio.sleep_until(5.0)
+    host.current("a").exit(1)
+    await trio.sleep_until(5.5)  # waiting out the 1 s backoff
+    _stop(runner)
+    assert record.status is S.STOPPED
+    await trio.sleep_until(1000)
+    assert len(host.processes["a"]) == 1
+
+
+async def test_kill_now_skips_the_grace_period(
+    clock: trio.testing.MockClock,
+    nursery: trio.Nursery,
+) -> None:
+    host = FakeHost(nursery, sigterm_exit_secs=None)
+    record = _record()
+    runner = _runner(host, record)
+    await nursery.start(runner.run)
+    await trio.sleep_until(5.0)
+    _stop(runner)
+    await trio.sleep_until(6.0)
+    runner.kill_now()
+    await trio.sleep_until(6.01)
+    assert record.status is S.STOPPED
+    assert host.current("a").exited_at == 6.0
+
+
+async def test_cancelling_the_runner_ends_the_process(
+    clock: trio.testing.MockClock,
+    nursery: trio.Nursery,
+) -> None:
+    host = FakeHost(nursery, sigterm_exit_secs=1.0)
+    record = _record()
+    runner = _runner(host, record)
+    await nursery.start(runner.run)
+    await trio.sleep_until(5.0)
+    runner.cancel()  # the instance was deleted
+    await runner.done.wait()
+    assert trio.current_time() == 6.0
+    assert host.alive("a") == []
+    assert record.status is S.STOPPED
+
+
+# -- health -------------------------------------------------------------------------------------
+async def test_failed_health_checks_restart_the_process(
+    clock: trio.testing.MockClock,
+    nursery: trio.Nursery,
+) -> None:
+    host = FakeHost(nursery, ready_after=1.0)
+    record = _record()
+    metrics = ManagerMetrics()
+    await nursery.start(_runner(host, record, metrics=metrics).run)
+    await trio.sleep_until(11.01)  # running at 1, checks at 11, 21, 31, ...
+    assert record.last_health_check is not None
+    assert record.health_check_failures == 0
+    host.unhealthy.add("a")
+    await trio.sleep_until(21.01)
+    assert (record.status, record.health_check_failures) == (S.RUNNING, 1)
+    await trio.sleep_until(31.01)
+    assert record.health_check_failures == 2
+    await trio.sleep_until(41.01)  # the third failure: ended at 41, restarted after 1 s
+    host.unhealthy.discard("a")
+    assert record.last_error == (
+        "3 consecutive health checks failed (last: UNAVAILABLE: broken); restarting in 1 s"
+    )
+    await trio.sleep_until(100)
+    assert host.spawn_times("a") == [0.0, 42.0]
+    assert host.processes["a"][0].signals == ["SIGTERM"]
+    assert (record.status, record.restarts, record.health_check_failures) == (S.RUNNING, 1, 0)
+    stats = metrics.statistics()
+    assert stats.restarts["health"] == 1
+    assert stats.health_check_failures == 3
+
+
+async def test_a_hung_health_check_fails_after_the_probe_timeout(
+    clock: trio.testing.MockClock,
+    nursery: trio.Nursery,
+) -> None:
+    host = FakeHost(nursery, ready_after=1.0)
+    record = _record()
+    await nursery.start(_runner(host, record).run)
+    await trio.sleep_until(5.0)
+    host.hanging.add("a")
+    await trio.sleep_until(13.01)  # the check at 11 gives up at 13
+    assert record.health_check_failures == 1
+    await trio.sleep_until(37.5)  # fails at 13, 25, 37: restarted after 1 s backoff
+    host.hanging.discard("a")
+    await trio.sleep_until(100)
+    assert host.spawn_times("a") == [0.0, 38.0]
+    assert record.status is S.RUNNING
+
+
+async def test_zero_max_failures_never_restarts(
+    clock: trio.testing.MockClock,
+    nursery: trio.Nursery,
+) -> None:
+    host = FakeHost(nursery, ready_after=1.0)
+    record = _record()
+    policy = RestartPolicy(max_failures_before_restart=0)
+    await nursery.start(_runner(host, record, policy=policy).run)
+    await trio.sleep_until(5)
+    host.unhealthy.add("a")
+    await trio.sleep_until(1000)
+    assert len(host.processes["a"]) == 1
+    assert record.status is S.RUNNING
+    assert record.health_check_failures == 99  # checks at 11, 21, ..., 991
+
+
+# -- requests ---------------------------------------------------------------------------------
+async def test_two_starts_spawn_one_process(
+    clock: trio.testing.MockClock,
+    nursery: trio.Nursery,
+) -> None:
+    host = FakeHost(nursery)
+    record = _record(status=S.STOPPED)
+    runner = _runner(host, record)
+    await nursery.start(runner.run)
+    assert host.processes["a"] == []
+    record.status = S.STARTING  # as the registry does
+    runner.request_start()
+    runner.request_start()
+    await trio.sleep_until(10)
+    assert len(host.processes["a"]) == 1
+    assert record.status is S.RUNNING
+
+
+async def test_a_start_while_stopping_waits_for_the_old_process(
+    clock: trio.testing.MockClock,
+    nursery: trio.Nursery,
+) -> None:
+    host = FakeHost(nursery, sigterm_exit_secs=None)  # needs SIGKILL after 5 s
+    record = _record()
+    runner = _runner(host, record)
+    await nursery.start(runner.run)
+    await trio.sleep_until(5.0)
+    _stop(runner)
+    await trio.sleep_until(6.0)
+    record.desired = DesiredState.RUNNING  # the registry accepts a start while stopping
+    runner.request_start()
+    runner.request_start()
+    await trio.sleep_until(100)
+    assert host.spawn_times("a") == [0.0, 10.0]  # only once the first was killed
+    assert host.overlaps == 0
+    assert record.status is S.RUNNING
+
+
+async def test_a_manual_restart_starts_again_without_backoff(
+    clock: trio.testing.MockClock,
+    nursery: trio.Nursery,
+) -> None:
+    host = FakeHost(nursery, sigterm_exit_secs=0.5)
+    record = _record()
+    metrics = ManagerMetrics()
+    runner = _runner(host, record, metrics=metrics)
+    await nursery.start(runner.run)
+    await trio.sleep_until(5.0)
+    assert runner.request_restart() is True
+    assert record.status is S.STOPPING
+    await trio.sleep_until(100)
+    assert host.spawn_times("a") == [0.0, 5.5]
+    assert (record.status, record.restarts) == (S.RUNNING, 1)
+    assert metrics.statistics().restarts == {"crash": 0, "health": 0, "manual": 1}
+
+
+async def test_a_restart_of_a_failed_instance_forgives_the_crash_loop(
+    clock: trio.testing.MockClock,
+    nursery: trio.Nursery,
+) -> None:
+    host = FakeHost(nursery, ready_after=NEVER, crash_after=0.5)
+    record = _record()
+    policy = RestartPolicy(crash_loop_restarts=1)
+    runner = _runner(host, record, policy=policy)
+    await nursery.start(runner.run)
+    await trio.sleep_until(100)
+    assert record.status is S.FAILED
+    assert len(host.processes["a"]) == 2
+    host.crash_after = None
+    host.ready_after = 1.0
+    assert runner.request_restart() is False  # nothing was running
+    await trio.sleep_until(200)
+    assert record.status is S.RUNNING
+    assert host.spawn_times("a")[-1] == 100.0
