@@ -7,7 +7,8 @@ and answer in order.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from typing import Literal, TypeVar
 
 import trio
@@ -74,11 +75,30 @@ class EngineHolder:
         return self.engine
 
 
-async def _call(fn: Callable[[], Awaitable[T]]) -> T:
+@contextmanager
+def _as_grpc() -> Iterator[None]:
+    """Turn an ``EngineError`` into the status code TEI answers with."""
     try:
-        return await fn()
+        yield
     except EngineError as error:
         raise GrpcError(_STATUS[error.kind], error.message) from None
+
+
+async def _call(fn: Callable[[], Awaitable[T]]) -> T:
+    with _as_grpc():
+        return await fn()
+
+
+def _ranked(
+    texts: list[str], scores: list[float], timings: Timings, *, return_text: bool
+) -> tei_pb2.RerankResponse:
+    """Ranks by score, best first, each with its input index (and text if asked)."""
+    ranks = [
+        tei_pb2.Rank(index=i, score=score, text=texts[i] if return_text else None)
+        for i, score in enumerate(scores)
+    ]
+    ranks.sort(key=lambda rank: rank.score, reverse=True)
+    return tei_pb2.RerankResponse(ranks=ranks, metadata=_metadata(timings))
 
 
 def _stream(
@@ -294,12 +314,7 @@ class RerankService(tei_grpc.RerankServicer):
                 raw_scores=raw_scores,
             )
         )
-        ranks = [
-            tei_pb2.Rank(index=i, score=score, text=texts[i] if return_text else None)
-            for i, score in enumerate(scores)
-        ]
-        ranks.sort(key=lambda rank: rank.score, reverse=True)
-        return tei_pb2.RerankResponse(ranks=ranks, metadata=_metadata(timings))
+        return _ranked(texts, scores, timings, return_text=return_text)
 
     async def Rerank(
         self, request: tei_pb2.RerankRequest, context: CallContext
@@ -360,12 +375,7 @@ class RerankService(tei_grpc.RerankServicer):
                 raise grpc_errors.exceptions[0] from None
             raise
         flat = [value for chunk_scores in scores for value in chunk_scores]
-        ranks = [
-            tei_pb2.Rank(index=i, score=value, text=texts[i] if first.return_text else None)
-            for i, value in enumerate(flat)
-        ]
-        ranks.sort(key=lambda rank: rank.score, reverse=True)
-        return tei_pb2.RerankResponse(ranks=ranks, metadata=_metadata(_merge(timings)))
+        return _ranked(texts, flat, _merge(timings), return_text=first.return_text)
 
 
 class TokenizeService(tei_grpc.TokenizeServicer):
@@ -374,14 +384,12 @@ class TokenizeService(tei_grpc.TokenizeServicer):
 
     async def _tokenize(self, request: tei_pb2.EncodeRequest) -> tei_pb2.EncodeResponse:
         engine = self.holder.get()
-        try:
+        with _as_grpc():
             tokens = engine.tokenize(
                 request.inputs,
                 add_special_tokens=request.add_special_tokens,
                 prompt_name=request.prompt_name if request.HasField("prompt_name") else None,
             )
-        except EngineError as error:
-            raise GrpcError(_STATUS[error.kind], error.message) from None
         return tei_pb2.EncodeResponse(
             tokens=[
                 tei_pb2.SimpleToken(
@@ -393,10 +401,8 @@ class TokenizeService(tei_grpc.TokenizeServicer):
 
     async def _decode(self, request: tei_pb2.DecodeRequest) -> tei_pb2.DecodeResponse:
         engine = self.holder.get()
-        try:
+        with _as_grpc():
             text = engine.decode(list(request.ids), skip_special_tokens=request.skip_special_tokens)
-        except EngineError as error:
-            raise GrpcError(_STATUS[error.kind], error.message) from None
         return tei_pb2.DecodeResponse(text=text)
 
     async def Tokenize(
