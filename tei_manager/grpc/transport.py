@@ -212,7 +212,6 @@ class Transport:
         self._window_lot = trio.lowlevel.ParkingLot()
         self.closed = False
         self.goaway = False
-        self.closed_event = trio.Event()
         self._closing = False
         self._writer_done = trio.Event()
 
@@ -312,7 +311,6 @@ class Transport:
         if self.closed:
             return
         self.closed = True
-        self.closed_event.set()
         error = GrpcError(StatusCode.UNAVAILABLE, reason)
         for stream in list(self.streams.values()):
             stream._fail(error)
