@@ -199,7 +199,9 @@ async def test_grpc_timeout_cancels_the_handler(nursery: trio.Nursery) -> None:
     assert await _grpcio(server.port, call) == grpc.StatusCode.DEADLINE_EXCEEDED
     with trio.fail_after(5):
         await probe.cancelled.wait()
-    assert probe.deadlines[0] is not None and 0 < probe.deadlines[0] <= 0.3
+    # grpcio rounds the timeout it sends up to its wire resolution, so the server may
+    # see a hair over the 0.3 s the client asked for.
+    assert probe.deadlines[0] is not None and 0 < probe.deadlines[0] <= 0.31
 
 
 async def test_trio_deadline_propagates_as_grpc_timeout(nursery: trio.Nursery) -> None:
