@@ -3,8 +3,11 @@
 (a) A manager with 100 ``[[instances]]`` seeds that do not start (``auto_start =
     false``) runs the built-in worker on the packaged all-MiniLM-L6-v2:
     1. create -> running: ``POST /instances``, then ``GET /instances/{name}`` every
-       15 ms until ``running``; the model's own load time is the ``load_secs`` of the
-       instance log's ``Ready`` line.
+       15 ms until ``running``. The model's load time is what a cold process needs
+       from spawn to ready: the manager's ``tei_manager_instance_startup_seconds`` for
+       the instance's first process (spawn -> first answered Info call; the only
+       process started in this manager). The ``load_secs`` of the worker's ``Ready``
+       line is reported too, but it leaves out the worker's imports.
     2. failover: SIGKILL the instance's pid, time until it is ``running`` again with
        a new pid (target: the model's load time + 1 s).
     3. ``GET /instances`` with 101 instances registered: p50 / p99 of sequential
@@ -55,6 +58,11 @@ INSTANCE_TIMEOUT = 180.0  # a cold torch import on a slow machine takes a while
 MANAGER_TIMEOUT = 60.0
 SHUTDOWN_TIMEOUT = 30.0  # the config's graceful_shutdown_timeout_secs
 FAILOVER_SLACK_SECS = 1.0
+STARTUP_COUNT = "tei_manager_instance_startup_seconds_count"
+LOAD_DEFINITION = (
+    "spawn -> ready of the instance's first (cold) process: the manager's "
+    "tei_manager_instance_startup_seconds, from spawning the process to its first answered Info"
+)
 START_TO_READY_TARGET_SECS = 1.0
 IDLE_RSS_TARGET_MIB = 60.0
 # Variables that would override the bench's config file.
@@ -112,6 +120,11 @@ class Api:
 
     def request(self, method: str, path: str, body: object = None) -> tuple[int, Any]:
         data = None if body is None else json.dumps(body).encode()
+        status, payload = self.exchange(method, path, data)
+        return status, json.loads(payload) if payload else None
+
+    def exchange(self, method: str, path: str, data: bytes | None = None) -> tuple[int, bytes]:
+        """One request; the status and the raw body."""
         headers = {"Content-Type": "application/json"} if data is not None else {}
         for attempt in (1, 2):
             if self._conn is None:
@@ -130,7 +143,7 @@ class Api:
                 raise
             if response.getheader("Connection", "").lower() == "close":
                 self.close()
-            return response.status, json.loads(payload) if payload else None
+            return response.status, payload
         raise AssertionError("unreachable")
 
     def get(self, path: str) -> Any:
@@ -310,9 +323,24 @@ def wait_status(
     return wait_until(probe, within=INSTANCE_TIMEOUT, every=POLL_SECS, what=f"{name} {what}")
 
 
+def startup_seconds(manager: Manager) -> tuple[float, int]:
+    """Sum and count of ``tei_manager_instance_startup_seconds``: spawn -> ready, per process."""
+    status, payload = manager.api.exchange("GET", "/metrics")
+    if status != 200:
+        raise RuntimeError(f"GET /metrics: HTTP {status}")
+    found: dict[str, float] = {}
+    for line in payload.decode().splitlines():
+        name, _, value = line.partition(" ")
+        if name in ("tei_manager_instance_startup_seconds_sum", STARTUP_COUNT):
+            found[name] = float(value)
+    return found["tei_manager_instance_startup_seconds_sum"], int(found[STARTUP_COUNT])
+
+
 def instance_life(manager: Manager, model_dir: Path) -> dict[str, Any]:
     name = "bench"
     log_path = manager.instance_log_dir / f"{name}.log"
+    if startup_seconds(manager)[1] != 0:
+        raise RuntimeError("an instance process started before the bench's")
 
     started = time.perf_counter()
     status, created = manager.api.request(
@@ -325,6 +353,10 @@ def instance_life(manager: Manager, model_dir: Path) -> dict[str, Any]:
     first_ready = wait_until(
         lambda: nth_ready(log_path, 0), within=5, every=0.05, what="first Ready line"
     )
+    # The cold process's spawn -> ready, as the manager timed it: the model's load time.
+    load_secs, started = startup_seconds(manager)
+    if started != 1:
+        raise RuntimeError(f"expected one process started, the manager counts {started}")
 
     old_pid = int(info["pid"])
     if parent_pid(old_pid) != manager.process.pid:
@@ -343,17 +375,23 @@ def instance_life(manager: Manager, model_dir: Path) -> dict[str, Any]:
     second_ready = wait_until(
         lambda: nth_ready(log_path, 1), within=5, every=0.05, what="second Ready line"
     )
-    target = first_ready.load_secs + FAILOVER_SLACK_SECS
+    both_secs, started = startup_seconds(manager)
+    if started != 2:
+        raise RuntimeError(f"expected two processes started, the manager counts {started}")
+    target = load_secs + FAILOVER_SLACK_SECS
     return {
         "create_to_running_secs": round(create_to_running, 3),
-        "load_secs": first_ready.load_secs,
+        "load_secs": round(load_secs, 3),
+        "load_definition": LOAD_DEFINITION,
+        "ready_line_load_secs": first_ready.load_secs,
         "failover_secs": round(failover, 3),
         "failover_target_secs": round(target, 3),
         "failover_met": failover <= target,
         "failover_breakdown": {
             "kill_to_new_pid_secs": round(respawn_secs, 3),
             "kill_to_ready_line_secs": round(second_ready.at - killed_wall, 3),
-            "new_process_load_secs": second_ready.load_secs,
+            "new_process_spawn_to_ready_secs": round(both_secs - load_secs, 3),
+            "new_process_ready_line_load_secs": second_ready.load_secs,
             "restarts": info["restarts"],
             "new_pid_status": respawned["status"],
         },
@@ -454,7 +492,8 @@ def main() -> None:
     n = listing["instances"]
     rows = [
         ("create -> running (s)", f"{life['create_to_running_secs']:.3f}", "", ""),
-        ("model load_secs (Ready line)", f"{life['load_secs']:.3f}", "", ""),
+        ("model load time (s): cold spawn -> ready", f"{life['load_secs']:.3f}", "", ""),
+        ("  of which in-worker load (Ready line)", f"{life['ready_line_load_secs']:.3f}", "", ""),
         (
             "failover after kill -9 (s)",
             f"{life['failover_secs']:.3f}",
@@ -477,10 +516,12 @@ def main() -> None:
         ),
     ]
     print_table(rows)
+    print(f"model load time: {LOAD_DEFINITION}")
     print(
-        f"failover: new pid after {breakdown['kill_to_new_pid_secs']:.3f} s (restart backoff), "
-        f"Ready logged after {breakdown['kill_to_ready_line_secs']:.3f} s "
-        f"(new process load_secs {breakdown['new_process_load_secs']:.3f})"
+        f"failover: new pid seen after {breakdown['kill_to_new_pid_secs']:.3f} s, "
+        f"Ready logged after {breakdown['kill_to_ready_line_secs']:.3f} s; the new process "
+        f"took {breakdown['new_process_spawn_to_ready_secs']:.3f} s spawn -> ready "
+        f"(Ready line load_secs {breakdown['new_process_ready_line_load_secs']:.3f})"
     )
     print(
         f"fresh manager rounds: start -> ready {idle['start_to_ready_rounds']} s, "

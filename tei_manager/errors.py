@@ -52,6 +52,8 @@ class ErrorCode(enum.StrEnum):
     INSTANCE_NOT_FOUND = "INSTANCE_NOT_FOUND"
     MODEL_NOT_FOUND = "MODEL_NOT_FOUND"
     NOT_FOUND = "NOT_FOUND"
+    # Not in the contract's table, which gives 405 no code: a known path, wrong method.
+    METHOD_NOT_ALLOWED = "METHOD_NOT_ALLOWED"
     INSTANCE_EXISTS = "INSTANCE_EXISTS"
     PORT_CONFLICT = "PORT_CONFLICT"
     ALREADY_RUNNING = "ALREADY_RUNNING"
@@ -96,6 +98,7 @@ ERROR_TABLE: Final[Mapping[ErrorCode, ErrorMapping]] = MappingProxyType(
         ErrorCode.INSTANCE_NOT_FOUND: ErrorMapping(404, _S.NOT_FOUND),
         ErrorCode.MODEL_NOT_FOUND: ErrorMapping(404, _S.NOT_FOUND),
         ErrorCode.NOT_FOUND: ErrorMapping(404, _S.NOT_FOUND),
+        ErrorCode.METHOD_NOT_ALLOWED: ErrorMapping(405, _S.UNIMPLEMENTED),
         ErrorCode.INSTANCE_EXISTS: ErrorMapping(409, _S.ALREADY_EXISTS),
         ErrorCode.PORT_CONFLICT: ErrorMapping(409, _S.ALREADY_EXISTS),
         ErrorCode.ALREADY_RUNNING: ErrorMapping(409, _S.FAILED_PRECONDITION),

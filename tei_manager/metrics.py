@@ -15,10 +15,22 @@ from collections.abc import Callable
 from typing import Final, Literal
 
 import msgspec
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 __all__ = ["CONTENT_TYPE", "ManagerMetrics", "MetricsStatistics", "RestartReason"]
+
+# prometheus_client adds a `<name>_created` timestamp series to every counter and
+# histogram child: one more series per instance and label set that no dashboard
+# reads (Prometheus itself spots counter resets). The switch is process-wide, so
+# it is thrown here, where the manager's metrics are defined.
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 CONTENT_TYPE: Final = CONTENT_TYPE_LATEST
 

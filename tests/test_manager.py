@@ -11,6 +11,7 @@ import msgspec
 import pytest
 import trio
 import trio.testing
+from prometheus_client.parser import text_string_to_metric_families
 
 from tei_manager.config import InstanceConfig, ManagerConfig, SeedInstance
 from tei_manager.core.registry import DesiredState, InstanceStatus
@@ -285,10 +286,10 @@ async def test_every_contract_metric_is_recorded(
         await manager.create_instance(_cfg("a"))
         await manager.create_instance(_cfg("b"))
         await trio.sleep(5)
-        host.current("a").exit(1)  # crash
+        host.current("a").exit(1)  # crash: spawned again at once
         await manager.restart_instance("b")  # manual
         await trio.sleep(5)
-        host.unhealthy.add("a")  # running since 7: failed checks at 17, 27, 37, then restarted
+        host.unhealthy.add("a")  # running since 6: failed checks at 16, 26, 36, then restarted
         await trio.sleep(28)
         host.unhealthy.discard("a")
         await trio.sleep(5)
@@ -309,6 +310,10 @@ async def test_every_contract_metric_is_recorded(
     ):
         assert line in text
     assert "tei_manager_health_check_seconds_count" in text
+    # No `_created` timestamp series beside the counters and histograms.
+    samples = [s for family in text_string_to_metric_families(text) for s in family.samples]
+    assert samples
+    assert [s.name for s in samples if s.name.endswith("_created")] == []
 
 
 # -- restore and shutdown --------------------------------------------------------------------

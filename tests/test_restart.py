@@ -48,6 +48,47 @@ def test_a_stable_run_resets_the_backoff() -> None:
     assert tracker.on_exit(72, desired=RUN).delay_secs == 1  # ran 60 s: stable
 
 
+def test_the_first_crash_after_a_run_restarts_at_once() -> None:
+    tracker = RestartTracker(RestartPolicy(crash_loop_restarts=5, crash_loop_window_secs=300))
+    tracker.on_running(0)
+    first = tracker.on_exit(5, desired=RUN)
+    assert first == RestartDecision(
+        action=RestartAction.RESTART, delay_secs=0, reason="restart 1 in 300 s at once"
+    )
+    delays = []
+    now, decision = 5.0, first
+    while decision.action is RestartAction.RESTART:
+        delays.append(decision.delay_secs)
+        tracker.on_running(now + decision.delay_secs + 1)  # ready a second after the spawn
+        now += decision.delay_secs + 2  # ran one second, crashed
+        decision = tracker.on_exit(now, desired=RUN)
+    # From the second crash in the window the backoff runs as before, and the
+    # immediate restart still counts towards the crash loop.
+    assert delays == [0, 1, 2, 4, 8]
+    assert decision.action is RestartAction.GIVE_UP
+    assert now == 30
+
+
+def test_an_exit_before_ready_always_waits_the_backoff() -> None:
+    tracker = RestartTracker(RestartPolicy())
+    decision = tracker.on_exit(0, desired=RUN)  # never answered: a broken start, not a crash
+    assert (decision.delay_secs, decision.reason) == (1, "restart 1 in 300 s after 1 s backoff")
+
+
+def test_a_second_crash_within_the_window_waits_even_after_a_stable_run() -> None:
+    tracker = RestartTracker(RestartPolicy(stable_after_secs=60, crash_loop_window_secs=300))
+    tracker.on_running(0)
+    assert tracker.on_exit(100, desired=RUN).delay_secs == 0
+    tracker.on_running(101)
+    assert tracker.on_exit(110, desired=RUN).delay_secs == 1  # ran 9 s
+    tracker.on_running(111)
+    # Ran 89 s: stable, so the backoff starts over, but a restart at 110 is in the window.
+    assert tracker.on_exit(200, desired=RUN).delay_secs == 1
+    tracker.on_running(201)
+    # The last restart (at 200) left the window at 500: a first crash again.
+    assert tracker.on_exit(500, desired=RUN).delay_secs == 0
+
+
 def test_exit_before_ready_is_not_a_stable_run() -> None:
     tracker = RestartTracker(RestartPolicy())
     tracker.on_exit(0, desired=RUN)

@@ -110,6 +110,21 @@ async def test_running_once_info_answers(
     assert metrics.registry.get_sample_value("tei_manager_instance_startup_seconds_sum") == 1.0
 
 
+async def test_readiness_is_polled_finely_by_default(
+    clock: trio.testing.MockClock,
+    nursery: trio.Nursery,
+) -> None:
+    # Every start and every failover waits for the poll that notices readiness.
+    host = FakeHost(nursery, ready_after=1.05)
+    record = _record()
+    settings = RunnerSettings(startup_timeout_secs=60, health_check_interval_secs=10)
+    await nursery.start(_runner(host, record, settings=settings).run)
+    await trio.sleep_until(1.04)
+    assert record.status is S.STARTING
+    await trio.sleep_until(1.11)  # the probe at about 1.1 answered
+    assert record.status is S.RUNNING
+
+
 async def test_startup_timeout_fails_with_the_log_tail(
     clock: trio.testing.MockClock, nursery: trio.Nursery, tmp_path: Path
 ) -> None:
@@ -143,7 +158,7 @@ async def test_a_spawn_error_fails_the_instance(
 
 
 # -- crashes ----------------------------------------------------------------------------------
-async def test_crashes_restart_with_exact_exponential_backoff(
+async def test_a_first_crash_restarts_at_once_then_backoff_grows_exactly(
     clock: trio.testing.MockClock,
     nursery: trio.Nursery,
 ) -> None:
@@ -153,22 +168,27 @@ async def test_crashes_restart_with_exact_exponential_backoff(
     await nursery.start(_runner(host, record, metrics=metrics).run)
 
     await trio.sleep_until(5.0)
-    host.current("a").exit(1)  # running since 1: crash → 1 s backoff
+    first = host.current("a")
+    first.exit(1)  # running since 1, no restart yet: spawned again at once
     await trio.sleep_until(5.5)
-    assert (record.status, record.pid, record.restarts) == (S.STARTING, None, 1)
-    assert record.last_error == "process exited with code 1; restarting in 1 s"
+    assert host.current("a") is not first
+    assert (record.status, record.pid, record.restarts) == (S.STARTING, host.current("a").pid, 1)
+    assert record.last_error == "process exited with code 1; restarting at once"
 
-    await trio.sleep_until(8.0)  # spawned at 6, running since 7
-    assert record.status is S.RUNNING
-    host.current("a").exit(-11)  # → 2 s backoff
-    await trio.sleep_until(10.5)  # spawned at 10, still loading
+    await trio.sleep_until(6.01)  # spawned at 5, running since 6
+    assert (record.status, record.last_error) == (S.RUNNING, None)
+    await trio.sleep_until(8.0)
+    host.current("a").exit(-11)  # the second crash within the window → 1 s backoff
+    await trio.sleep_until(8.5)
+    assert (record.status, record.pid, record.restarts) == (S.STARTING, None, 2)
+    await trio.sleep_until(9.5)  # spawned at 9, still loading
     assert record.status is S.STARTING
-    host.current("a").exit(1)  # an exit during start-up is a crash too → 4 s backoff
-    await trio.sleep_until(10.6)
-    assert record.last_error == ("process exited with code 1 during start-up; restarting in 4 s")
+    host.current("a").exit(1)  # an exit during start-up is a crash too → 2 s backoff
+    await trio.sleep_until(9.6)
+    assert record.last_error == ("process exited with code 1 during start-up; restarting in 2 s")
 
     await trio.sleep_until(100)
-    assert host.spawn_times("a") == [0.0, 6.0, 10.0, 14.5]
+    assert host.spawn_times("a") == [0.0, 5.0, 9.0, 11.5]
     assert record.status is S.RUNNING
     assert record.restarts == 3
     assert metrics.statistics().restarts == {"crash": 3, "health": 0, "manual": 0}
@@ -246,12 +266,14 @@ async def test_a_stop_during_backoff_stops_at_once(
     runner = _runner(host, record)
     await nursery.start(runner.run)
     await trio.sleep_until(5.0)
-    host.current("a").exit(1)
-    await trio.sleep_until(5.5)  # waiting out the 1 s backoff
+    host.current("a").exit(1)  # restarted at once
+    await trio.sleep_until(5.2)
+    host.current("a").exit(1)  # the second crash waits out a 1 s backoff
+    await trio.sleep_until(5.5)
     _stop(runner)
     assert record.status is S.STOPPED
     await trio.sleep_until(1000)
-    assert len(host.processes["a"]) == 1
+    assert len(host.processes["a"]) == 2
 
 
 async def test_kill_now_skips_the_grace_period(
@@ -304,13 +326,13 @@ async def test_failed_health_checks_restart_the_process(
     assert (record.status, record.health_check_failures) == (S.RUNNING, 1)
     await trio.sleep_until(31.01)
     assert record.health_check_failures == 2
-    await trio.sleep_until(41.01)  # the third failure: ended at 41, restarted after 1 s
+    await trio.sleep_until(41.01)  # the third failure: ended at 41 and restarted at once
     host.unhealthy.discard("a")
     assert record.last_error == (
-        "3 consecutive health checks failed (last: UNAVAILABLE: broken); restarting in 1 s"
+        "3 consecutive health checks failed (last: UNAVAILABLE: broken); restarting at once"
     )
     await trio.sleep_until(100)
-    assert host.spawn_times("a") == [0.0, 42.0]
+    assert host.spawn_times("a") == [0.0, 41.0]
     assert host.processes["a"][0].signals == ["SIGTERM"]
     assert (record.status, record.restarts, record.health_check_failures) == (S.RUNNING, 1, 0)
     stats = metrics.statistics()
@@ -329,11 +351,16 @@ async def test_a_hung_health_check_fails_after_the_probe_timeout(
     host.hanging.add("a")
     await trio.sleep_until(13.01)  # the check at 11 gives up at 13
     assert record.health_check_failures == 1
-    await trio.sleep_until(37.5)  # fails at 13, 25, 37: restarted after 1 s backoff
+    await trio.sleep_until(38.0)  # fails at 13, 25, 37: restarted at once
+    assert host.spawn_times("a") == [0.0, 37.0]
+    # The new process hangs too: its first start-up probe gives up at 39.
     host.hanging.discard("a")
-    await trio.sleep_until(100)
-    assert host.spawn_times("a") == [0.0, 38.0]
+    await trio.sleep_until(39.24)
+    assert record.status is S.STARTING
+    await trio.sleep_until(39.26)  # the next probe, one readiness interval later
     assert record.status is S.RUNNING
+    await trio.sleep_until(100)
+    assert host.spawn_times("a") == [0.0, 37.0]
 
 
 async def test_zero_max_failures_never_restarts(

@@ -169,7 +169,8 @@ class _Handlers:
         if not self._manager.ready:
             raise TeiError(
                 ErrorCode.NOT_READY,
-                "not ready: state is being restored or the listeners are not up yet",
+                "not ready: state is being restored, the listeners are not up yet, "
+                "or the manager is shutting down",
             )
         return json_response(_PROBE_OK)
 

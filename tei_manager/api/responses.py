@@ -19,7 +19,6 @@ from tei_manager.api.routes import JSON, MAX_BODY_BYTES
 from tei_manager.errors import ErrorBody, ErrorCode, TeiError, error_body, rfc3339_utc
 
 __all__ = [
-    "METHOD_NOT_ALLOWED",
     "error_response",
     "http_exception_response",
     "json_response",
@@ -30,16 +29,13 @@ log = logging.getLogger(__name__)
 
 _encoder: Final = msgspec.json.Encoder()
 
-# The contract has no code for a wrong method; this one says exactly that.
-METHOD_NOT_ALLOWED: Final = "METHOD_NOT_ALLOWED"
-
 # Werkzeug's HTTP errors, in the contract's codes.
 _HTTP_CODES: Final[dict[int, str]] = {
     400: ErrorCode.VALIDATION_ERROR.value,
     401: ErrorCode.UNAUTHENTICATED.value,
     403: ErrorCode.FORBIDDEN.value,
     404: ErrorCode.NOT_FOUND.value,
-    405: METHOD_NOT_ALLOWED,
+    405: ErrorCode.METHOD_NOT_ALLOWED.value,
     408: ErrorCode.TIMEOUT.value,
     413: ErrorCode.PAYLOAD_TOO_LARGE.value,
     429: ErrorCode.OVERLOADED.value,

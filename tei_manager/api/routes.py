@@ -78,7 +78,6 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
         request=InstanceConfig,
         errors=(
             *BODY_ERRORS,
-            ErrorCode.INVALID_CONFIG,
             ErrorCode.INVALID_NAME,
             ErrorCode.INVALID_MODEL_ID,
             ErrorCode.INVALID_PORT,

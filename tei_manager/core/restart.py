@@ -44,7 +44,8 @@ class RestartPolicy(msgspec.Struct, frozen=True, kw_only=True):
         return cls(max_failures_before_restart=config.max_failures_before_restart)
 
     def backoff(self, attempt: int) -> float:
-        """Delay before restart number ``attempt`` (0-based) since the last stable run."""
+        """Delay before backed-off restart number ``attempt`` (0-based) since the last
+        stable run; an immediate first restart is not counted."""
         try:
             delay = self.initial_backoff_secs * self.backoff_multiplier**attempt
         except OverflowError:  # a very long crash history: far past the cap anyway
@@ -73,7 +74,13 @@ class HealthVerdict(enum.StrEnum):
 
 
 class RestartTracker:
-    """One instance's restart history; feed it events, act on its decisions."""
+    """One instance's restart history; feed it events, act on its decisions.
+
+    The first exit of a process that had become ready, with no restart within the
+    crash-loop window, restarts at once. Every other exit (a second crash within
+    the window, or an exit before the process was ever ready) waits the backoff,
+    which grows with each such restart until a stable run resets it.
+    """
 
     def __init__(self, policy: RestartPolicy) -> None:
         self.policy = policy
@@ -111,14 +118,20 @@ class RestartTracker:
                 reason=f"crash loop: {len(self._restart_times)} restarts within "
                 f"{p.crash_loop_window_secs:g} s",
             )
-        delay = p.backoff(self._attempt)
-        self._attempt += 1
+        if running_since is not None and not self._restart_times:
+            # It had been serving and has not been restarted within the window: a
+            # first failure, restarted at once as systemd and Kubernetes do. Waiting
+            # would only add to the outage; the backoff is for the second crash on.
+            delay = 0.0
+        else:
+            delay = p.backoff(self._attempt)
+            self._attempt += 1
         self._restart_times.append(now)
+        when = f"after {delay:g} s backoff" if delay else "at once"
         return RestartDecision(
             action=RestartAction.RESTART,
             delay_secs=delay,
-            reason=f"restart {len(self._restart_times)} in {p.crash_loop_window_secs:g} s "
-            f"after {delay:g} s backoff",
+            reason=f"restart {len(self._restart_times)} in {p.crash_loop_window_secs:g} s {when}",
         )
 
     def on_health_check(self, ok: bool) -> HealthVerdict:
