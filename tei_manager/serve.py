@@ -6,13 +6,13 @@ The root of the nursery tree::
     └── root nursery            (SIGTERM/SIGINT: graceful shutdown; a second one forces)
         ├── Manager.run         supervisor: instance processes, state file
         ├── serve_api           REST API
-        └── (gRPC multiplexer: started next to the API, stopped with it)
+        └── serve_multiplexer   gRPC multiplexer (when grpc_enabled), stopped with the API
 
 Graceful shutdown, within ``graceful_shutdown_timeout_secs`` (T):
 
-1. ``manager.begin_shutdown()``: readiness answers 503 and the listeners stop
-   accepting and drain in-flight requests (the API returns once drained); after
-   T/2 the API is cancelled whatever is still running.
+1. ``manager.begin_shutdown()``: readiness answers 503 and the listeners (REST and
+   gRPC) stop accepting and drain in-flight requests (each returns once drained);
+   after T/2 they are cancelled whatever is still running.
 2. The manager is cancelled: every instance gets SIGTERM at once, SIGKILL after its
    grace period (at most 10 s); the state is saved for the next start.
 3. At T, whatever still runs is SIGKILLed. Exit status 0.
@@ -62,23 +62,40 @@ async def serve(manager: Manager) -> None:
                     task_status=task_status,
                 )
 
-            api_task = _Service(api)
-            await root.start(api_task.run)
-            # The gRPC multiplexer joins here, as a _Service stopped together with the API.
+            listeners = [_Service(api)]
+            if config.grpc_enabled:
+                from tei_manager.multiplexer.metrics import MultiplexerMetrics
+                from tei_manager.multiplexer.server import serve_multiplexer
 
+                metrics = MultiplexerMetrics(manager.metrics.registry)
+
+                async def grpc(*, task_status: trio.TaskStatus[int]) -> None:
+                    await serve_multiplexer(
+                        config,
+                        manager.registry,
+                        metrics,
+                        shutdown=manager.shutdown_requested,
+                        drain_timeout_secs=config.graceful_shutdown_timeout_secs * _DRAIN_SHARE,
+                        task_status=task_status,
+                    )
+
+                listeners.append(_Service(grpc))
             stop = trio.Event()
-            api_task.on_exit(stop.set)  # an API that ends by itself ends the manager too
+            for listener in listeners:
+                await root.start(listener.run)
+                listener.on_exit(stop.set)  # a listener that ends by itself ends the manager
 
             def force() -> None:
                 log.warning("second signal: stopping now")
                 manager.begin_shutdown()
-                api_task.cancel()
+                for listener in listeners:
+                    listener.cancel()
                 manager_task.cancel()
                 manager.kill_now()
 
             root.start_soon(_watch_signals, signals, stop.set, force)
             await stop.wait()
-            await _shutdown(manager, config, api_task, manager_task)
+            await _shutdown(manager, config, listeners, manager_task)
             root.cancel_scope.cancel()
 
 
@@ -96,15 +113,17 @@ async def _watch_signals(
 
 
 async def _shutdown(
-    manager: Manager, config: ManagerConfig, api_task: _Service, manager_task: _Service
+    manager: Manager, config: ManagerConfig, listeners: list[_Service], manager_task: _Service
 ) -> None:
     timeout = config.graceful_shutdown_timeout_secs
     deadline = trio.current_time() + timeout
     manager.begin_shutdown()
     with trio.move_on_at(trio.current_time() + timeout * _DRAIN_SHARE):
-        await api_task.done.wait()
-    api_task.cancel()
-    await api_task.done.wait()
+        for listener in listeners:
+            await listener.done.wait()
+    for listener in listeners:
+        listener.cancel()
+        await listener.done.wait()
     manager_task.cancel()
     with trio.move_on_at(deadline):
         await manager_task.done.wait()

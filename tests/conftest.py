@@ -1,10 +1,14 @@
 from __future__ import annotations
 
+import socket
+from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import pytest
 
+from tei_manager.testing import WorkerProcess, run_worker_process
 from tests import models
 
 if TYPE_CHECKING:
@@ -84,3 +88,56 @@ def tiny_st_model(tiny_models: TinyModels) -> Model:
 
 
 # --- end of worker engine fixtures ------------------------------------------------------
+
+
+# --- real worker processes, started once per session -----------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Workers:
+    """Worker processes by model kind: ``dense``, ``reranker``, ``classifier``, ``splade``."""
+
+    def __init__(self, metrics_port: int, **workers: WorkerProcess) -> None:
+        self.metrics_port = metrics_port
+        self.by_kind = workers
+
+    def __getattr__(self, kind: str) -> WorkerProcess:
+        return self.by_kind[kind]
+
+
+@pytest.fixture(scope="session")
+def workers(
+    minilm_dir: Path, tiny_models: TinyModels, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Workers]:
+    """One real worker process per model kind, shared by every test of the session."""
+    logs = tmp_path_factory.mktemp("worker-logs")
+    metrics_port = _free_port()
+    with ExitStack() as stack:
+        started = {
+            "dense": stack.enter_context(
+                run_worker_process(
+                    minilm_dir, logs / "dense.log", ["--prometheus-port", str(metrics_port)]
+                )
+            ),
+            "reranker": stack.enter_context(
+                run_worker_process(tiny_models.reranker, logs / "reranker.log")
+            ),
+            "classifier": stack.enter_context(
+                run_worker_process(
+                    tiny_models.classifier,
+                    logs / "classifier.log",
+                    ["--max-concurrent-requests", "2"],
+                )
+            ),
+            "splade": stack.enter_context(
+                run_worker_process(
+                    tiny_models.masked_lm, logs / "splade.log", ["--pooling", "splade"]
+                )
+            ),
+        }
+        yield Workers(metrics_port, **started)

@@ -7,11 +7,8 @@ and tiny random reranker, classifier and SPLADE models created by fixtures.
 from __future__ import annotations
 
 import math
-import socket
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
@@ -22,58 +19,9 @@ from google.protobuf.message import Message
 from tei_manager._proto.tei.v1 import tei_grpc, tei_pb2
 from tei_manager.grpc.channel import open_channel
 from tei_manager.grpc.rpc import Cardinality, GrpcError, MethodSpec, StatusCode
-from tei_manager.testing import WorkerProcess, run_worker_process
-from tests.conftest import TinyModels
+from tests.conftest import Workers
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class Workers:
-    def __init__(self, **workers: WorkerProcess) -> None:
-        self.by_kind = workers
-
-    def __getattr__(self, kind: str) -> WorkerProcess:
-        return self.by_kind[kind]
-
-
-METRICS_PORT = _free_port()
-
-
-@pytest.fixture(scope="session")
-def workers(
-    minilm_dir: Path, tiny_models: TinyModels, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Workers]:
-    logs = tmp_path_factory.mktemp("worker-logs")
-    with ExitStack() as stack:
-        started = {
-            "dense": stack.enter_context(
-                run_worker_process(
-                    minilm_dir, logs / "dense.log", ["--prometheus-port", str(METRICS_PORT)]
-                )
-            ),
-            "reranker": stack.enter_context(
-                run_worker_process(tiny_models.reranker, logs / "reranker.log")
-            ),
-            "classifier": stack.enter_context(
-                run_worker_process(
-                    tiny_models.classifier,
-                    logs / "classifier.log",
-                    ["--max-concurrent-requests", "2"],
-                )
-            ),
-            "splade": stack.enter_context(
-                run_worker_process(
-                    tiny_models.masked_lm, logs / "splade.log", ["--pooling", "splade"]
-                )
-            ),
-        }
-        yield Workers(**started)
 
 
 # -- two independent clients behind one interface ------------------------------------------
@@ -185,6 +133,11 @@ def test_input_rules(workers: Workers, client: Client) -> None:
     with pytest.raises(GrpcError) as empty:
         client(port, E.Embed, [tei_pb2.EmbedRequest(inputs="")])
     assert empty.value.code == StatusCode.INVALID_ARGUMENT
+    # In a stream, the bad message's status ends the call (not INTERNAL).
+    with pytest.raises(GrpcError) as in_stream:
+        client(port, E.EmbedStream, [tei_pb2.EmbedRequest(inputs=t) for t in ("ok", "")])
+    assert in_stream.value.code == StatusCode.INVALID_ARGUMENT
+    assert "`inputs` cannot be empty" in in_stream.value.message
     long_text = "word " * 400
     with pytest.raises(GrpcError) as too_long:
         client(port, E.Embed, [tei_pb2.EmbedRequest(inputs=long_text)])
@@ -348,7 +301,9 @@ def test_health_and_reflection(workers: Workers) -> None:
 
 def test_prometheus_metrics(workers: Workers) -> None:
     _grpcio_call(workers.dense.port, E.Embed, [tei_pb2.EmbedRequest(inputs="count me")])
-    with urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10) as page:
+    with urllib.request.urlopen(
+        f"http://127.0.0.1:{workers.metrics_port}/metrics", timeout=10
+    ) as page:
         text = page.read().decode()
     assert 'te_request_count_total{method="Embed"}' in text
     assert "te_request_duration_bucket" in text

@@ -70,10 +70,18 @@ class _H2Connection(h2.connection.H2Connection):  # type: ignore[misc]
 class Connection(GRPCConnection):  # type: ignore[misc]
     """``GRPCConnection`` with the fixes above and a configurable message limit."""
 
-    def __init__(self, *, client_side: bool, max_message_bytes: int) -> None:
+    def __init__(
+        self,
+        *,
+        client_side: bool,
+        max_message_bytes: int,
+        max_concurrent_streams: int | None = None,
+    ) -> None:
         super().__init__(
             GRPCConfiguration(client_side=client_side, max_message_length=max_message_bytes)
         )
+        if max_concurrent_streams is not None:
+            self.MAX_CONCURRENT_STREAMS = max_concurrent_streams
         self.h2_connection = _H2Connection(
             h2.config.H2Configuration(client_side=client_side, header_encoding="utf-8")
         )

@@ -231,6 +231,11 @@ class Call(Generic[Req, Resp]):
         return reply
 
     @property
+    def answered(self) -> bool:
+        """True once the server sent the call's status (a failure then is the server's)."""
+        return self._stream.trailers is not None
+
+    @property
     def trailing_metadata(self) -> Metadata:
         trailers = self._stream.trailers
         return () if trailers is None else tuple(trailers.custom_metadata)

@@ -52,6 +52,10 @@ class Servicer:
 
     SERVICE: ClassVar[str]
     METHODS: ClassVar[tuple[MethodSpec[Any, Any], ...]]
+    #: True for a servicer that works on message bytes: each handler is called as
+    #: ``await handler(call, context)`` with a :class:`~tei_manager.grpc.server.ServerCall`
+    #: to receive and send serialized messages, whatever the method's shape.
+    RAW: ClassVar[bool] = False
 
 
 class StatusCode(enum.IntEnum):

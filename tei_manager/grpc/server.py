@@ -96,6 +96,24 @@ def _parse(spec: MethodSpec[Any, Any], data: bytes) -> Message:
         ) from None
 
 
+class ServerCall:
+    """A call's messages as bytes, for raw servicers (``Servicer.RAW``) that relay them."""
+
+    __slots__ = ("_responder", "_stream")
+
+    def __init__(self, stream: Stream, responder: _Responder) -> None:
+        self._stream = stream
+        self._responder = responder
+
+    async def receive(self) -> bytes | None:
+        """The next request message, or None once the client finished sending."""
+        return await self._stream.receive_message()
+
+    async def send(self, data: bytes) -> None:
+        """Send one serialized response message (the response headers go first)."""
+        await self._responder.send_bytes(data)
+
+
 class GrpcServer:
     """Serves servicers on one port; ``run`` is a trio service (``nursery.start``)."""
 
@@ -107,14 +125,17 @@ class GrpcServer:
         port: int = 0,
         ssl_context: ssl.SSLContext | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        max_concurrent_streams: int | None = None,
         on_call: CallObserver | None = None,
     ) -> None:
         self.host = host
+        #: Calls one connection may have open at once (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS).
+        self.max_concurrent_streams = max_concurrent_streams
         self._on_call = on_call
         self.port = port
         self.ssl_context = ssl_context
         self.max_message_bytes = max_message_bytes
-        self._methods: dict[str, tuple[MethodSpec[Any, Any], Handler]] = {}
+        self._methods: dict[str, tuple[MethodSpec[Any, Any], Handler, bool]] = {}
         self._transports: set[Transport] = set()
         self._accept_scope: trio.CancelScope | None = None
         self._active_calls = 0
@@ -128,11 +149,11 @@ class GrpcServer:
 
     def add_servicer(self, servicer: Servicer) -> None:
         for spec in servicer.METHODS:
-            self._methods[spec.path] = (spec, getattr(servicer, spec.name))
+            self._methods[spec.path] = (spec, getattr(servicer, spec.name), servicer.RAW)
 
     @property
     def service_names(self) -> list[str]:
-        return sorted({spec.service for spec, _ in self._methods.values()})
+        return sorted({spec.service for spec, _, _ in self._methods.values()})
 
     def statistics(self) -> dict[str, int]:
         return {"connections": len(self._transports), "active_calls": self._active_calls}
@@ -213,6 +234,7 @@ class GrpcServer:
                 stream,
                 client_side=False,
                 max_message_bytes=self.max_message_bytes,
+                max_concurrent_streams=self.max_concurrent_streams,
                 on_request=on_request,
             )
             if self._accept_scope is not None and self._accept_scope.cancel_called:
@@ -238,7 +260,7 @@ class GrpcServer:
             )
             self._finish(stream)
             return
-        spec, handler = entry
+        spec, handler, raw = entry
         self._active_calls += 1
         self._idle = trio.Event() if self._idle.is_set() else self._idle
         deadline = None
@@ -254,11 +276,21 @@ class GrpcServer:
                 stream.handler_scope = scope
                 try:
                     code, message = StatusCode.OK, ""
-                    if spec.cardinality.server_streaming:
-                        async with trio.open_nursery() as call_nursery:
-                            context.nursery = call_nursery
-                            await _dispatch(spec, handler, stream, context, responder)
-                            call_nursery.cancel_scope.cancel()
+                    if raw:
+                        await handler(ServerCall(stream, responder), context)
+                    elif spec.cardinality.server_streaming:
+                        try:
+                            async with trio.open_nursery() as call_nursery:
+                                context.nursery = call_nursery
+                                await _dispatch(spec, handler, stream, context, responder)
+                                call_nursery.cancel_scope.cancel()
+                        except BaseExceptionGroup as group:
+                            # The call's status, not a crash: a handler's GrpcError
+                            # arrives wrapped by the call nursery.
+                            status, rest = group.split(GrpcError)
+                            if status is None or rest is not None:
+                                raise
+                            raise _first_leaf(status) from None
                     else:
                         await _dispatch(spec, handler, stream, context, responder)
                 except GrpcError as error:
@@ -294,6 +326,11 @@ class GrpcServer:
         transport.release(stream)
 
 
+def _first_leaf(group: BaseExceptionGroup[GrpcError]) -> GrpcError:
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
+
+
 class _Responder:
     __slots__ = ("headers_sent", "stream")
 
@@ -302,10 +339,13 @@ class _Responder:
         self.headers_sent = False
 
     async def send(self, message: Message) -> None:
+        await self.send_bytes(message.SerializeToString())
+
+    async def send_bytes(self, data: bytes) -> None:
         if not self.headers_sent:
             self.stream.start_response()
             self.headers_sent = True
-        await self.stream.send_message(message.SerializeToString())
+        await self.stream.send_message(data)
 
 
 async def _one_request(stream: Stream, spec: MethodSpec[Any, Any]) -> Message:
@@ -350,4 +390,4 @@ async def _dispatch(
         await source.aclose()
 
 
-__all__ = ["CallContext", "GrpcServer", "server_ssl_context"]
+__all__ = ["CallContext", "GrpcServer", "ServerCall", "server_ssl_context"]

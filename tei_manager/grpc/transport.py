@@ -201,10 +201,15 @@ class Transport:
         *,
         client_side: bool,
         max_message_bytes: int,
+        max_concurrent_streams: int | None = None,
         on_request: Callable[[Stream], None] | None = None,
     ) -> None:
         self.socket = stream
-        self.conn = Connection(client_side=client_side, max_message_bytes=max_message_bytes)
+        self.conn = Connection(
+            client_side=client_side,
+            max_message_bytes=max_message_bytes,
+            max_concurrent_streams=max_concurrent_streams,
+        )
         self.max_message_bytes = max_message_bytes
         self.streams: dict[int, Stream] = {}
         self._on_request = on_request

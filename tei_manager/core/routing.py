@@ -1,0 +1,111 @@
+"""Which instance serves a multiplexed request (pure: no I/O).
+
+Three ways to name it, per the wire contract's ``Target``:
+
+- ``instance_name``: that instance;
+- ``model_id``: one of the *running* instances serving the model, the one with the
+  fewest requests in flight through the multiplexer; ties go round-robin, so an
+  idle pool of replicas still shares the load;
+- ``instance_index``: the N-th instance in creation order (0-based).
+
+A target that names nothing is NOT_FOUND; one that names an instance that is not
+running is UNAVAILABLE with a message saying what it is doing instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from tei_manager.core.registry import InstanceRecord, InstanceStatus, Registry
+from tei_manager.errors import ErrorCode, NotFoundError, TeiError, ValidationError, quote
+
+__all__ = ["Router", "describe_target"]
+
+TargetChoice = tuple[str, str | int]
+"""``("instance_name" | "model_id" | "instance_index", value)``."""
+
+
+def describe_target(target: TargetChoice) -> str:
+    kind, value = target
+    shown = quote(value) if isinstance(value, str) else str(value)
+    return f"{kind} {shown}"
+
+
+class Router:
+    """Chooses instances from the registry and counts requests in flight per instance."""
+
+    def __init__(self, registry: Registry) -> None:
+        self._registry = registry
+        self._in_flight: dict[str, int] = {}
+        self._turn: dict[str, int] = {}
+
+    def choose(self, target: TargetChoice | None) -> InstanceRecord:
+        """The instance for ``target``; raises the TeiError a client should see."""
+        if target is None:
+            raise ValidationError(
+                "target", "required: set instance_name, model_id or instance_index"
+            )
+        kind, value = target
+        if kind == "instance_index":
+            assert isinstance(value, int)
+            return _running(self._registry.at_index(value))
+        assert isinstance(value, str)
+        if not value:
+            raise ValidationError(f"target.{kind}", "must not be empty")
+        if kind == "instance_name":
+            return _running(self._registry.get(value))
+        return self._balance(value)
+
+    def _balance(self, model_id: str) -> InstanceRecord:
+        replicas = self._registry.by_model(model_id)
+        if not replicas:
+            raise NotFoundError(
+                ErrorCode.MODEL_NOT_FOUND, f"no instance serves model {quote(model_id)}"
+            )
+        running = [r for r in replicas if r.status is InstanceStatus.RUNNING]
+        if not running:
+            states = ", ".join(f"{quote(r.name)} is {r.status.value}" for r in replicas)
+            raise TeiError(
+                ErrorCode.BACKEND_UNAVAILABLE,
+                f"no running instance of model {quote(model_id)}: {states}",
+            )
+        if len(running) == 1:
+            return running[0]
+        turn = self._turn.get(model_id, 0)
+        self._turn[model_id] = turn + 1
+        count = len(running)
+        best = running[turn % count]
+        least = self._in_flight.get(best.name, 0)
+        for step in range(1, count):
+            candidate = running[(turn + step) % count]
+            load = self._in_flight.get(candidate.name, 0)
+            if load < least:
+                best, least = candidate, load
+        return best
+
+    @contextmanager
+    def track(self, name: str) -> Iterator[None]:
+        """Count one request in flight to ``name`` for the duration of the block."""
+        self._in_flight[name] = self._in_flight.get(name, 0) + 1
+        try:
+            yield
+        finally:
+            left = self._in_flight[name] - 1
+            if left:
+                self._in_flight[name] = left
+            else:
+                del self._in_flight[name]
+
+    def in_flight(self, name: str) -> int:
+        """Requests to ``name`` in flight through the multiplexer now."""
+        return self._in_flight.get(name, 0)
+
+
+def _running(record: InstanceRecord) -> InstanceRecord:
+    if record.status is not InstanceStatus.RUNNING:
+        raise TeiError(
+            ErrorCode.BACKEND_UNAVAILABLE,
+            f"instance {quote(record.name)} is {record.status.value}, not running",
+        )
+    return record

@@ -1,0 +1,156 @@
+"""One HTTP/2 connection per instance, shared by every call the multiplexer relays to it.
+
+A connection is made on first use and reused by all later calls (HTTP/2 multiplexes
+them). It is forgotten as soon as it closes (the instance stopped, was restarted or
+died: its process took the socket with it), when the instance it was made for is
+gone or is another process now, and after ``idle_timeout`` without calls. The
+next call then connects afresh. Concurrent first calls share one connection attempt.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import trio
+
+from tei_manager.core.registry import InstanceRecord, InstanceStatus
+from tei_manager.errors import quote
+from tei_manager.grpc.channel import Channel
+from tei_manager.grpc.rpc import GrpcError, StatusCode
+
+__all__ = ["ConnectionPool"]
+
+log = logging.getLogger(__name__)
+
+Lookup = Callable[[str], InstanceRecord | None]
+
+
+class _Entry:
+    __slots__ = ("channel", "last_used", "pid", "port")
+
+    def __init__(self, channel: Channel, port: int, pid: int | None) -> None:
+        self.channel = channel
+        self.port = port
+        self.pid = pid
+        self.last_used = trio.current_time()
+
+
+class ConnectionPool:
+    """Connections to instances; ``run`` is a trio service holding them (``nursery.start``)."""
+
+    def __init__(
+        self,
+        host: str,
+        lookup: Lookup,
+        *,
+        max_message_bytes: int,
+        idle_timeout: float = 300.0,
+        connect_timeout: float = 5.0,
+        sweep_interval: float = 5.0,
+    ) -> None:
+        self._host = host
+        self._lookup = lookup
+        self._max_message_bytes = max_message_bytes
+        self._idle_timeout = idle_timeout
+        self._connect_timeout = connect_timeout
+        self._sweep_interval = sweep_interval
+        self._entries: dict[str, _Entry] = {}
+        self._connecting: dict[str, trio.Event] = {}
+        self._nursery: trio.Nursery | None = None
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def connected(self, name: str) -> bool:
+        """True while a usable connection to ``name`` is pooled."""
+        entry = self._entries.get(name)
+        return entry is not None and entry.channel.usable
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Hold the connections until cancelled; sweep stale ones meanwhile."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                while True:
+                    await trio.sleep(self._sweep_interval)
+                    self.sweep()
+        finally:
+            self._nursery = None
+            for entry in self._entries.values():
+                entry.channel.close()
+            self._entries.clear()
+
+    async def channel(self, record: InstanceRecord) -> Channel:
+        """A connection to the instance ``record`` describes, made now if needed.
+
+        Raises ``GrpcError(UNAVAILABLE)`` when the instance cannot be reached.
+        """
+        name = record.name
+        while True:
+            entry = self._entries.get(name)
+            if entry is not None:
+                if entry.channel.usable and entry.port == record.port and entry.pid == record.pid:
+                    entry.last_used = trio.current_time()
+                    return entry.channel
+                self._drop(name)
+            pending = self._connecting.get(name)
+            if pending is None:
+                break
+            await pending.wait()  # someone else is connecting: use theirs
+        done = self._connecting[name] = trio.Event()
+        try:
+            return await self._connect(record)
+        finally:
+            del self._connecting[name]
+            done.set()
+
+    async def _connect(self, record: InstanceRecord) -> Channel:
+        nursery = self._nursery
+        if nursery is None:
+            raise GrpcError(StatusCode.UNAVAILABLE, "the multiplexer is shutting down")
+        channel = Channel(
+            self._host,
+            record.port,
+            max_message_bytes=self._max_message_bytes,
+            connect_timeout=self._connect_timeout,
+        )
+        entry = _Entry(channel, record.port, record.pid)
+        try:
+            await nursery.start(self._hold, record.name, entry)
+        except GrpcError as error:
+            raise GrpcError(
+                StatusCode.UNAVAILABLE, f"instance {quote(record.name)}: {error.message}"
+            ) from None
+        # A connection lost in between is noticed by the next caller (not usable).
+        self._entries[record.name] = entry
+        return channel
+
+    async def _hold(self, name: str, entry: _Entry, *, task_status: trio.TaskStatus[None]) -> None:
+        try:
+            await entry.channel.run(task_status=task_status)
+        finally:
+            if self._entries.get(name) is entry:
+                del self._entries[name]
+            log.debug("connection to instance %s closed", name)
+
+    def _drop(self, name: str) -> None:
+        entry = self._entries.pop(name, None)
+        if entry is not None:
+            entry.channel.close()
+
+    def sweep(self) -> None:
+        """Close connections to instances gone, not running, replaced, or idle too long."""
+        now = trio.current_time()
+        for name, entry in list(self._entries.items()):
+            record = self._lookup(name)
+            stale = (
+                record is None
+                or record.status is not InstanceStatus.RUNNING
+                or record.pid != entry.pid
+                or record.port != entry.port
+            )
+            idle = entry.channel.active_calls == 0 and now - entry.last_used > self._idle_timeout
+            if stale or idle:
+                self._drop(name)
