@@ -210,9 +210,15 @@ def serve_command() -> list[str]:
 
 @contextmanager
 def run_manager(
-    workdir: Path, *, seeds: Sequence[dict[str, object]] = (), instance_ports: int = 16
+    workdir: Path,
+    *,
+    seeds: Sequence[dict[str, object]] = (),
+    instance_ports: int = 16,
+    grpc_port: int | None = None,
 ) -> Iterator[tuple[Manager, float]]:
     """Start ``tei-manager serve`` in ``workdir``; yield it and its spawn -> ready seconds.
+
+    The gRPC multiplexer is off unless ``grpc_port`` is given.
 
     On exit: SIGTERM and a wait for it to stop its instances (SIGKILL as a last resort).
     """
@@ -221,7 +227,8 @@ def run_manager(
     settings: dict[str, object] = {
         "api_host": HOST,
         "api_port": api_port,
-        "grpc_enabled": False,
+        "grpc_enabled": grpc_port is not None,
+        "grpc_port": grpc_port or 0,
         "instance_port_start": port_start,
         "instance_port_end": port_start + instance_ports - 1,
         "startup_timeout_secs": INSTANCE_TIMEOUT,

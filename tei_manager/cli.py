@@ -46,6 +46,17 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["debug", "info", "warning", "error"],
     )
     serve.add_argument("--log-format", default="text", choices=["text", "json"])
+
+    from tei_manager.bench import add_arguments as bench_flags
+
+    bench = commands.add_parser(
+        "bench",
+        help="load the gRPC multiplexer and report throughput and latency as JSON",
+        description="Send generated texts to a TeiMultiplexer endpoint (unary, stream or "
+        "Arrow calls, C at a time) and print one JSON report. Exit status: 0 when every "
+        "request succeeded, 1 when any failed, 2 for usage errors.",
+    )
+    bench_flags(bench)
     return parser
 
 
@@ -61,6 +72,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from tei_manager.serve import main as serve_main
 
         return serve_main(args.config, log_level=args.log_level, log_format=args.log_format)
+    if args.command == "bench":
+        from tei_manager.bench import run_from_args as run_bench
+
+        return run_bench(args)
     raise AssertionError(f"unhandled command {args.command}")
 
 

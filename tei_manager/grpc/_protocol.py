@@ -83,7 +83,16 @@ class Connection(GRPCConnection):  # type: ignore[misc]
         if max_concurrent_streams is not None:
             self.MAX_CONCURRENT_STREAMS = max_concurrent_streams
         self.h2_connection = _H2Connection(
-            h2.config.H2Configuration(client_side=client_side, header_encoding="utf-8")
+            h2.config.H2Configuration(
+                client_side=client_side,
+                header_encoding="utf-8",
+                # The headers we send are built here, lower-case and valid: checking
+                # them again costs a good part of a small call's CPU.
+                validate_outbound_headers=False,
+                normalize_outbound_headers=False,
+                # A client talks to our own instances; a server checks what it receives.
+                validate_inbound_headers=not client_side,
+            )
         )
         self.h2_connection.clear_outbound_data_buffer()
         self._set_h2_connection_local_settings()

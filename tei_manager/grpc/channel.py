@@ -78,18 +78,24 @@ class Channel:
 
         Connection failures before ``started`` raise GrpcError(UNAVAILABLE).
         """
+        tcp: trio.SocketStream | None = None
         try:
             with trio.fail_after(self._connect_timeout):
-                sock: trio.abc.Stream = await trio.open_tcp_stream(self.host, self.port)
+                tcp = await trio.open_tcp_stream(self.host, self.port)
+                sock: trio.abc.Stream = tcp
                 if self._ssl_context is not None:
                     tls = trio.SSLStream(
-                        sock, self._ssl_context, server_hostname=self._server_hostname
+                        tcp, self._ssl_context, server_hostname=self._server_hostname
                     )
                     await tls.do_handshake()
                     sock = tls
         except (OSError, trio.TooSlowError, trio.BrokenResourceError, ssl.SSLError) as error:
+            if tcp is not None:
+                await trio.aclose_forcefully(tcp)
+            # trio reports a failed handshake as BrokenResourceError from the SSLError.
+            reason = str(error) or str(error.__cause__ or type(error).__name__)
             raise GrpcError(
-                StatusCode.UNAVAILABLE, f"cannot connect to {self.authority}: {error}"
+                StatusCode.UNAVAILABLE, f"cannot connect to {self.authority}: {reason}"
             ) from None
         transport = Transport(sock, client_side=True, max_message_bytes=self._max_message_bytes)
         self._transport = transport

@@ -383,11 +383,15 @@ async def _dispatch(
         else await _one_request(stream, spec)
     )
     responses: AsyncGenerator[Message, None] = handler(source, context)
-    async with aclosing(responses):
-        async for response in responses:
-            await responder.send(response)
-    if isinstance(source, AsyncGenerator):
-        await source.aclose()
+    try:
+        async with aclosing(responses):
+            async for response in responses:
+                await responder.send(response)
+    finally:
+        # Also when the handler fails part-way: a request generator left suspended
+        # would be finalized by the garbage collector, with a ResourceWarning.
+        if isinstance(source, AsyncGenerator):
+            await source.aclose()
 
 
 __all__ = ["CallContext", "GrpcServer", "ServerCall", "server_ssl_context"]
