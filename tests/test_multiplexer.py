@@ -363,3 +363,72 @@ def test_metrics_count_requests_errors_and_latency(running_mux: Mux) -> None:
     assert 'tei_manager_grpc_errors_total{code="NOT_FOUND",instance="",method="Tokenize"}' in text
     assert 'tei_manager_grpc_request_duration_seconds_bucket{instance="dense-a",le=' in text
     assert 'tei_manager_grpc_requests_in_flight{instance="dense-a",method="Tokenize"} 0.0' in text
+
+
+# -- Arrow -------------------------------------------------------------------------------------
+def _arrow_call(
+    running_mux: Mux, spec: MethodSpec[Any, Any], batches: list[list[str | None]], **fields: Any
+) -> Any:
+    import pyarrow as pa
+
+    schema = pa.schema([("text", pa.string())])
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, schema) as writer:
+        for batch in batches:
+            writer.write_batch(pa.record_batch([pa.array(batch, pa.string())], schema=schema))
+    request = spec.request_type(arrow_ipc=sink.getvalue().to_pybytes(), **fields)
+    (reply,) = running_mux.call(spec, request)
+    with pa.ipc.open_stream(reply.arrow_ipc) as reader:
+        return reader.read_all()
+
+
+def test_embed_arrow_reads_every_batch_and_keeps_null_rows(
+    running_mux: Mux, workers: Workers
+) -> None:
+    batches: list[list[str | None]] = [["alpha", None, "beta gamma"], ["delta"], [None, "eps"]]
+    table = _arrow_call(
+        running_mux, M.EmbedArrow, batches, target=mux.Target(model_id=MODEL), normalize=True
+    )
+    rows = table.column("embeddings").to_pylist()
+    flat = [t for batch in batches for t in batch]
+    assert len(rows) == len(flat) == 6
+    assert str(table.schema.field("embeddings").type) == "fixed_size_list<item: float>[384]"
+    for text, row in zip(flat, rows, strict=True):
+        if text is None:
+            assert row is None
+            continue
+        (direct,) = _call(workers.dense.port, tei_grpc.Embed.Embed, [tei.EmbedRequest(inputs=text)])
+        assert _close(list(direct.embeddings), row)
+
+
+def test_embed_sparse_arrow_and_noop(running_mux: Mux, workers: Workers) -> None:
+    table = _arrow_call(
+        running_mux, M.EmbedSparseArrow, [["alpha beta", None]], target=by_name("splade")
+    )
+    rows = table.column("sparse_embeddings").to_pylist()
+    (direct,) = _call(
+        workers.splade.port,
+        tei_grpc.Embed.EmbedSparse,
+        [tei.EmbedSparseRequest(inputs="alpha beta")],
+    )
+    assert rows[1] is None
+    assert [(v["index"], round(v["value"], 4)) for v in rows[0]] == [
+        (v.index, round(v.value, 4)) for v in direct.sparse_embeddings
+    ]
+    noop = _arrow_call(running_mux, M.EmbedArrow, [["a", None, "b"]], noop=True)
+    assert noop.column("embeddings").null_count == 1
+    assert len(noop.column("embeddings")[0].as_py()) == 384
+
+
+def test_arrow_errors(running_mux: Mux) -> None:
+    bad = mux.EmbedArrowRequest(target=by_name("dense-a"), arrow_ipc=b"not arrow at all")
+    with pytest.raises(GrpcError) as garbage:
+        running_mux.call(M.EmbedArrow, bad)
+    assert garbage.value.code == StatusCode.INVALID_ARGUMENT
+    assert garbage.value.message.startswith("arrow_ipc: ")
+    with pytest.raises(GrpcError) as stopped:
+        _arrow_call(running_mux, M.EmbedArrow, [["x"]], target=by_name("resting"))
+    assert stopped.value.code == StatusCode.UNAVAILABLE
+    with pytest.raises(GrpcError) as wrong_kind:
+        _arrow_call(running_mux, M.EmbedSparseArrow, [["x"]], target=by_name("dense-a"))
+    assert wrong_kind.value.code == StatusCode.FAILED_PRECONDITION

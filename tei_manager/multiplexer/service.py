@@ -7,6 +7,11 @@ already the ``tei.v1`` response the client expects and comes back untouched. No
 protobuf message is built on the way, so a relayed call costs little more than
 its HTTP/2 work.
 
+``EmbedArrow`` / ``EmbedSparseArrow`` read every record batch of the request, send
+each non-null text as one message of a single ``EmbedStream`` (``EmbedSparseStream``)
+call to the instance, all in flight at once so the instance batches them as it
+likes, and answer one row per input row (null text, null row).
+
 Deadlines: a unary call gets at most ``request_timeout`` (and the client's own
 deadline, which travels to the instance as ``grpc-timeout``); a stream fails after
 ``stream_idle_timeout`` without a message in either direction. A client that
@@ -21,15 +26,17 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
+from google.protobuf.message import DecodeError
 
-from tei_manager._proto.tei.v1 import tei_grpc
-from tei_manager._proto.tei_multiplexer.v1 import multiplexer_grpc
+from tei_manager._proto.tei.v1 import tei_grpc, tei_pb2
+from tei_manager._proto.tei_multiplexer.v1 import multiplexer_grpc, multiplexer_pb2
 from tei_manager.core.registry import InstanceRecord
 from tei_manager.core.routing import Router
 from tei_manager.errors import TeiError, quote
 from tei_manager.grpc.channel import Call, Channel
 from tei_manager.grpc.rpc import GrpcError, MethodSpec, StatusCode
 from tei_manager.grpc.server import CallContext, ServerCall
+from tei_manager.multiplexer import arrow
 from tei_manager.multiplexer.metrics import UNROUTED, CallMetrics, MultiplexerMetrics
 from tei_manager.multiplexer.pool import ConnectionPool
 from tei_manager.multiplexer.wire import WireError, parse_target, split_request
@@ -220,6 +227,126 @@ class Multiplexer(multiplexer_grpc.TeiMultiplexerServicer):
                 "(grpc_request_timeout_secs)",
             )
 
+    # -- Arrow -----------------------------------------------------------------------------
+    async def _arrow(
+        self,
+        call: ServerCall,
+        context: CallContext,
+        method: str,
+        request_type: type[multiplexer_pb2.EmbedArrowRequest]
+        | type[multiplexer_pb2.EmbedSparseArrowRequest],
+    ) -> None:
+        with _Observed(self._metrics, method) as observed:
+            try:
+                request = request_type.FromString(await self._first_request(call))
+            except DecodeError:
+                raise GrpcError(
+                    StatusCode.INVALID_ARGUMENT, f"could not decode the {method} request"
+                ) from None
+            try:
+                column = arrow.read_texts(request.arrow_ipc)
+                texts = column.texts
+            except arrow.ArrowInputError as error:
+                raise GrpcError(
+                    StatusCode.INVALID_ARGUMENT, f"arrow_ipc: {error.message}"
+                ) from None
+            sparse = isinstance(request, multiplexer_pb2.EmbedSparseArrowRequest)
+            if request.noop:
+                payload = arrow.noop_sparse(column) if sparse else arrow.noop_dense(column)
+                await call.send(_arrow_response(payload))
+                return
+            routing = request.target.WhichOneof("routing") if request.HasField("target") else None
+            target = None if routing is None else (routing, getattr(request.target, routing))
+            try:
+                record = self._router.choose(target)
+            except TeiError as error:
+                raise GrpcError(error.grpc_status, error.message) from None
+            name = record.name
+            observed.routed(name)
+            if isinstance(request, multiplexer_pb2.EmbedSparseArrowRequest):
+                backend: Spec = tei_grpc.Embed.EmbedSparseStream
+                messages: list[bytes] = [
+                    tei_pb2.EmbedSparseRequest(
+                        inputs=t, truncate=request.truncate
+                    ).SerializeToString()
+                    for t in texts
+                ]
+            else:
+                backend = tei_grpc.Embed.EmbedStream
+                messages = [
+                    tei_pb2.EmbedRequest(
+                        inputs=t, truncate=request.truncate, normalize=request.normalize
+                    ).SerializeToString()
+                    for t in texts
+                ]
+            with self._router.track(name):
+                channel = await self._pool.channel(record)
+                replies = await self._feed(channel, backend, context, name, messages)
+            try:
+                if sparse:
+                    rows = [
+                        arrow.sparse_row(tei_pb2.EmbedSparseResponse.FromString(r)) for r in replies
+                    ]
+                    payload = await trio.to_thread.run_sync(arrow.write_sparse, column, rows)
+                else:
+                    dense = [arrow.embed_response_floats(r) for r in replies]
+                    payload = await trio.to_thread.run_sync(arrow.write_dense, column, dense)
+            except (ValueError, DecodeError) as error:
+                raise GrpcError(
+                    StatusCode.INTERNAL, f"instance {quote(name)} answered badly: {error}"
+                ) from None
+            await call.send(_arrow_response(payload))
+
+    async def _feed(
+        self,
+        channel: Channel,
+        backend: Spec,
+        context: CallContext,
+        name: str,
+        messages: list[bytes],
+    ) -> list[bytes]:
+        """Send ``messages`` over one stream call, all in flight; the replies in order."""
+        if not messages:
+            return []
+        idle_timeout = self._stream_idle_timeout
+        replies: list[bytes] = []
+        failures: list[GrpcError] = []
+        async with channel.open_call(backend, metadata=context.metadata) as relayed:
+            with trio.CancelScope(deadline=trio.current_time() + idle_timeout) as idle:
+                async with trio.open_nursery() as nursery:
+
+                    async def send_all() -> None:
+                        try:
+                            for message in messages:
+                                await relayed.send_raw(message)
+                            await relayed.done_writing()
+                        except GrpcError as error:
+                            failures.append(_from_instance(error, relayed, name))
+                            nursery.cancel_scope.cancel()
+
+                    nursery.start_soon(send_all)
+                    try:
+                        while (reply := await relayed.receive_raw()) is not None:
+                            idle.deadline = trio.current_time() + idle_timeout
+                            replies.append(reply)
+                    except GrpcError as error:
+                        failures.append(_from_instance(error, relayed, name))
+                    nursery.cancel_scope.cancel()
+        if failures:
+            raise failures[0]
+        if idle.cancelled_caught:
+            raise GrpcError(
+                StatusCode.DEADLINE_EXCEEDED,
+                f"instance {quote(name)} sent nothing for {idle_timeout:g} s "
+                "(grpc_request_timeout_secs)",
+            )
+        if len(replies) != len(messages):
+            raise GrpcError(
+                StatusCode.INTERNAL,
+                f"instance {quote(name)} answered {len(replies)} of {len(messages)} texts",
+            )
+        return replies
+
     # -- the service's methods ---------------------------------------------------------
     async def Info(self, call: ServerCall, context: CallContext) -> None:  # type: ignore[override]
         await self._unary(call, context, tei_grpc.Info.Info)
@@ -241,6 +368,14 @@ class Multiplexer(multiplexer_grpc.TeiMultiplexerServicer):
 
     async def EmbedAllStream(self, call: ServerCall, context: CallContext) -> None:  # type: ignore[override]
         await self._stream(call, context, tei_grpc.Embed.EmbedAllStream)
+
+    async def EmbedArrow(self, call: ServerCall, context: CallContext) -> None:  # type: ignore[override]
+        await self._arrow(call, context, "EmbedArrow", multiplexer_pb2.EmbedArrowRequest)
+
+    async def EmbedSparseArrow(self, call: ServerCall, context: CallContext) -> None:  # type: ignore[override]
+        await self._arrow(
+            call, context, "EmbedSparseArrow", multiplexer_pb2.EmbedSparseArrowRequest
+        )
 
     async def Predict(self, call: ServerCall, context: CallContext) -> None:  # type: ignore[override]
         await self._unary(call, context, tei_grpc.Predict.Predict)
@@ -278,3 +413,8 @@ def _from_instance(error: GrpcError, relayed: Call[Any, Any], name: str) -> Grpc
     if relayed.answered or error.message.startswith("instance "):
         return error
     return GrpcError(error.code, f"instance {quote(name)}: {error.message}")
+
+
+def _arrow_response(payload: bytes) -> bytes:
+    # EmbedArrowResponse and EmbedSparseArrowResponse: {1: arrow_ipc}, encoded alike.
+    return multiplexer_pb2.EmbedArrowResponse(arrow_ipc=payload).SerializeToString()
