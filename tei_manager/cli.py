@@ -57,6 +57,16 @@ def build_parser() -> argparse.ArgumentParser:
         "request succeeded, 1 when any failed, 2 for usage errors.",
     )
     bench_flags(bench)
+
+    from tei_manager.hub.cli import add_arguments as models_actions
+
+    models = commands.add_parser(
+        "models",
+        help="pull and list models in the local Hugging Face cache (no manager needed)",
+        description="Work on the local Hugging Face cache, the one the manager and its "
+        "instances use: pull a model (checked, with a progress bar) or list the cached ones.",
+    )
+    models_actions(models)
     return parser
 
 
@@ -76,6 +86,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from tei_manager.bench import run_from_args as run_bench
 
         return run_bench(args)
+    if args.command == "models":
+        from tei_manager.hub.cli import main as models_main
+
+        return models_main(args)
     raise AssertionError(f"unhandled command {args.command}")
 
 

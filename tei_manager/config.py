@@ -130,6 +130,9 @@ class ManagerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     instance_port_end: int = 8180  # inclusive
     instances: tuple[SeedInstance, ...] = ()
     models: tuple[str, ...] = ()
+    max_concurrent_downloads: int = 2
+    download_max_retries: int = 5  # per request, after failures with no progress
+    smoke_load_timeout_secs: float = 600.0
     tei_binary_path: str | None = None
     grpc_max_message_size_mb: int = 40
     grpc_max_parallel_streams: int = 1024
@@ -330,9 +333,18 @@ def validate_manager_config(config: ManagerConfig) -> None:
     _at_least(config.grpc_max_parallel_streams, 1, "grpc_max_parallel_streams")
     _positive(config.grpc_request_timeout_secs, "grpc_request_timeout_secs")
     _validate_seeds(config)
+    _at_least(config.max_concurrent_downloads, 1, "max_concurrent_downloads")
+    _at_least(config.download_max_retries, 0, "download_max_retries")
+    _positive(config.smoke_load_timeout_secs, "smoke_load_timeout_secs")
     seen_models: set[str] = set()
     for i, model_id in enumerate(config.models):
         validate_model_id(model_id, f"models[{i}]")
+        if model_id.startswith("/"):
+            raise ValidationError(
+                f"models[{i}]",
+                f"{quote(model_id)} is a local path: list Hugging Face ids ('org/name')",
+                code=ErrorCode.INVALID_MODEL_ID,
+            )
         if model_id in seen_models:
             raise ValidationError(f"models[{i}]", f"duplicate model {quote(model_id)}")
         seen_models.add(model_id)

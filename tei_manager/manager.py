@@ -6,6 +6,7 @@ The REST API (and later the gRPC multiplexer) call the methods of :class:`Manage
     Manager.run
     └── service nursery
         ├── runtime file writer     (pids of live instance processes, for orphan reaping)
+        ├── model registry          (tei_manager.hub: cache scan, downloads, smoke loads)
         └── supervisor nursery
             ├── InstanceRunner "a"  (the instance's nursery: process, checks, restarts)
             └── InstanceRunner "b"
@@ -39,10 +40,13 @@ from tei_manager.core.registry import (
     DesiredState,
     InstanceInfo,
     InstanceRecord,
+    InstanceStatus,
     Registry,
 )
 from tei_manager.core.restart import RestartPolicy
 from tei_manager.errors import ConflictError, ErrorCode, TeiError, ValidationError, quote
+from tei_manager.hub.registry import ModelRegistry, ModelWait
+from tei_manager.hub.settings import HubSettings, RegistrySettings
 from tei_manager.metrics import ManagerMetrics
 from tei_manager.state import (
     LoadedState,
@@ -128,6 +132,7 @@ class Manager:
         policy: RestartPolicy | None = None,
         settings: RunnerSettings | None = None,
         run_blocking: BlockingRunner = trio.to_thread.run_sync,
+        hub: HubSettings | None = None,
     ) -> None:
         self.config = config
         self.metrics = ManagerMetrics()
@@ -141,6 +146,20 @@ class Manager:
             reserved_ports=config.manager_ports(),
         )
         self.metrics.bind_instance_count(lambda: len(self.registry))
+        # The Hugging Face cache and Hub (HF_* variables unless given). Instances wait
+        # for the registry's downloads only when the manager spawns real processes.
+        self.models = ModelRegistry(
+            hub=hub or HubSettings.from_env(os.environ),
+            settings=RegistrySettings.from_config(config),
+            metrics=self.metrics.registry,
+            log_dir=config.log_dir,
+            program=self.program,
+            seeds=config.models,
+            in_use=lambda model_id: [r.name for r in self.registry.by_model(model_id)],
+            gpu_count=lambda: self.gpu_count,
+            instance_downloads=spawner is None,
+            run_blocking=run_blocking,
+        )
         # None until run() counted the GPUs; the REST layer passes it to validation.
         self.gpu_count: int | None = gpu_count
         self.started_at: float = time.time()
@@ -159,6 +178,8 @@ class Manager:
         self._restored = False
         self._listening = False
         self._runners: dict[str, InstanceRunner] = {}
+        # Instances waiting for their model's download, to be cancelled on delete.
+        self._awaiting_model: dict[str, trio.CancelScope] = {}
         self._supervisor: trio.Nursery | None = None
         self._state_lock = trio.Lock()
         self._runtime_path = runtime_path(config.state_file)
@@ -231,11 +252,16 @@ class Manager:
         ``failed`` if it could not be spawned).
 
         Raises the validation codes, INSTANCE_EXISTS, PORT_CONFLICT,
-        MAX_INSTANCES_REACHED, PORT_ALLOCATION_FAILED, or NOT_READY while the
-        manager starts or stops.
+        MAX_INSTANCES_REACHED, PORT_ALLOCATION_FAILED, NOT_READY while the
+        manager starts or stops, or MODEL_NOT_FOUND for a model that is not cached
+        while offline. A model that is not cached is downloaded by the model
+        registry first; the instance is ``starting`` meanwhile.
         """
-        supervisor = self._require_supervisor()
+        self._require_supervisor()
         validate_instance_config(cfg, gpu_count=self.gpu_count)
+        # Looks at the model cache on disk; raises MODEL_NOT_FOUND offline.
+        fetch_model = await self.models.needs_download(cfg.model_id, cfg.revision)
+        supervisor = self._require_supervisor()
         if cfg.name in self._runners and cfg.name not in self.registry:
             raise ConflictError(
                 ErrorCode.INSTANCE_EXISTS,
@@ -252,10 +278,14 @@ class Manager:
             record.port,
             extra={"instance": record.name},
         )
-        # Spawning is synchronous and quick; a caller that goes away meanwhile must
-        # not leave a registered instance without its runner.
-        with trio.CancelScope(shield=True):
-            await supervisor.start(self._run_runner, runner)
+        if fetch_model:
+            wait = self.models.download_for_instance(cfg.model_id, cfg.revision)
+            supervisor.start_soon(self._run_runner_when_model_ready, runner, wait)
+        else:
+            # Spawning is synchronous and quick; a caller that goes away meanwhile must
+            # not leave a registered instance without its runner.
+            with trio.CancelScope(shield=True):
+                await supervisor.start(self._run_runner, runner)
         info = record.info(_utcnow())
         await self._save_state()
         return info
@@ -269,6 +299,9 @@ class Manager:
         runner = self._runners.get(name)
         if runner is not None:
             runner.cancel()
+        awaiting = self._awaiting_model.pop(name, None)
+        if awaiting is not None:
+            awaiting.cancel()
         log.info("instance %s deleted", name, extra={"instance": name})
         await self._save_state()
         if runner is not None:
@@ -323,6 +356,7 @@ class Manager:
         try:
             async with trio.open_nursery() as service:
                 service.start_soon(self._write_runtime_file)
+                await service.start(self.models.run)
                 async with trio.open_nursery() as supervisor:
                     self._supervisor = supervisor
                     for runner in runners:
@@ -442,7 +476,36 @@ class Manager:
 
     def _spawn_process(self, cfg: InstanceConfig) -> ProcessHandle:
         assert self.program is not None
-        return spawn(launch_spec(cfg, self.program, log_dir=self.config.log_dir))
+        env = {**os.environ, **self.models.instance_env(cfg.model_id, cfg.revision)}
+        return spawn(launch_spec(cfg, self.program, log_dir=self.config.log_dir, base_env=env))
+
+    async def _run_runner_when_model_ready(self, runner: InstanceRunner, wait: ModelWait) -> None:
+        """Start ``runner`` once the model registry downloaded its model.
+
+        The instance stays ``starting`` meanwhile (the progress is in ``GET
+        /models/{id}``); a failed download fails it, with the reason.
+        """
+        record = runner.record
+        try:
+            with trio.CancelScope() as self._awaiting_model[runner.name]:
+                error = await wait()
+                if error is not None and record.status is InstanceStatus.STARTING:
+                    message = f"model {quote(record.config.model_id)} is not available: {error}"
+                    log.error("instance %s: %s", runner.name, message)
+                    record.mark_failed(message)
+                    runner.request_stop()
+        except BaseException:
+            # The manager stops before the runner ever ran: no process exists.
+            if self._runners.get(runner.name) is runner:
+                del self._runners[runner.name]
+            if record.status is not InstanceStatus.FAILED:
+                record.mark_stopped()
+            runner.done.set()
+            raise
+        finally:
+            self._awaiting_model.pop(runner.name, None)
+        # Deleted meanwhile: the runner was cancelled, and ends at once.
+        await self._run_runner(runner, task_status=trio.TASK_STATUS_IGNORED)
 
     def _require_supervisor(self) -> trio.Nursery:
         if self._supervisor is None or self.shutdown_requested.is_set():

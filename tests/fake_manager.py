@@ -10,6 +10,7 @@ the next operation raise.
 
 from __future__ import annotations
 
+import os
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -21,6 +22,8 @@ from tei_manager.config import InstanceConfig, ManagerConfig, validate_instance_
 from tei_manager.core.logslice import LogSlice, resolve_slice
 from tei_manager.core.ports import PortAllocator
 from tei_manager.core.registry import InstanceInfo, InstanceStatus, Registry
+from tei_manager.hub.registry import ModelRegistry
+from tei_manager.hub.settings import HubSettings, RegistrySettings
 from tei_manager.metrics import ManagerMetrics
 
 __all__ = ["FakeManager", "http_count"]
@@ -38,7 +41,14 @@ def http_count(metrics: ManagerMetrics, route: str, method: str, status: int) ->
 class FakeManager:
     """Satisfies :class:`~tei_manager.api.facade.ManagerFacade` in memory."""
 
-    def __init__(self, config: ManagerConfig, *, gpu_count: int | None = None) -> None:
+    def __init__(
+        self,
+        config: ManagerConfig,
+        *,
+        gpu_count: int | None = None,
+        hub: HubSettings | None = None,
+        model_settings: RegistrySettings | None = None,
+    ) -> None:
         self.config = config
         self.metrics = ManagerMetrics()
         self.gpu_count = gpu_count
@@ -61,6 +71,17 @@ class FakeManager:
             allocator,
             max_instances=config.max_instances,
             reserved_ports=config.manager_ports(),
+        )
+        # The real model registry; by default on a cache beside the state file, offline.
+        # Tests of /models give a local Hub and run it (``models.run``).
+        cache_dir = os.path.join(os.path.dirname(config.state_file), "hub")
+        offline = HubSettings(cache_dir=cache_dir, endpoint="http://127.0.0.1:9", offline=True)
+        self.models = ModelRegistry(
+            hub=hub or offline,
+            settings=model_settings or RegistrySettings(),
+            metrics=self.metrics.registry,
+            log_dir=config.log_dir,
+            in_use=lambda model_id: [r.name for r in self._registry.by_model(model_id)],
         )
 
     @property

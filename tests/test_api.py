@@ -22,7 +22,7 @@ import trio.testing
 from tei_manager.api import create_app, serve_api
 from tei_manager.api.app import NO_RESPONSE_STATUS, UNMATCHED_ROUTE
 from tei_manager.api.openapi import build_openapi
-from tei_manager.api.routes import MAX_BODY_BYTES, OPERATIONS, PROMETHEUS_TEXT
+from tei_manager.api.routes import MAX_BODY_BYTES, OPERATIONS, PROMETHEUS_TEXT, quart_rule
 from tei_manager.api.storage import classify, read_storage
 from tei_manager.config import ManagerConfig
 from tei_manager.core.registry import InstanceStatus
@@ -482,13 +482,18 @@ async def test_openapi_document(api: Api) -> None:
         "/health/startup",
         "/metrics",
         "/openapi.json",
+        "/models",
+        "/models/{model_id}",
+        "/models/{model_id}/download",
+        "/models/{model_id}/load",
     }
     schemas = doc["components"]["schemas"]
     assert list(schemas["InstanceInfo"]["properties"]) == INSTANCE_FIELDS
     assert schemas["InstanceConfig"]["required"] == ["name", "model_id"]
     assert set(schemas["ErrorBody"]["required"]) == {"error", "code", "timestamp"}
     create = doc["paths"]["/instances"]["post"]
-    assert set(create["responses"]) == {"201", "400", "409", "413", "422", "500"}
+    # 404: a model that is not in the cache while offline.
+    assert set(create["responses"]) == {"201", "400", "404", "409", "413", "422", "500"}
     assert "INSTANCE_EXISTS" in create["responses"]["409"]["description"]
     logs = doc["paths"]["/instances/{name}/logs"]["get"]
     assert [p["name"] for p in logs["parameters"]] == ["name", "start", "end"]
@@ -507,7 +512,7 @@ async def test_every_route_is_documented_and_served(manager: FakeManager) -> Non
         if method not in {"HEAD", "OPTIONS"}
     }
     documented = {
-        (path.replace("{", "<").replace("}", ">"), method.upper())
+        (quart_rule(path), method.upper())
         for path, item in build_openapi()["paths"].items()
         for method in item
     }

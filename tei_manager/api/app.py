@@ -22,6 +22,7 @@ from werkzeug.exceptions import HTTPException
 
 from tei_manager.api.dto import ProbeStatus
 from tei_manager.api.facade import ManagerFacade
+from tei_manager.api.models_routes import ModelHandlers, ModelIdConverter
 from tei_manager.api.openapi import openapi_json
 from tei_manager.api.responses import (
     error_response,
@@ -159,7 +160,9 @@ class _Handlers:
 
     async def health(self) -> Response:
         summary = self._manager.health_summary()
-        storage = await check_storage(self._manager.config.log_dir)
+        storage = await check_storage(
+            self._manager.config.log_dir, model_cache=self._manager.models.cache_dir
+        )
         return json_response({**summary, "storage": storage})
 
     async def health_live(self) -> Response:
@@ -229,13 +232,17 @@ def create_app(manager: ManagerFacade) -> ApiApp:
     """The REST API for ``manager``: every route in :data:`OPERATIONS`."""
     app = ApiApp(manager)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    app.url_map.converters["model_id"] = ModelIdConverter
     handlers = _Handlers(manager)
+    model_handlers = ModelHandlers(manager)
     for op in OPERATIONS:
         app.add_url_rule(
             quart_rule(op.path),
             op.endpoint,
-            getattr(handlers, op.endpoint),
+            getattr(handlers, op.endpoint, None) or getattr(model_handlers, op.endpoint),
             methods=[op.method],
+            # A model id is never rewritten: "//etc" stays a (refused) model id.
+            merge_slashes="{model_id}" not in op.path,
         )
     app.before_request(_note_route)
     app.register_error_handler(TeiError, _on_tei_error)

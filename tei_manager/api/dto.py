@@ -16,14 +16,17 @@ from tei_manager.config import InstanceConfig
 from tei_manager.core.logslice import LogSlice
 from tei_manager.core.registry import InstanceInfo
 from tei_manager.errors import ErrorBody
+from tei_manager.hub.state import ModelInfo
 
 __all__ = [
+    "AddModelRequest",
     "ErrorBody",
     "HealthResponse",
     "InstanceConfig",
     "InstanceCounts",
     "InstanceInfo",
     "LogSlice",
+    "ModelInfo",
     "ProbeStatus",
     "StorageHealth",
     "StorageStatus",
@@ -43,11 +46,13 @@ class InstanceCounts(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class StorageHealth(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
-    """Free space where instance logs are written.
+    """Free space where instance logs are written, and in the model cache.
 
     ``status`` is ``warning`` under 10% free and ``unhealthy`` under 5% (or when
     the space cannot be read, in which case the numbers are null and ``error``
-    says why).
+    says why). The top level is the log folder; ``model_cache`` is the Hugging Face
+    cache models are downloaded into, and the top-level ``status`` is the worse of
+    the two.
     """
 
     path: str
@@ -56,6 +61,7 @@ class StorageHealth(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tru
     free_ratio: float | None
     status: StorageStatus
     error: str | None = None
+    model_cache: StorageHealth | None = None
 
 
 class HealthResponse(msgspec.Struct, frozen=True, kw_only=True):
@@ -66,6 +72,13 @@ class HealthResponse(msgspec.Struct, frozen=True, kw_only=True):
     uptime_secs: int
     instances: InstanceCounts
     storage: StorageHealth
+
+
+class AddModelRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``POST /models``: a Hugging Face model to register, at a revision (default: main)."""
+
+    model_id: str
+    revision: str | None = None
 
 
 class ProbeStatus(msgspec.Struct, frozen=True, kw_only=True):

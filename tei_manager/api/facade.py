@@ -14,8 +14,9 @@ from prometheus_client import CollectorRegistry
 from tei_manager.config import InstanceConfig, ManagerConfig
 from tei_manager.core.logslice import LogSlice
 from tei_manager.core.registry import InstanceInfo
+from tei_manager.hub.state import ModelInfo
 
-__all__ = ["HttpMetrics", "ManagerFacade"]
+__all__ = ["HttpMetrics", "ManagerFacade", "ModelsFacade"]
 
 
 class HttpMetrics(Protocol):
@@ -35,6 +36,29 @@ class HttpMetrics(Protocol):
         ...
 
 
+class ModelsFacade(Protocol):
+    """The model registry behind the ``/models`` routes (see :mod:`tei_manager.hub`)."""
+
+    @property
+    def cache_dir(self) -> str:
+        """The Hugging Face cache models are downloaded into (its free space is in /health)."""
+        ...
+
+    def list_models(self) -> list[ModelInfo]: ...
+
+    def get_model(self, model_id: str) -> ModelInfo: ...
+
+    async def add_model(self, model_id: str, revision: str | None) -> tuple[ModelInfo, bool]:
+        """The model, and whether it was new."""
+        ...
+
+    def start_download(self, model_id: str) -> ModelInfo: ...
+
+    def start_load(self, model_id: str) -> ModelInfo: ...
+
+    async def delete_model(self, model_id: str) -> ModelInfo: ...
+
+
 class ManagerFacade(Protocol):
     """The manager operations behind the REST routes.
 
@@ -48,6 +72,9 @@ class ManagerFacade(Protocol):
 
     @property
     def metrics(self) -> HttpMetrics: ...
+
+    @property
+    def models(self) -> ModelsFacade: ...
 
     @property
     def ready(self) -> bool:

@@ -24,6 +24,7 @@ _ERROR_REF: Final = {"$ref": _REF.format(name="ErrorBody")}
 _STATUS_TEXT: Final = {
     200: "OK",
     201: "Created",
+    202: "Accepted",
     400: "Bad request",
     404: "Not found",
     409: "Conflict",
@@ -31,6 +32,12 @@ _STATUS_TEXT: Final = {
     422: "Unprocessable",
     500: "Internal error",
     503: "Not ready",
+}
+
+
+_PATH_PARAMETERS: Final = {
+    "name": "instance name",
+    "model_id": "Hugging Face model id (org/name); its '/' may be sent raw or as %2F",
 }
 
 
@@ -62,17 +69,17 @@ def _operation(op: Operation, schemas: dict[object, Any]) -> dict[str, Any]:
         "summary": op.summary,
         "responses": {str(op.status): success, **_error_responses(op.errors)},
     }
-    parameters: list[dict[str, Any]] = []
-    if "{name}" in op.path:
-        parameters.append(
-            {
-                "name": "name",
-                "in": "path",
-                "required": True,
-                "description": "instance name",
-                "schema": {"type": "string"},
-            }
-        )
+    parameters: list[dict[str, Any]] = [
+        {
+            "name": name,
+            "in": "path",
+            "required": True,
+            "description": description,
+            "schema": {"type": "string"},
+        }
+        for name, description in _PATH_PARAMETERS.items()
+        if f"{{{name}}}" in op.path
+    ]
     parameters.extend(
         {
             "name": q.name,

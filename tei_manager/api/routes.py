@@ -8,10 +8,12 @@ import re
 from typing import Final, NamedTuple
 
 from tei_manager.api.dto import (
+    AddModelRequest,
     HealthResponse,
     InstanceConfig,
     InstanceInfo,
     LogSlice,
+    ModelInfo,
     ProbeStatus,
 )
 from tei_manager.errors import ErrorCode
@@ -66,6 +68,7 @@ class Operation(NamedTuple):
 
 
 _NOT_FOUND = (ErrorCode.INSTANCE_NOT_FOUND,)
+_MODEL_NOT_FOUND = (ErrorCode.INVALID_MODEL_ID, ErrorCode.MODEL_NOT_FOUND)
 
 OPERATIONS: Final[tuple[Operation, ...]] = (
     Operation(
@@ -86,6 +89,7 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
             ErrorCode.PORT_CONFLICT,
             ErrorCode.MAX_INSTANCES_REACHED,
             ErrorCode.PORT_ALLOCATION_FAILED,
+            ErrorCode.MODEL_NOT_FOUND,
         ),
     ),
     Operation(
@@ -121,6 +125,40 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
         ),
     ),
     Operation(
+        "list_models", "GET", "/models",
+        "List models: those in the Hugging Face cache, configured, or added",
+        200, list[ModelInfo],
+    ),
+    Operation(
+        "add_model", "POST", "/models",
+        "Register a model (201 when new; 200 with the known model otherwise)",
+        201, ModelInfo,
+        request=AddModelRequest,
+        errors=(*BODY_ERRORS, ErrorCode.INVALID_MODEL_ID, ErrorCode.MODEL_BUSY),
+    ),
+    Operation(
+        "get_model", "GET", "/models/{model_id}", "Get one model, with its download progress",
+        200, ModelInfo, errors=_MODEL_NOT_FOUND,
+    ),
+    Operation(
+        "download_model", "POST", "/models/{model_id}/download",
+        "Start downloading the model into the cache; answers at once (status downloading)",
+        202, ModelInfo,
+        errors=(*_MODEL_NOT_FOUND, ErrorCode.MODEL_BUSY, ErrorCode.NOT_READY,
+                ErrorCode.BACKEND_UNAVAILABLE),
+    ),
+    Operation(
+        "load_model", "POST", "/models/{model_id}/load",
+        "Start a smoke load (launch, one request, stop); answers at once (status loading)",
+        202, ModelInfo, errors=(*_MODEL_NOT_FOUND, ErrorCode.MODEL_BUSY, ErrorCode.NOT_READY),
+    ),
+    Operation(
+        "delete_model", "DELETE", "/models/{model_id}",
+        "Cancel its download or smoke load, forget it and remove it from the cache",
+        200, ModelInfo,
+        errors=(*_MODEL_NOT_FOUND, ErrorCode.MODEL_IN_USE, ErrorCode.IO_ERROR),
+    ),
+    Operation(
         "health", "GET", "/health", "Manager, instance and storage health (always 200)",
         200, HealthResponse,
     ),
@@ -151,6 +189,11 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
 _PARAM_RE: Final = re.compile(r"\{(\w+)\}")
 
 
+# Path parameters that need a converter: a model id contains "/".
+_CONVERTERS: Final = {"model_id": "model_id:"}
+
+
 def quart_rule(path: str) -> str:
-    """The OpenAPI template as a Quart rule: ``/instances/{name}`` → ``/instances/<name>``."""
-    return _PARAM_RE.sub(r"<\1>", path)
+    """The OpenAPI template as a Quart rule: ``/instances/{name}`` → ``/instances/<name>``,
+    ``/models/{model_id}`` → ``/models/<model_id:model_id>``."""
+    return _PARAM_RE.sub(lambda m: f"<{_CONVERTERS.get(m[1], '')}{m[1]}>", path)
