@@ -1,74 +1,85 @@
-"""purerpc's sans-IO gRPC connection, with the fixes this project needs.
+"""gRPC over HTTP/2, sans-IO: call headers, trailers and length-prefixed messages.
 
-purerpc's ``GRPCConnection`` turns HTTP/2 frames into gRPC events and back; we
-keep it and drive it with our own trio I/O layer (``transport.py``). Fixes:
+``Connection`` sits on our ``H2Connection`` (``h2_connection``, which the transport
+also drives directly for data, flow control and resets) and turns its events into
+gRPC events: a request or response starting, each complete message, the end of
+the request, the response's status. What the spec leaves to an implementation:
 
-- WINDOW_UPDATE for a stream that already ended is ignored, as RFC 7540 §5.1
-  asks; h2 3.2 treats it as a connection error and tears down every call.
-- A message over the size limit fails that one stream (RESOURCE_EXHAUSTED) and
-  its remaining bytes are discarded and acknowledged, instead of raising out of
-  ``receive_data`` and killing the connection.
-- RST_STREAM and GOAWAY are surfaced as events, so a cancelled call cancels its
-  handler and a closing peer fails pending calls.
+- A message over ``max_message_bytes``, or a compressed one (we negotiate no
+  compression), fails only its stream (``MessageRejected``); the stream's remaining
+  bytes are discarded and their flow-control credit is returned at once.
+- A malformed request (method, path, content type, ``grpc-timeout``) is answered
+  by this layer; the application never sees it.
+- A response with an HTTP status other than 200 ends the call with the status gRPC
+  maps it to; one without ``grpc-status`` ends UNKNOWN.
+- Metadata: ``grpc-*``, pseudo-headers, ``te``, ``content-type`` and ``user-agent``
+  are the protocol's; every other header is custom metadata, ``-bin`` values
+  base64-decoded to bytes (and encoded on the way out).
+
+Header blocks for constant headers are built once (see ``_hpack``), so a small
+call's headers cost little more than the dictionary lookups.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import binascii
+import struct
+from urllib.parse import unquote
 
-import h2.config
-import h2.connection
-import h2.events
-import h2.exceptions
-from purerpc.grpclib.config import GRPCConfiguration
-from purerpc.grpclib.connection import GRPCConnection
-from purerpc.grpclib.exceptions import MessageTooLargeError
+from tei_manager.grpc._grpc_events import (
+    Event,
+    MessageReceived,
+    MessageRejected,
+    RequestEnded,
+    RequestReceived,
+    ResponseEnded,
+    ResponseReceived,
+)
+from tei_manager.grpc._grpc_headers import (
+    CONTENT_TYPE,
+    HTTP_STATUS,
+    RESPONSE_HEADERS,
+    Metadata,
+    format_timeout,
+    incoming_metadata,
+    outgoing_metadata,
+    parse_timeout,
+    status_headers,
+)
+from tei_manager.grpc._hpack import encode_header, encode_headers
+from tei_manager.grpc._http2 import H2Connection
+from tei_manager.grpc._http2_frames import (
+    MAX_WINDOW,
+    DataReceived,
+    ErrorCode,
+    HeadersReceived,
+    StreamReset,
+)
+from tei_manager.grpc.rpc import StatusCode
 
+MAX_HEADER_LIST_SIZE = 8192
+CONNECTION_WINDOW = 2**30
+DEFAULT_MAX_CONCURRENT_STREAMS = 2**16
 
-class StreamReset:
-    """The peer reset a stream (RST_STREAM)."""
-
-    __slots__ = ("error_code", "stream_id")
-
-    def __init__(self, stream_id: int, error_code: int) -> None:
-        self.stream_id = stream_id
-        self.error_code = error_code
-
-
-class MessageTooLarge:
-    """A message on this stream is over the size limit; the stream is dead."""
-
-    __slots__ = ("message", "stream_id")
-
-    def __init__(self, stream_id: int, message: str) -> None:
-        self.stream_id = stream_id
-        self.message = message
-
-
-class ConnectionTerminated:
-    """The peer sent GOAWAY: no new streams; streams above ``last_stream_id`` failed."""
-
-    __slots__ = ("error_code", "last_stream_id")
-
-    def __init__(self, error_code: int, last_stream_id: int) -> None:
-        self.error_code = error_code
-        self.last_stream_id = last_stream_id
-
-
-class _H2Connection(h2.connection.H2Connection):  # type: ignore[misc]
-    def _receive_window_update_frame(self, frame: Any) -> Any:
-        try:
-            return super()._receive_window_update_frame(frame)
-        except (h2.exceptions.StreamClosedError, h2.exceptions.StreamIDTooLowError):
-            # RFC 7540 §5.1: WINDOW_UPDATE can arrive for a short period after
-            # a stream closed with END_STREAM; it must be ignored.
-            if frame.stream_id == 0:
-                raise
-            return [], []
+_PREFIX = struct.Struct(">BL")
 
 
-class Connection(GRPCConnection):  # type: ignore[misc]
-    """``GRPCConnection`` with the fixes above and a configurable message limit."""
+class _Call:
+    """Per-stream gRPC state: the partial message being read, and how the call stands."""
+
+    __slots__ = ("discarding", "encoding", "headers_received", "need", "pending", "pending_size")
+
+    def __init__(self) -> None:
+        self.pending: list[bytes] = []
+        self.pending_size = 0
+        self.need = 0
+        self.discarding = False
+        self.headers_received = False
+        self.encoding: str | None = None
+
+
+class Connection:
+    """One gRPC connection, client or server side."""
 
     def __init__(
         self,
@@ -77,63 +88,348 @@ class Connection(GRPCConnection):  # type: ignore[misc]
         max_message_bytes: int,
         max_concurrent_streams: int | None = None,
     ) -> None:
-        super().__init__(
-            GRPCConfiguration(client_side=client_side, max_message_length=max_message_bytes)
+        self.client_side = client_side
+        self.max_message_bytes = max_message_bytes
+        self.h2_connection = H2Connection(
+            client_side=client_side,
+            # Room for two whole messages per stream, as purerpc had.
+            initial_window_size=min(2 * max_message_bytes, MAX_WINDOW),
+            connection_window_size=CONNECTION_WINDOW,
+            max_concurrent_streams=max_concurrent_streams or DEFAULT_MAX_CONCURRENT_STREAMS,
+            max_header_list_size=MAX_HEADER_LIST_SIZE,
         )
-        if max_concurrent_streams is not None:
-            self.MAX_CONCURRENT_STREAMS = max_concurrent_streams
-        self.h2_connection = _H2Connection(
-            h2.config.H2Configuration(
-                client_side=client_side,
-                header_encoding="utf-8",
-                # The headers we send are built here, lower-case and valid: checking
-                # them again costs a good part of a small call's CPU.
-                validate_outbound_headers=False,
-                normalize_outbound_headers=False,
-                # A client talks to our own instances; a server checks what it receives.
-                validate_inbound_headers=not client_side,
+        self._calls: dict[int, _Call] = {}
+        self._last_request_id = 0
+        self._request_prefixes: dict[tuple[str, str, str], bytes] = {}
+
+    def initiate_connection(self) -> None:
+        self.h2_connection.initiate_connection()
+
+    def data_to_send(self) -> bytearray:
+        return self.h2_connection.data_to_send()
+
+    # -- receiving ------------------------------------------------------------------
+    def receive_data(self, data: bytes) -> list[Event]:
+        """Feed bytes from the peer. Raises ``ProtocolError`` (a GOAWAY is queued)."""
+        out: list[Event] = []
+        for event in self.h2_connection.receive_data(data):
+            kind = type(event)
+            if kind is DataReceived:
+                self._data(event, out)  # type: ignore[arg-type]
+            elif kind is HeadersReceived:
+                self._headers(event, out)  # type: ignore[arg-type]
+            else:
+                if kind is StreamReset:
+                    self._drop(event.stream_id)  # type: ignore[union-attr]
+                out.append(event)  # type: ignore[arg-type]
+        return out
+
+    def _data(self, event: DataReceived, out: list[Event]) -> None:
+        stream_id = event.stream_id
+        data = event.data
+        call = self._calls.get(stream_id)
+        if call is None or call.discarding:
+            if data:  # nobody reads these bytes: credit them back now
+                self.h2_connection.acknowledge_received_data(stream_id, len(data))
+            return
+        if self.client_side and not call.headers_received:
+            self._fail_stream(stream_id, StatusCode.INTERNAL, "DATA before response headers", out)
+            return
+        if data:
+            self._messages(call, stream_id, data, out)
+        if event.end_stream and not call.discarding:
+            if call.pending_size:
+                self._fail_stream(
+                    stream_id, StatusCode.INTERNAL, "the stream ended inside a message", out
+                )
+            elif self.client_side:
+                message = "the server ended the call without a status"
+                out.append(ResponseEnded(stream_id, StatusCode.INTERNAL, message))
+            else:
+                out.append(RequestEnded(stream_id))
+
+    def _messages(self, call: _Call, stream_id: int, data: bytes, out: list[Event]) -> None:
+        if call.pending:
+            call.pending.append(data)
+            call.pending_size += len(data)
+            if call.pending_size < call.need:
+                return
+            data = b"".join(call.pending)
+            call.pending = []
+            call.pending_size = 0
+        pos = 0
+        end = len(data)
+        limit = self.max_message_bytes
+        need = 5
+        while end - pos >= 5:
+            compressed, length = _PREFIX.unpack_from(data, pos)
+            if length > limit or compressed:
+                if compressed:
+                    message = f"compressed messages ({call.encoding or 'no grpc-encoding'}) "
+                    message += "are not supported"
+                    status = StatusCode.INTERNAL if self.client_side else StatusCode.UNIMPLEMENTED
+                else:
+                    message = f"message of {length} bytes is over the limit of {limit} bytes"
+                    status = StatusCode.RESOURCE_EXHAUSTED
+                call.discarding = True
+                self.h2_connection.acknowledge_received_data(stream_id, end - pos)
+                out.append(MessageRejected(stream_id, status, message))
+                return
+            stop = pos + 5 + length
+            if stop > end:
+                need = 5 + length
+                break
+            out.append(MessageReceived(stream_id, data[pos + 5 : stop], stop - pos))
+            pos = stop
+        if pos < end:
+            rest = data[pos:] if pos else data
+            call.pending = [rest]
+            call.pending_size = len(rest)
+            call.need = need
+
+    def _headers(self, event: HeadersReceived, out: list[Event]) -> None:
+        stream_id = event.stream_id
+        call = self._calls.get(stream_id)
+        if self.client_side:
+            if call is not None and not call.discarding:
+                self._response_headers(call, stream_id, event, out)
+            return
+        if call is None:
+            if stream_id > self._last_request_id:
+                self._last_request_id = stream_id
+                self._request(stream_id, event, out)
+            return
+        # Trailers from the client: HTTP allows them; they only end the request.
+        if not event.end_stream:
+            self._fail_stream(stream_id, StatusCode.INTERNAL, "headers inside the request", out)
+        elif not call.discarding:
+            out.append(RequestEnded(stream_id))
+
+    def _request(self, stream_id: int, event: HeadersReceived, out: list[Event]) -> None:
+        method = path = scheme = authority = content_type = user_agent = encoding = None
+        timeout_text = None
+        metadata = []
+        try:
+            for name, value in event.headers:
+                if name[0] == ":":
+                    if name == ":path":
+                        path = value
+                    elif name == ":method":
+                        method = value
+                    elif name == ":scheme":
+                        scheme = value
+                    elif name == ":authority":
+                        authority = value
+                elif name == "content-type":
+                    content_type = value
+                elif name == "te":
+                    pass
+                elif name == "grpc-timeout":
+                    timeout_text = value
+                elif name == "user-agent":
+                    user_agent = value
+                elif name == "grpc-encoding":
+                    encoding = value
+                elif not name.startswith("grpc-"):
+                    metadata.append(incoming_metadata(name, value))
+        except (binascii.Error, ValueError):
+            self._refuse(stream_id, StatusCode.INTERNAL, "malformed binary metadata")
+            return
+        if content_type is None or not content_type.startswith("application/grpc"):
+            # The gRPC spec's answer to a request that is not gRPC at all.
+            self.h2_connection.send_headers(
+                stream_id, encode_headers([(":status", "415")]), end_stream=True
+            )
+            self.h2_connection.reset_stream(stream_id, ErrorCode.NO_ERROR)
+            return
+        if method != "POST":
+            self._refuse(stream_id, StatusCode.UNIMPLEMENTED, f"method {method} is not POST")
+            return
+        if path is None or path.count("/") != 2 or path[0] != "/":
+            self._refuse(stream_id, StatusCode.UNIMPLEMENTED, f"malformed path {path}")
+            return
+        timeout = None
+        if timeout_text is not None:
+            timeout = parse_timeout(timeout_text)
+            if timeout is None:
+                self._refuse(
+                    stream_id, StatusCode.INTERNAL, f"malformed grpc-timeout {timeout_text}"
+                )
+                return
+        call = _Call()
+        call.encoding = encoding
+        self._calls[stream_id] = call
+        out.append(
+            RequestReceived(
+                stream_id,
+                path,
+                timeout,
+                tuple(metadata),
+                scheme=scheme,
+                authority=authority,
+                content_type=content_type,
+                message_encoding=encoding,
+                user_agent=user_agent,
             )
         )
-        self.h2_connection.clear_outbound_data_buffer()
-        self._set_h2_connection_local_settings()
-        # Streams whose inbound data is thrown away after an oversized message.
-        self._discarding: set[int] = set()
+        if event.end_stream:
+            out.append(RequestEnded(stream_id))
 
-    def _data_received(self, event: h2.events.DataReceived) -> list[Any]:
-        stream_id = event.stream_id
-        if stream_id in self._discarding or stream_id not in self.message_read_buffers:
-            # Nothing will read these bytes: give the flow-control credit back now.
-            self._ack(stream_id, event.flow_controlled_length)
-            return []
+    def _response_headers(
+        self, call: _Call, stream_id: int, event: HeadersReceived, out: list[Event]
+    ) -> None:
+        http_status = content_type = encoding = grpc_status = None
+        grpc_message = ""
+        metadata = []
         try:
-            return super()._data_received(event)  # type: ignore[no-any-return]
-        except MessageTooLargeError as error:
-            del self.message_read_buffers[stream_id]
-            self._discarding.add(stream_id)
-            self._ack(stream_id, event.flow_controlled_length)
-            return [MessageTooLarge(stream_id, str(error))]
+            for name, value in event.headers:
+                if name[0] == ":":
+                    if name == ":status":
+                        http_status = value
+                elif name == "grpc-status":
+                    grpc_status = value
+                elif name == "grpc-message":
+                    grpc_message = unquote(value) if "%" in value else value
+                elif name == "content-type":
+                    content_type = value
+                elif name == "grpc-encoding":
+                    encoding = value
+                elif not name.startswith("grpc-"):
+                    metadata.append(incoming_metadata(name, value))
+        except (binascii.Error, ValueError):
+            self._fail_stream(stream_id, StatusCode.INTERNAL, "malformed binary metadata", out)
+            return
+        if not call.headers_received:
+            if http_status is not None and http_status[:1] == "1" and not event.end_stream:
+                return  # informational (1xx): the real headers follow
+            if http_status != "200":
+                code = HTTP_STATUS.get(http_status or "", StatusCode.UNKNOWN)
+                self._fail_stream(stream_id, code, f"HTTP status {http_status}", out)
+                return
+            if content_type is not None and not content_type.startswith("application/grpc"):
+                message = f"response content-type {content_type} is not gRPC"
+                self._fail_stream(stream_id, StatusCode.UNKNOWN, message, out)
+                return
+            call.headers_received = True
+            call.encoding = encoding
+            if not event.end_stream:
+                out.append(ResponseReceived(stream_id, tuple(metadata), content_type, encoding))
+                return
+            # Trailers-only: these headers are the trailers.
+            out.append(ResponseReceived(stream_id, (), content_type, encoding))
+        elif not event.end_stream:
+            self._fail_stream(stream_id, StatusCode.INTERNAL, "trailers without END_STREAM", out)
+            return
+        if call.pending_size:
+            self._fail_stream(
+                stream_id, StatusCode.INTERNAL, "the call ended inside a message", out
+            )
+            return
+        status: int
+        if grpc_status is None or not grpc_status.isdigit():
+            status, grpc_message = StatusCode.UNKNOWN, f"invalid grpc-status {grpc_status}"
+        else:
+            status = int(grpc_status)
+        out.append(ResponseEnded(stream_id, status, grpc_message, tuple(metadata)))
 
-    def _ack(self, stream_id: int, length: int) -> None:
-        if length:
-            try:
-                self.h2_connection.acknowledge_received_data(length, stream_id)
-            except h2.exceptions.StreamClosedError:
-                self.h2_connection.acknowledge_received_data(length, 0)
+    def _fail_stream(
+        self, stream_id: int, status: StatusCode, message: str, out: list[Event]
+    ) -> None:
+        """The peer broke gRPC on this stream: fail the call, reset the stream, drop its data."""
+        call = self._calls.get(stream_id)
+        if call is not None:
+            call.discarding = True
+            self._release_pending(stream_id, call)
+        self.h2_connection.reset_stream(
+            stream_id, ErrorCode.CANCEL if self.client_side else ErrorCode.PROTOCOL_ERROR
+        )
+        out.append(MessageRejected(stream_id, status, message))
 
-    def _stream_ended(self, event: h2.events.StreamEnded) -> list[Any]:
-        if event.stream_id in self._discarding:
-            return []
-        return super()._stream_ended(event)  # type: ignore[no-any-return]
+    def _refuse(self, stream_id: int, status: StatusCode, message: str) -> None:
+        """Server side: answer a request the application never sees."""
+        self.respond_status(stream_id, status, message)
+        self.h2_connection.reset_stream(stream_id, ErrorCode.NO_ERROR)
 
-    def _stream_reset(self, event: h2.events.StreamReset) -> list[Any]:
-        self.message_read_buffers.pop(event.stream_id, None)
-        self._discarding.discard(event.stream_id)
-        return [StreamReset(event.stream_id, int(event.error_code))]
+    def _release_pending(self, stream_id: int, call: _Call) -> None:
+        if call.pending_size:
+            self.h2_connection.acknowledge_received_data(stream_id, call.pending_size)
+            call.pending = []
+            call.pending_size = 0
 
-    def _connection_terminated(self, event: h2.events.ConnectionTerminated) -> list[Any]:
-        return [ConnectionTerminated(int(event.error_code), event.last_stream_id or 0)]
+    def _drop(self, stream_id: int) -> None:
+        call = self._calls.pop(stream_id, None)
+        if call is not None:
+            self._release_pending(stream_id, call)
+
+    # -- sending --------------------------------------------------------------------
+    def start_request(
+        self,
+        stream_id: int,
+        scheme: str,
+        path: str,
+        authority: str,
+        timeout: float | None = None,
+        metadata: Metadata = (),
+    ) -> None:
+        """Client side: open a stream with the call's headers."""
+        key = (scheme, path, authority)
+        block = self._request_prefixes.get(key)
+        if block is None:
+            block = encode_headers(
+                [
+                    (":method", "POST"),
+                    (":scheme", scheme),
+                    (":path", path),
+                    (":authority", authority),
+                    ("te", "trailers"),
+                    ("content-type", CONTENT_TYPE),
+                ]
+            )
+            if len(self._request_prefixes) < 1024:
+                self._request_prefixes[key] = block
+        if timeout is not None:
+            block += encode_header("grpc-timeout", format_timeout(timeout))
+        if metadata:
+            block += encode_headers(outgoing_metadata(metadata))
+        self.h2_connection.send_headers(stream_id, block)
+        self._calls[stream_id] = _Call()
+
+    def end_request(self, stream_id: int) -> None:
+        """Client side: no more request messages. Raises ``StreamClosedError``."""
+        self.h2_connection.end_stream(stream_id)
+
+    def start_response(self, stream_id: int, metadata: Metadata = ()) -> None:
+        """Server side: send the response headers."""
+        block = RESPONSE_HEADERS
+        if metadata:
+            block += encode_headers(outgoing_metadata(metadata))
+        self.h2_connection.send_headers(stream_id, block)
+
+    def end_response(
+        self, stream_id: int, status: int, message: str = "", metadata: Metadata = ()
+    ) -> None:
+        """Server side: send the trailers, ending the call. Raises ``StreamClosedError``."""
+        headers = status_headers(status, message)
+        if metadata:
+            headers += outgoing_metadata(metadata)
+        self.h2_connection.send_headers(stream_id, encode_headers(headers), end_stream=True)
+
+    def respond_status(
+        self, stream_id: int, status: int, message: str = "", metadata: Metadata = ()
+    ) -> None:
+        """Server side: a trailers-only response (no headers were sent)."""
+        headers = status_headers(status, message)
+        if metadata:
+            headers += outgoing_metadata(metadata)
+        block = RESPONSE_HEADERS + encode_headers(headers)
+        self.h2_connection.send_headers(stream_id, block, end_stream=True)
 
     def forget(self, stream_id: int) -> None:
-        """Drop per-stream bookkeeping once a stream is finished locally."""
-        self.message_read_buffers.pop(stream_id, None)
-        self._discarding.discard(stream_id)
+        """The application is done with a stream: drop its state, reset it if still open."""
+        self._drop(stream_id)
+        stream = self.h2_connection.streams.get(stream_id)
+        if stream is not None:
+            # Our side finished first (the peer is still sending): NO_ERROR tells it
+            # to stop; otherwise we are abandoning the call.
+            code = ErrorCode.NO_ERROR if stream.local_closed else ErrorCode.CANCEL
+            self.h2_connection.reset_stream(stream_id, code)

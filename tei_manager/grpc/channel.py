@@ -9,7 +9,6 @@ UNAVAILABLE instead of crashing the caller's nursery.
 
 from __future__ import annotations
 
-import datetime
 import math
 import ssl
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
@@ -57,6 +56,7 @@ class Channel:
         self.port = port
         self.authority = f"{host}:{port}"
         self._ssl_context = ssl_context
+        self._scheme = "https" if ssl_context is not None else "http"
         self._server_hostname = server_hostname or host
         self._max_message_bytes = max_message_bytes
         self._connect_timeout = connect_timeout
@@ -115,23 +115,18 @@ class Channel:
         if transport is None or transport.closed or transport.goaway:
             raise GrpcError(StatusCode.UNAVAILABLE, f"no connection to {self.authority}")
         stream = transport.open_stream()
-        grpc_timeout = None
+        timeout = None
         deadline = trio.current_effective_deadline()
         if deadline != math.inf:
-            left = deadline - trio.current_time()
-            # Whole microseconds, rounded up so the server never sees zero.
-            grpc_timeout = datetime.timedelta(microseconds=max(1, math.ceil(left * 1e6)))
-        transport.conn.start_request(
-            stream.stream_id,
-            "https" if self._ssl_context is not None else "http",
-            spec.service,
-            spec.name,
-            spec.request_type.DESCRIPTOR.full_name,
-            self.authority,
-            grpc_timeout,
-            "+proto",
-            metadata,
-        )
+            # Sent rounded up, so the server never sees zero.
+            timeout = deadline - trio.current_time()
+        try:
+            transport.conn.start_request(
+                stream.stream_id, self._scheme, spec.path, self.authority, timeout, metadata
+            )
+        except BaseException:
+            transport.release(stream)
+            raise
         transport.flush()
         return stream
 

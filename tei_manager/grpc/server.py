@@ -1,12 +1,12 @@
-"""The gRPC server: purerpc's protocol layer on our trio transport.
+"""The gRPC server: our trio transport and gRPC protocol layer serving servicers.
 
-Fixes over purerpc's stock ``Server`` (each has a test in tests/test_grpc_server.py):
-binds the configured host without ``reuse_port``; TLS contexts advertise ALPN
-"h2"; the peer certificate reaches handlers; the message-size limit is
-configurable and an oversized message fails only its call with
-RESOURCE_EXHAUSTED; a client's RST_STREAM or connection loss cancels the
-handler and ``grpc-timeout`` bounds it (DEADLINE_EXCEEDED); handler exceptions
-become INTERNAL with a clean message; cancellation at shutdown logs nothing.
+What it guarantees (each has a test in tests/test_grpc_server.py): binds the
+configured host without ``reuse_port``; TLS contexts advertise ALPN "h2"; the peer
+certificate reaches handlers; the message-size limit is configurable and an
+oversized message fails only its call with RESOURCE_EXHAUSTED; a client's
+RST_STREAM or connection loss cancels the handler and ``grpc-timeout`` bounds it
+(DEADLINE_EXCEEDED); handler exceptions become INTERNAL with a clean message;
+cancellation at shutdown logs nothing.
 """
 
 from __future__ import annotations
@@ -17,8 +17,6 @@ from collections.abc import AsyncGenerator, Callable, Iterable
 from contextlib import aclosing
 from typing import Any
 
-import h2.errors
-import h2.exceptions
 import trio
 from google.protobuf.message import DecodeError, Message
 
@@ -251,7 +249,7 @@ class GrpcServer:
     ) -> None:
         request = stream.request
         assert request is not None
-        path = f"/{request.service_name}/{request.method_name}"
+        path = request.path
         entry = self._methods.get(path)
         transport = stream.transport
         if entry is None:
@@ -265,7 +263,7 @@ class GrpcServer:
         self._idle = trio.Event() if self._idle.is_set() else self._idle
         deadline = None
         if request.timeout is not None:
-            deadline = trio.current_time() + request.timeout.total_seconds()
+            deadline = trio.current_time() + request.timeout
         context = CallContext(spec, tuple(request.custom_metadata), peer, certificate, deadline)
         responder = _Responder(stream)
         code, message = StatusCode.CANCELLED, "cancelled"
@@ -314,16 +312,9 @@ class GrpcServer:
 
     @staticmethod
     def _finish(stream: Stream) -> None:
-        transport = stream.transport
-        h2_stream = transport.conn.h2_connection.streams.get(stream.stream_id)
-        if h2_stream is not None and not h2_stream.closed and not stream.reset:
-            # We answered before the client finished sending: tell it to stop.
-            try:
-                transport.conn.reset_stream(stream.stream_id, h2.errors.ErrorCodes.NO_ERROR)
-                transport.flush()
-            except h2.exceptions.H2Error:
-                pass
-        transport.release(stream)
+        # Releasing a stream the client is still sending on resets it (NO_ERROR after
+        # our answer): we answered before the client finished, so it should stop.
+        stream.transport.release(stream)
 
 
 def _first_leaf(group: BaseExceptionGroup[GrpcError]) -> GrpcError:

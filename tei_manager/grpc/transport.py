@@ -8,48 +8,49 @@ are delivered to the call that owns the stream.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import struct
 from collections import deque
 from collections.abc import Callable
-from typing import Any
 
-import h2.errors
-import h2.exceptions
 import trio
-from purerpc.grpclib.events import (
+
+from tei_manager.grpc._grpc_events import (
+    ConnectionTerminated,
+    Event,
     MessageReceived,
+    MessageRejected,
     RequestEnded,
     RequestReceived,
     ResponseEnded,
     ResponseReceived,
+    StreamReset,
     WindowUpdated,
 )
-from purerpc.grpclib.exceptions import ProtocolError
-from purerpc.grpclib.status import Status
-
-from tei_manager.grpc._protocol import (
-    Connection,
-    ConnectionTerminated,
-    MessageTooLarge,
-    StreamReset,
-)
+from tei_manager.grpc._grpc_headers import Metadata
+from tei_manager.grpc._http2_frames import ErrorCode, ProtocolError, StreamClosedError
+from tei_manager.grpc._protocol import Connection
 from tei_manager.grpc.rpc import GrpcError, StatusCode
 
 log = logging.getLogger(__name__)
 
 RECEIVE_SIZE = 256 * 1024
-_PREFIX = struct.Struct(">?I")
+_PREFIX = struct.Struct(">BL")
+# Messages up to this size are framed by concatenation; larger ones are sent in two
+# pieces (prefix, then the message itself) rather than copied.
+_CONCAT_LIMIT = 64 * 1024
 
 # How gRPC maps an RST_STREAM error code to a status (gRPC's http-grpc-status mapping).
-_RESET_STATUS = {
-    h2.errors.ErrorCodes.NO_ERROR: StatusCode.INTERNAL,
-    h2.errors.ErrorCodes.REFUSED_STREAM: StatusCode.UNAVAILABLE,
-    h2.errors.ErrorCodes.CANCEL: StatusCode.CANCELLED,
-    h2.errors.ErrorCodes.ENHANCE_YOUR_CALM: StatusCode.RESOURCE_EXHAUSTED,
-    h2.errors.ErrorCodes.INADEQUATE_SECURITY: StatusCode.PERMISSION_DENIED,
+_RESET_STATUS: dict[int, StatusCode] = {
+    ErrorCode.NO_ERROR: StatusCode.INTERNAL,
+    ErrorCode.REFUSED_STREAM: StatusCode.UNAVAILABLE,
+    ErrorCode.CANCEL: StatusCode.CANCELLED,
+    ErrorCode.ENHANCE_YOUR_CALM: StatusCode.RESOURCE_EXHAUSTED,
+    ErrorCode.INADEQUATE_SECURITY: StatusCode.PERMISSION_DENIED,
 }
+
+#: Events queued on a call's stream, read by ``Stream.receive_message``.
+StreamEvent = MessageReceived | RequestEnded | ResponseReceived | ResponseEnded
 
 
 class Stream:
@@ -63,6 +64,7 @@ class Stream:
         "local_closed",
         "request",
         "reset",
+        "response_ended",
         "response_headers",
         "stream_id",
         "trailers",
@@ -72,20 +74,23 @@ class Stream:
     def __init__(self, transport: Transport, stream_id: int) -> None:
         self.transport = transport
         self.stream_id = stream_id
-        self._events: deque[Any] = deque()
+        self._events: deque[StreamEvent] = deque()
         self._lot = trio.lowlevel.ParkingLot()
         self.request: RequestReceived | None = None
         self.response_headers: ResponseReceived | None = None
         self.trailers: ResponseEnded | None = None
+        #: Client side: the status, as soon as it arrives (``trailers`` once read).
+        self.response_ended: ResponseEnded | None = None
         self.error: GrpcError | None = None
         self.reset = False
         self.local_closed = False
         self.handler_scope: trio.CancelScope | None = None
 
     # -- inbound -------------------------------------------------------------
-    def _push(self, event: Any) -> None:
+    def _push(self, event: StreamEvent) -> None:
         self._events.append(event)
-        self._lot.unpark_all()
+        if self._lot:
+            self._lot.unpark_all()
 
     def _fail(self, error: GrpcError) -> None:
         if self.error is None:
@@ -95,29 +100,31 @@ class Stream:
     async def receive_message(self) -> bytes | None:
         """The next message's bytes, or None once the peer ended its side.
 
-        Raises ``GrpcError`` when the stream failed (reset, too large, connection
-        lost) and, on the client side, when the call ended with a non-OK status.
+        Raises ``GrpcError`` when the stream failed (reset, message rejected,
+        connection lost) and, on the client side, when the call ended with a
+        non-OK status.
         """
+        events = self._events
         while True:
-            while not self._events:
+            while not events:
                 if self.error is not None:
                     raise self.error
                 await self._lot.park()
-            event = self._events.popleft()
-            if isinstance(event, MessageReceived):
-                self.transport.acknowledge(self.stream_id, event.flow_controlled_length)
-                return event.data  # type: ignore[no-any-return]
-            if isinstance(event, RequestEnded):
+            event = events.popleft()
+            kind = type(event)
+            if kind is MessageReceived:
+                self.transport.acknowledge(self.stream_id, event.flow_controlled_length)  # type: ignore[union-attr]
+                return event.data  # type: ignore[union-attr]
+            if kind is RequestEnded:
                 return None
-            if isinstance(event, ResponseReceived):
-                self.response_headers = event
+            if kind is ResponseReceived:
+                self.response_headers = event  # type: ignore[assignment]
                 continue
-            if isinstance(event, ResponseEnded):
-                self.trailers = event
-                status = event.status
-                if status.int_value != StatusCode.OK:
-                    raise GrpcError(_status_code(status.int_value), status.status_message)
-                return None
+            assert isinstance(event, ResponseEnded)
+            self.trailers = event
+            if event.status != StatusCode.OK:
+                raise GrpcError(_status_code(event.status), event.status_message)
+            return None
 
     # -- outbound ------------------------------------------------------------
     async def send_message(self, data: bytes) -> None:
@@ -129,21 +136,41 @@ class Stream:
                 StatusCode.RESOURCE_EXHAUSTED,
                 f"message of {len(data)} bytes is over the limit of {limit} bytes",
             )
-        payload = memoryview(_PREFIX.pack(False, len(data)) + data)
-        conn = transport.conn
-        while payload:
-            if self.error is not None:
-                raise self.error
-            window = conn.flow_control_window(self.stream_id)
-            if window <= 0:
-                await transport.wait_window()
-                continue
-            chunk, payload = payload[:window], payload[window:]
-            conn.send_data(self.stream_id, chunk.tobytes())
-            transport.flush()
+        if self.error is not None:
+            raise self.error
+        prefix = _PREFIX.pack(0, len(data))
+        pieces = (prefix + data,) if len(data) <= _CONCAT_LIMIT else (prefix, data)
+        h2 = transport.h2
+        stream_id = self.stream_id
+        try:
+            for piece in pieces:
+                sent = h2.send_data(stream_id, piece)
+                while sent < len(piece):
+                    transport.flush()
+                    await transport.wait_window()
+                    if self.error is not None:
+                        raise self.error
+                    sent += h2.send_data(stream_id, piece, sent)
+        except StreamClosedError:
+            ended = self.response_ended
+            if ended is None:
+                raise self.error or GrpcError(
+                    StatusCode.INTERNAL, "the call's stream is closed for sending"
+                ) from None
+            # The server answered before reading everything: the rest is moot, and
+            # the call's outcome is the status it sent.
+            if ended.status != StatusCode.OK:
+                raise GrpcError(_status_code(ended.status), ended.status_message) from None
+            return
+        transport.flush()
 
-    def start_response(self, custom_metadata: tuple[tuple[str, str], ...] = ()) -> None:
-        self.transport.conn.start_response(self.stream_id, "+proto", custom_metadata)
+    def start_response(self, custom_metadata: Metadata = ()) -> None:
+        try:
+            self.transport.conn.start_response(self.stream_id, custom_metadata)
+        except StreamClosedError:  # reset by the client; the handler is being cancelled
+            raise self.error or GrpcError(
+                StatusCode.CANCELLED, "the call's stream is closed"
+            ) from None
         self.transport.flush()
 
     def send_status(self, code: StatusCode, message: str = "", *, headers_sent: bool) -> None:
@@ -151,14 +178,13 @@ class Stream:
         if self.local_closed or self.reset:
             return
         self.local_closed = True
-        status = Status(int(code), message)
         conn = self.transport.conn
         try:
             if headers_sent:
-                conn.end_response(self.stream_id, status)
+                conn.end_response(self.stream_id, code, message)
             else:
-                conn.respond_status(self.stream_id, status, "+proto")
-        except h2.exceptions.H2Error:
+                conn.respond_status(self.stream_id, code, message)
+        except StreamClosedError:
             return
         self.transport.flush()
 
@@ -169,19 +195,16 @@ class Stream:
         self.local_closed = True
         try:
             self.transport.conn.end_request(self.stream_id)
-        except Exception:  # the peer already closed its side; nothing to end
+        except StreamClosedError:  # the peer already closed its side; nothing to end
             return
         self.transport.flush()
 
-    def cancel(self, code: int = h2.errors.ErrorCodes.CANCEL) -> None:
+    def cancel(self, code: int = ErrorCode.CANCEL) -> None:
         """Reset the stream (RST_STREAM) unless it already finished."""
         if self.reset:
             return
         self.reset = True
-        try:
-            self.transport.conn.reset_stream(self.stream_id, code)
-        except h2.exceptions.H2Error:
-            return
+        self.transport.h2.reset_stream(self.stream_id, code)
         self.transport.flush()
 
 
@@ -210,6 +233,8 @@ class Transport:
             max_message_bytes=max_message_bytes,
             max_concurrent_streams=max_concurrent_streams,
         )
+        #: The HTTP/2 layer under ``conn``: data, flow control and resets go to it directly.
+        self.h2 = self.conn.h2_connection
         self.max_message_bytes = max_message_bytes
         self.streams: dict[int, Stream] = {}
         self._on_request = on_request
@@ -239,6 +264,7 @@ class Transport:
     async def _reader(self) -> None:
         socket = self.socket
         conn = self.conn
+        dispatch = self._dispatch
         while True:
             try:
                 data = await socket.receive_some(RECEIVE_SIZE)
@@ -247,22 +273,40 @@ class Transport:
             if not data:
                 return
             try:
-                events = conn.receive_data(data)
-            except (ProtocolError, h2.exceptions.ProtocolError) as error:
+                events = conn.receive_data(data if type(data) is bytes else bytes(data))
+            except ProtocolError as error:
                 log.debug("closing gRPC connection after protocol error: %s", error)
-                with contextlib.suppress(h2.exceptions.H2Error):
-                    conn.h2_connection.close_connection(h2.errors.ErrorCodes.PROTOCOL_ERROR)
-                self.flush()
+                # Let the writer send the GOAWAY (and anything before it) first.
+                self._closing = True
+                self._send_needed.set()
+                with trio.move_on_after(1):
+                    await self._writer_done.wait()
                 return
-            self.flush()
             for event in events:
-                self._dispatch(event)
+                dispatch(event)
+            self.flush()
 
-    def _dispatch(self, event: Any) -> None:
-        if isinstance(event, WindowUpdated):
+    def _dispatch(self, event: Event) -> None:
+        kind = type(event)
+        if (
+            kind is MessageReceived
+            or kind is ResponseEnded
+            or kind is ResponseReceived
+            or kind is RequestEnded
+        ):
+            found = self.streams.get(event.stream_id)  # type: ignore[union-attr]
+            if found is not None:
+                if kind is ResponseEnded:
+                    found.response_ended = event  # type: ignore[assignment]
+                found._push(event)  # type: ignore[arg-type]
+            elif kind is MessageReceived:  # nobody will read it: give the credit back
+                self.h2.acknowledge_received_data(event.stream_id, event.flow_controlled_length)  # type: ignore[union-attr]
+            return
+        if kind is WindowUpdated:
             self._window_lot.unpark_all()
             return
-        if isinstance(event, RequestReceived):
+        if kind is RequestReceived:
+            assert isinstance(event, RequestReceived)
             stream = Stream(self, event.stream_id)
             stream.request = event
             self.streams[event.stream_id] = stream
@@ -274,33 +318,40 @@ class Transport:
                 return
             self._on_request(stream)
             return
-        if isinstance(event, ConnectionTerminated):
+        if kind is ConnectionTerminated:
+            assert isinstance(event, ConnectionTerminated)
             self.goaway = True
             for stream_id, stream in list(self.streams.items()):
                 if stream_id > event.last_stream_id:
                     stream._fail(GrpcError(StatusCode.UNAVAILABLE, "connection closed by peer"))
             return
+        assert isinstance(event, StreamReset | MessageRejected)
         found = self.streams.get(event.stream_id)
         if found is None:
             return
         if isinstance(event, StreamReset):
             found.reset = True
+            if event.error_code == ErrorCode.NO_ERROR and found.response_ended is not None:
+                # The server answered and only asks us to stop sending (gRPC over
+                # HTTP/2): the call's outcome is the status already received.
+                self._window_lot.unpark_all()
+                return
             code = _RESET_STATUS.get(event.error_code, StatusCode.INTERNAL)
             found._fail(GrpcError(code, "stream reset by peer"))
             if found.handler_scope is not None:
                 found.handler_scope.cancel()
-        elif isinstance(event, MessageTooLarge):
-            found._fail(GrpcError(StatusCode.RESOURCE_EXHAUSTED, event.message))
         else:
-            found._push(event)
+            found._fail(GrpcError(event.status, event.message))
+        # A sender waiting for window on this stream must see the failure.
+        self._window_lot.unpark_all()
 
     async def _writer(self) -> None:
         socket = self.socket
-        conn = self.conn
+        h2 = self.h2
         while True:
             await self._send_needed.wait()
             self._send_needed = trio.Event()
-            data = conn.data_to_send()
+            data = h2.data_to_send()
             if data:
                 try:
                     await socket.send_all(data)
@@ -325,13 +376,14 @@ class Transport:
 
     # -- helpers for streams -------------------------------------------------
     def flush(self) -> None:
-        self._send_needed.set()
+        """Wake the writer if anything is queued."""
+        if self.h2.output_pending or self._closing:
+            self._send_needed.set()
 
     def acknowledge(self, stream_id: int, length: int) -> None:
-        if length:
-            with contextlib.suppress(h2.exceptions.StreamClosedError):
-                self.conn.acknowledge_received_data(stream_id, length)
-            self.flush()
+        self.h2.acknowledge_received_data(stream_id, length)
+        if self.h2.output_pending:
+            self._send_needed.set()
 
     async def wait_window(self) -> None:
         if self.closed:
@@ -339,27 +391,33 @@ class Transport:
         await self._window_lot.park()
 
     def open_stream(self) -> Stream:
-        stream_id = self.conn.get_next_available_stream_id()
+        if not self.h2.can_open_stream():
+            raise GrpcError(StatusCode.UNAVAILABLE, "no more calls allowed on this connection")
+        stream_id = self.h2.get_next_available_stream_id()
         stream = Stream(self, stream_id)
         self.streams[stream_id] = stream
         return stream
 
     def release(self, stream: Stream) -> None:
-        """Forget a finished stream."""
+        """Forget a finished stream, returning the credit of messages nobody read."""
         self.streams.pop(stream.stream_id, None)
+        for event in stream._events:
+            if type(event) is MessageReceived:
+                self.h2.acknowledge_received_data(stream.stream_id, event.flow_controlled_length)
+        stream._events.clear()
         self.conn.forget(stream.stream_id)
+        self.flush()
 
     async def close_gracefully(self) -> None:
         """Send GOAWAY and wait until everything queued, answers included, is written."""
         self.close()
         self._closing = True
-        self.flush()
+        self._send_needed.set()
         await self._writer_done.wait()
 
     def close(self) -> None:
         """Send GOAWAY; the reader ends when the peer closes."""
         if self.closed:
             return
-        with contextlib.suppress(h2.exceptions.H2Error):
-            self.conn.h2_connection.close_connection()
+        self.h2.close_connection()
         self.flush()
