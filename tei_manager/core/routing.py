@@ -84,18 +84,25 @@ class Router:
                 best, least = candidate, load
         return best
 
+    def begin(self, name: str) -> None:
+        """One more request in flight to ``name``; pair it with :meth:`end`."""
+        self._in_flight[name] = self._in_flight.get(name, 0) + 1
+
+    def end(self, name: str) -> None:
+        left = self._in_flight[name] - 1
+        if left:
+            self._in_flight[name] = left
+        else:
+            del self._in_flight[name]
+
     @contextmanager
     def track(self, name: str) -> Iterator[None]:
         """Count one request in flight to ``name`` for the duration of the block."""
-        self._in_flight[name] = self._in_flight.get(name, 0) + 1
+        self.begin(name)
         try:
             yield
         finally:
-            left = self._in_flight[name] - 1
-            if left:
-                self._in_flight[name] = left
-            else:
-                del self._in_flight[name]
+            self.end(name)
 
     def in_flight(self, name: str) -> int:
         """Requests to ``name`` in flight through the multiplexer now."""

@@ -134,23 +134,30 @@ class Multiplexer(multiplexer_grpc.TeiMultiplexerServicer):
             record, inner = self._resolve(await self._first_request(call))
             name = record.name
             observed.routed(name)
-            with self._router.track(name):
+            router = self._router
+            router.begin(name)
+            try:
                 channel = await self._pool.channel(record)
                 with trio.move_on_after(self._request_timeout) as timer:
-                    async with channel.open_call(backend, metadata=context.metadata) as relayed:
-                        try:
-                            await relayed.send_raw(inner)
-                            await relayed.done_writing()
-                            reply = await relayed.receive_raw()
-                            if reply is None:
-                                raise GrpcError(
-                                    StatusCode.INTERNAL,
-                                    f"instance {quote(name)} ended the call without a response",
-                                )
-                            await call.send(reply)
-                            await relayed.receive_raw()  # the status
-                        except GrpcError as error:
-                            raise _from_instance(error, relayed, name) from None
+                    # The hot path: no context managers beyond the deadline's.
+                    relayed = channel.start_call(backend, metadata=context.metadata)
+                    try:
+                        await relayed.send_raw(inner)
+                        await relayed.done_writing()
+                        reply = await relayed.receive_raw()
+                        if reply is None:
+                            raise GrpcError(
+                                StatusCode.INTERNAL,
+                                f"instance {quote(name)} ended the call without a response",
+                            )
+                        await call.send(reply)
+                        await relayed.receive_raw()  # the status
+                    except GrpcError as error:
+                        raise _from_instance(error, relayed, name) from None
+                    finally:
+                        relayed.close()
+            finally:
+                router.end(name)
             if timer.cancelled_caught:
                 raise GrpcError(
                     StatusCode.DEADLINE_EXCEEDED,
