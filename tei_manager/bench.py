@@ -21,7 +21,6 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Literal
 
-import h2.exceptions
 import msgspec
 import trio
 
@@ -149,8 +148,6 @@ def _describe(error: BaseException) -> str | None:
         return messages[0]
     if isinstance(error, GrpcError | _BadAnswer):
         return str(error)
-    if isinstance(error, h2.exceptions.H2Error):
-        return f"HTTP/2 error: {type(error).__name__}: {error}"
     return None
 
 
