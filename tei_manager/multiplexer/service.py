@@ -39,7 +39,7 @@ from tei_manager.grpc.server import CallContext, ServerCall
 from tei_manager.multiplexer import arrow
 from tei_manager.multiplexer.metrics import UNROUTED, CallMetrics, MultiplexerMetrics
 from tei_manager.multiplexer.pool import ConnectionPool
-from tei_manager.multiplexer.wire import WireError, parse_target, split_request
+from tei_manager.multiplexer.wire import Target, WireError, parse_target, split_request
 
 __all__ = ["Multiplexer"]
 
@@ -114,8 +114,12 @@ class Multiplexer(multiplexer_grpc.TeiMultiplexerServicer):
             raise GrpcError(
                 StatusCode.INVALID_ARGUMENT, f"could not decode the request: {error}"
             ) from None
+        return self._choose(target), inner
+
+    def _choose(self, target: Target | None) -> InstanceRecord:
+        """The instance for ``target``; a routing failure as the status the client gets."""
         try:
-            return self._router.choose(target), inner
+            return self._router.choose(target)
         except TeiError as error:
             raise GrpcError(error.grpc_status, error.message) from None
 
@@ -264,10 +268,7 @@ class Multiplexer(multiplexer_grpc.TeiMultiplexerServicer):
                 return
             routing = request.target.WhichOneof("routing") if request.HasField("target") else None
             target = None if routing is None else (routing, getattr(request.target, routing))
-            try:
-                record = self._router.choose(target)
-            except TeiError as error:
-                raise GrpcError(error.grpc_status, error.message) from None
+            record = self._choose(target)
             name = record.name
             observed.routed(name)
             if isinstance(request, multiplexer_pb2.EmbedSparseArrowRequest):
