@@ -27,9 +27,10 @@ from tei_manager._proto.tei_multiplexer.v1 import multiplexer_grpc, multiplexer_
 from tei_manager.config import InstanceConfig, ManagerConfig
 from tei_manager.core.ports import PortAllocator
 from tei_manager.core.registry import InstanceStatus, Registry
-from tei_manager.grpc.rpc import Cardinality, GrpcError, MethodSpec, StatusCode
+from tei_manager.grpc.rpc import GrpcError, MethodSpec, StatusCode
 from tei_manager.multiplexer.metrics import MultiplexerMetrics
 from tei_manager.multiplexer.server import MultiplexerServer
+from tests import grpcio_client
 from tests.conftest import Workers
 
 pytestmark = pytest.mark.slow
@@ -56,28 +57,7 @@ def _same(a: Sequence[Message], b: Sequence[Message]) -> bool:
     return _close([MessageToDict(m) for m in a], [MessageToDict(m) for m in b])
 
 
-def _call(port: int, spec: MethodSpec[Any, Any], requests: Sequence[Message]) -> list[Message]:
-    """Call ``spec`` on ``port`` with grpcio; a non-OK status raises GrpcError."""
-    kind = {
-        Cardinality.UNARY_UNARY: "unary_unary",
-        Cardinality.STREAM_STREAM: "stream_stream",
-        Cardinality.STREAM_UNARY: "stream_unary",
-    }[spec.cardinality]
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        stub = getattr(channel, kind)(
-            spec.path,
-            request_serializer=spec.request_type.SerializeToString,
-            response_deserializer=spec.response_type.FromString,
-        )
-        try:
-            if spec.cardinality.client_streaming:
-                result = stub(iter(requests), timeout=60)
-            else:
-                (request,) = requests
-                result = stub(request, timeout=60)
-            return list(result) if spec.cardinality.server_streaming else [result]
-        except grpc.RpcError as error:
-            raise GrpcError(StatusCode(error.code().value[0]), error.details() or "") from None
+_call = grpcio_client.call
 
 
 class Mux:

@@ -18,7 +18,8 @@ from google.protobuf.message import Message
 
 from tei_manager._proto.tei.v1 import tei_grpc, tei_pb2
 from tei_manager.grpc.channel import open_channel
-from tei_manager.grpc.rpc import Cardinality, GrpcError, MethodSpec, StatusCode
+from tei_manager.grpc.rpc import GrpcError, MethodSpec, StatusCode
+from tests import grpcio_client
 from tests.conftest import Workers
 
 pytestmark = pytest.mark.slow
@@ -26,30 +27,6 @@ pytestmark = pytest.mark.slow
 
 # -- two independent clients behind one interface ------------------------------------------
 Reply = list[Message]
-
-
-def _grpcio_call(port: int, spec: MethodSpec[Any, Any], requests: Sequence[Message]) -> Reply:
-    kinds = {
-        Cardinality.UNARY_UNARY: "unary_unary",
-        Cardinality.STREAM_STREAM: "stream_stream",
-        Cardinality.STREAM_UNARY: "stream_unary",
-        Cardinality.UNARY_STREAM: "unary_stream",
-    }
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        stub = getattr(channel, kinds[spec.cardinality])(
-            spec.path,
-            request_serializer=spec.request_type.SerializeToString,
-            response_deserializer=spec.response_type.FromString,
-        )
-        try:
-            if spec.cardinality.client_streaming:
-                result = stub(iter(requests), timeout=60)
-            else:
-                (request,) = requests
-                result = stub(request, timeout=60)
-            return list(result) if spec.cardinality.server_streaming else [result]
-        except grpc.RpcError as error:
-            raise GrpcError(StatusCode(error.code().value[0]), error.details() or "") from None
 
 
 def _channel_call(port: int, spec: MethodSpec[Any, Any], requests: Sequence[Message]) -> Reply:
@@ -70,7 +47,7 @@ Client = Callable[[int, MethodSpec[Any, Any], Sequence[Message]], Reply]
 
 @pytest.fixture(params=["grpcio", "purerpc"])
 def client(request: pytest.FixtureRequest) -> Client:
-    return _grpcio_call if request.param == "grpcio" else _channel_call
+    return grpcio_client.call if request.param == "grpcio" else _channel_call
 
 
 def _cosine(a: Sequence[float], b: Sequence[float]) -> float:
@@ -262,11 +239,7 @@ def test_embed_sparse(workers: Workers, client: Client) -> None:
 def test_overload_is_resource_exhausted_at_once(workers: Workers) -> None:
     """The classifier worker runs with --max-concurrent-requests 2."""
     with grpc.insecure_channel(f"127.0.0.1:{workers.classifier.port}") as channel:
-        predict = channel.unary_unary(
-            P.Predict.path,
-            request_serializer=tei_pb2.PredictRequest.SerializeToString,
-            response_deserializer=tei_pb2.PredictResponse.FromString,
-        )
+        predict = grpcio_client.stub(channel, P.Predict)
         futures = [predict.future(tei_pb2.PredictRequest(inputs="alpha " * 30)) for _ in range(64)]
         codes = []
         for future in futures:
@@ -300,7 +273,7 @@ def test_health_and_reflection(workers: Workers) -> None:
 
 
 def test_prometheus_metrics(workers: Workers) -> None:
-    _grpcio_call(workers.dense.port, E.Embed, [tei_pb2.EmbedRequest(inputs="count me")])
+    grpcio_client.call(workers.dense.port, E.Embed, [tei_pb2.EmbedRequest(inputs="count me")])
     with urllib.request.urlopen(
         f"http://127.0.0.1:{workers.metrics_port}/metrics", timeout=10
     ) as page:

@@ -3,7 +3,6 @@ instance serving it, over the REST API, with real worker processes."""
 
 from __future__ import annotations
 
-import random
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -11,15 +10,13 @@ from pathlib import Path
 import pytest
 import trio
 
-from tei_manager._proto.tei.v1 import tei_grpc, tei_pb2
 from tei_manager.api import serve_api
 from tei_manager.config import ManagerConfig
-from tei_manager.core.ports import probe_bindable
 from tei_manager.core.registry import InstanceStatus
-from tei_manager.grpc.channel import open_channel
 from tei_manager.hub.settings import HubSettings
 from tei_manager.manager import Manager
 from tests.conftest import TinyModels
+from tests.e2e.test_manager_processes import READY_TIMEOUT, _embed, _free_port_range
 from tests.hubserver import HubServer
 from tests.test_api import Api, assert_error
 from tests.waiting import wait_for
@@ -28,16 +25,6 @@ pytestmark = pytest.mark.slow
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 TINY_ST = "acme/tiny-sentence-transformer"
-READY_TIMEOUT = 120.0
-
-
-def _free_port_range(size: int) -> int:
-    rng = random.Random()
-    for _ in range(100):
-        start = rng.randrange(30000, 60000 - size)
-        if all(probe_bindable(p) for p in range(start, start + size)):
-            return start
-    raise RuntimeError("no free port range")
 
 
 @pytest.fixture
@@ -71,15 +58,6 @@ async def serving(manager: Manager) -> AsyncIterator[Api]:
         await nursery.start(manager.run)
         yield Api(await nursery.start(serve_api, manager, "127.0.0.1", 0))
         nursery.cancel_scope.cancel()
-
-
-async def _embed(port: int, text: str) -> list[float]:
-    async with open_channel("127.0.0.1", port) as channel:
-        with trio.fail_after(30):
-            reply = await channel.unary_unary(
-                tei_grpc.Embed.Embed, tei_pb2.EmbedRequest(inputs=text)
-            )
-    return list(reply.embeddings)
 
 
 async def _running(manager: Manager, name: str) -> int:

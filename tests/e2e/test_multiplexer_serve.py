@@ -23,6 +23,7 @@ import tomli_w
 
 from tei_manager._proto.tei.v1 import tei_pb2
 from tei_manager._proto.tei_multiplexer.v1 import multiplexer_grpc, multiplexer_pb2
+from tests import grpcio_client
 from tests.e2e.test_manager_processes import READY_TIMEOUT, _free_port, _free_port_range
 
 pytestmark = pytest.mark.slow
@@ -146,11 +147,7 @@ def test_two_replicas_by_name_model_and_index_then_restart_mid_stream(
     assert a["model_id"] == b["model_id"] == str(minilm_dir)
 
     with grpc.insecure_channel(f"127.0.0.1:{served.grpc_port}") as channel:
-        embed = channel.unary_unary(
-            M.Embed.path,
-            request_serializer=M.Embed.request_type.SerializeToString,
-            response_deserializer=M.Embed.response_type.FromString,
-        )
+        embed = grpcio_client.stub(channel, M.Embed)
         by_name = _embed(embed, mux.Target(instance_name="a"))
         assert len(by_name) == 384
         for _ in range(6):
@@ -170,11 +167,7 @@ def test_two_replicas_by_name_model_and_index_then_restart_mid_stream(
         assert M.NAME in set(ProtoReflectionDescriptorDatabase(channel).get_services())
 
         # A stream open on "a" while "a" restarts ends with a clean status...
-        stream = channel.stream_stream(
-            M.EmbedStream.path,
-            request_serializer=M.EmbedStream.request_type.SerializeToString,
-            response_deserializer=M.EmbedStream.response_type.FromString,
-        )
+        stream = grpcio_client.stub(channel, M.EmbedStream)
         outbox: queue.Queue[multiplexer_pb2.EmbedRequest | None] = queue.Queue()
 
         def requests() -> Iterator[multiplexer_pb2.EmbedRequest]:
