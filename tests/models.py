@@ -86,19 +86,26 @@ def save_masked_lm(folder: Path) -> Path:
     return folder
 
 
-def save_sentence_transformer(folder: Path, *, prompts: dict[str, str] | None = None) -> Path:
-    """A sentence-transformers model (BERT + mean pooling, no Normalize) with ``prompts``."""
+def save_sentence_transformer(
+    folder: Path, *, prompts: dict[str, str] | None = None, dense_features: int | None = None
+) -> Path:
+    """A sentence-transformers model (BERT + mean pooling, no Normalize) with ``prompts``.
+
+    ``dense_features``: a Dense module after the pooling, projecting to that many features.
+    """
     import torch
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.base.modules.transformer import Transformer
-    from sentence_transformers.sentence_transformer.modules import Pooling
+    from sentence_transformers.sentence_transformer.modules import Dense, Pooling
     from transformers import BertModel
 
     torch.manual_seed(4)
     bert = folder.parent / f"{folder.name}-bert"
     _tokenizer(bert)
     BertModel(_config()).save_pretrained(str(bert))
-    modules = [Transformer(str(bert)), Pooling(HIDDEN, "mean")]
+    modules: list[torch.nn.Module] = [Transformer(str(bert)), Pooling(HIDDEN, "mean")]
+    if dense_features is not None:
+        modules.append(Dense(HIDDEN, dense_features))
     SentenceTransformer(modules=modules, prompts=prompts or {}, device="cpu").save(str(folder))
     shutil.rmtree(bert)
     return folder

@@ -10,7 +10,15 @@ import pytest
 import torch
 
 from tei_manager.worker.errors import EngineError, ErrorKind, ModelLoadError
-from tei_manager.worker.model import Model, Row, length_groups, load_model, resolve_model_dir
+from tei_manager.worker.model import (
+    PACK_TOKENS,
+    Model,
+    Row,
+    length_groups,
+    load_model,
+    pack_rows,
+    resolve_model_dir,
+)
 from tei_manager.worker.options import WorkerOptions
 from tei_manager.worker.tokenization import MAX_CHARS_PER_TOKEN
 from tests import models
@@ -68,6 +76,44 @@ def test_minilm_batched_forward_equals_sentence_transformers(
     for got, want in zip(pooled(minilm_model, TEXTS), expected, strict=True):
         assert len(got) == 384
         assert cosine(got, want) >= 0.9999
+
+
+def test_minilm_packed_batch_equals_sentence_transformers(
+    minilm_model: Model, minilm_st: Any
+) -> None:
+    # Many rows share packed sequences; one row is longer than a packed sequence, one is
+    # a single token's worth, and two ask for their token embeddings.
+    assert minilm_model.runs_packed
+    texts = [*TEXTS, *(f"sentence number {i} " * (i % 7 + 1) for i in range(20))]
+    rows = [Row(minilm_model.tokenization.encode(text, truncate=True), "pooled") for text in texts]
+    rows.append(Row(minilm_model.tokenization.encode(LONG, truncate=True), "pooled"))
+    assert len(rows[-1].encoding.ids) > PACK_TOKENS
+    rows += [
+        Row(minilm_model.tokenization.encode(text, truncate=False), "tokens") for text in TEXTS[:2]
+    ]
+    got = minilm_model.forward(rows)
+    for vector, want in zip(got, minilm_st.encode([*texts, LONG]), strict=False):
+        assert cosine(vector, want) >= 0.9999
+    expected_tokens = minilm_st.encode(TEXTS[:2], output_value="token_embeddings")
+    for tokens, want in zip(got[-2:], expected_tokens, strict=True):
+        assert len(tokens) == len(want)
+        for token, token_want in zip(tokens, want, strict=True):
+            assert cosine(token, token_want) >= 0.9999
+
+
+def test_pack_rows_fills_sequences_longest_first() -> None:
+    lengths = [30, 10, 64, 20, 34, 5, 40]
+    sequences = pack_rows(lengths, 64)
+    assert sorted(i for members in sequences for i in members) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in members) <= 64 for members in sequences)
+    # 64 | 40+20 | 34+30 | 10+5: first fit, taking the rows longest first
+    assert [[lengths[i] for i in members] for members in sequences] == [
+        [64],
+        [40, 20],
+        [34, 30],
+        [10, 5],
+    ]
+    assert pack_rows([7], 64) == [[0]]
 
 
 def test_truncation_right_equals_sentence_transformers(minilm_model: Model, minilm_st: Any) -> None:
@@ -223,6 +269,19 @@ def test_tiny_sentence_transformer_and_pooling_override(
     pooled_cls, tokens = cls.forward([Row(encoding, "pooled"), Row(encoding, "tokens")])
     assert len(tokens) == len(encoding.ids)
     assert pooled_cls == pytest.approx(tokens[0], abs=1e-6)  # CLS pooling: the first token
+
+
+def test_packed_model_with_a_dense_head(tmp_path: Path) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    folder = models.save_sentence_transformer(tmp_path / "dense", dense_features=8)
+    model = load_model(WorkerOptions(model_id=str(folder)))
+    assert model.runs_packed
+    assert model.hidden_size == 8
+    reference = SentenceTransformer(str(folder), device="cpu")
+    texts = ["the quick brown fox", "a dog", "jumps over the lazy dog " * 4]
+    for got, want in zip(pooled(model, texts), reference.encode(texts), strict=True):
+        assert cosine(got, want) >= 0.9999
 
 
 def test_dtype_option(tiny_models: TinyModels, tiny_st_model: Model) -> None:
