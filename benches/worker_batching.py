@@ -5,7 +5,7 @@
     clients each sending one text per Embed call (grpc.aio client, one channel).
 Prints both throughputs and the ratio b/a (target >= 0.80); ``--json PATH`` writes them.
 
-    python benches/worker_batching.py [--texts 1500] [--concurrency 32] [--rounds 3] [--json F]
+    python benches/worker_batching.py [--texts 1500] [--concurrency 32] [--rounds 5] [--json F]
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--texts", type=int, default=1500)
     parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     texts = make_texts(args.texts)
