@@ -43,7 +43,7 @@ from tei_manager.grpc._grpc_events import (
     WindowUpdated,
 )
 from tei_manager.grpc._grpc_headers import format_timeout, parse_timeout
-from tei_manager.grpc._hpack import HeaderDecoder, encode_headers
+from tei_manager.grpc._hpack import HeaderDecodeError, HeaderDecoder, encode_headers
 from tei_manager.grpc._http2_frames import PREFACE, ErrorCode, ProtocolError
 from tei_manager.grpc._protocol import Connection
 from tei_manager.grpc.channel import open_channel
@@ -712,3 +712,60 @@ def test_stateless_encoding_round_trips_through_hpack() -> None:
     import hpack
 
     assert [(n, v) for n, v in hpack.Decoder().decode(block)] == headers
+
+
+_header_names = st.sampled_from(
+    [":path", ":authority", "user-agent", "grpc-timeout", "x-a", "x-b", "content-type", "te"]
+)
+_header_values = st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=40)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    blocks=st.lists(
+        st.tuples(
+            st.lists(st.tuples(_header_names, _header_values), max_size=8),
+            st.sampled_from([None, 0, 64, 256, 4096]),  # a table size change before the block
+            st.booleans(),  # Huffman
+        ),
+        min_size=1,
+        max_size=12,
+    )
+)
+def test_header_decoder_follows_the_dynamic_table_of_hpacks_encoder(
+    blocks: list[tuple[list[tuple[str, str]], int | None, bool]],
+) -> None:
+    # hpack's Encoder indexes every header it may, evicts, and resizes the table: our
+    # decoder must give back the same headers block after block.
+    encoder = Encoder()
+    decoder = HeaderDecoder(65536)
+    for headers, table_size, huffman in blocks:
+        if table_size is not None:
+            encoder.header_table_size = table_size
+        block = encoder.encode(headers, huffman=huffman)
+        decoded, size = decoder.decode(block)
+        assert decoded == headers
+        assert size == sum(len(name) + len(value) + 32 for name, value in headers)
+
+
+@pytest.mark.parametrize(
+    ("block", "problem"),
+    [
+        (b"\xbe", "index 62 is not in the table"),  # empty dynamic table
+        (b"\x80", "index 0"),
+        (b"\x82\x3f\xe1\x1f", "after the first header field"),  # size update mid-block
+        (b"\x3f\xe2\x1f", "over the limit 4096"),  # 4097
+        (b"\x40\x01a\x05ab", "truncated"),
+        (b"\x40\x03ab", "cannot decode"),  # the name runs past the end
+    ],
+)
+def test_header_decoder_rejects_broken_blocks(block: bytes, problem: str) -> None:
+    with pytest.raises(HeaderDecodeError, match=problem):
+        HeaderDecoder(65536).decode(block)
+
+
+def test_header_decoder_refuses_a_header_list_bomb() -> None:
+    # One 100-byte entry, then the same index many times: tiny on the wire, huge decoded.
+    first = Encoder().encode([("x-bomb", "y" * 100)], huffman=False)
+    with pytest.raises(HeaderDecodeError, match="header list over 4096 bytes"):
+        HeaderDecoder(4096).decode(first + b"\xbe" * 100)

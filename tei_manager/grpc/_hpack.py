@@ -8,14 +8,15 @@ constant header blocks cost a dictionary lookup. The first block of a connection
 starts with a dynamic table size update to 0 (see ``H2Connection``), which keeps us
 clear of the rules for shrinking the peer's table.
 
-Decoding must follow the peer's dynamic table (grpcio indexes and Huffman-codes), so
-the ``hpack`` package's ``Decoder`` decodes any block that uses the table. A block that
-does not (what our own encoder sends) is decoded here, representation by
-representation through a cache, leaving the ``Decoder``'s state as it was.
+Decoding must follow the peer's dynamic table (grpcio indexes and Huffman-codes):
+``HeaderDecoder`` keeps the table and decodes each representation, with the literal
+fields (whose Huffman decoding is the slow part) cached by their bytes. Only the
+``hpack`` package's static table and Huffman code are used.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable
 
 import hpack  # type: ignore[import-untyped]
@@ -29,7 +30,7 @@ _STATIC: tuple[Header, ...] = tuple(
 )
 _STATIC_SIZE = len(_STATIC)
 # RFC 9113 §6.5.2: a header's size in a header list is its name, its value and 32.
-_STATIC_ENTRY_SIZES = tuple(len(name) + len(value) + 32 for name, value in _STATIC)
+_STATIC_ENTRIES = tuple((header, len(header[0]) + len(header[1]) + 32) for header in _STATIC)
 _FULL_INDEX: dict[Header, int] = {}
 _NAME_INDEX: dict[str, int] = {}
 for _index, (_name, _value) in enumerate(_STATIC, start=1):
@@ -39,6 +40,8 @@ for _index, (_name, _value) in enumerate(_STATIC, start=1):
 #: Headers whose values change from call to call: caching them would only churn.
 _VOLATILE = frozenset({"grpc-timeout", "grpc-message"})
 _CACHE_LIMIT = 4096
+#: SETTINGS_HEADER_TABLE_SIZE's initial value (RFC 9113 §6.5.2); we never change ours.
+DEFAULT_TABLE_SIZE = 4096
 
 
 class HeaderDecodeError(Exception):
@@ -120,76 +123,120 @@ def _read_string(data: bytes, pos: int) -> tuple[bytes, int]:
 
 
 class HeaderDecoder:
-    """Decodes the header blocks of one connection."""
+    """Decodes the header blocks of one connection, following the peer's dynamic table."""
 
-    def __init__(self, max_block_list_size: int) -> None:
-        # The Decoder stops half-way through a block over this size, leaving its
-        # state unusable: it is a guard against HPACK bombs, set above the limit
-        # that refuses a single stream.
-        self._decoder = hpack.Decoder(max_header_list_size=max_block_list_size)
+    def __init__(self, max_block_list_size: int, max_table_size: int = DEFAULT_TABLE_SIZE) -> None:
+        # A guard against HPACK bombs, set above the limit that refuses a single stream:
+        # a block decoding to more than this fails the connection.
+        self._max_block_list_size = max_block_list_size
+        self._table_limit = max_table_size  # what our SETTINGS allow the peer
+        self._table_max = max_table_size  # the size the peer last chose, <= the limit
+        self._table: deque[tuple[Header, int]] = deque()  # newest first: index 62 is [0]
+        self._table_size = 0
         self._literals: dict[bytes, tuple[Header, int]] = {}
 
     def decode(self, block: bytes) -> tuple[list[Header], int]:
         """The block's headers, in order, as text, and the header list's size."""
         try:
-            decoded = self._decode_stateless(block)
-            if decoded is not None:
-                return decoded
-            raw = self._decoder.decode(block, raw=True)
-            headers = [(name.decode(), value.decode()) for name, value in raw]
-            return headers, sum(len(name) + len(value) + 32 for name, value in headers)
+            return self._decode(block)
         except (hpack.HPACKError, IndexError, UnicodeDecodeError) as error:
             raise HeaderDecodeError(f"cannot decode a header block: {error}") from None
 
-    def _decode_stateless(self, block: bytes) -> tuple[list[Header], int] | None:
-        """As ``decode``, or None when the block uses or changes the dynamic table."""
+    def _decode(self, block: bytes) -> tuple[list[Header], int]:
         headers: list[Header] = []
         size = 0
-        literals = self._literals
         pos = 0
         end = len(block)
+        limit = self._max_block_list_size
         while pos < end:
             octet = block[pos]
-            if octet & 0x80:
-                index = octet & 0x7F
-                if not 0 < index <= _STATIC_SIZE:
-                    return None  # the dynamic table (or an index the Decoder will reject)
-                headers.append(_STATIC[index - 1])
-                size += _STATIC_ENTRY_SIZES[index - 1]
-                pos += 1
+            if octet & 0x80:  # indexed field
+                if octet == 0xFF:
+                    index, pos = _read_integer(block, pos, 0x7F)
+                else:
+                    index = octet & 0x7F
+                    pos += 1
+                entry = self._entry(index)
+            elif octet & 0x40:  # literal with incremental indexing
+                entry, pos = self._literal(block, pos, 0x3F)
+                self._insert(entry)
+            elif octet & 0x20:  # dynamic table size update
+                if headers:
+                    raise HeaderDecodeError("a table size update after the first header field")
+                new_max, pos = _read_integer(block, pos, 0x1F)
+                if new_max > self._table_limit:
+                    raise HeaderDecodeError(
+                        f"table size update to {new_max} over the limit {self._table_limit}"
+                    )
+                self._table_max = new_max
+                self._evict(new_max)
                 continue
-            if octet & 0x60:
-                return None  # incremental indexing or a table size update
-            # Literal without indexing / never indexed: 4-bit name index, then strings.
-            start = pos
-            index, pos = _read_integer(block, pos, 0x0F)
-            if index > _STATIC_SIZE:
-                return None  # a name from the dynamic table
-            if index == 0:
-                name_length, pos = _read_integer(block, pos, 0x7F)
-                pos += name_length
-            value_length, pos = _read_integer(block, pos, 0x7F)
-            pos += value_length
-            if pos > end:
-                raise HeaderDecodeError("truncated header block")
-            representation = block[start:pos]
-            entry = literals.get(representation)
-            if entry is None:
-                header = self._literal(representation)
-                entry = header, len(header[0]) + len(header[1]) + 32
-                if len(literals) < _CACHE_LIMIT:
-                    literals[representation] = entry
+            else:  # literal without indexing, or never indexed
+                entry, pos = self._literal(block, pos, 0x0F)
             headers.append(entry[0])
             size += entry[1]
+            if size > limit:
+                raise HeaderDecodeError(f"header list over {limit} bytes")
         return headers, size
 
-    @staticmethod
-    def _literal(data: bytes) -> Header:
-        index, pos = _read_integer(data, 0, 0x0F)
-        if index:
-            name = _STATIC[index - 1][0]
-        else:
-            raw_name, pos = _read_string(data, pos)
-            name = raw_name.decode()
-        value, _ = _read_string(data, pos)
-        return name, value.decode()
+    def _entry(self, index: int) -> tuple[Header, int]:
+        if 0 < index <= _STATIC_SIZE:
+            return _STATIC_ENTRIES[index - 1]
+        dynamic = index - _STATIC_SIZE - 1
+        if index == 0 or dynamic >= len(self._table):
+            raise HeaderDecodeError(f"header index {index} is not in the table")
+        return self._table[dynamic]
+
+    def _literal(self, block: bytes, pos: int, mask: int) -> tuple[tuple[Header, int], int]:
+        """The literal field at ``pos`` (name index prefix ``mask``), and where it ends.
+
+        A field's text depends on its bytes alone unless its name comes from the dynamic
+        table, so decoded fields are cached by their bytes: grpcio sends the same
+        literals on every call, and Huffman decoding is the slow part.
+        """
+        start = pos
+        index, pos = _read_integer(block, pos, mask)
+        if index > _STATIC_SIZE:  # a name from the dynamic table: not cacheable
+            name = self._entry(index)[0][0]
+            raw, pos = _read_string(block, pos)
+            value = raw.decode()
+            return ((name, value), len(name) + len(value) + 32), pos
+        if index == 0:
+            name_length, pos = _read_integer(block, pos, 0x7F)
+            pos += name_length
+        value_length, pos = _read_integer(block, pos, 0x7F)
+        pos += value_length
+        if pos > len(block):
+            raise HeaderDecodeError("truncated header block")
+        representation = block[start:pos]
+        entry = self._literals.get(representation)
+        if entry is None:
+            header = _literal_text(representation, mask)
+            entry = header, len(header[0]) + len(header[1]) + 32
+            if header[0] not in _VOLATILE and len(self._literals) < _CACHE_LIMIT:
+                self._literals[representation] = entry
+        return entry, pos
+
+    def _insert(self, entry: tuple[Header, int]) -> None:
+        # RFC 7541 §4.4: make room first; an entry larger than the table empties it.
+        entry_size = entry[1]
+        self._evict(self._table_max - entry_size)
+        if entry_size <= self._table_max:
+            self._table.appendleft(entry)
+            self._table_size += entry_size
+
+    def _evict(self, keep: int) -> None:
+        """Drop the oldest entries until the table holds at most ``keep`` bytes."""
+        while self._table and self._table_size > keep:
+            self._table_size -= self._table.pop()[1]
+
+
+def _literal_text(data: bytes, mask: int) -> Header:
+    index, pos = _read_integer(data, 0, mask)
+    if index:
+        name = _STATIC[index - 1][0]
+    else:
+        raw_name, pos = _read_string(data, pos)
+        name = raw_name.decode()
+    value, _ = _read_string(data, pos)
+    return name, value.decode()
