@@ -29,8 +29,15 @@ _STATIC: tuple[Header, ...] = tuple(
     (name.decode(), value.decode()) for name, value in HeaderTable.STATIC_TABLE
 )
 _STATIC_SIZE = len(_STATIC)
-# RFC 9113 §6.5.2: a header's size in a header list is its name, its value and 32.
-_STATIC_ENTRIES = tuple((header, len(header[0]) + len(header[1]) + 32) for header in _STATIC)
+Entry = tuple[Header, int]
+
+
+def _sized(header: Header) -> Entry:
+    """``header`` with its size (RFC 7541 §4.1, RFC 9113 §6.5.2): name, value and 32."""
+    return header, len(header[0]) + len(header[1]) + 32
+
+
+_STATIC_ENTRIES = tuple(_sized(header) for header in _STATIC)
 _FULL_INDEX: dict[Header, int] = {}
 _NAME_INDEX: dict[str, int] = {}
 for _index, (_name, _value) in enumerate(_STATIC, start=1):
@@ -131,9 +138,9 @@ class HeaderDecoder:
         self._max_block_list_size = max_block_list_size
         self._table_limit = max_table_size  # what our SETTINGS allow the peer
         self._table_max = max_table_size  # the size the peer last chose, <= the limit
-        self._table: deque[tuple[Header, int]] = deque()  # newest first: index 62 is [0]
+        self._table: deque[Entry] = deque()  # newest first: index 62 is [0]
         self._table_size = 0
-        self._literals: dict[bytes, tuple[Header, int]] = {}
+        self._literals: dict[bytes, Entry] = {}
 
     def decode(self, block: bytes) -> tuple[list[Header], int]:
         """The block's headers, in order, as text, and the header list's size."""
@@ -179,7 +186,7 @@ class HeaderDecoder:
                 raise HeaderDecodeError(f"header list over {limit} bytes")
         return headers, size
 
-    def _entry(self, index: int) -> tuple[Header, int]:
+    def _entry(self, index: int) -> Entry:
         if 0 < index <= _STATIC_SIZE:
             return _STATIC_ENTRIES[index - 1]
         dynamic = index - _STATIC_SIZE - 1
@@ -187,7 +194,7 @@ class HeaderDecoder:
             raise HeaderDecodeError(f"header index {index} is not in the table")
         return self._table[dynamic]
 
-    def _literal(self, block: bytes, pos: int, mask: int) -> tuple[tuple[Header, int], int]:
+    def _literal(self, block: bytes, pos: int, mask: int) -> tuple[Entry, int]:
         """The literal field at ``pos`` (name index prefix ``mask``), and where it ends.
 
         A field's text depends on its bytes alone unless its name comes from the dynamic
@@ -199,8 +206,7 @@ class HeaderDecoder:
         if index > _STATIC_SIZE:  # a name from the dynamic table: not cacheable
             name = self._entry(index)[0][0]
             raw, pos = _read_string(block, pos)
-            value = raw.decode()
-            return ((name, value), len(name) + len(value) + 32), pos
+            return _sized((name, raw.decode())), pos
         if index == 0:
             name_length, pos = _read_integer(block, pos, 0x7F)
             pos += name_length
@@ -211,13 +217,12 @@ class HeaderDecoder:
         representation = block[start:pos]
         entry = self._literals.get(representation)
         if entry is None:
-            header = _literal_text(representation, mask)
-            entry = header, len(header[0]) + len(header[1]) + 32
-            if header[0] not in _VOLATILE and len(self._literals) < _CACHE_LIMIT:
+            entry = _sized(_literal_text(representation, mask))
+            if entry[0][0] not in _VOLATILE and len(self._literals) < _CACHE_LIMIT:
                 self._literals[representation] = entry
         return entry, pos
 
-    def _insert(self, entry: tuple[Header, int]) -> None:
+    def _insert(self, entry: Entry) -> None:
         # RFC 7541 §4.4: make room first; an entry larger than the table empties it.
         entry_size = entry[1]
         self._evict(self._table_max - entry_size)
