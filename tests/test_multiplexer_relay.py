@@ -22,6 +22,7 @@ from tei_manager.grpc.rpc import GrpcError, StatusCode
 from tei_manager.grpc.server import CallContext, GrpcServer
 from tei_manager.multiplexer.metrics import MultiplexerMetrics
 from tei_manager.multiplexer.server import MultiplexerServer
+from tei_manager.multiplexer.service import Multiplexer
 
 M = multiplexer_grpc.TeiMultiplexer
 mux = multiplexer_pb2
@@ -112,10 +113,46 @@ async def _wait_for(condition: Any) -> None:
     raise AssertionError("condition not met within 5 s")
 
 
-async def test_unary_timeout_is_deadline_exceeded_and_cancels_the_backend() -> None:
+async def _warm_up(setup: Setup, channel: Channel, warm: bool) -> None:
+    """With ``warm``, one call first: later unary calls then take the task-free path."""
+    if warm:
+        await channel.unary_unary(M.Embed, setup.embed("warm"))
+        assert setup.mux is not None and setup.mux.pool.connected("b")
+
+
+# Cold: the call connects to the instance (in a task). Warm: it is relayed from
+# the connections' readers, with no task of its own.
+temperatures = pytest.mark.parametrize("warm", [False, True], ids=["cold", "warm"])
+
+
+async def test_warm_unary_calls_take_no_task(monkeypatch: pytest.MonkeyPatch) -> None:
+    async with trio.open_nursery() as nursery:
+        setup = await _setup(nursery)
+        async with open_channel("127.0.0.1", setup.mux_port) as channel:
+            await _warm_up(setup, channel, True)
+
+            async def no_task(*args: Any) -> None:
+                raise AssertionError("a task ran the call")
+
+            monkeypatch.setattr(Multiplexer, "_relay_later", no_task)
+            monkeypatch.setattr(Multiplexer, "_unary", no_task)
+            for text in ("a", "bb", "ccc"):
+                reply = await channel.unary_unary(M.Embed, setup.embed(text))
+                assert list(reply.embeddings) == [float(len(text))]
+            with pytest.raises(GrpcError) as error:
+                await channel.unary_unary(
+                    M.Embed, mux.EmbedRequest(target=mux.Target(instance_name="nope"))
+                )
+            assert error.value.code == StatusCode.NOT_FOUND
+        nursery.cancel_scope.cancel()
+
+
+@temperatures
+async def test_unary_timeout_is_deadline_exceeded_and_cancels_the_backend(warm: bool) -> None:
     async with trio.open_nursery() as nursery:
         setup = await _setup(nursery, grpc_request_timeout_secs=0.2)
         async with open_channel("127.0.0.1", setup.mux_port) as channel:
+            await _warm_up(setup, channel, warm)
             with pytest.raises(GrpcError) as error:
                 await channel.unary_unary(M.Embed, setup.embed("hang"))
             assert error.value.code == StatusCode.DEADLINE_EXCEEDED
@@ -127,10 +164,12 @@ async def test_unary_timeout_is_deadline_exceeded_and_cancels_the_backend() -> N
         nursery.cancel_scope.cancel()
 
 
-async def test_client_deadline_and_metadata_reach_the_backend() -> None:
+@temperatures
+async def test_client_deadline_and_metadata_reach_the_backend(warm: bool) -> None:
     async with trio.open_nursery() as nursery:
         setup = await _setup(nursery)
         async with open_channel("127.0.0.1", setup.mux_port) as channel:
+            await _warm_up(setup, channel, warm)
             with trio.move_on_after(5):
                 await channel.unary_unary(
                     M.Embed, setup.embed("abc"), metadata=(("x-request-id", "r-1"),)
@@ -141,10 +180,12 @@ async def test_client_deadline_and_metadata_reach_the_backend() -> None:
         nursery.cancel_scope.cancel()
 
 
-async def test_client_cancellation_cancels_the_backend_call() -> None:
+@temperatures
+async def test_client_cancellation_cancels_the_backend_call(warm: bool) -> None:
     async with trio.open_nursery() as nursery:
         setup = await _setup(nursery)
         async with open_channel("127.0.0.1", setup.mux_port) as channel:
+            await _warm_up(setup, channel, warm)
             with trio.move_on_after(0.3):
                 await channel.unary_unary(M.Embed, setup.embed("hang"))
             await _wait_for(lambda: setup.backend.cancelled == 1)
@@ -213,6 +254,26 @@ async def test_backend_restart_fails_the_stream_cleanly_and_the_next_call_reconn
             record.pid = 2
             reply = await channel.unary_unary(M.Embed, setup.embed("again"))
             assert list(reply.embeddings) == [5.0]
+        nursery.cancel_scope.cancel()
+
+
+async def test_instance_lost_under_a_warm_unary_call_fails_it_naming_the_instance() -> None:
+    async with trio.open_nursery() as nursery:
+        setup = await _setup(nursery)
+        assert setup.backend_server is not None
+        async with open_channel("127.0.0.1", setup.mux_port) as channel:
+            await _warm_up(setup, channel, True)
+            async with trio.open_nursery() as calls:
+
+                async def hang() -> None:
+                    with pytest.raises(GrpcError) as error, trio.fail_after(5):
+                        await channel.unary_unary(M.Embed, setup.embed("hang"))
+                    assert error.value.code == StatusCode.UNAVAILABLE
+                    assert error.value.message.startswith('instance "b"')
+
+                calls.start_soon(hang)
+                await _wait_for(lambda: "hang" in setup.backend.seen)
+                setup.backend_server.shutdown()
         nursery.cancel_scope.cancel()
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import ssl
-from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from typing import Any, Generic
 
@@ -20,7 +20,7 @@ from google.protobuf.message import DecodeError
 
 from tei_manager.grpc.rpc import GrpcError, MethodSpec, Req, Resp, StatusCode
 from tei_manager.grpc.server import DEFAULT_MAX_MESSAGE_BYTES
-from tei_manager.grpc.transport import Stream, Transport
+from tei_manager.grpc.transport import MESSAGE_PREFIX_BYTES, Stream, Transport
 
 Metadata = tuple[tuple[str, str], ...]
 
@@ -153,6 +153,50 @@ class Channel:
     ) -> Call[Req, Resp]:
         """``open_call`` without the context manager, for hot paths: ``close()`` it after."""
         return Call(self._start(spec, metadata), spec)
+
+    def relay(
+        self,
+        spec: MethodSpec[Any, Any],
+        data: bytes,
+        *,
+        deadline: float,
+        watcher: Callable[[Stream], None],
+        metadata: Metadata = (),
+    ) -> Stream | None:
+        """Start a call with its one request message (already serialized), never waiting.
+
+        For task-free relays: the request is sent and the sending side closed at
+        once, and ``watcher`` is called from the connection's reader for each
+        reply event (see ``Stream.watcher``). ``deadline`` (trio clock) travels as
+        ``grpc-timeout``. Returns the call's stream, whose owner releases it
+        (``Transport.release``) when done; None when the call cannot start without
+        waiting: no usable connection, no free stream, or a short window.
+        """
+        transport = self._transport
+        if transport is None or transport.closed or transport.goaway:
+            return None
+        h2 = transport.h2
+        needed = len(data) + MESSAGE_PREFIX_BYTES
+        if (
+            not h2.can_open_stream()
+            or len(data) > self._max_message_bytes
+            or h2.send_window < needed
+            or h2.peer_initial_window < needed
+        ):
+            return None
+        stream = transport.open_stream()
+        timeout = None if deadline == math.inf else deadline - trio.current_time()
+        conn = transport.conn
+        conn.start_request(
+            stream.stream_id, self._scheme, spec.path, self.authority, timeout, metadata
+        )
+        if not stream.send_message_now(data):  # the checks above rule this out
+            stream.cancel()
+            transport.release(stream)
+            return None
+        stream.end_request()
+        stream.watcher = watcher
+        return stream
 
     async def unary_unary(
         self,

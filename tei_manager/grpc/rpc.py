@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -57,6 +58,17 @@ class Servicer:
     #: to receive and send serialized messages, whatever the method's shape.
     RAW: ClassVar[bool] = False
 
+    def fast_unary(self, spec: MethodSpec[Any, Any]) -> Callable[[Any, bytes], bool] | None:
+        """A raw servicer's task-free handler for the unary method ``spec``, or None.
+
+        Called once per method when the servicer is added to a server. The handler
+        gets a :class:`~tei_manager.grpc.server.FastCall` and the request's bytes
+        from the connection's reader and must not block: it either takes the call
+        (True) and answers it later from callbacks, or declines (False) and the
+        call goes to the method's ordinary handler.
+        """
+        return None
+
 
 class StatusCode(enum.IntEnum):
     """gRPC status codes."""
@@ -78,6 +90,14 @@ class StatusCode(enum.IntEnum):
     UNAVAILABLE = 14
     DATA_LOSS = 15
     UNAUTHENTICATED = 16
+
+
+def status_code(value: int) -> StatusCode:
+    """The status a wire value stands for; UNKNOWN for values gRPC does not define."""
+    try:
+        return StatusCode(value)
+    except ValueError:
+        return StatusCode.UNKNOWN
 
 
 class GrpcError(Exception):

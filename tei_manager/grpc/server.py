@@ -12,14 +12,16 @@ cancellation at shutdown logs nothing.
 from __future__ import annotations
 
 import logging
+import math
 import ssl
-from collections.abc import AsyncGenerator, Callable, Iterable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 from contextlib import aclosing
 from typing import Any
 
 import trio
 from google.protobuf.message import DecodeError, Message
 
+from tei_manager.grpc._grpc_events import MessageReceived
 from tei_manager.grpc.rpc import Cardinality, GrpcError, MethodSpec, Servicer, StatusCode
 from tei_manager.grpc.transport import Stream, Transport
 
@@ -112,6 +114,116 @@ class ServerCall:
         await self._responder.send_bytes(data)
 
 
+#: A servicer's task-free handler for a unary method (see ``Servicer.fast_unary``).
+FastUnaryHandler = Callable[["FastCall", bytes], bool]
+
+
+class FastCall:
+    """A unary call answered from callbacks, with no task of its own.
+
+    For a relay whose work happens on another connection: its handler starts that
+    work from the connection's reader, and a callback there answers with
+    :meth:`reply`. The server ends the call with DEADLINE_EXCEEDED at ``deadline``
+    (the client's ``grpc-timeout``, or an earlier one the handler sets with
+    :meth:`limit`), ends it when the client cancels or the connection drops, and
+    calls ``on_end`` exactly once with the final status, whatever ended it.
+    """
+
+    __slots__ = (
+        "_nursery",
+        "_server",
+        "context",
+        "deadline",
+        "deadline_message",
+        "done",
+        "on_end",
+        "started",
+        "stream",
+    )
+
+    def __init__(
+        self, server: GrpcServer, stream: Stream, context: CallContext, nursery: trio.Nursery
+    ) -> None:
+        self._server = server
+        self._nursery = nursery
+        self.stream = stream
+        self.context = context
+        self.started = trio.current_time()
+        self.deadline = math.inf if context.deadline is None else context.deadline
+        self.deadline_message = "deadline exceeded"
+        #: Set by the handler: called once when the call ends, with its status.
+        self.on_end: Callable[[StatusCode], None] | None = None
+        #: True once the call's answer is decided.
+        self.done = False
+
+    def limit(self, deadline: float, message: str) -> None:
+        """End the call at ``deadline`` (DEADLINE_EXCEEDED, ``message``) if that is sooner."""
+        if deadline < self.deadline:
+            self.deadline = deadline
+            self.deadline_message = message
+
+    def spawn(self, async_fn: Callable[..., Awaitable[object]], *args: object) -> None:
+        """Go on with the call in a task (for work that has to wait): it lives as long
+        as the client's connection, and should stop when ``on_end`` is called."""
+        self._nursery.start_soon(async_fn, *args)
+
+    def reply(
+        self, data: bytes | None, code: StatusCode = StatusCode.OK, message: str = ""
+    ) -> None:
+        """Answer with the response ``data`` (None: none), then the status; later calls are moot."""
+        if self.done:
+            return
+        self.done = True
+        server = self._server
+        server._fast_calls.discard(self)
+        stream = self.stream
+        headers_sent = False
+        if data is not None:
+            try:
+                stream.start_response()
+            except GrpcError:  # the client reset the stream meanwhile
+                server._end_fast(self, StatusCode.CANCELLED)
+                return
+            headers_sent = True
+            limit = stream.transport.max_message_bytes
+            if len(data) > limit:
+                code = StatusCode.RESOURCE_EXHAUSTED
+                message = f"message of {len(data)} bytes is over the limit of {limit} bytes"
+            elif not stream.send_message_now(data):
+                # The client's window is short: a task waits for it.
+                self._nursery.start_soon(self._reply_slowly, data, code, message)
+                return
+        stream.send_status(code, message, headers_sent=headers_sent)
+        server._end_fast(self, code)
+
+    async def _reply_slowly(self, data: bytes, code: StatusCode, message: str) -> None:
+        stream = self.stream
+        ended = StatusCode.CANCELLED  # unless it gets to send its status
+        try:
+            try:
+                with trio.CancelScope(deadline=self.deadline) as scope:
+                    await stream.send_message(data)
+                if scope.cancelled_caught:
+                    code, message = StatusCode.DEADLINE_EXCEEDED, self.deadline_message
+            except GrpcError as error:
+                code, message = error.code, error.message
+            stream.send_status(code, message, headers_sent=True)
+            ended = code
+        finally:
+            self._server._end_fast(self, ended)
+
+    def _watch(self, stream: Stream) -> None:
+        # The stream's watcher once the call is taken: only its end matters.
+        if stream.error is None or self.done:
+            return
+        if stream.reset or stream.transport.closed:
+            self.done = True
+            self._server._fast_calls.discard(self)
+            self._server._end_fast(self, StatusCode.CANCELLED)
+        else:  # e.g. a second request message over the size limit
+            self.reply(None, stream.error.code, stream.error.message)
+
+
 class GrpcServer:
     """Serves servicers on one port; ``run`` is a trio service (``nursery.start``)."""
 
@@ -134,6 +246,12 @@ class GrpcServer:
         self.ssl_context = ssl_context
         self.max_message_bytes = max_message_bytes
         self._methods: dict[str, tuple[MethodSpec[Any, Any], Handler, bool]] = {}
+        self._fast: dict[str, FastUnaryHandler] = {}
+        # Calls taken by fast handlers and not yet answered; the sweeper task ends
+        # those past their deadline and sleeps until the earliest one (_sweep_at).
+        self._fast_calls: set[FastCall] = set()
+        self._sweep_at = math.inf
+        self._sweep_scope: trio.CancelScope | None = None
         self._transports: set[Transport] = set()
         self._accept_scope: trio.CancelScope | None = None
         self._active_calls = 0
@@ -148,6 +266,11 @@ class GrpcServer:
     def add_servicer(self, servicer: Servicer) -> None:
         for spec in servicer.METHODS:
             self._methods[spec.path] = (spec, getattr(servicer, spec.name), servicer.RAW)
+            fast = servicer.fast_unary(spec) if servicer.RAW else None
+            if fast is not None and spec.cardinality is Cardinality.UNARY_UNARY:
+                self._fast[spec.path] = fast
+            else:
+                self._fast.pop(spec.path, None)
 
     @property
     def service_names(self) -> list[str]:
@@ -166,6 +289,7 @@ class GrpcServer:
         self.port = listeners[0].socket.getsockname()[1]
         try:
             async with trio.open_nursery() as connections:
+                connections.start_soon(self._expire_fast_calls)
                 with trio.CancelScope() as self._accept_scope:
                     async with trio.open_nursery() as accept:
                         for listener in listeners:
@@ -224,9 +348,21 @@ class GrpcServer:
             certificate = tls.getpeercert(binary_form=True)
             stream = tls
         async with trio.open_nursery() as calls:
+            fast_handlers = self._fast
 
             def on_request(call: Stream) -> None:
-                calls.start_soon(self._serve_call, call, peer, certificate)
+                request = call.request
+                assert request is not None
+                if request.path in fast_handlers:
+                    # Wait for the request message: a fast handler may take it.
+                    call.watcher = first_event
+                else:
+                    calls.start_soon(self._serve_call, call, peer, certificate)
+
+            def first_event(call: Stream) -> None:
+                call.watcher = None
+                if not self._start_fast(call, peer, certificate, calls):
+                    calls.start_soon(self._serve_call, call, peer, certificate)
 
             transport = Transport(
                 stream,
@@ -306,9 +442,84 @@ class GrpcServer:
             if self._on_call is not None:
                 self._on_call(spec, trio.current_time() - started, code)
             self._finish(stream)
-            self._active_calls -= 1
-            if self._active_calls == 0:
-                self._idle.set()
+            self._call_ended()
+
+    # -- calls answered by fast handlers ----------------------------------------------
+    def _start_fast(
+        self, stream: Stream, peer: str | None, certificate: bytes | None, nursery: trio.Nursery
+    ) -> bool:
+        """Offer the call to its fast handler; False leaves it to the ordinary path."""
+        events = stream._events
+        request = stream.request
+        if stream.error is not None or not events or request is None:
+            return False
+        event = events[0]
+        if type(event) is not MessageReceived:
+            return False
+        path = request.path
+        spec = self._methods[path][0]
+        deadline = None
+        if request.timeout is not None:
+            deadline = trio.current_time() + request.timeout
+        context = CallContext(spec, tuple(request.custom_metadata), peer, certificate, deadline)
+        call = FastCall(self, stream, context, nursery)
+        # Counted from here, as the handler may answer before it returns.
+        self._active_calls += 1
+        self._idle = trio.Event() if self._idle.is_set() else self._idle
+        events.popleft()
+        try:
+            taken = self._fast[path](call, event.data)
+        except Exception:
+            log.exception("unhandled error in gRPC handler %s", path)
+            call.reply(None, StatusCode.INTERNAL, f"internal error while handling {path}")
+            taken = True
+        if not taken:
+            events.appendleft(event)
+            self._call_ended()
+            return False
+        stream.transport.acknowledge(stream.stream_id, event.flow_controlled_length)
+        if not call.done:
+            stream.watcher = call._watch
+            self._fast_calls.add(call)
+            if call.deadline < self._sweep_at:
+                self._sweep_at = call.deadline
+                if self._sweep_scope is not None:
+                    self._sweep_scope.deadline = call.deadline
+        return True
+
+    def _end_fast(self, call: FastCall, code: StatusCode) -> None:
+        stream = call.stream
+        stream.watcher = None
+        try:
+            if self._on_call is not None:
+                self._on_call(call.context.method, trio.current_time() - call.started, code)
+            on_end, call.on_end = call.on_end, None
+            if on_end is not None:
+                on_end(code)
+        except Exception:
+            log.exception("error ending gRPC call %s", call.context.method.path)
+        finally:
+            self._finish(stream)
+            self._call_ended()
+
+    def _call_ended(self) -> None:
+        self._active_calls -= 1
+        if self._active_calls == 0:
+            self._idle.set()
+
+    async def _expire_fast_calls(self) -> None:
+        """End fast calls at their deadlines."""
+        while True:
+            with trio.CancelScope(deadline=self._sweep_at) as self._sweep_scope:
+                await trio.sleep_forever()
+            now = trio.current_time()
+            earliest = math.inf
+            for call in list(self._fast_calls):
+                if call.deadline <= now:
+                    call.reply(None, StatusCode.DEADLINE_EXCEEDED, call.deadline_message)
+                else:
+                    earliest = min(earliest, call.deadline)
+            self._sweep_at = earliest
 
     @staticmethod
     def _finish(stream: Stream) -> None:
@@ -385,4 +596,11 @@ async def _dispatch(
             await source.aclose()
 
 
-__all__ = ["CallContext", "GrpcServer", "ServerCall", "server_ssl_context"]
+__all__ = [
+    "CallContext",
+    "FastCall",
+    "FastUnaryHandler",
+    "GrpcServer",
+    "ServerCall",
+    "server_ssl_context",
+]

@@ -30,12 +30,14 @@ from tei_manager.grpc._grpc_events import (
 from tei_manager.grpc._grpc_headers import Metadata
 from tei_manager.grpc._http2_frames import ErrorCode, ProtocolError, StreamClosedError
 from tei_manager.grpc._protocol import Connection
-from tei_manager.grpc.rpc import GrpcError, StatusCode
+from tei_manager.grpc.rpc import GrpcError, StatusCode, status_code
 
 log = logging.getLogger(__name__)
 
 RECEIVE_SIZE = 256 * 1024
 _PREFIX = struct.Struct(">BL")
+#: The length prefix gRPC puts before each message.
+MESSAGE_PREFIX_BYTES = _PREFIX.size
 # Messages up to this size are framed by concatenation; larger ones are sent in two
 # pieces (prefix, then the message itself) rather than copied.
 _CONCAT_LIMIT = 64 * 1024
@@ -69,6 +71,7 @@ class Stream:
         "stream_id",
         "trailers",
         "transport",
+        "watcher",
     )
 
     def __init__(self, transport: Transport, stream_id: int) -> None:
@@ -85,17 +88,34 @@ class Stream:
         self.reset = False
         self.local_closed = False
         self.handler_scope: trio.CancelScope | None = None
+        #: Called (from the connection's reader, so it must not block) after each
+        #: event is queued and when the stream fails: a call driven by callbacks
+        #: rather than by a task reads the queue with ``pop_event``.
+        self.watcher: Callable[[Stream], None] | None = None
 
     # -- inbound -------------------------------------------------------------
     def _push(self, event: StreamEvent) -> None:
         self._events.append(event)
+        if self.watcher is not None:
+            self.watcher(self)
         if self._lot:
             self._lot.unpark_all()
 
     def _fail(self, error: GrpcError) -> None:
         if self.error is None:
             self.error = error
+        if self.watcher is not None:
+            self.watcher(self)
         self._lot.unpark_all()
+
+    def pop_event(self) -> StreamEvent | None:
+        """The next queued event without waiting (a received message's credit returned)."""
+        if not self._events:
+            return None
+        event = self._events.popleft()
+        if type(event) is MessageReceived:
+            self.transport.acknowledge(self.stream_id, event.flow_controlled_length)
+        return event
 
     async def receive_message(self) -> bytes | None:
         """The next message's bytes, or None once the peer ended its side.
@@ -123,7 +143,7 @@ class Stream:
             assert isinstance(event, ResponseEnded)
             self.trailers = event
             if event.status != StatusCode.OK:
-                raise GrpcError(_status_code(event.status), event.status_message)
+                raise GrpcError(status_code(event.status), event.status_message)
             return None
 
     # -- outbound ------------------------------------------------------------
@@ -160,9 +180,29 @@ class Stream:
             # The server answered before reading everything: the rest is moot, and
             # the call's outcome is the status it sent.
             if ended.status != StatusCode.OK:
-                raise GrpcError(_status_code(ended.status), ended.status_message) from None
+                raise GrpcError(status_code(ended.status), ended.status_message) from None
             return
         transport.flush()
+
+    def send_message_now(self, data: bytes) -> bool:
+        """Send one message if the flow-control windows take all of it now; else nothing.
+
+        For callers that must not wait: False leaves the stream untouched (the
+        message is over the size limit, the stream failed or closed, or the peer's
+        window is short).
+        """
+        transport = self.transport
+        if self.error is not None or len(data) > transport.max_message_bytes:
+            return False
+        h2 = transport.h2
+        try:
+            if h2.send_window_for(self.stream_id) < len(data) + _PREFIX.size:
+                return False
+            h2.send_data(self.stream_id, _PREFIX.pack(0, len(data)) + data)
+        except StreamClosedError:
+            return False
+        transport.flush()
+        return True
 
     def start_response(self, custom_metadata: Metadata = ()) -> None:
         try:
@@ -206,13 +246,6 @@ class Stream:
         self.reset = True
         self.transport.h2.reset_stream(self.stream_id, code)
         self.transport.flush()
-
-
-def _status_code(value: int) -> StatusCode:
-    try:
-        return StatusCode(value)
-    except ValueError:
-        return StatusCode.UNKNOWN
 
 
 class Transport:

@@ -82,6 +82,14 @@ class ConnectionPool:
                 entry.channel.close()
             self._entries.clear()
 
+    def ready(self, record: InstanceRecord) -> Channel | None:
+        """The pooled connection to the instance ``record`` describes, if one is usable now."""
+        entry = self._entries.get(record.name)
+        if entry is None or not _serves(entry, record):
+            return None
+        entry.last_used = trio.current_time()
+        return entry.channel
+
     async def channel(self, record: InstanceRecord) -> Channel:
         """A connection to the instance ``record`` describes, made now if needed.
 
@@ -91,7 +99,7 @@ class ConnectionPool:
         while True:
             entry = self._entries.get(name)
             if entry is not None:
-                if entry.channel.usable and entry.port == record.port and entry.pid == record.pid:
+                if _serves(entry, record):
                     entry.last_used = trio.current_time()
                     return entry.channel
                 self._drop(name)
@@ -154,3 +162,8 @@ class ConnectionPool:
             idle = entry.channel.active_calls == 0 and now - entry.last_used > self._idle_timeout
             if stale or idle:
                 self._drop(name)
+
+
+def _serves(entry: _Entry, record: InstanceRecord) -> bool:
+    """True when ``entry`` is a usable connection to the process ``record`` describes."""
+    return entry.channel.usable and entry.port == record.port and entry.pid == record.pid

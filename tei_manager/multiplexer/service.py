@@ -12,6 +12,12 @@ each non-null text as one message of a single ``EmbedStream`` (``EmbedSparseStre
 call to the instance, all in flight at once so the instance batches them as it
 likes, and answer one row per input row (null text, null row).
 
+Unary calls take a path with no task of their own (:class:`_UnaryRelay`) when the
+instance's connection is up: the request is passed on from the client
+connection's reader, and the reply from the instance connection's reader. Only a
+call that would have to wait (no connection yet, a short flow-control window)
+runs the ordinary handler, which does the same with a task.
+
 Deadlines: a unary call gets at most ``request_timeout`` (and the client's own
 deadline, which travels to the instance as ``grpc-timeout``); a stream fails after
 ``stream_idle_timeout`` without a message in either direction. A client that
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import trio
@@ -33,9 +40,11 @@ from tei_manager._proto.tei_multiplexer.v1 import multiplexer_grpc, multiplexer_
 from tei_manager.core.registry import InstanceRecord
 from tei_manager.core.routing import Router
 from tei_manager.errors import TeiError, quote
-from tei_manager.grpc.channel import Call, Channel
-from tei_manager.grpc.rpc import GrpcError, MethodSpec, StatusCode
-from tei_manager.grpc.server import CallContext, ServerCall
+from tei_manager.grpc._grpc_events import MessageReceived, ResponseEnded
+from tei_manager.grpc.channel import Call, Channel, Metadata
+from tei_manager.grpc.rpc import Cardinality, GrpcError, MethodSpec, StatusCode, status_code
+from tei_manager.grpc.server import CallContext, FastCall, FastUnaryHandler, ServerCall
+from tei_manager.grpc.transport import Stream
 from tei_manager.multiplexer import arrow
 from tei_manager.multiplexer.metrics import UNROUTED, CallMetrics, MultiplexerMetrics
 from tei_manager.multiplexer.pool import ConnectionPool
@@ -133,41 +142,112 @@ class Multiplexer(multiplexer_grpc.TeiMultiplexerServicer):
         return data
 
     # -- unary -----------------------------------------------------------------------
+    def fast_unary(self, spec: Spec) -> FastUnaryHandler | None:
+        backend = _BACKENDS.get(spec.name)
+        if backend is None or backend.cardinality is not Cardinality.UNARY_UNARY:
+            return None
+        return partial(self._relay_unary, backend)
+
+    def _relay_unary(self, backend: Spec, call: FastCall, data: bytes) -> bool:
+        """Route a unary call and pass its request on, from the client connection's reader.
+
+        The instance's reply answers it from the instance connection's reader; a
+        call that has to wait (a connection to make, a short window) goes on in a task.
+        """
+        try:
+            target_bytes, inner = split_request(data)
+            target = None if target_bytes is None else parse_target(target_bytes)
+            record = self._router.choose(target)
+        except WireError as error:
+            self._refuse(
+                call, backend, StatusCode.INVALID_ARGUMENT, f"could not decode the request: {error}"
+            )
+            return True
+        except TeiError as error:
+            self._refuse(call, backend, error.grpc_status, error.message)
+            return True
+        name = record.name
+        call.limit(call.started + self._request_timeout, self._timed_out(name))
+        relay = _UnaryRelay(call, name, self._router, self._metrics.call(name, backend.name))
+        channel = self._pool.ready(record)
+        stream = None
+        if channel is not None:
+            stream = channel.relay(
+                backend,
+                inner,
+                deadline=call.deadline,
+                watcher=relay.on_reply,
+                metadata=call.context.metadata,
+            )
+        if stream is not None:
+            relay.start(stream)
+        else:
+            call.spawn(self._relay_later, relay, backend, record, inner)
+        return True
+
+    def _refuse(self, call: FastCall, backend: Spec, code: StatusCode, message: str) -> None:
+        series = self._metrics.call(UNROUTED, backend.name)
+        call.on_end = lambda final: series.finished(trio.current_time() - call.started, final)
+        call.reply(None, code, message)
+
+    async def _relay_later(
+        self, relay: _UnaryRelay, backend: Spec, record: InstanceRecord, inner: bytes
+    ) -> None:
+        call = relay.call
+        with trio.CancelScope(deadline=call.deadline) as scope:
+            relay.start(scope)
+            answer = await self._exchange(backend, record, inner, call.context.metadata)
+            call.reply(*answer)
+        if scope.cancelled_caught:  # moot if the call ended otherwise meanwhile
+            call.reply(None, StatusCode.DEADLINE_EXCEEDED, call.deadline_message)
+
     async def _unary(self, call: ServerCall, context: CallContext, backend: Spec) -> None:
+        """A unary call the reader could not pass on (its request never came, say)."""
         with _Observed(self._metrics, backend.name) as observed:
             record, inner = self._resolve(await self._first_request(call))
             name = record.name
             observed.routed(name)
-            router = self._router
-            router.begin(name)
-            try:
-                channel = await self._pool.channel(record)
-                with trio.move_on_after(self._request_timeout) as timer:
-                    # The hot path: no context managers beyond the deadline's.
-                    relayed = channel.start_call(backend, metadata=context.metadata)
-                    try:
-                        await relayed.send_raw(inner)
-                        await relayed.done_writing()
-                        reply = await relayed.receive_raw()
-                        if reply is None:
-                            raise GrpcError(
-                                StatusCode.INTERNAL,
-                                f"instance {quote(name)} ended the call without a response",
-                            )
-                        await call.send(reply)
-                        await relayed.receive_raw()  # the status
-                    except GrpcError as error:
-                        raise _from_instance(error, relayed, name) from None
-                    finally:
-                        relayed.close()
-            finally:
-                router.end(name)
-            if timer.cancelled_caught:
-                raise GrpcError(
-                    StatusCode.DEADLINE_EXCEEDED,
-                    f"instance {quote(name)} did not answer within "
-                    f"{self._request_timeout:g} s (grpc_request_timeout_secs)",
+            with self._router.track(name), trio.move_on_after(self._request_timeout) as timer:
+                reply, code, message = await self._exchange(
+                    backend, record, inner, context.metadata
                 )
+                if reply is not None:
+                    await call.send(reply)
+            if timer.cancelled_caught:
+                raise GrpcError(StatusCode.DEADLINE_EXCEEDED, self._timed_out(name))
+            if code is not StatusCode.OK:
+                raise GrpcError(code, message)
+
+    async def _exchange(
+        self, backend: Spec, record: InstanceRecord, inner: bytes, metadata: Metadata
+    ) -> tuple[bytes | None, StatusCode, str]:
+        """One unary call to the instance (connecting first if needed): reply and status."""
+        name = record.name
+        try:
+            channel = await self._pool.channel(record)
+        except GrpcError as error:
+            return None, error.code, _naming(error, name)
+        relayed = channel.start_call(backend, metadata=metadata)
+        reply = None
+        try:
+            await relayed.send_raw(inner)
+            await relayed.done_writing()
+            reply = await relayed.receive_raw()
+            if reply is None:
+                return None, StatusCode.INTERNAL, _no_response(name)
+            await relayed.receive_raw()  # the status
+            return reply, StatusCode.OK, ""
+        except GrpcError as error:
+            failure = _from_instance(error, relayed, name)
+            return reply, failure.code, failure.message
+        finally:
+            relayed.close()
+
+    def _timed_out(self, name: str) -> str:
+        return (
+            f"instance {quote(name)} did not answer within "
+            f"{self._request_timeout:g} s (grpc_request_timeout_secs)"
+        )
 
     # -- streams -----------------------------------------------------------------------
     async def _stream(self, call: ServerCall, context: CallContext, backend: Spec) -> None:
@@ -416,13 +496,94 @@ class Multiplexer(multiplexer_grpc.TeiMultiplexerServicer):
         await self._stream(call, context, tei_grpc.Tokenize.DecodeStream)
 
 
+class _UnaryRelay:
+    """One routed unary call's bookkeeping, and its answer from the instance's events."""
+
+    __slots__ = ("_name", "_reply", "_router", "_scope", "_series", "_stream", "call")
+
+    def __init__(self, call: FastCall, name: str, router: Router, series: CallMetrics) -> None:
+        self.call = call
+        self._name = name
+        self._router = router
+        self._series = series
+        self._reply: bytes | None = None
+        self._stream: Stream | None = None
+        self._scope: trio.CancelScope | None = None
+
+    def start(self, work: Stream | trio.CancelScope) -> None:
+        """In flight: on the instance's ``Stream``, or in a task under the ``CancelScope``."""
+        if isinstance(work, Stream):
+            self._stream = work
+        else:
+            self._scope = work
+        self._router.begin(self._name)
+        self._series.in_flight.inc()
+        self.call.on_end = self._ended
+
+    def on_reply(self, stream: Stream) -> None:
+        """The instance's stream has news (its watcher): answer once its status is in."""
+        while (event := stream.pop_event()) is not None:
+            kind = type(event)
+            if kind is MessageReceived:
+                if self._reply is None:
+                    self._reply = event.data  # type: ignore[union-attr]
+            elif kind is ResponseEnded:
+                code = status_code(event.status)  # type: ignore[union-attr]
+                if code is StatusCode.OK and self._reply is None:
+                    self.call.reply(None, StatusCode.INTERNAL, _no_response(self._name))
+                else:
+                    self.call.reply(self._reply, code, event.status_message)  # type: ignore[union-attr]
+                return
+        error = stream.error
+        if error is not None:
+            self.call.reply(None, error.code, _naming(error, self._name))
+
+    def _ended(self, code: StatusCode) -> None:
+        stream = self._stream
+        if stream is not None:
+            stream.watcher = None
+            if stream.response_ended is None and stream.error is None:
+                stream.cancel()  # the client left or the deadline passed: stop the instance
+            stream.transport.release(stream)
+        if self._scope is not None:
+            self._scope.cancel()
+        self._router.end(self._name)
+        self._series.in_flight.dec()
+        self._series.finished(trio.current_time() - self.call.started, code)
+
+
+def _no_response(name: str) -> str:
+    return f"instance {quote(name)} ended the call without a response"
+
+
+def _naming(error: GrpcError, name: str) -> str:
+    """A relay failure's message, naming the instance unless it already does."""
+    if error.message.startswith("instance "):
+        return error.message
+    return f"instance {quote(name)}: {error.message}"
+
+
 def _from_instance(error: GrpcError, relayed: Call[Any, Any], name: str) -> GrpcError:
     """The instance's own status unchanged; a relay failure (connection lost) naming it."""
-    if relayed.answered or error.message.startswith("instance "):
+    if relayed.answered:
         return error
-    return GrpcError(error.code, f"instance {quote(name)}: {error.message}")
+    return GrpcError(error.code, _naming(error, name))
 
 
 def _arrow_response(payload: bytes) -> bytes:
     # EmbedArrowResponse and EmbedSparseArrowResponse: {1: arrow_ipc}, encoded alike.
     return multiplexer_pb2.EmbedArrowResponse(arrow_ipc=payload).SerializeToString()
+
+
+#: The tei.v1 method each multiplexer method relays to, by name.
+_BACKENDS: dict[str, Spec] = {
+    spec.name: spec
+    for servicer in (
+        tei_grpc.InfoServicer,
+        tei_grpc.EmbedServicer,
+        tei_grpc.PredictServicer,
+        tei_grpc.RerankServicer,
+        tei_grpc.TokenizeServicer,
+    )
+    for spec in servicer.METHODS
+}
