@@ -169,6 +169,7 @@ class Multiplexer(multiplexer_grpc.TeiMultiplexerServicer):
         name = record.name
         call.limit(call.started + self._request_timeout, self._timed_out(name))
         relay = _UnaryRelay(call, name, self._router, self._metrics.call(name, backend.name))
+        relay.start()
         channel = self._pool.ready(record)
         stream = None
         if channel is not None:
@@ -180,7 +181,7 @@ class Multiplexer(multiplexer_grpc.TeiMultiplexerServicer):
                 metadata=call.context.metadata,
             )
         if stream is not None:
-            relay.start(stream)
+            relay.stream = stream
         else:
             call.spawn(self._relay_later, relay, backend, record, inner)
         return True
@@ -194,8 +195,10 @@ class Multiplexer(multiplexer_grpc.TeiMultiplexerServicer):
         self, relay: _UnaryRelay, backend: Spec, record: InstanceRecord, inner: bytes
     ) -> None:
         call = relay.call
+        if call.done:  # the client left before the task began
+            return
         with trio.CancelScope(deadline=call.deadline) as scope:
-            relay.start(scope)
+            relay.scope = scope
             answer = await self._exchange(backend, record, inner, call.context.metadata)
             call.reply(*answer)
         if scope.cancelled_caught:  # moot if the call ended otherwise meanwhile
@@ -497,9 +500,13 @@ class Multiplexer(multiplexer_grpc.TeiMultiplexerServicer):
 
 
 class _UnaryRelay:
-    """One routed unary call's bookkeeping, and its answer from the instance's events."""
+    """One routed unary call's bookkeeping, and its answer from the instance's events.
 
-    __slots__ = ("_name", "_reply", "_router", "_scope", "_series", "_stream", "call")
+    The call is in flight from :meth:`start`; its work is the instance's ``stream``
+    (read by :meth:`on_reply`) or a task under ``scope``, stopped when the call ends.
+    """
+
+    __slots__ = ("_name", "_reply", "_router", "_series", "call", "scope", "stream")
 
     def __init__(self, call: FastCall, name: str, router: Router, series: CallMetrics) -> None:
         self.call = call
@@ -507,15 +514,10 @@ class _UnaryRelay:
         self._router = router
         self._series = series
         self._reply: bytes | None = None
-        self._stream: Stream | None = None
-        self._scope: trio.CancelScope | None = None
+        self.stream: Stream | None = None
+        self.scope: trio.CancelScope | None = None
 
-    def start(self, work: Stream | trio.CancelScope) -> None:
-        """In flight: on the instance's ``Stream``, or in a task under the ``CancelScope``."""
-        if isinstance(work, Stream):
-            self._stream = work
-        else:
-            self._scope = work
+    def start(self) -> None:
         self._router.begin(self._name)
         self._series.in_flight.inc()
         self.call.on_end = self._ended
@@ -539,14 +541,14 @@ class _UnaryRelay:
             self.call.reply(None, error.code, _naming(error, self._name))
 
     def _ended(self, code: StatusCode) -> None:
-        stream = self._stream
+        stream = self.stream
         if stream is not None:
             stream.watcher = None
             if stream.response_ended is None and stream.error is None:
                 stream.cancel()  # the client left or the deadline passed: stop the instance
             stream.transport.release(stream)
-        if self._scope is not None:
-            self._scope.cancel()
+        if self.scope is not None:
+            self.scope.cancel()
         self._router.end(self._name)
         self._series.in_flight.dec()
         self._series.finished(trio.current_time() - self.call.started, code)
