@@ -55,7 +55,7 @@ from tei_manager.grpc._http2_frames import (
     HeadersReceived,
     StreamReset,
 )
-from tei_manager.grpc.rpc import StatusCode
+from tei_manager.grpc.rpc import StatusCode, over_limit
 
 MAX_HEADER_LIST_SIZE = 8192
 CONNECTION_WINDOW = 2**30
@@ -169,7 +169,7 @@ class Connection:
                     message += "are not supported"
                     status = StatusCode.INTERNAL if self.client_side else StatusCode.UNIMPLEMENTED
                 else:
-                    message = f"message of {length} bytes is over the limit of {limit} bytes"
+                    message = over_limit(length, limit)
                     status = StatusCode.RESOURCE_EXHAUSTED
                 call.discarding = True
                 self.h2_connection.acknowledge_received_data(stream_id, end - pos)

@@ -61,7 +61,7 @@ class Servicer:
     def fast_unary(self, spec: MethodSpec[Any, Any]) -> Callable[[Any, bytes], bool] | None:
         """A raw servicer's task-free handler for the unary method ``spec``, or None.
 
-        Called once per method when the servicer is added to a server. The handler
+        Called once per unary method when the servicer is added to a server. The handler
         gets a :class:`~tei_manager.grpc.server.FastCall` and the request's bytes
         from the connection's reader and must not block: it either takes the call
         (True) and answers it later from callbacks, or declines (False) and the
@@ -98,6 +98,11 @@ def status_code(value: int) -> StatusCode:
         return StatusCode(value)
     except ValueError:
         return StatusCode.UNKNOWN
+
+
+def over_limit(size: int, limit: int) -> str:
+    """Why a message of ``size`` bytes is refused (RESOURCE_EXHAUSTED), sent or received."""
+    return f"message of {size} bytes is over the limit of {limit} bytes"
 
 
 class GrpcError(Exception):

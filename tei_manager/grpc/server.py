@@ -21,8 +21,15 @@ from typing import Any
 import trio
 from google.protobuf.message import DecodeError, Message
 
-from tei_manager.grpc._grpc_events import MessageReceived
-from tei_manager.grpc.rpc import Cardinality, GrpcError, MethodSpec, Servicer, StatusCode
+from tei_manager.grpc._grpc_events import MessageReceived, RequestReceived
+from tei_manager.grpc.rpc import (
+    Cardinality,
+    GrpcError,
+    MethodSpec,
+    Servicer,
+    StatusCode,
+    over_limit,
+)
 from tei_manager.grpc.transport import Stream, Transport
 
 log = logging.getLogger(__name__)
@@ -188,7 +195,7 @@ class FastCall:
             limit = stream.transport.max_message_bytes
             if len(data) > limit:
                 code = StatusCode.RESOURCE_EXHAUSTED
-                message = f"message of {len(data)} bytes is over the limit of {limit} bytes"
+                message = over_limit(len(data), limit)
             elif not stream.send_message_now(data):
                 # The client's window is short: a task waits for it.
                 self._nursery.start_soon(self._reply_slowly, data, code, message)
@@ -266,8 +273,10 @@ class GrpcServer:
     def add_servicer(self, servicer: Servicer) -> None:
         for spec in servicer.METHODS:
             self._methods[spec.path] = (spec, getattr(servicer, spec.name), servicer.RAW)
-            fast = servicer.fast_unary(spec) if servicer.RAW else None
-            if fast is not None and spec.cardinality is Cardinality.UNARY_UNARY:
+            fast = None
+            if servicer.RAW and spec.cardinality is Cardinality.UNARY_UNARY:
+                fast = servicer.fast_unary(spec)
+            if fast is not None:
                 self._fast[spec.path] = fast
             else:
                 self._fast.pop(spec.path, None)
@@ -395,17 +404,13 @@ class GrpcServer:
             self._finish(stream)
             return
         spec, handler, raw = entry
-        self._active_calls += 1
-        self._idle = trio.Event() if self._idle.is_set() else self._idle
-        deadline = None
-        if request.timeout is not None:
-            deadline = trio.current_time() + request.timeout
-        context = CallContext(spec, tuple(request.custom_metadata), peer, certificate, deadline)
+        self._call_started()
+        context = _context(spec, request, peer, certificate)
         responder = _Responder(stream)
         code, message = StatusCode.CANCELLED, "cancelled"
         started = trio.current_time()
         try:
-            limit = deadline if deadline is not None else float("inf")
+            limit = context.deadline if context.deadline is not None else math.inf
             with trio.CancelScope(deadline=limit) as scope:
                 stream.handler_scope = scope
                 try:
@@ -457,15 +462,10 @@ class GrpcServer:
         if type(event) is not MessageReceived:
             return False
         path = request.path
-        spec = self._methods[path][0]
-        deadline = None
-        if request.timeout is not None:
-            deadline = trio.current_time() + request.timeout
-        context = CallContext(spec, tuple(request.custom_metadata), peer, certificate, deadline)
+        context = _context(self._methods[path][0], request, peer, certificate)
         call = FastCall(self, stream, context, nursery)
         # Counted from here, as the handler may answer before it returns.
-        self._active_calls += 1
-        self._idle = trio.Event() if self._idle.is_set() else self._idle
+        self._call_started()
         events.popleft()
         try:
             taken = self._fast[path](call, event.data)
@@ -502,6 +502,10 @@ class GrpcServer:
             self._finish(stream)
             self._call_ended()
 
+    def _call_started(self) -> None:
+        self._active_calls += 1
+        self._idle = trio.Event() if self._idle.is_set() else self._idle
+
     def _call_ended(self) -> None:
         self._active_calls -= 1
         if self._active_calls == 0:
@@ -526,6 +530,19 @@ class GrpcServer:
         # Releasing a stream the client is still sending on resets it (NO_ERROR after
         # our answer): we answered before the client finished, so it should stop.
         stream.transport.release(stream)
+
+
+def _context(
+    spec: MethodSpec[Any, Any],
+    request: RequestReceived,
+    peer: str | None,
+    certificate: bytes | None,
+) -> CallContext:
+    """What the handler of a call just received may know about it."""
+    deadline = None
+    if request.timeout is not None:
+        deadline = trio.current_time() + request.timeout
+    return CallContext(spec, tuple(request.custom_metadata), peer, certificate, deadline)
 
 
 def _first_leaf(group: BaseExceptionGroup[GrpcError]) -> GrpcError:

@@ -30,7 +30,7 @@ from tei_manager.grpc._grpc_events import (
 from tei_manager.grpc._grpc_headers import Metadata
 from tei_manager.grpc._http2_frames import ErrorCode, ProtocolError, StreamClosedError
 from tei_manager.grpc._protocol import Connection
-from tei_manager.grpc.rpc import GrpcError, StatusCode, status_code
+from tei_manager.grpc.rpc import GrpcError, StatusCode, over_limit, status_code
 
 log = logging.getLogger(__name__)
 
@@ -152,10 +152,7 @@ class Stream:
         transport = self.transport
         limit = transport.max_message_bytes
         if len(data) > limit:
-            raise GrpcError(
-                StatusCode.RESOURCE_EXHAUSTED,
-                f"message of {len(data)} bytes is over the limit of {limit} bytes",
-            )
+            raise GrpcError(StatusCode.RESOURCE_EXHAUSTED, over_limit(len(data), limit))
         if self.error is not None:
             raise self.error
         prefix = _PREFIX.pack(0, len(data))

@@ -42,7 +42,7 @@ from tei_manager.core.routing import Router
 from tei_manager.errors import TeiError, quote
 from tei_manager.grpc._grpc_events import MessageReceived, ResponseEnded
 from tei_manager.grpc.channel import Call, Channel, Metadata
-from tei_manager.grpc.rpc import Cardinality, GrpcError, MethodSpec, StatusCode, status_code
+from tei_manager.grpc.rpc import GrpcError, MethodSpec, StatusCode, status_code
 from tei_manager.grpc.server import CallContext, FastCall, FastUnaryHandler, ServerCall
 from tei_manager.grpc.transport import Stream
 from tei_manager.multiplexer import arrow
@@ -143,10 +143,8 @@ class Multiplexer(multiplexer_grpc.TeiMultiplexerServicer):
 
     # -- unary -----------------------------------------------------------------------
     def fast_unary(self, spec: Spec) -> FastUnaryHandler | None:
-        backend = _BACKENDS.get(spec.name)
-        if backend is None or backend.cardinality is not Cardinality.UNARY_UNARY:
-            return None
-        return partial(self._relay_unary, backend)
+        backend = _BACKENDS.get(spec.name)  # None for the Arrow methods
+        return None if backend is None else partial(self._relay_unary, backend)
 
     def _relay_unary(self, backend: Spec, call: FastCall, data: bytes) -> bool:
         """Route a unary call and pass its request on, from the client connection's reader.
