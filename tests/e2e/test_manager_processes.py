@@ -60,13 +60,13 @@ def _free_port_range(size: int) -> int:
     raise RuntimeError("no free port range")
 
 
-@pytest.fixture
-def config(tmp_path: Path) -> ManagerConfig:
+def manager_config(tmp_path: Path, *, api_port: int, grpc_port: int) -> ManagerConfig:
+    """A manager under ``tmp_path`` with ten free instance ports and quick health checks."""
     start = _free_port_range(10)
     return ManagerConfig(
         api_host="127.0.0.1",
-        api_port=_free_port(),
-        grpc_port=_free_port(),
+        api_port=api_port,
+        grpc_port=grpc_port,
         state_file=str(tmp_path / "state" / "state.toml"),
         log_dir=str(tmp_path / "logs"),
         instance_port_start=start,
@@ -75,6 +75,11 @@ def config(tmp_path: Path) -> ManagerConfig:
         startup_timeout_secs=READY_TIMEOUT,
         graceful_shutdown_timeout_secs=10.0,
     )
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> ManagerConfig:
+    return manager_config(tmp_path, api_port=_free_port(), grpc_port=_free_port())
 
 
 @asynccontextmanager

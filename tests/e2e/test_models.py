@@ -16,7 +16,7 @@ from tei_manager.core.registry import InstanceStatus
 from tei_manager.hub.settings import HubSettings
 from tei_manager.manager import Manager
 from tests.conftest import TinyModels
-from tests.e2e.test_manager_processes import READY_TIMEOUT, _embed, _free_port_range
+from tests.e2e.test_manager_processes import READY_TIMEOUT, _embed, manager_config
 from tests.hubserver import HubServer
 from tests.test_api import Api, assert_error
 from tests.waiting import wait_for
@@ -37,19 +37,7 @@ def hub(minilm_dir: Path, tiny_models: TinyModels) -> Iterator[HubServer]:
 
 @pytest.fixture
 def config(tmp_path: Path) -> ManagerConfig:
-    start = _free_port_range(10)
-    return ManagerConfig(
-        api_host="127.0.0.1",
-        api_port=0,
-        grpc_port=0,
-        state_file=str(tmp_path / "state" / "state.toml"),
-        log_dir=str(tmp_path / "logs"),
-        instance_port_start=start,
-        instance_port_end=start + 9,
-        health_check_interval_secs=1.0,
-        startup_timeout_secs=READY_TIMEOUT,
-        graceful_shutdown_timeout_secs=10.0,
-    )
+    return manager_config(tmp_path, api_port=0, grpc_port=0)
 
 
 @asynccontextmanager
