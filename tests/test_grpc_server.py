@@ -10,6 +10,8 @@ import hashlib
 import logging
 import socket
 import ssl
+import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -292,3 +294,22 @@ async def test_port_is_not_shared_with_reuse_port(nursery: trio.Nursery) -> None
     with pytest.raises(OSError):
         sock.bind(("127.0.0.1", server.port))
     sock.close()
+
+
+async def test_a_call_is_counted_before_its_client_sees_the_answer(
+    nursery: trio.Nursery,
+) -> None:
+    """Metrics scraped right after a reply include that call."""
+    observed = threading.Event()
+
+    def on_call(spec: Any, seconds: float, code: StatusCode) -> None:
+        time.sleep(0.2)  # holds the server's loop: an answer already sent would arrive now
+        observed.set()
+
+    server, _ = await _serve(nursery, on_call=on_call)
+
+    def call(ch: grpc.Channel) -> bool:
+        _decode_stub(ch)(tei_pb2.DecodeRequest(ids=[1]), timeout=10)
+        return observed.is_set()
+
+    assert await _grpcio(server.port, call)

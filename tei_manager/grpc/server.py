@@ -530,6 +530,8 @@ class GrpcServer:
         # Releasing a stream the client is still sending on resets it (NO_ERROR after
         # our answer): we answered before the client finished, so it should stop.
         stream.transport.release(stream)
+        # The answer leaves only now, so the call is counted before its client sees it.
+        stream.transport.push()
 
 
 def _context(
