@@ -748,6 +748,20 @@ def test_header_decoder_follows_the_dynamic_table_of_hpacks_encoder(
         assert size == sum(len(name) + len(value) + 32 for name, value in headers)
 
 
+def test_header_decoder_reads_a_repeated_block_by_the_table_it_finds() -> None:
+    # The same bytes, index 62, name the newest dynamic entry: what that is changes.
+    decoder = HeaderDecoder(65536)
+    encoder = Encoder()
+    decoder.decode(encoder.encode([("x-a", "1")], huffman=False))
+    assert decoder.decode(b"\xbe") == ([("x-a", "1")], 36)
+    assert decoder.decode(b"\xbe") == ([("x-a", "1")], 36)  # from the block cache
+    decoder.decode(encoder.encode([("x-b", "2")], huffman=False))
+    assert decoder.decode(b"\xbe") == ([("x-b", "2")], 36)
+    decoder.decode(b"\x20")  # a table size update to 0 empties the table
+    with pytest.raises(HeaderDecodeError, match="index 62 is not in the table"):
+        decoder.decode(b"\xbe")
+
+
 @pytest.mark.parametrize(
     ("block", "problem"),
     [

@@ -10,8 +10,11 @@ clear of the rules for shrinking the peer's table.
 
 Decoding must follow the peer's dynamic table (grpcio indexes and Huffman-codes):
 ``HeaderDecoder`` keeps the table and decodes each representation, with the literal
-fields (whose Huffman decoding is the slow part) cached by their bytes. Only the
-``hpack`` package's static table and Huffman code are used.
+fields (whose Huffman decoding is the slow part) cached by their bytes. Whole blocks
+are cached too, while the table stays as it is: a peer's blocks repeat byte for byte
+once its table holds what it sends (grpcio's request headers, a server's response
+headers and OK trailers), so most blocks cost one lookup. Only the ``hpack``
+package's static table and Huffman code are used.
 """
 
 from __future__ import annotations
@@ -141,13 +144,31 @@ class HeaderDecoder:
         self._table: deque[Entry] = deque()  # newest first: index 62 is [0]
         self._table_size = 0
         self._literals: dict[bytes, Entry] = {}
+        # Blocks that left the table as it was, by their bytes; emptied when it changes.
+        self._blocks: dict[bytes, tuple[list[Header], int]] = {}
+        self._table_changes = 0
 
     def decode(self, block: bytes) -> tuple[list[Header], int]:
-        """The block's headers, in order, as text, and the header list's size."""
+        """The block's headers, in order, as text, and the header list's size.
+
+        The list may be shared with later calls for the same bytes: do not change it.
+        """
+        cached = self._blocks.get(block)
+        if cached is not None:
+            return cached
+        changes = self._table_changes
         try:
-            return self._decode(block)
+            decoded = self._decode(block)
         except (hpack.HPACKError, IndexError, UnicodeDecodeError) as error:
             raise HeaderDecodeError(f"cannot decode a header block: {error}") from None
+        if self._table_changes != changes:
+            # Cached blocks may index entries that have moved or gone.
+            self._blocks.clear()
+        elif len(self._blocks) < _CACHE_LIMIT and not any(
+            name in _VOLATILE for name, _ in decoded[0]
+        ):
+            self._blocks[block] = decoded
+        return decoded
 
     def _decode(self, block: bytes) -> tuple[list[Header], int]:
         headers: list[Header] = []
@@ -177,6 +198,7 @@ class HeaderDecoder:
                     )
                 self._table_max = new_max
                 self._evict(new_max)
+                self._table_changes += 1
                 continue
             else:  # literal without indexing, or never indexed
                 entry, pos = self._literal(block, pos, 0x0F)
@@ -224,6 +246,7 @@ class HeaderDecoder:
 
     def _insert(self, entry: Entry) -> None:
         # RFC 7541 §4.4: make room first; an entry larger than the table empties it.
+        self._table_changes += 1
         entry_size = entry[1]
         self._evict(self._table_max - entry_size)
         if entry_size <= self._table_max:
