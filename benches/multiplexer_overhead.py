@@ -3,7 +3,9 @@
 A real ``tei-manager serve`` (gRPC multiplexer on) runs one instance of the packaged
 all-MiniLM-L6-v2 on the built-in worker. One grpcio (asyncio) client in this process
 measures each workload directly on the instance's port and through the multiplexer,
-alternating, ``--rounds`` times; the medians are compared:
+back to back (direct first in even rounds, multiplexer first in odd ones), ``--rounds``
+times. A figure is the median over rounds of that round's multiplexer / direct ratio,
+so a machine whose speed drifts between rounds still compares like with like:
 
 - unary Embed, concurrency 1: latency p50 (multiplexer / direct);
 - unary Embed, concurrency 16: throughput ratio (target >= 0.90);
@@ -14,7 +16,7 @@ alternating, ``--rounds`` times; the medians are compared:
 
 Prints a table; ``--json PATH`` writes the figures.
 
-    python benches/multiplexer_overhead.py [--rounds 3] [--json F]
+    python benches/multiplexer_overhead.py [--rounds 5] [--json F]
 """
 
 from __future__ import annotations
@@ -181,7 +183,8 @@ async def arrow_seconds(channel: grpc.aio.Channel, payload: bytes, *, noop: bool
 
 async def measure(
     instance_port: int, mux_port: int, rounds: int, quick: bool, arrow: bool = True
-) -> dict[str, Any]:
+) -> dict[str, list[dict[str, float]]]:
+    """Each workload's figures, one entry per round and side (``name/side``)."""
     options = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
     scale = 4 if quick else 1
     texts = make_texts(4000)
@@ -198,15 +201,17 @@ async def measure(
         for side in clients.values():  # warm up both paths and the model
             await unary(side, "embed", texts[:64], 16)
             await unary(side, "tokenize", texts[:64], 16)
+        workloads: list[tuple[str, Callable[[Client], Awaitable[dict[str, float]]]]] = [
+            ("embed_c1", lambda client: unary(client, "embed", texts[: 200 // scale], 1)),
+            ("embed_c16", lambda client: unary(client, "embed", texts[: 800 // scale], 16)),
+            ("stream20", lambda client: streams(client, texts[: 800 // scale])),
+            ("tokenize_c16", lambda client: unary(client, "tokenize", texts[: 4000 // scale], 16)),
+        ]
         for round_ in range(rounds):
-            for side, client in clients.items():
-                record(f"embed_c1/{side}", await unary(client, "embed", texts[: 200 // scale], 1))
-                record(f"embed_c16/{side}", await unary(client, "embed", texts[: 800 // scale], 16))
-                record(f"stream20/{side}", await streams(client, texts[: 800 // scale]))
-                record(
-                    f"tokenize_c16/{side}",
-                    await unary(client, "tokenize", texts[: 4000 // scale], 16),
-                )
+            sides = ("direct", "mux") if round_ % 2 == 0 else ("mux", "direct")
+            for name, workload in workloads:
+                for which in sides:
+                    record(f"{name}/{which}", await workload(clients[which]))
             print(f"round {round_ + 1}/{rounds} done", file=sys.stderr)
         for size in (1000, 10000) if arrow else ():
             if quick and size > 1000:
@@ -229,18 +234,21 @@ async def measure(
             await arrow_seconds(mux_channel, noop_payload, noop=True)
             for _ in range(30 if arrow else 0)
         ]
-    medians = {
+    if noop:
+        results["arrow_noop_10k"] = [{"p50_ms": statistics.median(noop) * 1e3}]
+    return results
+
+
+def summarize(results: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
+    m = {
         name: {key: statistics.median(v[key] for v in values) for key in values[0]}
         for name, values in results.items()
     }
-    if noop:
-        medians["arrow_noop_10k"] = {"p50_ms": statistics.median(noop) * 1e3}
-    return medians
 
-
-def summarize(m: dict[str, dict[str, float]]) -> dict[str, Any]:
     def ratio(name: str, key: str) -> float:
-        return m[f"{name}/mux"][key] / m[f"{name}/direct"][key]
+        # Per round, then the median: the two sides of a round ran back to back.
+        pairs = zip(results[f"{name}/mux"], results[f"{name}/direct"], strict=True)
+        return statistics.median(mux[key] / direct[key] for mux, direct in pairs)
 
     figures: dict[str, Any] = {
         "embed_c1_p50_ms": {
@@ -271,7 +279,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="a quarter of the work (a smoke run)")
     parser.add_argument("--skip-arrow", action="store_true", help="leave out the Arrow figures")
     parser.add_argument("--json", type=Path, help="write the figures here")
@@ -290,10 +298,10 @@ def main() -> None:
             info = wait_status(
                 manager, INSTANCE, lambda i: bool(i["status"] == "running"), "running"
             )
-            medians = asyncio.run(
+            results = asyncio.run(
                 measure(int(info["port"]), mux_port, args.rounds, args.quick, not args.skip_arrow)
             )
-    figures = summarize(medians)
+    figures = summarize(results)
     c1 = figures["embed_c1_p50_ms"]
 
     def ratio_row(label: str, key: str, target: float) -> tuple[str, str, str, str]:
