@@ -44,7 +44,7 @@ from tei_manager.grpc._grpc_events import (
 )
 from tei_manager.grpc._grpc_headers import format_timeout, parse_timeout
 from tei_manager.grpc._hpack import HeaderDecodeError, HeaderDecoder, encode_headers
-from tei_manager.grpc._http2_frames import PREFACE, ErrorCode, ProtocolError
+from tei_manager.grpc._http2_frames import PREFACE, ErrorCode, ProtocolError, StreamClosedError
 from tei_manager.grpc._protocol import Connection
 from tei_manager.grpc.channel import open_channel
 from tei_manager.grpc.rpc import GrpcError, StatusCode
@@ -629,6 +629,26 @@ def test_client_respects_peer_window_frame_size_and_stream_limit() -> None:
     events, _ = exchange(ours, peer)
     assert of(WindowUpdated, events)
     assert h2c.send_data(1, payload, sent) == 405
+
+
+def test_end_stream_rides_on_the_last_data_frame_only_when_all_data_went() -> None:
+    ours, peer = client_pair()
+    peer.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 100})
+    exchange(ours, peer)
+    h2c = ours.h2_connection
+    ours.start_request(1, "http", PATH, "a")
+    short = framed(b"s" * 500)
+    assert h2c.send_data(1, short, end_stream=True) == 100  # the window cut it short
+    ours.start_request(3, "http", PATH, "a")
+    whole = framed(b"w" * 50)
+    assert h2c.send_data(3, whole, end_stream=True) == len(whole)
+    _, peer_events = exchange(ours, peer)
+    data = {e.stream_id: e for e in of(h2.events.DataReceived, peer_events)}
+    assert data[1].stream_ended is None and data[3].stream_ended is not None
+    assert [e.stream_id for e in of(h2.events.StreamEnded, peer_events)] == [3]
+    assert h2c.send_window_for(1) == 0  # still open for sending
+    with pytest.raises(StreamClosedError):
+        h2c.send_window_for(3)
 
 
 def test_client_ignores_window_update_after_the_call_and_rejects_push() -> None:

@@ -214,8 +214,14 @@ class H2Connection:
             raise StreamClosedError(f"stream {stream_id} is not open for sending")
         return min(self.send_window, stream.send_window)
 
-    def send_data(self, stream_id: int, data: bytes, start: int = 0) -> int:
-        """Send ``data[start:]`` as far as the windows allow; returns the bytes sent."""
+    def send_data(
+        self, stream_id: int, data: bytes, start: int = 0, *, end_stream: bool = False
+    ) -> int:
+        """Send ``data[start:]`` as far as the windows allow; returns the bytes sent.
+
+        With ``end_stream``, the last frame also half-closes the stream if all of the
+        data went; otherwise the stream stays open.
+        """
         stream = self.streams.get(stream_id)
         if stream is None or stream.local_closed:
             raise StreamClosedError(f"stream {stream_id} is not open for sending")
@@ -226,17 +232,21 @@ class H2Connection:
         stream.send_window -= count
         limit = self.peer_max_frame_size
         out = self._data_to_send
-        if start == 0 and count == len(data) and count <= limit:
-            out += _FRAME.pack(count >> 16, count & 0xFFFF, DATA, 0, stream_id)
-            out += data
-            return count
-        view = memoryview(data)
         end = start + count
-        while start < end:
-            size = min(limit, end - start)
-            out += _FRAME.pack(size >> 16, size & 0xFFFF, DATA, 0, stream_id)
-            out += view[start : start + size]
-            start += size
+        last = END_STREAM if end_stream and end == len(data) else 0
+        if start == 0 and end == len(data) and count <= limit:
+            out += _FRAME.pack(count >> 16, count & 0xFFFF, DATA, last, stream_id)
+            out += data
+        else:
+            view = memoryview(data)
+            while start < end:
+                size = min(limit, end - start)
+                flags = last if start + size == end else 0
+                out += _FRAME.pack(size >> 16, size & 0xFFFF, DATA, flags, stream_id)
+                out += view[start : start + size]
+                start += size
+        if last:
+            self._close_local(stream_id, stream)
         return count
 
     def end_stream(self, stream_id: int) -> None:

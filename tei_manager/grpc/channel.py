@@ -166,11 +166,12 @@ class Channel:
         """Start a call with its one request message (already serialized), never waiting.
 
         For task-free relays: the request is sent and the sending side closed at
-        once, and ``watcher`` is called from the connection's reader for each
-        reply event (see ``Stream.watcher``). ``deadline`` (trio clock) travels as
-        ``grpc-timeout``. Returns the call's stream, whose owner releases it
-        (``Transport.release``) when done; None when the call cannot start without
-        waiting: no usable connection, no free stream, or a short window.
+        once (END_STREAM on its DATA frame), and ``watcher`` is called from the
+        connection's reader for each reply event (see ``Stream.watcher``).
+        ``deadline`` (trio clock) travels as ``grpc-timeout``. Returns the call's
+        stream, whose owner releases it (``Transport.release``) when done; None when
+        the call cannot start without waiting: no usable connection, no free
+        stream, or a short window.
         """
         transport = self._transport
         if transport is None or transport.closed or transport.goaway:
@@ -190,11 +191,10 @@ class Channel:
         conn.start_request(
             stream.stream_id, self._scheme, spec.path, self.authority, timeout, metadata
         )
-        if not stream.send_message_now(data):  # the checks above rule this out
+        if not stream.send_message_now(data, last=True):  # the checks above rule this out
             stream.cancel()
             transport.release(stream)
             return None
-        stream.end_request()
         stream.watcher = watcher
         return stream
 

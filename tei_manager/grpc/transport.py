@@ -191,12 +191,13 @@ class Stream:
             return
         transport.flush()
 
-    def send_message_now(self, data: bytes) -> bool:
+    def send_message_now(self, data: bytes, *, last: bool = False) -> bool:
         """Send one message if the flow-control windows take all of it now; else nothing.
 
         For callers that must not wait: False leaves the stream untouched (the
         message is over the size limit, the stream failed or closed, or the peer's
-        window is short).
+        window is short). ``last`` (client side) ends the request with it, in the
+        same frame.
         """
         transport = self.transport
         if self.error is not None or len(data) > transport.max_message_bytes:
@@ -205,10 +206,14 @@ class Stream:
         try:
             if h2.send_window_for(self.stream_id) < len(data) + _PREFIX.size:
                 return False
-            h2.send_data(self.stream_id, _PREFIX.pack(0, len(data)) + data)
+            h2.send_data(self.stream_id, _PREFIX.pack(0, len(data)) + data, end_stream=last)
         except StreamClosedError:
             return False
-        transport.flush()
+        if last:
+            self.local_closed = True
+            transport.push()
+        else:
+            transport.flush()
         return True
 
     def start_response(self, custom_metadata: Metadata = ()) -> None:
