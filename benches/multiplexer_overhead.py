@@ -5,7 +5,8 @@ all-MiniLM-L6-v2 on the built-in worker. One grpcio (asyncio) client in this pro
 measures each workload directly on the instance's port and through the multiplexer,
 back to back (direct first in even rounds, multiplexer first in odd ones), ``--rounds``
 times. A figure is the median over rounds of that round's multiplexer / direct ratio,
-so a machine whose speed drifts between rounds still compares like with like:
+so a machine whose speed drifts between rounds still compares like with like (the JSON
+keeps every round's ratio):
 
 - unary Embed, concurrency 1: latency p50 (multiplexer / direct);
 - unary Embed, concurrency 16: throughput ratio (target >= 0.90);
@@ -245,10 +246,13 @@ def summarize(results: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
         for name, values in results.items()
     }
 
+    per_round: dict[str, list[float]] = {}
+
     def ratio(name: str, key: str) -> float:
         # Per round, then the median: the two sides of a round ran back to back.
         pairs = zip(results[f"{name}/mux"], results[f"{name}/direct"], strict=True)
-        return statistics.median(mux[key] / direct[key] for mux, direct in pairs)
+        ratios = per_round[f"{name}_{key}"] = [mux[key] / direct[key] for mux, direct in pairs]
+        return statistics.median(ratios)
 
     figures: dict[str, Any] = {
         "embed_c1_p50_ms": {
@@ -260,6 +264,7 @@ def summarize(results: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
         "stream20_throughput_ratio": ratio("stream20", "throughput"),
         "tokenize_c16_throughput_ratio": ratio("tokenize_c16", "throughput"),
         "throughput_per_sec": {k: v["throughput"] for k, v in m.items() if "throughput" in v},
+        "ratios_per_round": per_round,
     }
     if "arrow_noop_10k" in m:
         figures["arrow_noop_10k_p50_ms"] = m["arrow_noop_10k"]["p50_ms"]
