@@ -19,6 +19,14 @@ from typing import Any, Final, Literal
 
 import msgspec
 
+from tei_manager.auth.settings import (
+    AuthConfig,
+    CorsConfig,
+    RateLimitConfig,
+    validate_auth_config,
+    validate_cors_config,
+    validate_rate_limit_config,
+)
 from tei_manager.core.ports import MAX_PORT, MIN_UNPRIVILEGED_PORT
 from tei_manager.errors import (
     ConfigError,
@@ -137,6 +145,9 @@ class ManagerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     grpc_max_message_size_mb: int = 40
     grpc_max_parallel_streams: int = 1024
     grpc_request_timeout_secs: float = 30.0
+    auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
+    rate_limit: RateLimitConfig = msgspec.field(default_factory=RateLimitConfig)
+    cors: CorsConfig = msgspec.field(default_factory=CorsConfig)
 
     def manager_ports(self) -> frozenset[int]:
         """Ports the manager itself listens on, which no instance may take."""
@@ -348,6 +359,9 @@ def validate_manager_config(config: ManagerConfig) -> None:
         if model_id in seen_models:
             raise ValidationError(f"models[{i}]", f"duplicate model {quote(model_id)}")
         seen_models.add(model_id)
+    validate_auth_config(config.auth)
+    validate_rate_limit_config(config.rate_limit)
+    validate_cors_config(config.cors)
 
 
 def _validate_seeds(config: ManagerConfig) -> None:
