@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import ssl
+import time
 from collections.abc import AsyncIterator
 from functools import partial
 from pathlib import Path
@@ -21,12 +22,14 @@ import httpx2
 import pytest
 import trio
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from tei_manager.api import serve_api
 from tei_manager.auth.security import Security, build_security
 from tei_manager.config import parse_config
 from tests.auth_pki import Pki, make_pki
 from tests.fake_manager import FakeManager
+from tests.jwt_tokens import public_pem, sign
 
 KEYS = {"ci": "ci-secret", "ops": "ops-secret", "reader": "reader-secret"}
 SCOPES = {"ci": ["inference"], "ops": ["admin", "read"], "reader": ["read"]}
@@ -378,3 +381,33 @@ async def test_certificate_reload_when_files_change(
     with trio.fail_after(5):
         assert not await reloads.receive()
     assert (await server_certificate(port, pki)).serial_number == rotated.serial_number
+
+
+async def test_jwt_bearer_tokens(nursery: trio.Nursery, tmp_path: Path, pki: Pki) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    (tmp_path / "jwt.pem").write_bytes(public_pem(key))
+    toml = native_toml(pki).replace(
+        'providers = ["mtls", "api_key"]', 'providers = ["mtls", "api_key", "jwt"]'
+    ) + (
+        f'[auth.jwt]\nissuer = "https://issuer"\naudience = "tei-manager"\n'
+        f'public_keys = ["{tmp_path / "jwt.pem"}"]\n'
+    )
+    manager, security = manager_for(tmp_path, toml)
+    client = Client(await serve(nursery, manager, security), pki, tls=True)
+    now = time.time()
+    claims = {"iss": "https://issuer", "aud": "tei-manager", "sub": "system:serviceaccount:a:b",
+              "exp": now + 600, "scope": "read"}  # fmt: skip
+    good = await client("GET", "/instances", key=sign(key, claims))
+    assert good.status_code == 200
+    assert (await client("GET", "/instances", key=KEYS["reader"])).status_code == 200
+    for token in (
+        sign(key, {**claims, "exp": now - 3600}),
+        sign(key, {**claims, "aud": "other"}),
+        sign(ec.generate_private_key(ec.SECP256R1()), claims),
+        sign(None, claims, alg="none"),
+    ):
+        refused = await client("GET", "/instances", key=token)
+        assert_error(refused, 401, "UNAUTHENTICATED")
+        assert 'error="invalid_token"' in refused.headers["WWW-Authenticate"]
+    admin = await client("DELETE", "/instances/x", key=sign(key, claims))
+    assert_error(admin, 403, "FORBIDDEN")
