@@ -34,7 +34,7 @@ class ApiKeyStore:
     """Answers "which key is this?" for a presented bearer token."""
 
     def __init__(self, keys: Iterable[StoredKey]) -> None:
-        self._keys = tuple(keys)
+        self._keys = tuple((key.sha256, Identity(key.name, "api_key", key.scopes)) for key in keys)
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -43,10 +43,8 @@ class ApiKeyStore:
         """The key's identity, or None. Every stored digest is compared, so the time
         taken says nothing about which key (or how much of one) matched."""
         presented = digest(token)
-        found: StoredKey | None = None
-        for key in self._keys:
-            if hmac.compare_digest(presented, key.sha256):
-                found = key
-        if found is None:
-            return None
-        return Identity(found.name, "api_key", found.scopes)
+        found: Identity | None = None
+        for sha256, identity in self._keys:
+            if hmac.compare_digest(presented, sha256):
+                found = identity
+        return found

@@ -8,6 +8,7 @@ A front door (REST hook, gRPC authorizer) describes each request as an
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 from typing import Final
 
@@ -79,6 +80,18 @@ class Refusal(msgspec.Struct, frozen=True):
 def parse_peer(peer: object) -> Address | None:
     """The address of an ASGI ``client`` tuple ``(host, port)``, or of a ``host:port``
     string (``[v6]:port`` or the bare ``v6:port`` a plain join makes)."""
+    if isinstance(peer, str):
+        # Every call on a gRPC connection has the same peer string: parse it once.
+        return _parse_peer_text(peer)
+    return _parse_peer(peer)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_peer_text(peer: str) -> Address | None:
+    return _parse_peer(peer)
+
+
+def _parse_peer(peer: object) -> Address | None:
     if isinstance(peer, tuple | list) and peer:
         host = peer[0]
     elif isinstance(peer, str) and ":" in peer:
