@@ -141,10 +141,8 @@ def test_serve_with_mtls_and_api_keys(tmp_path: Path) -> None:
             with https(pki, "expired") as expired, pytest.raises(httpx2.TransportError):
                 expired.get(f"{base}/instances")
             metrics = anonymous.get(f"{base}/metrics", headers=ops).text
-            assert (
-                'tei_manager_auth_rejections_total{code="FORBIDDEN",identity="ci",port="rest"}'
-                in (metrics)
-            )
+            labels = '{code="FORBIDDEN",identity="ci",port="rest"}'
+            assert f"tei_manager_auth_rejections_total{labels} 1.0" in metrics
             # gRPC: past authentication a call meets routing (NOT_FOUND: no such instance).
             assert embed(pki, grpc_port, cert="allowed") == "NOT_FOUND"
             assert embed(pki, grpc_port, key=KEY) == "NOT_FOUND"
