@@ -259,9 +259,6 @@ class GrpcServer:
         authorize: Authorizer | None = None,
     ) -> None:
         self.host = host
-        #: Called with each call's context when its headers arrive, before any handler
-        #: (fast or not) sees it; a refusal answers the call at once.
-        self.authorize = authorize
         #: Calls one connection may have open at once (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS).
         self.max_concurrent_streams = max_concurrent_streams
         self._on_call = on_call
@@ -285,6 +282,9 @@ class GrpcServer:
         self.listening = trio.Event()
         for servicer in servicers:
             self.add_servicer(servicer)
+        #: Called with each call's context when its headers arrive, before any handler
+        #: (fast or not) sees it; a refusal answers the call at once.
+        self.authorize = authorize
 
     def add_servicer(self, servicer: Servicer) -> None:
         for spec in servicer.METHODS:
