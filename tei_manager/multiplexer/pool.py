@@ -40,16 +40,20 @@ OnConnected = Callable[[str], None]
 class Pacer:
     """At most ``limit`` messages in flight to one instance process, shared by its callers.
 
-    FIFO-fair: callers waiting for a place get them in the order they asked.
+    Calls take turns (``turn``, a FIFO lock held while a call sends): first come,
+    first served, so with four large calls the first is answered after a quarter
+    of the work rather than all four at the end, and every place freed by a reply
+    goes to the call whose turn it is, keeping the instance busy across calls.
     """
 
-    __slots__ = ("_places", "limit", "pid", "port")
+    __slots__ = ("_places", "limit", "pid", "port", "turn")
 
     def __init__(self, limit: int, port: int, pid: int | None) -> None:
         self.limit = limit
         self.port = port
         self.pid = pid
         self._places = trio.Semaphore(limit)
+        self.turn = trio.Lock()
 
     async def acquire(self) -> None:
         """Wait for a place (one message in flight)."""

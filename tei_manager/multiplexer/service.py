@@ -473,8 +473,9 @@ class Multiplexer(multiplexer_grpc.TeiMultiplexerServicer):
 
         Each message takes a place of the instance's ``pacer`` until its reply is
         in, so the instance never holds more than it accepts, whatever the batch
-        size and however many calls share it. The idle timeout runs only while
-        this call has messages in flight: waiting for a place is not idleness.
+        size and however many calls share it; calls send in turn, first come first
+        served. The idle timeout runs only while this call has messages in flight:
+        waiting for its turn or a place is not idleness.
         """
         if not messages:
             return []
@@ -490,14 +491,16 @@ class Multiplexer(multiplexer_grpc.TeiMultiplexerServicer):
                         async def send_all() -> None:
                             nonlocal held
                             try:
-                                for message in messages:
-                                    if not held:
-                                        idle.deadline = math.inf
-                                    await pacer.acquire()
-                                    held += 1
-                                    if idle.deadline == math.inf:
-                                        idle.deadline = trio.current_time() + idle_timeout
-                                    await relayed.send_raw(message)
+                                idle.deadline = math.inf  # waiting for its turn
+                                async with pacer.turn:
+                                    for message in messages:
+                                        if not held:
+                                            idle.deadline = math.inf
+                                        await pacer.acquire()
+                                        held += 1
+                                        if idle.deadline == math.inf:
+                                            idle.deadline = trio.current_time() + idle_timeout
+                                        await relayed.send_raw(message)
                                 await relayed.done_writing()
                             except GrpcError as error:
                                 failures.append(_from_instance(error, relayed, name))
