@@ -4,7 +4,8 @@ Only a call whose request cannot have been answered is sent again, once, to
 another running replica of its model, within its own deadline:
 
 - ``connect``: no connection to the instance could be made;
-- ``closed``: the connection was already closed or going away when the call started;
+- ``closed``: the connection was already closed or going away when the call
+  started, or had no stream left for it;
 - ``refused``: the instance refused the stream (REFUSED_STREAM, or a GOAWAY that
   left it unprocessed);
 - ``lost``: the connection died before any reply or status came back.
@@ -88,10 +89,10 @@ class Failover:
     ) -> InstanceRecord | None:
         """Another running replica of ``model_id`` for a call that failed on ``failed``.
 
-        ``failed`` is passed over by later routing for a while; None when no other
-        replica runs (the call then fails with the first attempt's error).
+        None when no other replica runs (the call then fails with the first
+        attempt's error). Later routing passes ``failed`` over when its connection
+        failed (the pool tells the router), not when it merely refused a stream.
         """
-        self._router.suspect(failed.name, failed.pid)
         record = self._router.alternative(model_id, failed.name)
         if record is not None:
             self._metrics.retried(method, reason)
