@@ -40,7 +40,7 @@ def host() -> FakeHost:
 def make_registry(
     host: FakeHost, *, max_instances: int | None = None, end: int = 8089
 ) -> InstanceTable:
-    ports = PortAllocator(8080, end, probe=host.probe, clock=host.clock)
+    ports = PortAllocator(8080, end, probe=host.probe)
     return InstanceTable(ports, max_instances=max_instances, reserved_ports={9000, 9001})
 
 
@@ -120,7 +120,7 @@ def test_port_conflicts(registry: InstanceTable, fields: dict[str, int], message
 
 
 def test_auto_ports_never_take_the_managers_ports(host: FakeHost) -> None:
-    ports = PortAllocator(9000, 9002, probe=host.probe, clock=host.clock)
+    ports = PortAllocator(9000, 9002, probe=host.probe)
     registry = InstanceTable(ports, reserved_ports={9000, 9001})
     assert registry.add(cfg("a"), created_at=T0).port == 9002
 
@@ -154,13 +154,15 @@ def test_failed_allocation_changes_nothing(host: FakeHost) -> None:
     assert registry.add(cfg("c"), created_at=T0).port == 8081
 
 
-def test_remove_quarantines_ports(host: FakeHost, registry: InstanceTable) -> None:
+def test_removed_ports_are_reused_last(host: FakeHost) -> None:
+    registry = make_registry(host, end=8083)
     registry.add(cfg("a", prometheus_port=0), created_at=T0)
     removed = registry.remove("a")
     assert removed.name == "a" and len(registry) == 0
     assert registry.add(cfg("b"), created_at=T0).port == 8082
-    host.now += 60
-    assert registry.add(cfg("c", prometheus_port=0), created_at=T0).ports() == (8080, 8081)
+    # Only 8080 and 8081 are left in the range (8080-8083): reused, not refused.
+    registry.add(cfg("c"), created_at=T0)
+    assert registry.add(cfg("d", prometheus_port=0), created_at=T0).ports() == (8080, 8081)
 
 
 def test_remove_unknown(registry: InstanceTable) -> None:

@@ -293,7 +293,7 @@ class InstanceTable:
         return record
 
     def remove(self, name: str) -> InstanceRecord:
-        """Unregister ``name``; its ports go into the TIME_WAIT quarantine."""
+        """Unregister ``name``; its ports are tried last by the allocator from now on."""
         record = self.get(name)
         del self._records[name]
         for port in record.ports():
