@@ -18,11 +18,11 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# Goals that wait on work of issue 14 not on this branch yet; strict, so the
-# marks must go once it lands.
+# Goals that wait on work of issue 14 not on this branch yet. Not strict: a temp
+# file is only left when a kill lands in the middle of a save, which a short run
+# may miss.
 _PENDING = {
     "create-delete": "temp files of an interrupted save are not removed at start-up (item 4)",
-    "port-churn": "released ports are held back 60 s instead of tried last (item 3)",
 }
 
 
@@ -31,7 +31,7 @@ _PENDING = {
     [
         pytest.param(
             name,
-            marks=[pytest.mark.xfail(strict=True, reason=_PENDING[name])]
+            marks=[pytest.mark.xfail(strict=False, reason=_PENDING[name])]
             if name in _PENDING
             else [],
         )
