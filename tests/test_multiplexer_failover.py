@@ -157,7 +157,7 @@ class Replicas:
     def retries(self, reason: str | None = None) -> float:
         text = generate_latest(self.prometheus).decode()
         found = re.findall(
-            r'tei_manager_grpc_retries_total\{method="Embed",reason="(\w+)"\} (\S+)', text
+            r'tei_manager_grpc_retries_total\{method="\w+",reason="(\w+)"\} (\S+)', text
         )
         return sum(float(n) for r, n in found if reason is None or r == reason)
 
@@ -269,16 +269,23 @@ async def test_dead_replica_is_skipped_after_one_connect_retry() -> None:
 
 
 @temperatures
-async def test_call_routed_by_name_to_a_dead_replica_fails_cleanly(warm: bool) -> None:
+@pytest.mark.parametrize("kind", ["instance_name", "instance_index"])
+async def test_call_routed_by_name_or_index_to_a_dead_replica_fails_cleanly(
+    warm: bool, kind: str
+) -> None:
     async with trio.open_nursery() as nursery:
         setup = Replicas(nursery)
         await setup.start()
         async with open_channel("127.0.0.1", setup.port) as channel:
             await _warm_up(setup, channel, warm)
             setup.replicas["a"].kill()
+            target = mux.Target(instance_name="a") if kind == "instance_name" else mux.Target()
+            if kind == "instance_index":
+                target.instance_index = 0  # "a", the first created
+            request = mux.EmbedRequest(target=target, request=tei_pb2.EmbedRequest(inputs="x"))
             for _ in range(2):  # a closed connection, then no connection at all
                 with pytest.raises(GrpcError) as error:
-                    await _embed(channel, by_name("a", "x"))
+                    await _embed(channel, request)
                 assert error.value.code == StatusCode.UNAVAILABLE
                 assert error.value.message.startswith('instance "a"')
             assert setup.retries() == 0
@@ -345,4 +352,21 @@ async def test_arrow_keeps_at_most_the_instance_limit_in_flight() -> None:
         assert a.peak == 8  # as much as it accepts, never more
         assert setup.mux is not None
         assert setup.mux.pool.pacer(setup.record("a")).in_flight == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_streams_are_not_retried() -> None:
+    async with trio.open_nursery() as nursery:
+        setup = Replicas(nursery)
+        await setup.start()
+        setup.replicas["a"].kill()
+        async with open_channel("127.0.0.1", setup.port) as channel:
+            with pytest.raises(GrpcError) as error, trio.fail_after(5):
+                async with channel.open_call(M.EmbedStream) as call:
+                    await call.send(by_model("x"))  # the first by model goes to "a"
+                    await call.receive()
+            assert error.value.code == StatusCode.UNAVAILABLE
+            assert error.value.message.startswith('instance "a"')
+            assert setup.retries() == 0
+            assert "x" not in setup.replicas["b"].seen
         nursery.cancel_scope.cancel()
