@@ -29,6 +29,7 @@ from tei_manager.grpc.channel import Channel, open_channel
 from tei_manager.grpc.rpc import GrpcError, StatusCode
 from tei_manager.grpc.server import CallContext, GrpcServer
 from tei_manager.multiplexer.arrow import write_texts
+from tei_manager.multiplexer.failover import call_failure, retry_model
 from tei_manager.multiplexer.metrics import MultiplexerMetrics
 from tei_manager.multiplexer.server import MultiplexerServer
 from tests.test_multiplexer_relay import Backend, M, _wait_for
@@ -370,3 +371,16 @@ async def test_streams_are_not_retried() -> None:
             assert setup.retries() == 0
             assert "x" not in setup.replicas["b"].seen
         nursery.cancel_scope.cancel()
+
+
+def test_what_may_be_retried() -> None:
+    lost = GrpcError(StatusCode.UNAVAILABLE, "connection closed")
+    assert call_failure(lost, replied=False, connection_usable=False) == "lost"
+    assert call_failure(lost, replied=False, connection_usable=True) == "refused"
+    assert call_failure(lost, replied=True, connection_usable=False) is None
+    other = GrpcError(StatusCode.CANCELLED, "stream reset by peer")
+    assert call_failure(other, replied=False, connection_usable=False) is None
+    assert retry_model(("model_id", "m")) == "m"
+    assert retry_model(("instance_name", "a")) is None
+    assert retry_model(("instance_index", 0)) is None
+    assert retry_model(None) is None
