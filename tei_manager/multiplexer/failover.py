@@ -6,9 +6,9 @@ another running replica of its model, within its own deadline:
 - ``connect``: no connection to the instance could be made;
 - ``closed``: the connection was already closed or going away when the call
   started, or had no stream left for it;
-- ``refused``: the instance refused the stream (REFUSED_STREAM, or a GOAWAY that
-  left it unprocessed);
-- ``lost``: the connection died before any reply or status came back.
+- ``refused``: the instance refused the stream (REFUSED_STREAM);
+- ``lost``: the connection died, or a GOAWAY left the call out, before any reply
+  or status came back.
 
 Every tei.v1 unary call is idempotent (an embedding or a tokenization computed
 twice is the same), so ``lost`` is safe to retry, as grpc-go's transparent retry
@@ -62,12 +62,9 @@ def stream_failure(stream: Stream) -> str | None:
     error = stream.error
     if error is None or error.code is not StatusCode.UNAVAILABLE:
         return None
-    if stream.reset:  # RST_STREAM(REFUSED_STREAM): never processed
-        return REFUSED
-    transport = stream.transport
-    if transport.goaway and not transport.closed:  # above the GOAWAY's last stream
-        return REFUSED
-    return LOST
+    # RST_STREAM(REFUSED_STREAM): never processed. Anything else unanswered (the
+    # connection closed, or a GOAWAY left the stream out) counts as lost.
+    return REFUSED if stream.reset else LOST
 
 
 def call_failure(error: GrpcError, *, replied: bool, connection_usable: bool) -> str | None:
