@@ -145,6 +145,14 @@ class ManagerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     grpc_max_message_size_mb: int = 40
     grpc_max_parallel_streams: int = 1024
     grpc_request_timeout_secs: float = 30.0
+    # Restarts after a crash (see DESIGN "Restart policy"): like Kubernetes'
+    # CrashLoopBackOff, the delay doubles from the initial value up to the cap, and
+    # the instance is retried for ever unless crash_loop_restarts is set: then that
+    # many restarts within crash_loop_window_secs leave it "failed" on the next exit.
+    restart_backoff_initial_secs: float = 1.0
+    restart_backoff_max_secs: float = 300.0
+    crash_loop_restarts: int = 0  # 0: never give up
+    crash_loop_window_secs: float = 300.0
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
     rate_limit: RateLimitConfig = msgspec.field(default_factory=RateLimitConfig)
     cors: CorsConfig = msgspec.field(default_factory=CorsConfig)
@@ -344,6 +352,7 @@ def validate_manager_config(config: ManagerConfig) -> None:
     _at_least(config.grpc_max_parallel_streams, 1, "grpc_max_parallel_streams")
     _positive(config.grpc_request_timeout_secs, "grpc_request_timeout_secs")
     _validate_seeds(config)
+    _validate_restarts(config)
     _at_least(config.max_concurrent_downloads, 1, "max_concurrent_downloads")
     _at_least(config.download_max_retries, 0, "download_max_retries")
     _positive(config.smoke_load_timeout_secs, "smoke_load_timeout_secs")
@@ -362,6 +371,19 @@ def validate_manager_config(config: ManagerConfig) -> None:
     validate_auth_config(config.auth)
     validate_rate_limit_config(config.rate_limit)
     validate_cors_config(config.cors)
+
+
+def _validate_restarts(config: ManagerConfig) -> None:
+    _positive(config.restart_backoff_initial_secs, "restart_backoff_initial_secs")
+    _positive(config.restart_backoff_max_secs, "restart_backoff_max_secs")
+    if config.restart_backoff_max_secs < config.restart_backoff_initial_secs:
+        raise ValidationError(
+            "restart_backoff_max_secs",
+            f"{config.restart_backoff_max_secs:g} is below restart_backoff_initial_secs "
+            f"{config.restart_backoff_initial_secs:g}",
+        )
+    _at_least(config.crash_loop_restarts, 0, "crash_loop_restarts")
+    _positive(config.crash_loop_window_secs, "crash_loop_window_secs")
 
 
 def _validate_seeds(config: ManagerConfig) -> None:
@@ -472,6 +494,10 @@ ENV_OVERRIDES: Final[tuple[tuple[str, str, Callable[[str], object]], ...]] = (
     ("TEI_MANAGER_LOG_DIR", "log_dir", _env_str),
     ("TEI_MANAGER_HEALTH_CHECK_INTERVAL", "health_check_interval_secs", _env_float),
     ("TEI_BINARY_PATH", "tei_binary_path", _env_str),
+    ("TEI_MANAGER_RESTART_BACKOFF_INITIAL", "restart_backoff_initial_secs", _env_float),
+    ("TEI_MANAGER_RESTART_BACKOFF_MAX", "restart_backoff_max_secs", _env_float),
+    ("TEI_MANAGER_CRASH_LOOP_RESTARTS", "crash_loop_restarts", _env_int),
+    ("TEI_MANAGER_CRASH_LOOP_WINDOW", "crash_loop_window_secs", _env_float),
 )
 
 

@@ -44,9 +44,14 @@ class MultiplexerServer:
         if security is None:  # counters on no registry: serve() passes the shared one
             security = build_security(config, None)
         max_message_bytes = config.grpc_max_message_size_mb * _MIB
-        self.router = Router(instances)
+        self.router = Router(instances, clock=trio.current_time)
+        # A connection that fails makes the router pass its replica over at once.
         self.pool = ConnectionPool(
-            INSTANCE_HOST, instances.find, max_message_bytes=max_message_bytes
+            INSTANCE_HOST,
+            instances.find,
+            max_message_bytes=max_message_bytes,
+            on_lost=self.router.suspect,
+            on_connected=self.router.cleared,
         )
         self.service = Multiplexer(
             self.router,
