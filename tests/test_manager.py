@@ -17,7 +17,7 @@ import trio
 import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
 
-from tei_manager.config import InstanceConfig, ManagerConfig, SeedInstance
+from tei_manager.config import ConfigError, InstanceConfig, ManagerConfig, SeedInstance
 from tei_manager.core.instances import DesiredState, InstanceStatus
 from tei_manager.core.ports import probe_bindable
 from tei_manager.core.restart import RestartPolicy
@@ -453,6 +453,61 @@ async def test_a_new_manager_restores_the_state_and_merges_seeds(
         assert (restored["d"].status, restored["d"].port) == (S.RUNNING, 20009)
         assert set(host.processes) == {"a", "d"}
         assert _persisted(config)["c"] == (DesiredState.STOPPED, 20001)
+
+
+def _write(path: str | Path, data: bytes) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def _read(path: Path) -> bytes:
+    return path.read_bytes()
+
+
+async def test_a_corrupt_state_file_is_moved_aside_and_reported_on_health(
+    clock: trio.testing.MockClock, nursery: trio.Nursery, config: ManagerConfig
+) -> None:
+    state = _write(config.state_file, b"[[instances]\nbroken")
+    # Saves that crashes interrupted, one of them from an older run.
+    for tmp in (".state.toml.0a1b2c3d.tmp", ".state.toml.deadbeef.tmp"):
+        _write(state.parent / tmp, b"half")
+    config = msgspec.structs.replace(config, instances=(SeedInstance(name="s", model_id="o/m"),))
+    async with running(_manager(config, FakeHost(nursery))) as manager:
+        report = manager.health_summary()["state"]
+        assert report["status"] == "moved_aside"
+        aside = Path(report["moved_aside_to"])
+        assert aside.parent == state.parent and aside.name.startswith("state.toml.corrupt-")
+        assert _read(aside) == b"[[instances]\nbroken"  # kept, not replaced
+        assert report["error"]
+        assert [i.name for i in manager.list_instances()] == ["s"]  # from the seeds
+    assert sorted(p.name for p in state.parent.iterdir()) == sorted([aside.name, "state.toml"])
+
+
+async def test_a_good_state_file_is_reported_ok(
+    clock: trio.testing.MockClock, nursery: trio.Nursery, config: ManagerConfig
+) -> None:
+    async with running(_manager(config, FakeHost(nursery))) as manager:
+        assert manager.health_summary()["state"] == {
+            "status": "ok",
+            "moved_aside_to": None,
+            "error": None,
+        }
+
+
+async def test_a_state_file_that_cannot_be_moved_aside_stops_the_start(
+    nursery: trio.Nursery, config: ManagerConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = _write(config.state_file, b"version = 99")
+
+    def refuse(*args: object) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(os, "rename", refuse)
+    with pytest.raises(ConfigError, match=r"state_file: .* is unusable .* cannot be moved aside"):
+        await _manager(config, FakeHost(nursery)).run()
+    assert _read(state) == b"version = 99"
 
 
 async def test_restore_is_off_when_configured(

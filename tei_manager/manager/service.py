@@ -52,6 +52,7 @@ from tei_manager.manager.startup import prepare
 from tei_manager.manager.state import (
     PersistedInstance,
     PersistedState,
+    StateFileReport,
     merge_seeds,
     save_state,
     state_from_instances,
@@ -152,6 +153,8 @@ class Manager:
             run_blocking=run_blocking,
         )
         self.state_save_failures = 0
+        # What start-up found in the state file; /health reports it.
+        self.state_file_report = StateFileReport(status="ok")
 
     # -- readiness -----------------------------------------------------------------
     @property
@@ -210,6 +213,7 @@ class Manager:
                 "failed": stats.failed,
                 "stopped": stats.stopped + stats.stopping,
             },
+            "state": msgspec.to_builtins(self.state_file_report),
         }
 
     # -- changing -------------------------------------------------------------------------
@@ -319,6 +323,7 @@ class Manager:
         )
         self.gpu_count = prepared.gpu_count
         self._runtime.start_ticks = prepared.start_ticks
+        self.state_file_report = prepared.loaded.report()
         runners = self._restore(prepared.loaded.state)
         try:
             async with trio.open_nursery() as service:
