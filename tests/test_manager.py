@@ -157,6 +157,44 @@ async def test_create_refusals_carry_the_contract_codes(
         assert len(host.processes) == 2
 
 
+def _model_folders(root: Path) -> dict[str, Path]:
+    folders = {name: root / name for name in ("empty", "readme", "bert", "st", "nested")}
+    for folder in folders.values():
+        folder.mkdir()
+    (folders["readme"] / "README.md").write_text("# not a model")
+    (folders["bert"] / "config.json").write_text("{}")
+    (folders["st"] / "modules.json").write_text("[]")
+    (folders["nested"] / "0_Transformer").mkdir()
+    (folders["nested"] / "0_Transformer" / "config.json").write_text("{}")
+    (root / "file").write_text("")
+    return folders
+
+
+async def test_a_local_model_id_must_be_a_model_folder(
+    clock: trio.testing.MockClock, nursery: trio.Nursery, config: ManagerConfig, tmp_path: Path
+) -> None:
+    folders = _model_folders(tmp_path)
+    host = FakeHost(nursery)
+    async with running(_manager(config, host)) as manager:
+        for model_id, problem in [
+            ("/tmp/nonexistent-model-folder", "does not exist"),
+            (str(tmp_path / "file"), "is not a folder"),
+            (str(folders["empty"]), "holds no config.json or modules.json: not a model folder"),
+            (str(folders["readme"]), "holds no config.json or modules.json: not a model folder"),
+        ]:
+            with pytest.raises(TeiError) as error:
+                await manager.create_instance(InstanceConfig(name="x", model_id=model_id))
+            assert (error.value.code, error.value.http_status) == (ErrorCode.MODEL_NOT_FOUND, 404)
+            assert error.value.message == f'model_id: "{model_id}" {problem}'
+        assert manager.list_instances() == [] and not host.processes
+        for name in ("bert", "st", "nested"):
+            info = await manager.create_instance(
+                InstanceConfig(name=name, model_id=str(folders[name]))
+            )
+            assert info.status is S.STARTING
+        await manager.create_instance(_cfg("hub"))  # a Hub id: not looked for on disk
+
+
 async def test_without_gpus_every_gpu_id_is_refused(
     clock: trio.testing.MockClock, nursery: trio.Nursery, config: ManagerConfig
 ) -> None:

@@ -42,7 +42,15 @@ from tei_manager.core.instances import (
 from tei_manager.core.logslice import LogSlice, read_log_slice
 from tei_manager.core.ports import PortAllocator, PortProbe, probe_bindable
 from tei_manager.core.restart import RestartPolicy
-from tei_manager.errors import ConflictError, ErrorCode, TeiError, ValidationError, quote
+from tei_manager.errors import (
+    ConflictError,
+    ErrorCode,
+    NotFoundError,
+    TeiError,
+    ValidationError,
+    quote,
+)
+from tei_manager.hub.cache import local_model_problem
 from tei_manager.hub.registry import ModelRegistry, ModelWait
 from tei_manager.hub.settings import HubSettings, RegistrySettings
 from tei_manager.manager.hostports import check_host_ports, port_free_for_instance
@@ -223,12 +231,20 @@ class Manager:
 
         Raises the validation codes, INSTANCE_EXISTS, PORT_CONFLICT,
         MAX_INSTANCES_REACHED, PORT_ALLOCATION_FAILED, NOT_READY while the
-        manager starts or stops, or MODEL_NOT_FOUND for a model that is not cached
-        while offline. A model that is not cached is downloaded by the model
+        manager starts or stops, or MODEL_NOT_FOUND for a local folder that holds no
+        model or a model that is not cached while offline. A model that is not cached is downloaded by the model
         registry first; the instance is ``starting`` meanwhile.
         """
         self._require_supervisor()
         validate_instance_config(cfg, gpu_count=self.gpu_count)
+        if cfg.model_id.startswith("/"):
+            # A local folder (validation allows no other path form; a Hub id has at
+            # most one "/" and never starts with one, as in huggingface_hub).
+            problem = await self._run_blocking(partial(local_model_problem, cfg.model_id))
+            if problem is not None:
+                raise NotFoundError(
+                    ErrorCode.MODEL_NOT_FOUND, f"model_id: {quote(cfg.model_id)} {problem}"
+                )
         # Looks at the model cache on disk; raises MODEL_NOT_FOUND offline.
         fetch_model = await self.models.needs_download(cfg.model_id, cfg.revision)
         supervisor = self._require_supervisor()
