@@ -99,9 +99,7 @@ async def test_a_sigkill_from_outside_unroutes_at_once_and_restarts(
     await runner.done.wait()
 
 
-async def test_a_start_up_crash_quotes_the_exception(
-    nursery: trio.Nursery, tmp_path: Path
-) -> None:
+async def test_a_start_up_crash_quotes_the_exception(nursery: trio.Nursery, tmp_path: Path) -> None:
     python = Python(
         """
         def load(path):

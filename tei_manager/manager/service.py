@@ -232,8 +232,9 @@ class Manager:
         Raises the validation codes, INSTANCE_EXISTS, PORT_CONFLICT,
         MAX_INSTANCES_REACHED, PORT_ALLOCATION_FAILED, NOT_READY while the
         manager starts or stops, or MODEL_NOT_FOUND for a local folder that holds no
-        model or a model that is not cached while offline. A model that is not cached is downloaded by the model
-        registry first; the instance is ``starting`` meanwhile.
+        model or a model that is not cached while offline. A model that is not
+        cached is downloaded by the model registry first; the instance is
+        ``starting`` meanwhile.
         """
         self._require_supervisor()
         validate_instance_config(cfg, gpu_count=self.gpu_count)
