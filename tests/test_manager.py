@@ -10,6 +10,7 @@ import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import msgspec
 import pytest
@@ -402,6 +403,82 @@ async def test_logs_are_sliced_like_python(
         assert (logs.lines, logs.start, logs.end, logs.total_lines) == (["7", "8", "9"], 7, 10, 10)
         with pytest.raises(TeiError):
             await manager.instance_logs("nope", None, None)
+
+
+async def test_a_deleted_instance_s_log_goes_with_it(
+    clock: trio.testing.MockClock, nursery: trio.Nursery, config: ManagerConfig
+) -> None:
+    async with running(_manager(config, FakeHost(nursery, sigterm_exit_secs=2))) as manager:
+        await manager.create_instance(_cfg("a"))
+        log = manager.log_path("a")
+        _write(log, b"old instance line\n")
+        await manager.delete_instance("a")
+        assert not log.exists()
+        await manager.create_instance(_cfg("a"))
+        assert (await manager.instance_logs("a", None, None)).lines == []
+
+
+async def test_a_new_instance_never_sees_a_leftover_log(
+    clock: trio.testing.MockClock, nursery: trio.Nursery, config: ManagerConfig
+) -> None:
+    # Left by an instance of that name whose delete a crash interrupted.
+    _write(Path(config.log_dir) / "a.log", b"a line from before\n")
+    async with running(_manager(config, FakeHost(nursery))) as manager:
+        await manager.create_instance(_cfg("a"))
+        assert (await manager.instance_logs("a", None, None)).total_lines == 0
+
+
+class HeldBlocking:
+    """``run_inline``, except that the call after :meth:`hold_next` waits for ``release``."""
+
+    def __init__(self) -> None:
+        self.release: trio.Event | None = None
+        self.entered = trio.Event()
+
+    def hold_next(self) -> trio.Event:
+        self.release = trio.Event()
+        return self.release
+
+    async def __call__(self, fn: Callable[[], T]) -> T:
+        if self.release is not None:
+            release, self.release = self.release, None
+            self.entered.set()
+            await release.wait()
+        return await run_inline(fn)
+
+
+T = TypeVar("T")
+
+
+@pytest.mark.parametrize("created_again", [False, True])
+async def test_logs_are_never_served_for_a_deleted_instance(
+    clock: trio.testing.MockClock, nursery: trio.Nursery, config: ManagerConfig, created_again: bool
+) -> None:
+    host = FakeHost(nursery)
+    blocking = HeldBlocking()
+    manager = Manager(
+        config, spawner=host.spawn, prober=host.probe, gpu_count=0, run_blocking=blocking
+    )
+    async with running(manager):
+        await manager.create_instance(_cfg("a"))
+        _write(manager.log_path("a"), b"secret of the old instance\n")
+        release = blocking.hold_next()
+        outcome: list[object] = []
+
+        async def read_logs() -> None:
+            try:
+                outcome.append(await manager.instance_logs("a", None, None))
+            except TeiError as e:
+                outcome.append(e.code)
+
+        nursery.start_soon(read_logs)
+        await blocking.entered.wait()  # the read is under way...
+        await manager.delete_instance("a")  # ...when the instance is deleted
+        if created_again:
+            await manager.create_instance(_cfg("a"))
+        release.set()
+        await trio.testing.wait_all_tasks_blocked()
+        assert outcome == [ErrorCode.INSTANCE_NOT_FOUND]
 
 
 async def test_every_contract_metric_is_recorded(

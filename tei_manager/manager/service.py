@@ -86,6 +86,14 @@ def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def _remove_log(path: Path) -> None:
+    """Remove an instance's log file, if any; a failure is logged, not raised."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as e:
+        log.warning("cannot remove %s: %s", path, e.strerror or e)
+
+
 class Manager:
     """Instances, their processes and their persisted state; see the module notes.
 
@@ -151,6 +159,9 @@ class Manager:
         self._restored = False
         self._listening = False
         self._runners: dict[str, InstanceRunner] = {}
+        # Set once a runner's process is gone, its log removed if it was deleted, and
+        # its name free again.
+        self._released: dict[InstanceRunner, trio.Event] = {}
         # Instances waiting for their model's download, to be cancelled on delete.
         self._awaiting_model: dict[str, trio.CancelScope] = {}
         self._supervisor: trio.Nursery | None = None
@@ -197,9 +208,19 @@ class Manager:
         return instance_log_path(self.config.log_dir, name)
 
     async def instance_logs(self, name: str, start: int | None, end: int | None) -> LogSlice:
-        """``lines[start:end]`` of the instance's log; raises INSTANCE_NOT_FOUND."""
-        self.instances.get(name)
-        return await self._run_blocking(partial(read_log_slice, self.log_path(name), start, end))
+        """``lines[start:end]`` of the instance's log; raises INSTANCE_NOT_FOUND.
+
+        Never a deleted instance's: one deleted (or deleted and created again)
+        while the file was read is not found, as it would have been a moment later.
+        """
+        record = self.instances.get(name)
+        lines = await self._run_blocking(partial(read_log_slice, self.log_path(name), start, end))
+        if self.instances.find(name) is not record:
+            self.instances.get(name)  # raises INSTANCE_NOT_FOUND if it is gone
+            raise NotFoundError(
+                ErrorCode.INSTANCE_NOT_FOUND, f"instance {quote(name)} was deleted: read again"
+            )
+        return lines
 
     def health_summary(self) -> dict[str, Any]:
         """The body of ``GET /health`` (the REST layer adds ``storage``)."""
@@ -256,6 +277,10 @@ class Manager:
             )
         check_host_ports(cfg, taken=self.instances.used_ports(), probe=self._explicit_port_probe)
         record = self.instances.add(cfg, created_at=_utcnow())
+        # A new instance's log starts empty, whatever an earlier instance of that name
+        # left (its log is removed on delete, but a crash may have come first). One
+        # unlink, synchronous like the spawn, so no other request can interleave.
+        _remove_log(self.log_path(record.name))
         self.metrics.instance_created(record.name, record.config.model_id)
         runner = self._new_runner(record)
         log.info(
@@ -291,8 +316,9 @@ class Manager:
             awaiting.cancel()
         log.info("instance %s deleted", name, extra={"instance": name})
         await self._save_state()
-        if runner is not None:
-            await runner.done.wait()
+        released = self._released.get(runner) if runner is not None else None
+        if released is not None:  # else its task ended already
+            await released.wait()
         return info
 
     async def start_instance(self, name: str) -> InstanceInfo:
@@ -422,6 +448,7 @@ class Manager:
             run_blocking=self._run_blocking,
         )
         self._runners[record.name] = runner
+        self._released[runner] = trio.Event()
         return runner
 
     async def _run_runner(
@@ -430,8 +457,19 @@ class Manager:
         try:
             await runner.run(task_status=task_status)
         finally:
-            if self._runners.get(runner.name) is runner:
-                del self._runners[runner.name]
+            if self.instances.find(runner.name) is not runner.record:
+                # Deleted, and its process is gone: its log goes too, before the name
+                # is free again (a create until then is "still being deleted").
+                with trio.CancelScope(shield=True):
+                    await self._run_blocking(partial(_remove_log, self.log_path(runner.name)))
+            self._release(runner)
+
+    def _release(self, runner: InstanceRunner) -> None:
+        if self._runners.get(runner.name) is runner:
+            del self._runners[runner.name]
+        released = self._released.pop(runner, None)
+        if released is not None:
+            released.set()
 
     def _spawn_process(self, cfg: InstanceConfig) -> ProcessHandle:
         assert self.program is not None
@@ -455,8 +493,7 @@ class Manager:
                     runner.request_stop()
         except BaseException:
             # The manager stops before the runner ever ran: no process exists.
-            if self._runners.get(runner.name) is runner:
-                del self._runners[runner.name]
+            self._release(runner)
             if record.status is not InstanceStatus.FAILED:
                 record.mark_stopped()
             runner.done.set()
