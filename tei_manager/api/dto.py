@@ -17,6 +17,7 @@ from tei_manager.core.instances import InstanceInfo
 from tei_manager.core.logslice import LogSlice
 from tei_manager.errors import ErrorBody
 from tei_manager.hub.state import ModelInfo
+from tei_manager.manager.state import StateFileReport
 
 __all__ = [
     "AddModelRequest",
@@ -28,6 +29,7 @@ __all__ = [
     "LogSlice",
     "ModelInfo",
     "ProbeStatus",
+    "StateFileReport",
     "StorageHealth",
     "StorageStatus",
 ]
@@ -71,6 +73,8 @@ class HealthResponse(msgspec.Struct, frozen=True, kw_only=True):
     version: str
     uptime_secs: int
     instances: InstanceCounts
+    # The state file as start-up found it: moved aside (and why) if it was unusable.
+    state: StateFileReport
     storage: StorageHealth
 
 
