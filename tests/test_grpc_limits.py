@@ -13,6 +13,7 @@ from typing import Any
 
 import h2.config
 import h2.connection
+import h2.settings
 import pytest
 import trio
 import trio.testing
@@ -543,3 +544,40 @@ async def test_a_refused_unary_call_is_made_again(nursery: trio.Nursery) -> None
             await channel.unary_unary(decode, tei_pb2.DecodeRequest(ids=[0]))
         reply = await channel.unary_unary(decode, tei_pb2.DecodeRequest(ids=[1]))
     assert reply.text == "ok"
+
+
+class Firehose(tei_grpc.TokenizeServicer):
+    """Answers a DecodeStream call with 1 MiB messages for as long as it may."""
+
+    def __init__(self) -> None:
+        self.sent = 0
+
+    async def DecodeStream(  # type: ignore[override]
+        self, requests: Any, context: CallContext
+    ) -> Any:
+        while True:
+            yield tei_pb2.DecodeResponse(text="x" * (1 << 20))
+            self.sent += 1
+
+
+async def test_a_peer_that_does_not_read_makes_the_sender_wait(nursery: trio.Nursery) -> None:
+    firehose = Firehose()
+    server = await _serve(nursery, Limits(max_output_buffer_bytes=1 << 20), firehose)
+    client = h2.connection.H2Connection(h2.config.H2Configuration(header_encoding="utf-8"))
+    client.initiate_connection()
+    client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 2**31 - 1})
+    client.increment_flow_control_window(2**31 - 1 - 65535)
+    client.send_headers(
+        1, [*REQUEST[:2], (":path", tei_grpc.Tokenize.DecodeStream.path), *REQUEST[3:]]
+    )
+    client.send_data(1, framed(tei_pb2.DecodeRequest(ids=[1]).SerializeToString()))
+    sock = trio.socket.socket()
+    sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 4096)
+    await sock.connect(("127.0.0.1", server.port))
+    async with trio.SocketStream(sock) as stream:
+        await stream.send_all(client.data_to_send())
+        await trio.sleep(1)  # and never read
+        # What the kernel buffers, plus our 1 MiB and the message being queued:
+        # a handful of messages, where without the bound it would be hundreds.
+        assert 0 < firehose.sent < 16
+        assert server.statistics()["queued_output_bytes"] <= 3 << 20

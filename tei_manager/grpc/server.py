@@ -294,10 +294,13 @@ class GrpcServer:
         return sorted({spec.service for spec, _, _ in self._methods.values()})
 
     def statistics(self) -> dict[str, int]:
+        """Connections, running calls, refused connections, accept() failures and the
+        output queued for peers (at scrape time)."""
         return {
             "connections": len(self._transports),
             "active_calls": self._active_calls,
             "connections_refused": self._connections_refused,
+            "queued_output_bytes": sum(t.output_size for t in self._transports),
             "accept_errors": self._accept_errors,
         }
 
