@@ -4,15 +4,21 @@ Bytes go in through ``receive_data`` and come back as a list of events; what we
 send is queued as frames in ``data_to_send``. Frames are parsed and built with
 ``struct``; header blocks are HPACK (``_hpack``). The connection keeps the flow
 control windows in both directions, the peer's settings and the open streams; it
-refuses streams over our SETTINGS_MAX_CONCURRENT_STREAMS and header lists over our
-SETTINGS_MAX_HEADER_LIST_SIZE, answers PING and SETTINGS, ignores PRIORITY and
-unknown frame types, and turns a peer's protocol violation into a stream reset or,
-for the connection as a whole, a GOAWAY and ``ProtocolError``.
+answers PING and SETTINGS, ignores PRIORITY and unknown frame types, and turns a
+peer's protocol violation into a stream reset or, for the connection as a whole, a
+GOAWAY and ``ProtocolError``.
 
-Received data is credited back to the peer (WINDOW_UPDATE) only once the
-application acknowledges it, and then in batches of half a window, so small calls
-send no WINDOW_UPDATE at all. Frames for a stream that is gone (reset, or finished)
-are ignored, as RFC 9113 §5.1 asks; their data is credited to the connection at once.
+Every resource a peer can make us hold is bounded by ``Limits`` (``limits.py``):
+streams (a stream counts from its HEADERS until the application calls
+``release_stream``, reset or not), header blocks (running totals of bytes and
+CONTINUATION frames), queued control frames, empty frames, SETTINGS, PINGs (with the
+clock it is given) and resets before an answer; floods end with GOAWAY
+ENHANCE_YOUR_CALM. Every check is a counter compared on the frame that moves it.
+
+The connection window is credited as data arrives; a stream's only as the
+application acknowledges its bytes (``acknowledge_received_data``), in batches of
+half a window, so small calls send no WINDOW_UPDATE at all. Frames for a stream that
+is gone (reset, or finished) are ignored, as RFC 9113 §5.1 asks.
 """
 
 from __future__ import annotations
