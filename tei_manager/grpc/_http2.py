@@ -15,10 +15,11 @@ CONTINUATION frames), queued control frames, empty frames, SETTINGS, PINGs (with
 clock it is given) and resets before an answer; floods end with GOAWAY
 ENHANCE_YOUR_CALM. Every check is a counter compared on the frame that moves it.
 
-The connection window is credited as data arrives; a stream's only as the
-application acknowledges its bytes (``acknowledge_received_data``), in batches of
-half a window, so small calls send no WINDOW_UPDATE at all. Frames for a stream that
-is gone (reset, or finished) are ignored, as RFC 9113 §5.1 asks.
+Received data is credited back (both windows) only as the application acknowledges
+its bytes (``acknowledge_received_data``), so the windows bound what a peer can make
+us hold; in batches of half a window, so small calls send no WINDOW_UPDATE at all.
+Frames for a stream that is gone (reset, or finished) are ignored, as RFC 9113 §5.1
+asks; their data is credited to the connection at once.
 """
 
 from __future__ import annotations
@@ -342,10 +343,13 @@ class H2Connection:
         return stream_id in self.streams
 
     def acknowledge_received_data(self, stream_id: int, length: int) -> None:
-        """``length`` bytes of the stream were consumed: credit its window, in batches.
-
-        The connection window is credited as data arrives (see ``Limits``).
-        """
+        """The application consumed ``length`` bytes: credit them back, in batches."""
+        credit = self._recv_credit + length
+        if credit >= self._connection_update_at:
+            self._frame(WINDOW_UPDATE, 0, 0, _U32.pack(credit))
+            self.recv_window += credit
+            credit = 0
+        self._recv_credit = credit
         stream = self.streams.get(stream_id)
         if stream is not None and not stream.remote_closed:
             credit = stream.recv_credit + length
@@ -494,21 +498,14 @@ class H2Connection:
         flow = len(payload)
         if flow > self.recv_window:
             self._fail(ErrorCode.FLOW_CONTROL_ERROR, "the peer overran the connection window")
-        if flow:
-            # The connection window is credited on receipt, in batches (grpc-go and
-            # grpc-core do the same): per-stream windows bound what we hold.
-            credit = self._recv_credit + flow
-            if credit >= self._connection_update_at:
-                self._frame(WINDOW_UPDATE, 0, 0, _U32.pack(credit))
-                self.recv_window += credit
-                credit = 0
-            self._recv_credit = credit
-            self.recv_window -= flow
-        elif not flags & END_STREAM:
+        self.recv_window -= flow
+        if not flow and not flags & END_STREAM:
             self._empty_frame()
         data = self._unpad(flags, payload)
         stream = self.streams.get(stream_id)
         if stream is None or stream.remote_closed or flow > stream.recv_window:
+            # Nobody will consume these bytes: credit the connection now.
+            self.acknowledge_received_data(0, flow)
             if stream is None:
                 if self._is_idle(stream_id):
                     self._fail(ErrorCode.PROTOCOL_ERROR, f"DATA on idle stream {stream_id}")
