@@ -35,7 +35,14 @@ from tei_manager.grpc._http2_frames import PREFACE, ErrorCode, ProtocolError
 from tei_manager.grpc._protocol import Connection
 from tei_manager.grpc.channel import Channel, open_channel
 from tei_manager.grpc.limits import DEFAULT_LIMITS, Limits, validate_limits
-from tei_manager.grpc.rpc import CLIENT_TEXT_CHARS, GrpcError, StatusCode, client_text
+from tei_manager.grpc.rpc import (
+    CLIENT_TEXT_CHARS,
+    Cardinality,
+    GrpcError,
+    MethodSpec,
+    StatusCode,
+    client_text,
+)
 from tei_manager.grpc.server import CallContext, GrpcServer
 
 PATH = "/pkg.Service/Method"
@@ -640,3 +647,34 @@ def test_partial_messages_cannot_park_more_than_the_window_and_one_message() -> 
     sent, events = _pump(ours, peer, dict.fromkeys(streams, partial), end=False)
     assert not [e for e in events if isinstance(e, MessageReceived)]
     assert sent <= window + 150_000  # crediting every partial would take 1.5 MB
+
+
+def test_trailers_for_closed_streams_count_as_empty_frames() -> None:
+    raw = Raw(Limits(max_empty_frames=3))
+    raw.send(raw.headers(9))
+    raw.ours.forget(9)
+    for stream_id in (1, 3, 5):
+        trailers = HeadersFrame(stream_id, data=raw.encoder.encode([("x", "y")]))
+        for flag in ("END_HEADERS", "END_STREAM"):
+            trailers.flags.add(flag)
+        raw.send(trailers.serialize())
+    trailers = HeadersFrame(7, data=raw.encoder.encode([("x", "y")]))
+    for flag in ("END_HEADERS", "END_STREAM"):
+        trailers.flags.add(flag)
+    fails_with(ErrorCode.ENHANCE_YOUR_CALM, raw, trailers.serialize())
+
+
+async def test_an_unknown_methods_long_path_is_not_echoed(nursery: trio.Nursery) -> None:
+    server = await _serve(nursery, DEFAULT_LIMITS)
+    spec = MethodSpec(
+        "pkg.Service",
+        "M" * 6000,
+        Cardinality.UNARY_UNARY,
+        tei_pb2.DecodeRequest,
+        tei_pb2.DecodeResponse,
+    )
+    async with open_channel("127.0.0.1", server.port) as channel:
+        with pytest.raises(GrpcError) as info:
+            await channel.unary_unary(spec, tei_pb2.DecodeRequest(ids=[1]))
+    assert info.value.code == StatusCode.UNIMPLEMENTED
+    assert len(info.value.message) < 2 * CLIENT_TEXT_CHARS + 60

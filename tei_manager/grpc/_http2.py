@@ -453,6 +453,7 @@ class H2Connection:
         self._control(PING, ACK, 0, payload)
 
     def _empty_frame(self) -> None:
+        """A frame that does nothing for the peer (CVE-2019-9518): count it."""
         self.empty_frames += 1
         if self.empty_frames > self.limits.max_empty_frames:
             self._fail(ErrorCode.ENHANCE_YOUR_CALM, "too many empty frames")
@@ -591,7 +592,10 @@ class H2Connection:
                     # Not trailers in flight for a stream we closed, but a new stream
                     # whose id went backwards (RFC 9113 §5.1.1).
                     self._fail(ErrorCode.PROTOCOL_ERROR, f"stream id {stream_id} went backwards")
-                return  # a stream we reset or finished
+                # Trailers for a stream we closed: legitimate once per stream at most,
+                # and gRPC clients send none; a stream of them is a flood.
+                self._empty_frame()
+                return
             self.highest_inbound_id = stream_id
             self.streams_opened += 1
             if self.goaway_sent or len(self._held) >= self.local_max_concurrent_streams:
