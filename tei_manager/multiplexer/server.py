@@ -45,11 +45,15 @@ class MultiplexerServer:
             security = build_security(config, None)
         max_message_bytes = config.grpc_max_message_size_mb * _MIB
         self.router = Router(instances, clock=trio.current_time)
+        # The public port's limits; the pool's connections to instances use the
+        # same settings (keepalive pings included, when configured).
+        limits = config.grpc.limits(max_concurrent_streams=config.grpc_max_parallel_streams)
         # A connection that fails makes the router pass its replica over at once.
         self.pool = ConnectionPool(
             INSTANCE_HOST,
             instances.find,
             max_message_bytes=max_message_bytes,
+            limits=limits,
             on_lost=self.router.suspect,
             on_connected=self.router.cleared,
         )
@@ -67,7 +71,7 @@ class MultiplexerServer:
             host=config.api_host,
             port=config.grpc_port,
             max_message_bytes=max_message_bytes,
-            max_concurrent_streams=config.grpc_max_parallel_streams,
+            limits=limits,
             ssl_context=security.tls.grpc_context if security.tls is not None else None,
             authorize=grpc_authorizer(security),
         )

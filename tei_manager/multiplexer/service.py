@@ -47,11 +47,10 @@ from tei_manager._proto.tei_multiplexer.v1 import multiplexer_grpc, multiplexer_
 from tei_manager.core.instances import InstanceRecord
 from tei_manager.core.routing import Router
 from tei_manager.errors import TeiError, quote
-from tei_manager.grpc._grpc_events import MessageReceived, ResponseEnded
 from tei_manager.grpc.channel import Call, Channel, Metadata
 from tei_manager.grpc.rpc import GrpcError, MethodSpec, StatusCode, status_code
 from tei_manager.grpc.server import CallContext, FastCall, FastUnaryHandler, ServerCall
-from tei_manager.grpc.transport import Stream
+from tei_manager.grpc.transport import MessageReceived, ResponseEnded, Stream
 from tei_manager.multiplexer import arrow
 from tei_manager.multiplexer.failover import (
     CLOSED,
@@ -291,6 +290,7 @@ class Multiplexer(multiplexer_grpc.TeiMultiplexerServicer):
         name = record.name
         try:
             channel = await self._pool.channel(record)
+            await channel.wait_for_stream_slot()  # over the instance's stream limit: queue
         except GrpcError as error:
             return Outcome(None, error.code, _naming(error, name), CONNECT)
         try:
@@ -673,7 +673,7 @@ class _UnaryRelay:
             stream.watcher = None
             if stream.response_ended is None and stream.error is None:
                 stream.cancel()  # the client left or the deadline passed: stop the instance
-            stream.transport.release(stream)
+            stream.release()
 
     def _ended(self, code: StatusCode) -> None:
         self._forget_stream()
