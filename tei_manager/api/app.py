@@ -17,7 +17,6 @@ from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, ASGISendEven
 from prometheus_client import generate_latest
 from quart import Response, request
 from quart_trio import QuartTrio
-from quart_trio.asgi import TrioASGILifespan
 from werkzeug.exceptions import HTTPException
 
 from tei_manager.api.dto import ProbeStatus
@@ -58,34 +57,8 @@ def _scope_extras(scope: Scope) -> MutableMapping[str, Any]:
     return cast(MutableMapping[str, Any], scope)
 
 
-def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    first = group.exceptions[0]
-    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
-
-
-class _Lifespan(TrioASGILifespan):
-    """Quart-Trio's lifespan handler, with a cancellation left a plain ``Cancelled``.
-
-    Quart-Trio runs the lifespan inside a nursery, so cancelling the server makes
-    it raise a group of ``Cancelled``. Hypercorn 0.17 takes any group from the
-    lifespan for a broken app: it logs an error with a traceback and swallows the
-    cancellation. A group holding nothing but ``Cancelled`` is re-raised bare.
-    """
-
-    async def __call__(self, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
-        try:
-            await super().__call__(receive, send)
-        except BaseExceptionGroup as group:
-            cancelled, rest = group.split(trio.Cancelled)
-            if cancelled is not None and rest is None:
-                raise _first_leaf(cancelled) from None
-            raise
-
-
 class ApiApp(QuartTrio):
     """A QuartTrio app bound to one manager, timing every HTTP request it answers."""
-
-    asgi_lifespan_class = _Lifespan
 
     def __init__(self, manager: ManagerFacade) -> None:
         super().__init__(__name__, static_folder=None)
