@@ -114,6 +114,8 @@ class ManagerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
 
     api_host: str = "0.0.0.0"
     api_port: int = 9000  # 0: the OS picks (tests)
+    # An idle keep-alive connection to the REST port is closed after this (Hypercorn's default).
+    api_keep_alive_timeout_secs: float = 5.0
     grpc_port: int = 9001  # 0: the OS picks (tests)
     grpc_enabled: bool = True
     state_file: str = msgspec.field(default_factory=_default_state_file)
@@ -302,6 +304,7 @@ def validate_manager_config(config: ManagerConfig) -> None:
     """Check ``config`` as a whole, seeds included; raises :class:`ValidationError`."""
     _text(config.api_host, "api_host")
     validate_port(config.api_port, "api_port", allow_zero=True)
+    _positive(config.api_keep_alive_timeout_secs, "api_keep_alive_timeout_secs")
     validate_port(config.grpc_port, "grpc_port", allow_zero=True)
     if config.grpc_enabled and config.api_port != 0 and config.api_port == config.grpc_port:
         raise ValidationError("grpc_port", f"{config.grpc_port} is also api_port: use another")
@@ -452,6 +455,7 @@ def _env_str(text: str) -> str:
 # it overrides, and how its text becomes the field's type. Env beats file beats default.
 ENV_OVERRIDES: Final[tuple[tuple[str, str, Callable[[str], object]], ...]] = (
     ("TEI_MANAGER_API_PORT", "api_port", _env_int),
+    ("TEI_MANAGER_API_KEEP_ALIVE_TIMEOUT", "api_keep_alive_timeout_secs", _env_float),
     ("TEI_MANAGER_GRPC_PORT", "grpc_port", _env_int),
     ("TEI_MANAGER_GRPC_ENABLED", "grpc_enabled", _env_bool),
     ("TEI_MANAGER_STATE_FILE", "state_file", _env_str),

@@ -195,6 +195,7 @@ def test_load_config_missing_file(tmp_path: Path) -> None:
         ("TEI_MANAGER_GRPC_ENABLED", "0", "grpc_enabled", False),
         ("TEI_MANAGER_GRPC_ENABLED", "Yes", "grpc_enabled", True),
         ("TEI_MANAGER_LOG_DIR", "/data/logs", "log_dir", "/data/logs"),
+        ("TEI_MANAGER_API_KEEP_ALIVE_TIMEOUT", "2.5", "api_keep_alive_timeout_secs", 2.5),
     ],
 )
 def test_env_override(var: str, text: str, field: str, value: object) -> None:
@@ -215,6 +216,7 @@ def test_every_documented_env_var_is_wired() -> None:
         "TEI_BINARY_PATH",
         "TEI_MANAGER_GRPC_ENABLED",
         "TEI_MANAGER_LOG_DIR",
+        "TEI_MANAGER_API_KEEP_ALIVE_TIMEOUT",
     }
     fields = set(ManagerConfig.__struct_fields__)
     assert all(field in fields for _, field, _ in ENV_OVERRIDES)
@@ -235,6 +237,11 @@ def test_empty_env_var_means_unset() -> None:
             "TEI_MANAGER_HEALTH_CHECK_INTERVAL",
             "-1",
             "health_check_interval_secs (from TEI_MANAGER_HEALTH_CHECK_INTERVAL): -1.0 is invalid",
+        ),
+        (
+            "TEI_MANAGER_API_KEEP_ALIVE_TIMEOUT",
+            "0",
+            "api_keep_alive_timeout_secs (from TEI_MANAGER_API_KEEP_ALIVE_TIMEOUT): 0.0 is invalid",
         ),
     ],
 )
@@ -259,6 +266,8 @@ def test_bad_env_values_name_the_variable(var: str, text: str, message: str) -> 
         ('state_file = ""', "state_file: must not be empty"),
         ("health_check_interval_secs = 0", "health_check_interval_secs: 0.0 is invalid: use a"),
         ("health_check_interval_secs = nan", "health_check_interval_secs: nan is invalid"),
+        ("api_keep_alive_timeout_secs = -1", "api_keep_alive_timeout_secs: -1.0 is invalid"),
+        ("api_keep_alive_timeout_secs = inf", "api_keep_alive_timeout_secs: inf is invalid"),
         ("health_check_initial_delay_secs = -1", "health_check_initial_delay_secs: -1.0 is inv"),
         ("startup_timeout_secs = inf", "startup_timeout_secs: inf is invalid"),
         ("max_failures_before_restart = -1", "max_failures_before_restart: -1 is invalid"),
