@@ -79,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         configure_logging("INFO", json_output=args.json_output)
         return run_worker_from_args(args)
     if args.command == "serve":
-        from tei_manager.serve import main as serve_main
+        from tei_manager.manager.serve import main as serve_main
 
         return serve_main(args.config, log_level=args.log_level, log_format=args.log_format)
     if args.command == "bench":

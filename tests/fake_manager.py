@@ -1,7 +1,7 @@
 """An in-memory manager for driving the REST layer: real registry rules, no processes.
 
-It keeps real :class:`~tei_manager.core.registry.Registry` records and the real
-:class:`~tei_manager.metrics.ManagerMetrics`, so the errors it raises
+It keeps real :class:`~tei_manager.core.instances.InstanceTable` records and the real
+:class:`~tei_manager.manager.metrics.ManagerMetrics`, so the errors it raises
 (INSTANCE_EXISTS, PORT_CONFLICT, MAX_INSTANCES_REACHED, ALREADY_RUNNING, ...) and
 the series it exposes are the real manager's, from the same code. Tests steer it
 through plain attributes: ``gate`` holds operations in flight, ``fail_with`` makes
@@ -19,19 +19,19 @@ import trio
 
 from tei_manager import __version__
 from tei_manager.config import InstanceConfig, ManagerConfig, validate_instance_config
+from tei_manager.core.instances import InstanceInfo, InstanceStatus, InstanceTable
 from tei_manager.core.logslice import LogSlice, resolve_slice
 from tei_manager.core.ports import PortAllocator
-from tei_manager.core.registry import InstanceInfo, InstanceStatus, Registry
 from tei_manager.hub.registry import ModelRegistry
 from tei_manager.hub.settings import HubSettings, RegistrySettings
-from tei_manager.metrics import ManagerMetrics
+from tei_manager.manager.metrics import ManagerMetrics
 
 __all__ = ["FakeManager", "http_count"]
 
 
 def http_count(metrics: ManagerMetrics, route: str, method: str, status: int) -> float:
     """How many requests ``metrics`` observed with these labels."""
-    value = metrics.registry.get_sample_value(
+    value = metrics.prometheus.get_sample_value(
         "tei_manager_http_request_duration_seconds_count",
         {"route": route, "method": method, "status": str(status)},
     )
@@ -67,7 +67,7 @@ class FakeManager:
         allocator = PortAllocator(
             config.instance_port_start, config.instance_port_end, probe=lambda port: True
         )
-        self._registry = Registry(
+        self._registry = InstanceTable(
             allocator,
             max_instances=config.max_instances,
             reserved_ports=config.manager_ports(),
@@ -79,7 +79,7 @@ class FakeManager:
         self.models = ModelRegistry(
             hub=hub or offline,
             settings=model_settings or RegistrySettings(),
-            metrics=self.metrics.registry,
+            metrics=self.metrics.prometheus,
             log_dir=config.log_dir,
             in_use=lambda model_id: [r.name for r in self._registry.by_model(model_id)],
         )

@@ -25,7 +25,7 @@ from tei_manager.api.openapi import build_openapi
 from tei_manager.api.routes import MAX_BODY_BYTES, OPERATIONS, PROMETHEUS_TEXT, quart_rule
 from tei_manager.api.storage import classify, read_storage
 from tei_manager.config import ManagerConfig
-from tei_manager.core.registry import InstanceStatus
+from tei_manager.core.instances import InstanceStatus
 from tei_manager.errors import ErrorCode, NotFoundError
 from tests.fake_manager import FakeManager, http_count
 from tests.httpclient import HttpResponse, http_request

@@ -14,10 +14,10 @@ import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
 
 from tei_manager.config import InstanceConfig, ManagerConfig, SeedInstance
-from tei_manager.core.registry import DesiredState, InstanceStatus
+from tei_manager.core.instances import DesiredState, InstanceStatus
 from tei_manager.core.restart import RestartPolicy
 from tei_manager.errors import ErrorCode, TeiError
-from tei_manager.manager import Manager
+from tei_manager.manager.service import Manager
 from tests.fake_processes import FakeHost, run_inline
 
 S = InstanceStatus
@@ -76,7 +76,7 @@ def _cfg(name: str = "a", **fields: object) -> InstanceConfig:
 
 
 def _persisted(config: ManagerConfig) -> dict[str, tuple[DesiredState, int | None]]:
-    from tei_manager.state import load_state
+    from tei_manager.manager.state import load_state
 
     state = load_state(config.state_file).state
     return {i.config.name: (i.desired_state, i.config.port) for i in state.instances}

@@ -25,8 +25,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from tei_manager._proto.tei.v1 import tei_grpc, tei_pb2
 from tei_manager._proto.tei_multiplexer.v1 import multiplexer_grpc, multiplexer_pb2
 from tei_manager.config import InstanceConfig, ManagerConfig
+from tei_manager.core.instances import InstanceStatus, InstanceTable
 from tei_manager.core.ports import PortAllocator
-from tei_manager.core.registry import InstanceStatus, Registry
 from tei_manager.grpc.rpc import GrpcError, MethodSpec, StatusCode
 from tei_manager.multiplexer.metrics import MultiplexerMetrics
 from tei_manager.multiplexer.server import MultiplexerServer
@@ -63,7 +63,7 @@ _call = grpcio_client.call
 class Mux:
     """The multiplexer under test, its registry and its metrics."""
 
-    def __init__(self, port: int, registry: Registry, prometheus: CollectorRegistry) -> None:
+    def __init__(self, port: int, registry: InstanceTable, prometheus: CollectorRegistry) -> None:
         self.port = port
         self.registry = registry
         self.prometheus = prometheus
@@ -91,8 +91,8 @@ class Mux:
         return float(found.group(1)) if found else 0.0
 
 
-def _registry(workers: Workers) -> Registry:
-    registry = Registry(PortAllocator(20000, 20100, probe=lambda port: True))
+def _registry(workers: Workers) -> InstanceTable:
+    registry = InstanceTable(PortAllocator(20000, 20100, probe=lambda port: True))
     now = datetime.now(UTC)
 
     def add(name: str, model: str, process: Any, status: InstanceStatus) -> None:

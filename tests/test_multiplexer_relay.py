@@ -15,8 +15,8 @@ from prometheus_client import CollectorRegistry
 from tei_manager._proto.tei.v1 import tei_grpc, tei_pb2
 from tei_manager._proto.tei_multiplexer.v1 import multiplexer_grpc, multiplexer_pb2
 from tei_manager.config import InstanceConfig, ManagerConfig
+from tei_manager.core.instances import InstanceStatus, InstanceTable
 from tei_manager.core.ports import PortAllocator
-from tei_manager.core.registry import InstanceStatus, Registry
 from tei_manager.grpc.channel import Channel, open_channel
 from tei_manager.grpc.rpc import GrpcError, StatusCode
 from tei_manager.grpc.server import CallContext, GrpcServer
@@ -69,7 +69,7 @@ class Setup:
         self.nursery = nursery
         self.backend = backend
         self.config = config
-        self.registry = Registry(PortAllocator(20000, 20100, probe=lambda port: True))
+        self.registry = InstanceTable(PortAllocator(20000, 20100, probe=lambda port: True))
         self.backend_server: GrpcServer | None = None
         self.mux: MultiplexerServer | None = None
         self.mux_port = 0

@@ -4,7 +4,7 @@ import pytest
 import trio
 
 from tei_manager.config import ManagerConfig
-from tei_manager.core.registry import DesiredState
+from tei_manager.core.instances import DesiredState
 from tei_manager.core.restart import (
     HealthVerdict,
     RestartAction,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tei_manager.serve import main
+from tei_manager.manager.serve import main
 from tei_manager.supervisor.orphans import RuntimeFile, runtime_path, write_runtime
 from tei_manager.supervisor.procfs import read_stat
 

@@ -11,10 +11,10 @@ import msgspec
 import pytest
 
 from tei_manager.config import InstanceConfig, SeedInstance
+from tei_manager.core.instances import DesiredState, InstanceTable
 from tei_manager.core.ports import PortAllocator
-from tei_manager.core.registry import DesiredState, Registry
 from tei_manager.errors import ErrorCode, TeiError
-from tei_manager.state import (
+from tei_manager.manager.state import (
     LoadedState,
     PersistedInstance,
     PersistedState,
@@ -23,7 +23,7 @@ from tei_manager.state import (
     load_state,
     merge_seeds,
     save_state,
-    state_from_registry,
+    state_from_instances,
 )
 
 T0 = datetime(2025, 1, 15, 10, 30, tzinfo=UTC)
@@ -250,7 +250,7 @@ def test_corrupt_file_is_moved_aside_and_logged(
 ) -> None:
     path = tmp_path / "state.toml"
     path.write_bytes(b"[[instances]\ngarbage")
-    with caplog.at_level(logging.ERROR, logger="tei_manager.state"):
+    with caplog.at_level(logging.ERROR, logger="tei_manager.manager.state"):
         loaded = load_state(path, now=T0)
     aside = tmp_path / "state.toml.corrupt-20250115T103000Z"
     assert loaded == LoadedState(state=PersistedState(), corrupt=True, moved_to=str(aside))
@@ -282,7 +282,7 @@ def test_corrupt_file_that_cannot_be_moved_is_reported(
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(os, "rename", refuse)
-    with caplog.at_level(logging.ERROR, logger="tei_manager.state"):
+    with caplog.at_level(logging.ERROR, logger="tei_manager.manager.state"):
         loaded = load_state(path)
     assert loaded == LoadedState(state=PersistedState(), corrupt=True, moved_to=None)
     assert path.read_bytes() == b"version = 99"
@@ -331,7 +331,7 @@ def test_merged_seeds_round_trip() -> None:
 
 def test_state_from_registry() -> None:
     ports = PortAllocator(8080, 8090, probe=lambda port: True, clock=lambda: 0.0)
-    registry = Registry(ports)
+    registry = InstanceTable(ports)
     registry.add(InstanceConfig(name="z", model_id="org/z"), created_at=T0)
     registry.add(
         InstanceConfig(name="y", model_id="org/y", prometheus_port=0),
@@ -339,7 +339,7 @@ def test_state_from_registry() -> None:
         desired=DesiredState.STOPPED,
     )
     registry.get("z").pid = 1234  # runtime facts are not persisted
-    state = state_from_registry(registry)
+    state = state_from_instances(registry)
     assert state == PersistedState(
         instances=(
             PersistedInstance(

@@ -17,9 +17,9 @@ import trio
 import trio.testing
 
 from tei_manager.config import InstanceConfig
-from tei_manager.core.registry import DesiredState, InstanceRecord, InstanceStatus
+from tei_manager.core.instances import DesiredState, InstanceRecord, InstanceStatus
 from tei_manager.core.restart import RestartPolicy
-from tei_manager.metrics import ManagerMetrics
+from tei_manager.manager.metrics import ManagerMetrics
 from tei_manager.supervisor.instance import InstanceRunner, RunnerSettings
 from tests.fake_processes import NEVER, FakeHost, run_inline
 
@@ -107,7 +107,7 @@ async def test_running_once_info_answers(
     assert record.status is S.STARTING
     await trio.sleep_until(1.01)  # probes at 0, 0.25, ... 1.0: the fifth answers
     assert record.status is S.RUNNING
-    assert metrics.registry.get_sample_value("tei_manager_instance_startup_seconds_sum") == 1.0
+    assert metrics.prometheus.get_sample_value("tei_manager_instance_startup_seconds_sum") == 1.0
 
 
 async def test_readiness_is_polled_finely_by_default(

@@ -157,7 +157,7 @@ class _Handlers:
 
     async def metrics(self) -> Response:
         # generate_latest walks every collector synchronously; keep it off the loop.
-        text = await trio.to_thread.run_sync(generate_latest, self._manager.metrics.registry)
+        text = await trio.to_thread.run_sync(generate_latest, self._manager.metrics.prometheus)
         return Response(text, status=200, content_type=PROMETHEUS_TEXT)
 
     async def openapi(self) -> Response:

@@ -13,8 +13,8 @@ from typing import Literal
 import msgspec
 
 from tei_manager.config import InstanceConfig
+from tei_manager.core.instances import InstanceInfo
 from tei_manager.core.logslice import LogSlice
-from tei_manager.core.registry import InstanceInfo
 from tei_manager.errors import ErrorBody
 from tei_manager.hub.state import ModelInfo
 

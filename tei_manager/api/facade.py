@@ -12,8 +12,8 @@ from typing import Any, Protocol
 from prometheus_client import CollectorRegistry
 
 from tei_manager.config import InstanceConfig, ManagerConfig
+from tei_manager.core.instances import InstanceInfo
 from tei_manager.core.logslice import LogSlice
-from tei_manager.core.registry import InstanceInfo
 from tei_manager.hub.state import ModelInfo
 
 __all__ = ["HttpMetrics", "ManagerFacade", "ModelsFacade"]
@@ -23,8 +23,8 @@ class HttpMetrics(Protocol):
     """The manager's Prometheus metrics, as far as the REST layer uses them."""
 
     @property
-    def registry(self) -> CollectorRegistry:
-        """The registry ``GET /metrics`` exposes."""
+    def prometheus(self) -> CollectorRegistry:
+        """The Prometheus registry ``GET /metrics`` exposes."""
         ...
 
     def observe_http(self, route: str, method: str, status: int, seconds: float) -> None:

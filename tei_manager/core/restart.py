@@ -13,7 +13,7 @@ from collections import deque
 import msgspec
 
 from tei_manager.config import ManagerConfig
-from tei_manager.core.registry import DesiredState
+from tei_manager.core.instances import DesiredState
 
 __all__ = [
     "HealthVerdict",

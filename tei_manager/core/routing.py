@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from tei_manager.core.registry import InstanceRecord, InstanceStatus, Registry
+from tei_manager.core.instances import InstanceRecord, InstanceStatus, InstanceTable
 from tei_manager.errors import ErrorCode, NotFoundError, TeiError, ValidationError, quote
 
 __all__ = ["Router", "describe_target"]
@@ -33,10 +33,10 @@ def describe_target(target: TargetChoice) -> str:
 
 
 class Router:
-    """Chooses instances from the registry and counts requests in flight per instance."""
+    """Chooses instances from the instance table and counts requests in flight per instance."""
 
-    def __init__(self, registry: Registry) -> None:
-        self._registry = registry
+    def __init__(self, instances: InstanceTable) -> None:
+        self._instances = instances
         self._in_flight: dict[str, int] = {}
         self._turn: dict[str, int] = {}
 
@@ -49,16 +49,16 @@ class Router:
         kind, value = target
         if kind == "instance_index":
             assert isinstance(value, int)
-            return _running(self._registry.at_index(value))
+            return _running(self._instances.at_index(value))
         assert isinstance(value, str)
         if not value:
             raise ValidationError(f"target.{kind}", "must not be empty")
         if kind == "instance_name":
-            return _running(self._registry.get(value))
+            return _running(self._instances.get(value))
         return self._balance(value)
 
     def _balance(self, model_id: str) -> InstanceRecord:
-        replicas = self._registry.by_model(model_id)
+        replicas = self._instances.by_model(model_id)
         if not replicas:
             raise NotFoundError(
                 ErrorCode.MODEL_NOT_FOUND, f"no instance serves model {quote(model_id)}"

@@ -45,7 +45,7 @@ from tei_manager.hub.state import (
 from tei_manager.supervisor.instance import BlockingRunner
 from tei_manager.supervisor.launch import Program, worker_program
 
-__all__ = ["ModelRegistry", "ModelWait", "RegistryStatistics"]
+__all__ = ["ModelRegistry", "ModelRegistryStatistics", "ModelWait"]
 
 log = logging.getLogger("tei_manager.models")
 
@@ -53,7 +53,7 @@ ModelWait = Callable[[], Awaitable["str | None"]]
 """Waits for a model an instance needs: None once it is in the cache, else why not."""
 
 
-class RegistryStatistics(msgspec.Struct, frozen=True, kw_only=True):
+class ModelRegistryStatistics(msgspec.Struct, frozen=True, kw_only=True):
     """Counts for metrics and diagnostics."""
 
     models: int
@@ -128,9 +128,9 @@ class ModelRegistry:
         record = self._table.find(model_id)
         return None if record is None else record.info()
 
-    def statistics(self) -> RegistryStatistics:
+    def statistics(self) -> ModelRegistryStatistics:
         kinds = [job.kind for job in self._jobs.values()]
-        return RegistryStatistics(
+        return ModelRegistryStatistics(
             models=len(self._table),
             downloading=kinds.count("download"),
             loading=kinds.count("load"),

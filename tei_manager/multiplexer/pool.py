@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import trio
 
-from tei_manager.core.registry import InstanceRecord, InstanceStatus
+from tei_manager.core.instances import InstanceRecord, InstanceStatus
 from tei_manager.errors import quote
 from tei_manager.grpc.channel import Channel
 from tei_manager.grpc.rpc import GrpcError, StatusCode

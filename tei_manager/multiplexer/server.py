@@ -12,7 +12,7 @@ from typing import Final
 import trio
 
 from tei_manager.config import ManagerConfig
-from tei_manager.core.registry import Registry
+from tei_manager.core.instances import InstanceTable
 from tei_manager.core.routing import Router
 from tei_manager.grpc.health import NOT_SERVING, SERVING, HealthServicer
 from tei_manager.grpc.reflection import reflection_servicers
@@ -33,12 +33,12 @@ class MultiplexerServer:
     """The multiplexer service with its connection pool, health and reflection."""
 
     def __init__(
-        self, config: ManagerConfig, registry: Registry, metrics: MultiplexerMetrics
+        self, config: ManagerConfig, instances: InstanceTable, metrics: MultiplexerMetrics
     ) -> None:
         max_message_bytes = config.grpc_max_message_size_mb * _MIB
-        self.router = Router(registry)
+        self.router = Router(instances)
         self.pool = ConnectionPool(
-            INSTANCE_HOST, registry.find, max_message_bytes=max_message_bytes
+            INSTANCE_HOST, instances.find, max_message_bytes=max_message_bytes
         )
         self.service = Multiplexer(
             self.router,
@@ -81,7 +81,7 @@ class MultiplexerServer:
 
 async def serve_multiplexer(
     config: ManagerConfig,
-    registry: Registry,
+    instances: InstanceTable,
     metrics: MultiplexerMetrics,
     *,
     shutdown: trio.Event | None = None,
@@ -89,7 +89,7 @@ async def serve_multiplexer(
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the multiplexer on ``config.grpc_port``; hands back the bound port."""
-    server = MultiplexerServer(config, registry, metrics)
+    server = MultiplexerServer(config, instances, metrics)
     await server.run(
         shutdown=shutdown, drain_timeout_secs=drain_timeout_secs, task_status=task_status
     )

@@ -37,7 +37,7 @@ from google.protobuf.message import DecodeError
 
 from tei_manager._proto.tei.v1 import tei_grpc, tei_pb2
 from tei_manager._proto.tei_multiplexer.v1 import multiplexer_grpc, multiplexer_pb2
-from tei_manager.core.registry import InstanceRecord
+from tei_manager.core.instances import InstanceRecord
 from tei_manager.core.routing import Router
 from tei_manager.errors import TeiError, quote
 from tei_manager.grpc._grpc_events import MessageReceived, ResponseEnded

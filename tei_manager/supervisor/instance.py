@@ -33,10 +33,10 @@ import msgspec
 import trio
 
 from tei_manager.config import InstanceConfig, ManagerConfig
+from tei_manager.core.instances import InstanceRecord, InstanceStatus
 from tei_manager.core.logslice import read_log_slice
-from tei_manager.core.registry import InstanceRecord, InstanceStatus
 from tei_manager.core.restart import HealthVerdict, RestartAction, RestartPolicy, RestartTracker
-from tei_manager.metrics import ManagerMetrics
+from tei_manager.manager.metrics import ManagerMetrics
 from tei_manager.supervisor.probe import ProbeError, Prober
 from tei_manager.supervisor.process import SpawnError, describe_exit
 

@@ -26,12 +26,12 @@ import trio
 
 from tei_manager._proto.tei.v1 import tei_grpc, tei_pb2
 from tei_manager.config import InstanceConfig, ManagerConfig, SeedInstance
+from tei_manager.core.instances import DesiredState, InstanceInfo, InstanceStatus
 from tei_manager.core.ports import probe_bindable
-from tei_manager.core.registry import DesiredState, InstanceInfo, InstanceStatus
 from tei_manager.grpc.channel import open_channel
 from tei_manager.grpc.rpc import GrpcError
-from tei_manager.manager import Manager
-from tei_manager.state import load_state
+from tei_manager.manager.service import Manager
+from tei_manager.manager.state import load_state
 from tei_manager.supervisor.orphans import read_runtime, runtime_path
 from tei_manager.supervisor.procfs import read_stat
 from tests.conftest import TinyModels

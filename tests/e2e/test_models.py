@@ -12,9 +12,9 @@ import trio
 
 from tei_manager.api import serve_api
 from tei_manager.config import ManagerConfig
-from tei_manager.core.registry import InstanceStatus
+from tei_manager.core.instances import InstanceStatus
 from tei_manager.hub.settings import HubSettings
-from tei_manager.manager import Manager
+from tei_manager.manager.service import Manager
 from tests.conftest import TinyModels
 from tests.e2e.test_manager_processes import READY_TIMEOUT, _embed, manager_config
 from tests.hubserver import HubServer

@@ -1,6 +1,6 @@
 """Every error code of the instance and operations routes, from a real request.
 
-A real :class:`~tei_manager.manager.Manager` behind the real REST server on a
+A real :class:`~tei_manager.manager.service.Manager` behind the real REST server on a
 loopback port, with real port probing and real files; only the instance processes
 are fakes (:class:`~tests.fake_processes.FakeHost`), since no process is the subject
 here. Each answer is checked for its status, code, timestamp and a message that
@@ -26,7 +26,7 @@ from tei_manager.api.routes import MAX_BODY_BYTES, OPERATIONS
 from tei_manager.config import ManagerConfig
 from tei_manager.core.ports import probe_bindable
 from tei_manager.errors import ERROR_TABLE, ErrorCode
-from tei_manager.manager import Manager
+from tei_manager.manager.service import Manager
 from tests.fake_processes import FakeHost
 from tests.httpclient import HttpResponse, http_request
 

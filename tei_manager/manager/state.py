@@ -24,7 +24,7 @@ import msgspec
 import tomli_w
 
 from tei_manager.config import InstanceConfig, SeedInstance, validate_instance_config
-from tei_manager.core.registry import DesiredState, InstanceRecord
+from tei_manager.core.instances import DesiredState, InstanceRecord
 from tei_manager.errors import ErrorCode, TeiError, ValidationError, quote
 
 __all__ = [
@@ -37,7 +37,7 @@ __all__ = [
     "load_state",
     "merge_seeds",
     "save_state",
-    "state_from_registry",
+    "state_from_instances",
 ]
 
 logger = logging.getLogger(__name__)
@@ -224,8 +224,8 @@ def merge_seeds(
     return merged, [a.config.name for a in added]
 
 
-def state_from_registry(records: Iterable[InstanceRecord]) -> PersistedState:
-    """The desired state of each record (a :class:`Registry` iterates them in creation order)."""
+def state_from_instances(records: Iterable[InstanceRecord]) -> PersistedState:
+    """The desired state of each record (an :class:`InstanceTable` iterates in creation order)."""
     return PersistedState(
         instances=tuple(
             PersistedInstance(

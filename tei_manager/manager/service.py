@@ -1,4 +1,4 @@
-"""The manager: the registry, the supervisor and the state file behind one facade.
+"""The manager: the instance table, the supervisor and the state file behind one facade.
 
 The REST API (and later the gRPC multiplexer) call the methods of :class:`Manager`;
 ``Manager.run`` is the service that owns the instance processes::
@@ -11,7 +11,7 @@ The REST API (and later the gRPC multiplexer) call the methods of :class:`Manage
             ├── InstanceRunner "a"  (the instance's nursery: process, checks, restarts)
             └── InstanceRunner "b"
 
-Each facade method decides synchronously (registry rules, then the runner's
+Each facade method decides synchronously (the instance table's rules, then the runner's
 request), then acts: saving the desired state, waiting for a spawn. Cancelling
 ``run`` stops every instance concurrently (SIGTERM → grace → SIGKILL), without
 changing what is wanted running, and saves the state for the next start.
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import threading
 import time
 from datetime import UTC, datetime
@@ -33,31 +32,31 @@ import msgspec
 import trio
 
 from tei_manager import __version__
-from tei_manager.config import ConfigError, InstanceConfig, ManagerConfig, validate_instance_config
-from tei_manager.core.logslice import LogSlice, read_log_slice
-from tei_manager.core.ports import PortAllocator, PortProbe, probe_bindable
-from tei_manager.core.registry import (
+from tei_manager.config import InstanceConfig, ManagerConfig, validate_instance_config
+from tei_manager.core.instances import (
     DesiredState,
     InstanceInfo,
     InstanceRecord,
     InstanceStatus,
-    Registry,
+    InstanceTable,
 )
+from tei_manager.core.logslice import LogSlice, read_log_slice
+from tei_manager.core.ports import PortAllocator, PortProbe, probe_bindable
 from tei_manager.core.restart import RestartPolicy
 from tei_manager.errors import ConflictError, ErrorCode, TeiError, ValidationError, quote
 from tei_manager.hub.registry import ModelRegistry, ModelWait
 from tei_manager.hub.settings import HubSettings, RegistrySettings
-from tei_manager.metrics import ManagerMetrics
-from tei_manager.state import (
-    LoadedState,
+from tei_manager.manager.hostports import check_host_ports, port_free_for_instance
+from tei_manager.manager.metrics import ManagerMetrics
+from tei_manager.manager.runtime import RuntimeFileWriter
+from tei_manager.manager.startup import prepare
+from tei_manager.manager.state import (
     PersistedInstance,
     PersistedState,
-    load_state,
     merge_seeds,
     save_state,
-    state_from_registry,
+    state_from_instances,
 )
-from tei_manager.supervisor.gpus import count_gpus
 from tei_manager.supervisor.instance import (
     BlockingRunner,
     InstanceRunner,
@@ -66,50 +65,17 @@ from tei_manager.supervisor.instance import (
     Spawner,
 )
 from tei_manager.supervisor.launch import Program, instance_log_path, launch_spec, resolve_program
-from tei_manager.supervisor.orphans import (
-    RuntimeFile,
-    RuntimeRecord,
-    manager_alive,
-    read_runtime,
-    reap_orphans,
-    remove_runtime,
-    runtime_path,
-    write_runtime,
-)
+from tei_manager.supervisor.orphans import runtime_path
 from tei_manager.supervisor.probe import Prober, info_probe
 from tei_manager.supervisor.process import spawn
-from tei_manager.supervisor.procfs import read_stat
 
-__all__ = ["Manager", "port_free_for_instance"]
+__all__ = ["Manager"]
 
 log = logging.getLogger("tei_manager.manager")
 
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
-
-
-def port_free_for_instance(port: int) -> bool:
-    """Whether an instance could listen on ``port`` of 127.0.0.1 right now.
-
-    SO_REUSEADDR as the instance servers set it: a socket of a deleted instance left
-    in TIME_WAIT does not count as busy, a live listener does.
-    """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-class _Prepared(msgspec.Struct, frozen=True, kw_only=True):
-    """What start-up found on disk (read in a worker thread)."""
-
-    loaded: LoadedState
-    gpu_count: int
-    start_ticks: int | None
 
 
 class Manager:
@@ -140,22 +106,22 @@ class Manager:
         self.program: Program | None = (
             resolve_program(config.tei_binary_path) if spawner is None else None
         )
-        self.registry = Registry(
+        self.instances = InstanceTable(
             PortAllocator(config.instance_port_start, config.instance_port_end, probe=port_probe),
             max_instances=config.max_instances,
             reserved_ports=config.manager_ports(),
         )
-        self.metrics.bind_instance_count(lambda: len(self.registry))
+        self.metrics.bind_instance_count(lambda: len(self.instances))
         # The Hugging Face cache and Hub (HF_* variables unless given). Instances wait
         # for the registry's downloads only when the manager spawns real processes.
         self.models = ModelRegistry(
             hub=hub or HubSettings.from_env(os.environ),
             settings=RegistrySettings.from_config(config),
-            metrics=self.metrics.registry,
+            metrics=self.metrics.prometheus,
             log_dir=config.log_dir,
             program=self.program,
             seeds=config.models,
-            in_use=lambda model_id: [r.name for r in self.registry.by_model(model_id)],
+            in_use=lambda model_id: [r.name for r in self.instances.by_model(model_id)],
             gpu_count=lambda: self.gpu_count,
             instance_downloads=spawner is None,
             run_blocking=run_blocking,
@@ -167,7 +133,6 @@ class Manager:
         # Set when a graceful shutdown begins: the REST server stops accepting,
         # drains in-flight requests and returns.
         self.shutdown_requested = trio.Event()
-        self._gpu_count_given = gpu_count is not None
         self._spawner: Spawner = spawner or self._spawn_process
         self._prober: Prober = prober or info_probe
         self._explicit_port_probe = explicit_port_probe
@@ -182,9 +147,11 @@ class Manager:
         self._awaiting_model: dict[str, trio.CancelScope] = {}
         self._supervisor: trio.Nursery | None = None
         self._state_lock = trio.Lock()
-        self._runtime_path = runtime_path(config.state_file)
-        self._runtime_dirty = trio.Event()
-        self._start_ticks: int | None = None
+        self._runtime = RuntimeFileWriter(
+            runtime_path(config.state_file),
+            lambda: self._runners.values(),
+            run_blocking=run_blocking,
+        )
         self.state_save_failures = 0
 
     # -- readiness -----------------------------------------------------------------
@@ -209,11 +176,11 @@ class Manager:
     # -- reading ------------------------------------------------------------------------
     def list_instances(self) -> list[InstanceInfo]:
         """Every instance, in creation order."""
-        return self.registry.infos(_utcnow())
+        return self.instances.infos(_utcnow())
 
     def get_instance(self, name: str) -> InstanceInfo:
         """One instance; raises INSTANCE_NOT_FOUND."""
-        return self.registry.get(name).info(_utcnow())
+        return self.instances.get(name).info(_utcnow())
 
     def log_path(self, name: str) -> Path:
         """Where ``name``'s process output goes."""
@@ -221,12 +188,12 @@ class Manager:
 
     async def instance_logs(self, name: str, start: int | None, end: int | None) -> LogSlice:
         """``lines[start:end]`` of the instance's log; raises INSTANCE_NOT_FOUND."""
-        self.registry.get(name)
+        self.instances.get(name)
         return await self._run_blocking(partial(read_log_slice, self.log_path(name), start, end))
 
     def health_summary(self) -> dict[str, Any]:
         """The body of ``GET /health`` (the REST layer adds ``storage``)."""
-        stats = self.registry.statistics()
+        stats = self.instances.statistics()
         if self.shutdown_requested.is_set():
             status = "shutting_down"
         elif not self.startup_complete:
@@ -262,13 +229,13 @@ class Manager:
         # Looks at the model cache on disk; raises MODEL_NOT_FOUND offline.
         fetch_model = await self.models.needs_download(cfg.model_id, cfg.revision)
         supervisor = self._require_supervisor()
-        if cfg.name in self._runners and cfg.name not in self.registry:
+        if cfg.name in self._runners and cfg.name not in self.instances:
             raise ConflictError(
                 ErrorCode.INSTANCE_EXISTS,
                 f"instance {quote(cfg.name)} is still being deleted: try again shortly",
             )
-        self._check_host_ports(cfg)
-        record = self.registry.add(cfg, created_at=_utcnow())
+        check_host_ports(cfg, taken=self.instances.used_ports(), probe=self._explicit_port_probe)
+        record = self.instances.add(cfg, created_at=_utcnow())
         self.metrics.instance_created(record.name, record.config.model_id)
         runner = self._new_runner(record)
         log.info(
@@ -292,9 +259,9 @@ class Manager:
 
     async def delete_instance(self, name: str) -> InstanceInfo:
         """Unregister ``name`` and end its process; returns the instance as it was."""
-        record = self.registry.get(name)
+        record = self.instances.get(name)
         info = record.info(_utcnow())
-        self.registry.remove(name)
+        self.instances.remove(name)
         self.metrics.instance_deleted(name)
         runner = self._runners.get(name)
         if runner is not None:
@@ -311,7 +278,7 @@ class Manager:
     async def start_instance(self, name: str) -> InstanceInfo:
         """Start a stopped or failed instance; raises ALREADY_RUNNING."""
         self._require_supervisor()
-        record = self.registry.request_start(name)
+        record = self.instances.request_start(name)
         self._runners[name].request_start()
         info = record.info(_utcnow())
         await self._save_state()
@@ -321,7 +288,7 @@ class Manager:
         """Stop an instance; returns at once (``stopping``, or ``stopped`` if no process
         ran). Raises NOT_RUNNING."""
         self._require_supervisor()
-        record = self.registry.request_stop(name)
+        record = self.instances.request_stop(name)
         self._runners[name].request_stop()
         info = record.info(_utcnow())
         await self._save_state()
@@ -330,7 +297,7 @@ class Manager:
     async def restart_instance(self, name: str) -> InstanceInfo:
         """End the process (if any) and start a new one, whatever the status."""
         self._require_supervisor()
-        record = self.registry.get(name)
+        record = self.instances.get(name)
         record.desired = DesiredState.RUNNING
         self._runners[name].request_restart()
         info = record.info(_utcnow())
@@ -349,13 +316,15 @@ class Manager:
         if threading.current_thread() is not threading.main_thread():
             # PDEATHSIG fires when the forking *thread* exits, not the process.
             log.warning("the manager runs outside the main thread: instances may die with it")
-        prepared = await self._run_blocking(self._prepare)
+        prepared = await self._run_blocking(
+            partial(prepare, self.config, runtime_file=self._runtime.path, gpu_count=self.gpu_count)
+        )
         self.gpu_count = prepared.gpu_count
-        self._start_ticks = prepared.start_ticks
+        self._runtime.start_ticks = prepared.start_ticks
         runners = self._restore(prepared.loaded.state)
         try:
             async with trio.open_nursery() as service:
-                service.start_soon(self._write_runtime_file)
+                service.start_soon(self._runtime.run)
                 await service.start(self.models.run)
                 async with trio.open_nursery() as supervisor:
                     self._supervisor = supervisor
@@ -380,40 +349,10 @@ class Manager:
             # since this runs while being cancelled.
             with trio.CancelScope(shield=True):
                 await self._save_state()
-                await self._run_blocking(partial(remove_runtime, self._runtime_path))
+                await self._runtime.remove()
             log.info("manager stopped")
 
     # -- internals --------------------------------------------------------------------------
-    def _prepare(self) -> _Prepared:
-        """Start-up I/O, in a worker thread: directories, orphans, GPUs, the state file."""
-        config = self.config
-        for field, directory in (
-            ("log_dir", Path(config.log_dir)),
-            ("state_file", Path(config.state_file).parent),
-        ):
-            try:
-                directory.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise ConfigError(f"{field}: cannot create {directory}: {e.strerror}") from None
-        runtime = read_runtime(self._runtime_path)
-        if runtime is not None:
-            if manager_alive(runtime):
-                raise ConfigError(
-                    f"state_file: another tei-manager (pid {runtime.manager_pid}) is running "
-                    f"with {config.state_file}: use another state_file"
-                )
-            reap_orphans(runtime)
-        gpus = self.gpu_count if self._gpu_count_given else count_gpus()
-        assert gpus is not None
-        if config.auto_restore_on_restart:
-            loaded = load_state(config.state_file)
-        else:
-            loaded = LoadedState(state=PersistedState())
-        stat = read_stat(os.getpid())
-        return _Prepared(
-            loaded=loaded, gpu_count=gpus, start_ticks=None if stat is None else stat.start_ticks
-        )
-
     def _restore(self, state: PersistedState) -> list[InstanceRunner]:
         """Register the persisted instances, then the seeds new to the state."""
         merged, added = merge_seeds(state, self.config.instances, now=_utcnow())
@@ -436,7 +375,7 @@ class Manager:
         if cfg.prometheus_port in reserved:
             cfg = msgspec.structs.replace(cfg, prometheus_port=0)
         try:
-            record = self.registry.add(
+            record = self.instances.add(
                 cfg, created_at=persisted.created_at, desired=persisted.desired_state
             )
         except TeiError as e:
@@ -458,7 +397,7 @@ class Manager:
             settings=self._settings,
             policy=self._policy,
             metrics=self.metrics,
-            on_change=self._note_process_change,
+            on_change=self._runtime.note_change,
             log_path=self.log_path(record.name),
             run_blocking=self._run_blocking,
         )
@@ -513,63 +452,17 @@ class Manager:
             raise TeiError(ErrorCode.NOT_READY, f"the manager is {state}: try again later")
         return self._supervisor
 
-    def _check_host_ports(self, cfg: InstanceConfig) -> None:
-        """A requested port that another program on this host holds is a conflict."""
-        taken = self.registry.used_ports()
-        for field in ("port", "prometheus_port"):
-            port = getattr(cfg, field)
-            # Ports of instances and the manager get the registry's clearer message.
-            if port and port not in taken and not self._explicit_port_probe(port):
-                raise ConflictError(
-                    ErrorCode.PORT_CONFLICT, f"{field}: {port} is in use on this host"
-                )
-
     async def _save_state(self) -> None:
         """Write the desired state of every instance; failures are logged, not raised.
 
-        Shielded: a caller that goes away must not leave the file behind the registry.
+        Shielded: a caller that goes away must not leave the file behind the instance table.
         """
         with trio.CancelScope(shield=True):
             async with self._state_lock:
                 # Taken under the lock, so the last write holds the latest state.
-                state = state_from_registry(self.registry)
+                state = state_from_instances(self.instances)
                 try:
                     await self._run_blocking(partial(save_state, self.config.state_file, state))
                 except TeiError as e:
                     self.state_save_failures += 1
                     log.error("%s", e)
-
-    def _note_process_change(self) -> None:
-        self._runtime_dirty.set()
-
-    def _runtime_snapshot(self) -> RuntimeFile:
-        records = []
-        for runner in self._runners.values():
-            process = runner.process
-            if process is not None and process.start_ticks is not None:
-                records.append(
-                    RuntimeRecord(
-                        name=runner.name,
-                        pid=process.pid,
-                        pgid=process.pgid,
-                        start_ticks=process.start_ticks,
-                        port=runner.record.port,
-                        model_id=runner.record.config.model_id,
-                    )
-                )
-        return RuntimeFile(
-            manager_pid=os.getpid(),
-            manager_start_ticks=self._start_ticks,
-            instances=tuple(records),
-        )
-
-    async def _write_runtime_file(self) -> None:
-        """Keep the runtime file in step with the live processes, coalescing changes."""
-        while True:
-            await self._runtime_dirty.wait()
-            self._runtime_dirty = trio.Event()
-            snapshot = self._runtime_snapshot()
-            try:
-                await self._run_blocking(partial(write_runtime, self._runtime_path, snapshot))
-            except OSError as e:
-                log.warning("cannot write runtime file %s: %s", self._runtime_path, e)

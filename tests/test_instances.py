@@ -6,14 +6,14 @@ import msgspec
 import pytest
 
 from tei_manager.config import InstanceConfig, SeedInstance
-from tei_manager.core.ports import PortAllocator
-from tei_manager.core.registry import (
+from tei_manager.core.instances import (
     DesiredState,
     InstanceInfo,
     InstanceStatus,
-    Registry,
-    RegistryStatistics,
+    InstanceTable,
+    InstanceTableStatistics,
 )
+from tei_manager.core.ports import PortAllocator
 from tei_manager.errors import ConflictError, ErrorCode, LimitError, NotFoundError
 
 T0 = datetime(2025, 1, 15, 10, 30, tzinfo=UTC)
@@ -36,13 +36,15 @@ def host() -> FakeHost:
     return FakeHost()
 
 
-def make_registry(host: FakeHost, *, max_instances: int | None = None, end: int = 8089) -> Registry:
+def make_registry(
+    host: FakeHost, *, max_instances: int | None = None, end: int = 8089
+) -> InstanceTable:
     ports = PortAllocator(8080, end, probe=host.probe, clock=host.clock)
-    return Registry(ports, max_instances=max_instances, reserved_ports={9000, 9001})
+    return InstanceTable(ports, max_instances=max_instances, reserved_ports={9000, 9001})
 
 
 @pytest.fixture
-def registry(host: FakeHost) -> Registry:
+def registry(host: FakeHost) -> InstanceTable:
     return make_registry(host)
 
 
@@ -50,7 +52,7 @@ def cfg(name: str, **fields: object) -> InstanceConfig:
     return InstanceConfig(name=name, model_id=f"org/{name}", **fields)  # type: ignore[arg-type]
 
 
-def test_add_allocates_ports_and_keeps_creation_order(registry: Registry) -> None:
+def test_add_allocates_ports_and_keeps_creation_order(registry: InstanceTable) -> None:
     for name in ("c", "a", "b"):
         registry.add(cfg(name), created_at=T0)
     assert [r.name for r in registry] == ["c", "a", "b"]
@@ -59,36 +61,36 @@ def test_add_allocates_ports_and_keeps_creation_order(registry: Registry) -> Non
     assert len(registry) == 3 and "a" in registry and "z" not in registry
 
 
-def test_add_stores_the_resolved_config(registry: Registry) -> None:
+def test_add_stores_the_resolved_config(registry: InstanceTable) -> None:
     record = registry.add(cfg("a", port=0, prometheus_port=0), created_at=T0)
     assert (record.config.port, record.config.prometheus_port) == (8080, 8081)
     assert record.ports() == (8080, 8081)
     assert registry.add(cfg("b"), created_at=T0).config.prometheus_port is None
 
 
-def test_explicit_ports_are_kept(registry: Registry) -> None:
+def test_explicit_ports_are_kept(registry: InstanceTable) -> None:
     record = registry.add(cfg("a", port=8500, prometheus_port=8501), created_at=T0)
     assert record.ports() == (8500, 8501)
     # Auto allocation still starts from the bottom of the range.
     assert registry.add(cfg("b"), created_at=T0).port == 8080
 
 
-def test_auto_ports_skip_ports_taken_explicitly_inside_the_range(registry: Registry) -> None:
+def test_auto_ports_skip_ports_taken_explicitly_inside_the_range(registry: InstanceTable) -> None:
     registry.add(cfg("a", port=8080, prometheus_port=8081), created_at=T0)
     assert registry.add(cfg("b", prometheus_port=0), created_at=T0).ports() == (8082, 8083)
 
 
-def test_auto_ports_skip_ports_busy_on_the_host(host: FakeHost, registry: Registry) -> None:
+def test_auto_ports_skip_ports_busy_on_the_host(host: FakeHost, registry: InstanceTable) -> None:
     host.busy = {8080}
     assert registry.add(cfg("a"), created_at=T0).port == 8081
 
 
-def test_seed_is_stored_as_plain_instance_config(registry: Registry) -> None:
+def test_seed_is_stored_as_plain_instance_config(registry: InstanceTable) -> None:
     record = registry.add(SeedInstance(name="s", model_id="m", auto_start=False), created_at=T0)
     assert type(record.config) is InstanceConfig
 
 
-def test_duplicate_name(registry: Registry) -> None:
+def test_duplicate_name(registry: InstanceTable) -> None:
     registry.add(cfg("a"), created_at=T0)
     with pytest.raises(ConflictError) as info:
         registry.add(cfg("a"), created_at=T0)
@@ -107,7 +109,7 @@ def test_duplicate_name(registry: Registry) -> None:
         ({"prometheus_port": 9001}, "prometheus_port: 9001 is used by the manager itself"),
     ],
 )
-def test_port_conflicts(registry: Registry, fields: dict[str, int], message: str) -> None:
+def test_port_conflicts(registry: InstanceTable, fields: dict[str, int], message: str) -> None:
     registry.add(cfg("a", port=8500, prometheus_port=8501), created_at=T0)
     with pytest.raises(ConflictError) as info:
         registry.add(cfg("b", **fields), created_at=T0)
@@ -118,7 +120,7 @@ def test_port_conflicts(registry: Registry, fields: dict[str, int], message: str
 
 def test_auto_ports_never_take_the_managers_ports(host: FakeHost) -> None:
     ports = PortAllocator(9000, 9002, probe=host.probe, clock=host.clock)
-    registry = Registry(ports, reserved_ports={9000, 9001})
+    registry = InstanceTable(ports, reserved_ports={9000, 9001})
     assert registry.add(cfg("a"), created_at=T0).port == 9002
 
 
@@ -151,7 +153,7 @@ def test_failed_allocation_changes_nothing(host: FakeHost) -> None:
     assert registry.add(cfg("c"), created_at=T0).port == 8081
 
 
-def test_remove_quarantines_ports(host: FakeHost, registry: Registry) -> None:
+def test_remove_quarantines_ports(host: FakeHost, registry: InstanceTable) -> None:
     registry.add(cfg("a", prometheus_port=0), created_at=T0)
     removed = registry.remove("a")
     assert removed.name == "a" and len(registry) == 0
@@ -160,13 +162,13 @@ def test_remove_quarantines_ports(host: FakeHost, registry: Registry) -> None:
     assert registry.add(cfg("c", prometheus_port=0), created_at=T0).ports() == (8080, 8081)
 
 
-def test_remove_unknown(registry: Registry) -> None:
+def test_remove_unknown(registry: InstanceTable) -> None:
     with pytest.raises(NotFoundError) as info:
         registry.remove("ghost")
     assert info.value.code is ErrorCode.INSTANCE_NOT_FOUND
 
 
-def test_lookups(registry: Registry) -> None:
+def test_lookups(registry: InstanceTable) -> None:
     a = registry.add(InstanceConfig(name="a", model_id="org/x"), created_at=T0)
     b = registry.add(InstanceConfig(name="b", model_id="org/y"), created_at=T0)
     c = registry.add(InstanceConfig(name="c", model_id="org/x"), created_at=T0)
@@ -184,13 +186,13 @@ def test_lookups(registry: Registry) -> None:
         registry.at_index(-1)
 
 
-def test_used_ports(registry: Registry) -> None:
+def test_used_ports(registry: InstanceTable) -> None:
     registry.add(cfg("a", prometheus_port=0), created_at=T0)
     registry.add(cfg("b"), created_at=T0)
     assert registry.used_ports() == {9000, 9001, 8080, 8081, 8082}
 
 
-def test_iteration_is_a_snapshot(registry: Registry) -> None:
+def test_iteration_is_a_snapshot(registry: InstanceTable) -> None:
     registry.add(cfg("a"), created_at=T0)
     registry.add(cfg("b"), created_at=T0)
     for record in registry:
@@ -198,14 +200,14 @@ def test_iteration_is_a_snapshot(registry: Registry) -> None:
     assert len(registry) == 0
 
 
-def test_initial_status_follows_desired_state(registry: Registry) -> None:
+def test_initial_status_follows_desired_state(registry: InstanceTable) -> None:
     running = registry.add(cfg("a"), created_at=T0)
     stopped = registry.add(cfg("b"), created_at=T0, desired=DesiredState.STOPPED)
     assert (running.status, running.desired) == (InstanceStatus.STARTING, DesiredState.RUNNING)
     assert (stopped.status, stopped.desired) == (InstanceStatus.STOPPED, DesiredState.STOPPED)
 
 
-def test_info_snapshot(registry: Registry) -> None:
+def test_info_snapshot(registry: InstanceTable) -> None:
     record = registry.add(
         cfg("a", gpu_id=1, pooling="mean", prometheus_port=0, max_batch_tokens=512),
         created_at=T0,
@@ -242,7 +244,7 @@ def test_info_snapshot(registry: Registry) -> None:
     assert encoded["created_at"] == "2025-01-15T10:30:00Z"
 
 
-def test_uptime_is_zero_without_a_process_and_never_negative(registry: Registry) -> None:
+def test_uptime_is_zero_without_a_process_and_never_negative(registry: InstanceTable) -> None:
     record = registry.add(cfg("a"), created_at=T0)
     assert record.info(T0).uptime_secs == 0
     record.mark_starting(pid=1, now=T0)
@@ -251,7 +253,7 @@ def test_uptime_is_zero_without_a_process_and_never_negative(registry: Registry)
     assert record.info(T0 + timedelta(hours=1)).uptime_secs == 0
 
 
-def test_record_transitions(registry: Registry) -> None:
+def test_record_transitions(registry: InstanceTable) -> None:
     record = registry.add(cfg("a"), created_at=T0)
     record.mark_starting(pid=7, now=T0)
     record.record_health_check(False, T0)
@@ -275,7 +277,7 @@ def test_record_transitions(registry: Registry) -> None:
     assert (record.status, record.pid) == (InstanceStatus.STOPPED, None)
 
 
-def test_statistics(registry: Registry) -> None:
+def test_statistics(registry: InstanceTable) -> None:
     for name, status in [
         ("a", InstanceStatus.RUNNING),
         ("b", InstanceStatus.RUNNING),
@@ -285,7 +287,7 @@ def test_statistics(registry: Registry) -> None:
         ("f", InstanceStatus.STOPPING),
     ]:
         registry.add(cfg(name), created_at=T0).status = status
-    assert registry.statistics() == RegistryStatistics(
+    assert registry.statistics() == InstanceTableStatistics(
         total=6, starting=1, running=2, stopping=1, stopped=1, failed=1
     )
 
@@ -294,7 +296,7 @@ def test_statistics(registry: Registry) -> None:
 
 
 @pytest.mark.parametrize("status", [InstanceStatus.STARTING, InstanceStatus.RUNNING])
-def test_start_when_already_running(registry: Registry, status: InstanceStatus) -> None:
+def test_start_when_already_running(registry: InstanceTable, status: InstanceStatus) -> None:
     registry.add(cfg("a"), created_at=T0).status = status
     with pytest.raises(ConflictError) as info:
         registry.request_start("a")
@@ -302,7 +304,7 @@ def test_start_when_already_running(registry: Registry, status: InstanceStatus) 
 
 
 @pytest.mark.parametrize("status", [InstanceStatus.STOPPED, InstanceStatus.FAILED])
-def test_start_stopped_or_failed(registry: Registry, status: InstanceStatus) -> None:
+def test_start_stopped_or_failed(registry: InstanceTable, status: InstanceStatus) -> None:
     record = registry.add(cfg("a"), created_at=T0, desired=DesiredState.STOPPED)
     record.status, record.last_error = status, "old"
     assert registry.request_start("a") is record
@@ -310,7 +312,7 @@ def test_start_stopped_or_failed(registry: Registry, status: InstanceStatus) -> 
     assert record.last_error is None
 
 
-def test_start_while_stopping_waits_for_the_stop(registry: Registry) -> None:
+def test_start_while_stopping_waits_for_the_stop(registry: InstanceTable) -> None:
     record = registry.add(cfg("a"), created_at=T0)
     record.desired, record.status = DesiredState.STOPPED, InstanceStatus.STOPPING
     registry.request_start("a")
@@ -318,7 +320,7 @@ def test_start_while_stopping_waits_for_the_stop(registry: Registry) -> None:
 
 
 @pytest.mark.parametrize("status", [InstanceStatus.STOPPED, InstanceStatus.STOPPING])
-def test_stop_when_not_running(registry: Registry, status: InstanceStatus) -> None:
+def test_stop_when_not_running(registry: InstanceTable, status: InstanceStatus) -> None:
     registry.add(cfg("a"), created_at=T0).status = status
     with pytest.raises(ConflictError) as info:
         registry.request_stop("a")
@@ -326,7 +328,7 @@ def test_stop_when_not_running(registry: Registry, status: InstanceStatus) -> No
 
 
 @pytest.mark.parametrize("status", [InstanceStatus.STARTING, InstanceStatus.RUNNING])
-def test_stop_running(registry: Registry, status: InstanceStatus) -> None:
+def test_stop_running(registry: InstanceTable, status: InstanceStatus) -> None:
     record = registry.add(cfg("a"), created_at=T0)
     record.status = status
     registry.request_stop("a")
@@ -334,14 +336,14 @@ def test_stop_running(registry: Registry, status: InstanceStatus) -> None:
     assert (record.status, record.desired) == (status, DesiredState.STOPPED)
 
 
-def test_stop_failed_is_immediate(registry: Registry) -> None:
+def test_stop_failed_is_immediate(registry: InstanceTable) -> None:
     record = registry.add(cfg("a"), created_at=T0)
     record.mark_failed("boom")
     registry.request_stop("a")
     assert (record.status, record.desired) == (InstanceStatus.STOPPED, DesiredState.STOPPED)
 
 
-def test_start_stop_unknown(registry: Registry) -> None:
+def test_start_stop_unknown(registry: InstanceTable) -> None:
     for request in (registry.request_start, registry.request_stop):
         with pytest.raises(NotFoundError):
             request("ghost")

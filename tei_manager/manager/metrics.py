@@ -71,8 +71,8 @@ class ManagerMetrics:
     """Every ``tei_manager_*`` series; one object per manager."""
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
+        self.prometheus = CollectorRegistry(auto_describe=True)
+        r = self.prometheus
         self.instances_count = Gauge(
             "tei_manager_instances_count", "Instances registered with the manager", registry=r
         )
@@ -171,4 +171,4 @@ class ManagerMetrics:
 
     def render(self) -> bytes:
         """The Prometheus text exposition; blocking, so run it in a worker thread."""
-        return generate_latest(self.registry)
+        return generate_latest(self.prometheus)

@@ -32,11 +32,11 @@ import trio
 
 from tei_manager.config import ConfigError, ManagerConfig, load_config
 from tei_manager.logs import configure_logging
-from tei_manager.manager import Manager
+from tei_manager.manager.service import Manager
 
 __all__ = ["main", "serve"]
 
-log = logging.getLogger("tei_manager.serve")
+log = logging.getLogger("tei_manager.manager.serve")
 
 # Share of the shutdown timeout given to draining requests; the rest is for instances.
 _DRAIN_SHARE: Final = 0.5
@@ -67,12 +67,12 @@ async def serve(manager: Manager) -> None:
                 from tei_manager.multiplexer.metrics import MultiplexerMetrics
                 from tei_manager.multiplexer.server import serve_multiplexer
 
-                metrics = MultiplexerMetrics(manager.metrics.registry)
+                metrics = MultiplexerMetrics(manager.metrics.prometheus)
 
                 async def grpc(*, task_status: trio.TaskStatus[int]) -> None:
                     await serve_multiplexer(
                         config,
-                        manager.registry,
+                        manager.instances,
                         metrics,
                         shutdown=manager.shutdown_requested,
                         drain_timeout_secs=config.graceful_shutdown_timeout_secs * _DRAIN_SHARE,

@@ -1,4 +1,4 @@
-"""The in-memory registry of instances: who exists, in which order, on which ports.
+"""The in-memory table of instances: who exists, in which order, on which ports.
 
 Pure and synchronous: every decision (name taken? port taken? limit reached? which
 port?) happens inside one method call with no await, so callers on the Trio side
@@ -23,8 +23,8 @@ __all__ = [
     "InstanceInfo",
     "InstanceRecord",
     "InstanceStatus",
-    "Registry",
-    "RegistryStatistics",
+    "InstanceTable",
+    "InstanceTableStatistics",
 ]
 
 
@@ -161,7 +161,7 @@ class InstanceRecord(msgspec.Struct, kw_only=True):
         self.health_check_failures = 0 if ok else self.health_check_failures + 1
 
 
-class RegistryStatistics(msgspec.Struct, frozen=True, kw_only=True):
+class InstanceTableStatistics(msgspec.Struct, frozen=True, kw_only=True):
     """Instance counts by status, for ``/health`` and the metrics collector."""
 
     total: int
@@ -179,7 +179,7 @@ def _plain(config: InstanceConfig) -> InstanceConfig:
     return InstanceConfig(**{f: getattr(config, f) for f in InstanceConfig.__struct_fields__})
 
 
-class Registry:
+class InstanceTable:
     """Instances in creation order, with the name, port and count rules enforced."""
 
     def __init__(
@@ -291,13 +291,13 @@ class Registry:
         """Snapshots of every instance, in creation order."""
         return [r.info(now) for r in self._records.values()]
 
-    def statistics(self) -> RegistryStatistics:
+    def statistics(self) -> InstanceTableStatistics:
         """Counts by status."""
         counts = dict.fromkeys(InstanceStatus, 0)
         for record in self._records.values():
             counts[record.status] += 1
         S = InstanceStatus
-        return RegistryStatistics(
+        return InstanceTableStatistics(
             total=len(self._records),
             starting=counts[S.STARTING],
             running=counts[S.RUNNING],
