@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import msgspec
@@ -491,6 +492,31 @@ def test_gpu_id_must_exist_when_gpu_count_is_known() -> None:
 
 
 # --- decoding the REST create request ----------------------------------------
+
+
+def test_integral_numbers_are_integers_as_in_json_schema() -> None:
+    body = b'{"name": "b", "model_id": "m", "max_concurrent_requests": 64.0, "gpu_id": 0.0}'
+    config = decode_instance_config(body, gpu_count=1)
+    assert (config.max_concurrent_requests, config.gpu_id) == (64, 0)
+    assert isinstance(config.max_concurrent_requests, int)
+    with pytest.raises(ValidationError, match="max_concurrent_requests"):
+        decode_instance_config(b'{"name": "b", "model_id": "m", "max_concurrent_requests": 6.5}')
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "code"),
+    [
+        ("max_batch_tokens", 2**31, ErrorCode.VALIDATION_ERROR),
+        ("max_concurrent_requests", 2**63, ErrorCode.VALIDATION_ERROR),
+        ("gpu_id", 2**31, ErrorCode.INVALID_GPU_ID),
+    ],
+)
+def test_counts_are_bounded_as_documented(field: str, value: int, code: ErrorCode) -> None:
+    body = json.dumps({"name": "b", "model_id": "m", field: value}).encode()
+    with pytest.raises(ValidationError) as info:
+        decode_instance_config(body)
+    assert info.value.code is code
+    assert field in str(info.value)
 
 
 def test_decode_instance_config() -> None:
