@@ -91,8 +91,8 @@ _EXTRA_ARG_SCHEMA: Final = {
 }
 
 
-def _documented(**schema: object) -> msgspec.Meta:
-    return msgspec.Meta(extra_json_schema=schema)
+def _documented(description: str | None = None, **schema: object) -> msgspec.Meta:
+    return msgspec.Meta(description=description, extra_json_schema=schema)
 
 
 class InstanceConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -106,13 +106,24 @@ class InstanceConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     name: Annotated[str, _documented(**NAME_SCHEMA)]
     model_id: Annotated[str, _documented(**MODEL_ID_SCHEMA)]
     port: Annotated[int, _documented(**_PORT_SCHEMA)] | None = None
-    # Also below this host's GPU count (INVALID_GPU_ID), which the schema cannot know.
-    gpu_id: Annotated[int, _documented(minimum=0, maximum=MAX_COUNT)] | None = None
+    gpu_id: (
+        Annotated[
+            int,
+            _documented(
+                "also below this host's GPU count (else INVALID_GPU_ID)",
+                minimum=0,
+                maximum=MAX_COUNT,
+            ),
+        ]
+        | None
+    ) = None
     max_batch_tokens: Annotated[int, _documented(**_COUNT_SCHEMA)] = 16384
     max_concurrent_requests: Annotated[int, _documented(**_COUNT_SCHEMA)] = 512
     pooling: Pooling | None = None
-    # Also never the instance's own port (INVALID_PORT).
-    prometheus_port: Annotated[int, _documented(**_PORT_SCHEMA)] | None = None
+    prometheus_port: (
+        Annotated[int, _documented("never the instance's port (else INVALID_PORT)", **_PORT_SCHEMA)]
+        | None
+    ) = None
     # None: the manager's startup_timeout_secs
     startup_timeout_secs: Annotated[float, _documented(exclusiveMinimum=0)] | None = None
     extra_args: tuple[Annotated[str, _documented(**_EXTRA_ARG_SCHEMA)], ...] = ()
