@@ -19,6 +19,14 @@ from typing import Annotated, Any, Final, Literal
 
 import msgspec
 
+from tei_manager.auth.settings import (
+    AuthConfig,
+    CorsConfig,
+    RateLimitConfig,
+    validate_auth_config,
+    validate_cors_config,
+    validate_rate_limit_config,
+)
 from tei_manager.core.ports import MAX_PORT, MIN_UNPRIVILEGED_PORT
 from tei_manager.errors import (
     ConfigError,
@@ -196,6 +204,17 @@ class ManagerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     grpc_max_message_size_mb: int = 40
     grpc_max_parallel_streams: int = 1024
     grpc_request_timeout_secs: float = 30.0
+    # Restarts after a crash (see DESIGN "Restart policy"): like Kubernetes'
+    # CrashLoopBackOff, the delay doubles from the initial value up to the cap, and
+    # the instance is retried for ever unless crash_loop_restarts is set: then that
+    # many restarts within crash_loop_window_secs leave it "failed" on the next exit.
+    restart_backoff_initial_secs: float = 1.0
+    restart_backoff_max_secs: float = 300.0
+    crash_loop_restarts: int = 0  # 0: never give up
+    crash_loop_window_secs: float = 300.0
+    auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
+    rate_limit: RateLimitConfig = msgspec.field(default_factory=RateLimitConfig)
+    cors: CorsConfig = msgspec.field(default_factory=CorsConfig)
 
     def manager_ports(self) -> frozenset[int]:
         """Ports the manager itself listens on, which no instance may take."""
@@ -402,6 +421,7 @@ def validate_manager_config(config: ManagerConfig) -> None:
     _at_least(config.grpc_max_parallel_streams, 1, "grpc_max_parallel_streams")
     _positive(config.grpc_request_timeout_secs, "grpc_request_timeout_secs")
     _validate_seeds(config)
+    _validate_restarts(config)
     _at_least(config.max_concurrent_downloads, 1, "max_concurrent_downloads")
     _at_least(config.download_max_retries, 0, "download_max_retries")
     _positive(config.smoke_load_timeout_secs, "smoke_load_timeout_secs")
@@ -417,6 +437,22 @@ def validate_manager_config(config: ManagerConfig) -> None:
         if model_id in seen_models:
             raise ValidationError(f"models[{i}]", f"duplicate model {quote(model_id)}")
         seen_models.add(model_id)
+    validate_auth_config(config.auth)
+    validate_rate_limit_config(config.rate_limit)
+    validate_cors_config(config.cors)
+
+
+def _validate_restarts(config: ManagerConfig) -> None:
+    _positive(config.restart_backoff_initial_secs, "restart_backoff_initial_secs")
+    _positive(config.restart_backoff_max_secs, "restart_backoff_max_secs")
+    if config.restart_backoff_max_secs < config.restart_backoff_initial_secs:
+        raise ValidationError(
+            "restart_backoff_max_secs",
+            f"{config.restart_backoff_max_secs:g} is below restart_backoff_initial_secs "
+            f"{config.restart_backoff_initial_secs:g}",
+        )
+    _at_least(config.crash_loop_restarts, 0, "crash_loop_restarts")
+    _positive(config.crash_loop_window_secs, "crash_loop_window_secs")
 
 
 def _validate_seeds(config: ManagerConfig) -> None:
@@ -538,6 +574,10 @@ ENV_OVERRIDES: Final[tuple[tuple[str, str, Callable[[str], object]], ...]] = (
     ("TEI_MANAGER_LOG_DIR", "log_dir", _env_str),
     ("TEI_MANAGER_HEALTH_CHECK_INTERVAL", "health_check_interval_secs", _env_float),
     ("TEI_BINARY_PATH", "tei_binary_path", _env_str),
+    ("TEI_MANAGER_RESTART_BACKOFF_INITIAL", "restart_backoff_initial_secs", _env_float),
+    ("TEI_MANAGER_RESTART_BACKOFF_MAX", "restart_backoff_max_secs", _env_float),
+    ("TEI_MANAGER_CRASH_LOOP_RESTARTS", "crash_loop_restarts", _env_int),
+    ("TEI_MANAGER_CRASH_LOOP_WINDOW", "crash_loop_window_secs", _env_float),
 )
 
 

@@ -30,7 +30,7 @@ from tei_manager.errors import ErrorCode, NotFoundError
 from tests.fake_manager import FakeManager, http_count
 from tests.httpclient import HttpResponse, http_request
 
-# The contract's InstanceInfo fields, in its order.
+# The contract's InstanceInfo fields, in its order, then ours (next_restart_at).
 INSTANCE_FIELDS = [
     "name",
     "model_id",
@@ -48,6 +48,7 @@ INSTANCE_FIELDS = [
     "max_batch_tokens",
     "max_concurrent_requests",
     "last_error",
+    "next_restart_at",
 ]
 RFC3339_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
 

@@ -62,6 +62,8 @@ def test_defaults() -> None:
     assert c.grpc_max_message_size_mb == 40
     assert c.grpc_max_parallel_streams == 1024
     assert c.grpc_request_timeout_secs == 30
+    assert (c.restart_backoff_initial_secs, c.restart_backoff_max_secs) == (1, 300)
+    assert (c.crash_loop_restarts, c.crash_loop_window_secs) == (0, 300)
 
 
 def test_struct_defaults_equal_parsed_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -100,6 +102,10 @@ tei_binary_path = "/usr/local/bin/text-embeddings-router"
 grpc_max_message_size_mb = 64
 grpc_max_parallel_streams = 256
 grpc_request_timeout_secs = 10
+restart_backoff_initial_secs = 2
+restart_backoff_max_secs = 120
+crash_loop_restarts = 5
+crash_loop_window_secs = 600
 
 [[instances]]
 name = "bge-small"
@@ -139,6 +145,8 @@ def test_every_option_decodes() -> None:
     assert c.tei_binary_path == "/usr/local/bin/text-embeddings-router"
     assert (c.grpc_max_message_size_mb, c.grpc_max_parallel_streams) == (64, 256)
     assert c.grpc_request_timeout_secs == 10.0
+    assert (c.restart_backoff_initial_secs, c.restart_backoff_max_secs) == (2, 120)
+    assert (c.crash_loop_restarts, c.crash_loop_window_secs) == (5, 600)
     bge, splade = c.instances
     assert bge == SeedInstance(name="bge-small", model_id="BAAI/bge-small-en-v1.5")
     assert bge.auto_start is True and bge.port is None
@@ -197,6 +205,10 @@ def test_load_config_missing_file(tmp_path: Path) -> None:
         ("TEI_MANAGER_GRPC_ENABLED", "Yes", "grpc_enabled", True),
         ("TEI_MANAGER_LOG_DIR", "/data/logs", "log_dir", "/data/logs"),
         ("TEI_MANAGER_API_KEEP_ALIVE_TIMEOUT", "2.5", "api_keep_alive_timeout_secs", 2.5),
+        ("TEI_MANAGER_RESTART_BACKOFF_INITIAL", "0.5", "restart_backoff_initial_secs", 0.5),
+        ("TEI_MANAGER_RESTART_BACKOFF_MAX", "60", "restart_backoff_max_secs", 60.0),
+        ("TEI_MANAGER_CRASH_LOOP_RESTARTS", "5", "crash_loop_restarts", 5),
+        ("TEI_MANAGER_CRASH_LOOP_WINDOW", "600", "crash_loop_window_secs", 600.0),
     ],
 )
 def test_env_override(var: str, text: str, field: str, value: object) -> None:
@@ -218,6 +230,10 @@ def test_every_documented_env_var_is_wired() -> None:
         "TEI_MANAGER_GRPC_ENABLED",
         "TEI_MANAGER_LOG_DIR",
         "TEI_MANAGER_API_KEEP_ALIVE_TIMEOUT",
+        "TEI_MANAGER_RESTART_BACKOFF_INITIAL",
+        "TEI_MANAGER_RESTART_BACKOFF_MAX",
+        "TEI_MANAGER_CRASH_LOOP_RESTARTS",
+        "TEI_MANAGER_CRASH_LOOP_WINDOW",
     }
     fields = set(ManagerConfig.__struct_fields__)
     assert all(field in fields for _, field, _ in ENV_OVERRIDES)
@@ -243,6 +259,11 @@ def test_empty_env_var_means_unset() -> None:
             "TEI_MANAGER_API_KEEP_ALIVE_TIMEOUT",
             "0",
             "api_keep_alive_timeout_secs (from TEI_MANAGER_API_KEEP_ALIVE_TIMEOUT): 0.0 is invalid",
+        ),
+        (
+            "TEI_MANAGER_CRASH_LOOP_RESTARTS",
+            "-2",
+            "crash_loop_restarts (from TEI_MANAGER_CRASH_LOOP_RESTARTS): -2 is invalid",
         ),
     ],
 )
@@ -285,6 +306,14 @@ def test_bad_env_values_name_the_variable(var: str, text: str, message: str) -> 
         ("grpc_max_parallel_streams = 0", "grpc_max_parallel_streams: 0 is invalid"),
         ("grpc_request_timeout_secs = 0", "grpc_request_timeout_secs: 0.0 is invalid"),
         ('tei_binary_path = ""', "tei_binary_path: must not be empty"),
+        ("restart_backoff_initial_secs = 0", "restart_backoff_initial_secs: 0.0 is invalid"),
+        ("restart_backoff_max_secs = inf", "restart_backoff_max_secs: inf is invalid"),
+        (
+            "restart_backoff_initial_secs = 10\nrestart_backoff_max_secs = 5",
+            "restart_backoff_max_secs: 5 is below restart_backoff_initial_secs 10",
+        ),
+        ("crash_loop_restarts = -1", "crash_loop_restarts: -1 is invalid: use a number >= 0"),
+        ("crash_loop_window_secs = 0", "crash_loop_window_secs: 0.0 is invalid"),
         ('models = ["ok/model", "../etc"]', "models[1]: \"../etc\" contains a '..' component"),
         ('models = ["a/b", "a/b"]', 'models[1]: duplicate model "a/b"'),
         ("api_port = ", "invalid TOML: Invalid value (at end of document)"),

@@ -3,7 +3,11 @@ shutdown. Real files (state, logs) in a temporary directory; no real processes."
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import os
+import random
+import socket
+import tempfile
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -15,10 +19,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tei_manager.config import InstanceConfig, ManagerConfig, SeedInstance
 from tei_manager.core.instances import DesiredState, InstanceStatus
+from tei_manager.core.ports import probe_bindable
 from tei_manager.core.restart import RestartPolicy
 from tei_manager.errors import ErrorCode, TeiError
 from tei_manager.manager.service import Manager
-from tests.fake_processes import FakeHost, run_inline
+from tei_manager.supervisor.process import SpawnError
+from tests.fake_processes import FakeHost, FakeProcess, run_inline
 
 S = InstanceStatus
 
@@ -263,6 +269,88 @@ async def test_a_name_is_free_again_only_once_its_process_is_gone(
             )
         await manager.create_instance(_cfg("a"))
         assert host.overlaps == 0
+
+
+class ListeningHost(FakeHost):
+    """Fake processes that really listen on their port with SO_REUSEADDR, as TEI and
+    the worker do, and serve one connection, so a deleted one leaves its port with a
+    connection in TIME_WAIT, as a real instance that served traffic would."""
+
+    def spawn(self, config: InstanceConfig) -> FakeProcess:
+        listener = socket.socket()
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(("127.0.0.1", config.port or 0))
+            listener.listen()
+            with socket.create_connection(listener.getsockname()) as client:
+                served, _ = listener.accept()
+                served.close()  # the server closes first: its side ends in TIME_WAIT
+                client.recv(1)
+        except OSError as e:
+            listener.close()
+            raise SpawnError(f"cannot listen on {config.port}: {e}") from None
+        process = super().spawn(config)
+        self._nursery.start_soon(self._close_on_exit, process, listener)
+        return process
+
+    async def _close_on_exit(self, process: FakeProcess, listener: socket.socket) -> None:
+        with listener:
+            await process.wait()
+
+
+def _free_port_range(size: int) -> int:
+    rng = random.Random()
+    for _ in range(100):
+        start = rng.randrange(30000, 60000 - size)
+        if all(probe_bindable(p) for p in range(start, start + size)):
+            return start
+    raise RuntimeError("no free port range")
+
+
+@pytest.fixture
+def fast_dir(tmp_path: Path) -> Iterator[Path]:
+    """A folder in memory where there is one: 600 state saves, each fsynced, take
+    seconds on a disk, and saving is not what the test is about."""
+    if not os.path.isdir("/dev/shm"):
+        yield tmp_path
+        return
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as folder:
+        yield Path(folder)
+
+
+async def test_port_churn_reuses_released_ports_and_never_fails(
+    nursery: trio.Nursery, fast_dir: Path
+) -> None:
+    start = _free_port_range(30)
+    config = ManagerConfig(
+        state_file=str(fast_dir / "state.toml"),
+        log_dir=str(fast_dir / "logs"),
+        api_port=0,
+        grpc_port=0,
+        instance_port_start=start,
+        instance_port_end=start + 29,
+    )
+    host = ListeningHost(nursery, ready_after=0)
+    # The real bind probe decides (Manager's default).
+    manager = Manager(
+        config, spawner=host.spawn, prober=host.probe, gpu_count=0, run_blocking=run_inline
+    )
+    failures: list[str] = []
+    ports: list[int] = []
+    async with running(manager):
+        for n in range(300):
+            try:
+                info = await manager.create_instance(_cfg(f"churn-{n % 7}"))
+            except TeiError as e:
+                failures.append(f"{e.code}: {e}")
+                continue
+            assert info.status is not S.FAILED, info.last_error  # it could listen
+            ports.append(info.port)
+            await manager.delete_instance(info.name)
+    assert failures == []
+    assert len(ports) == 300
+    assert len(set(ports)) == 30  # every port of the range, each reused many times
+    assert host.overlaps == 0
 
 
 # -- logs and metrics ------------------------------------------------------------------------

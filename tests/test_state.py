@@ -330,7 +330,7 @@ def test_merged_seeds_round_trip() -> None:
 
 
 def test_state_from_registry() -> None:
-    ports = PortAllocator(8080, 8090, probe=lambda port: True, clock=lambda: 0.0)
+    ports = PortAllocator(8080, 8090, probe=lambda port: True)
     registry = InstanceTable(ports)
     registry.add(InstanceConfig(name="z", model_id="org/z"), created_at=T0)
     registry.add(

@@ -19,6 +19,7 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from tei_manager.api.auth import install_auth
 from tei_manager.api.dto import ProbeStatus
 from tei_manager.api.exchange import Exchange
 from tei_manager.api.facade import ManagerFacade
@@ -32,6 +33,7 @@ from tei_manager.api.responses import (
 )
 from tei_manager.api.routes import MAX_BODY_BYTES, OPERATIONS, PROMETHEUS_TEXT, quart_rule
 from tei_manager.api.storage import check_storage
+from tei_manager.auth.security import Security, build_security
 from tei_manager.config import decode_instance_config
 from tei_manager.errors import ErrorCode, TeiError, ValidationError, quote
 
@@ -198,8 +200,9 @@ async def _on_exception(error: Exception) -> Response:
     return unexpected_error_response(error, request.method, request.path)
 
 
-def create_app(manager: ManagerFacade) -> ApiApp:
-    """The REST API for ``manager``: every route in :data:`OPERATIONS`."""
+def create_app(manager: ManagerFacade, security: Security | None = None) -> ApiApp:
+    """The REST API for ``manager``: every route in :data:`OPERATIONS`, behind
+    ``security`` (default: built from ``manager.config``)."""
     app = ApiApp(manager)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.url_map.converters["model_id"] = ModelIdConverter
@@ -215,6 +218,7 @@ def create_app(manager: ManagerFacade) -> ApiApp:
             merge_slashes="{model_id}" not in op.path,
         )
     app.before_request(_note_route)
+    install_auth(app, security or build_security(manager.config, manager.metrics.prometheus))
     app.register_error_handler(TeiError, _on_tei_error)
     app.register_error_handler(HTTPException, _on_http_exception)
     app.register_error_handler(Exception, _on_exception)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 from functools import partial
 
 import trio
@@ -25,7 +26,9 @@ from hypercorn.config import Config, Sockets
 from hypercorn.trio import serve
 
 from tei_manager.api.app import create_app
+from tei_manager.api.auth import capture_peer_certificates
 from tei_manager.api.facade import ManagerFacade
+from tei_manager.auth.security import Security, build_security
 
 __all__ = ["serve_api"]
 
@@ -33,15 +36,26 @@ log = logging.getLogger(__name__)
 
 
 class _PreboundConfig(Config):
-    """A Hypercorn config that serves on an already bound socket."""
+    """A Hypercorn config that serves on an already bound socket, with our TLS context.
 
-    def __init__(self, sock: socket.socket) -> None:
+    The context is ours (not one Hypercorn builds from file names) so that
+    certificates can be reloaded into it while it serves, and so that it notes
+    client certificates for the auth hook.
+    """
+
+    def __init__(self, sock: socket.socket, ssl_context: ssl.SSLContext | None) -> None:
         super().__init__()
         self._sock = sock
+        self._ssl_context = ssl_context
 
     def create_sockets(self) -> Sockets:
         # Hypercorn listens on these and closes them when it stops serving.
+        if self._ssl_context is not None:
+            return Sockets(secure_sockets=[self._sock], insecure_sockets=[], quic_sockets=[])
         return Sockets(secure_sockets=[], insecure_sockets=[self._sock], quic_sockets=[])
+
+    def create_ssl_context(self) -> ssl.SSLContext | None:
+        return self._ssl_context
 
 
 async def _bind(host: str, port: int) -> socket.socket:
@@ -69,9 +83,13 @@ async def serve_api(
     *,
     shutdown: trio.Event | None = None,
     drain_timeout_secs: float | None = None,
+    security: Security | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the REST API for ``manager`` on ``host:port``; hands back the bound port.
+
+    ``security`` (default: built from ``manager.config``) decides who may call
+    what; when it has TLS contexts the port serves HTTPS.
 
     Start it with ``port = await nursery.start(serve_api, manager, host, port)``:
     the port is handed back (and ``manager.mark_listening()`` called) only once
@@ -80,11 +98,16 @@ async def serve_api(
     for up to ``drain_timeout_secs`` (default: the manager's
     ``graceful_shutdown_timeout_secs``), and returns.
     """
+    if security is None:
+        security = build_security(manager.config, manager.metrics.prometheus)
+    ssl_context = None
+    if security.tls is not None:
+        ssl_context = capture_peer_certificates(security.tls.rest_context)
     sock = await _bind(host, port)
     # Closing twice is harmless: this only matters if Hypercorn never took the socket.
     with sock:
         bound_port: int = sock.getsockname()[1]
-        config = _PreboundConfig(sock)
+        config = _PreboundConfig(sock, ssl_context)
         config.bind = [f"{host}:{bound_port}"]
         config.graceful_timeout = (
             manager.config.graceful_shutdown_timeout_secs
@@ -97,7 +120,7 @@ async def serve_api(
         config.errorlog = logging.getLogger("hypercorn.error")
         config.accesslog = None
         config.include_server_header = False
-        app = create_app(manager)
+        app = create_app(manager, security)
         async with trio.open_nursery() as nursery:
             await nursery.start(
                 partial(
@@ -107,6 +130,11 @@ async def serve_api(
                     shutdown_trigger=shutdown.wait if shutdown is not None else None,
                 )
             )
-            log.info("REST API listening on %s port %d", host, bound_port)
+            log.info(
+                "REST API listening on %s port %d%s",
+                host,
+                bound_port,
+                " (TLS)" if ssl_context is not None else "",
+            )
             manager.mark_listening()
             task_status.started(bound_port)

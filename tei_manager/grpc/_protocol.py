@@ -415,10 +415,22 @@ class Connection:
         self.h2_connection.send_headers(stream_id, encode_headers(headers), end_stream=True)
 
     def respond_status(
-        self, stream_id: int, status: int, message: str = "", metadata: Metadata = ()
+        self,
+        stream_id: int,
+        status: int,
+        message: str = "",
+        metadata: Metadata = (),
+        *,
+        retry_pushback_ms: int | None = None,
     ) -> None:
-        """Server side: a trailers-only response (no headers were sent)."""
+        """Server side: a trailers-only response (no headers were sent).
+
+        ``retry_pushback_ms`` asks a retrying client to wait that long first
+        (``grpc-retry-pushback-ms``, gRPC's retry design A6).
+        """
         headers = status_headers(status, message)
+        if retry_pushback_ms is not None:
+            headers.append(("grpc-retry-pushback-ms", str(retry_pushback_ms)))
         if metadata:
             headers += outgoing_metadata(metadata)
         block = RESPONSE_HEADERS + encode_headers(headers)

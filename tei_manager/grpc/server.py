@@ -16,7 +16,7 @@ import math
 import ssl
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 from contextlib import aclosing
-from typing import Any
+from typing import Any, NamedTuple
 
 import trio
 from google.protobuf.message import DecodeError, Message
@@ -40,6 +40,18 @@ TLS_HANDSHAKE_TIMEOUT = 10.0
 Handler = Callable[..., Any]
 #: Called once per finished call with its method, duration in seconds and status.
 CallObserver = Callable[[MethodSpec[Any, Any], float, StatusCode], None]
+
+
+class CallRefusal(NamedTuple):
+    """An authorizer's "no": the call ends at once with this status."""
+
+    code: StatusCode
+    message: str
+    retry_pushback_ms: int | None = None  # for RESOURCE_EXHAUSTED: when to retry
+
+
+#: Decides, as a call's headers arrive, whether it may run (see ``GrpcServer.authorize``).
+Authorizer = Callable[["CallContext"], CallRefusal | None]
 
 
 class CallContext:
@@ -244,6 +256,7 @@ class GrpcServer:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         max_concurrent_streams: int | None = None,
         on_call: CallObserver | None = None,
+        authorize: Authorizer | None = None,
     ) -> None:
         self.host = host
         #: Calls one connection may have open at once (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS).
@@ -269,6 +282,9 @@ class GrpcServer:
         self.listening = trio.Event()
         for servicer in servicers:
             self.add_servicer(servicer)
+        #: Called with each call's context when its headers arrive, before any handler
+        #: (fast or not) sees it; a refusal answers the call at once.
+        self.authorize = authorize
 
     def add_servicer(self, servicer: Servicer) -> None:
         for spec in servicer.METHODS:
@@ -362,6 +378,8 @@ class GrpcServer:
             def on_request(call: Stream) -> None:
                 request = call.request
                 assert request is not None
+                if self.authorize is not None and self._refuse(call, peer, certificate):
+                    return
                 if request.path in fast_handlers:
                     # Wait for the request message: a fast handler may take it.
                     call.watcher = first_event
@@ -448,6 +466,25 @@ class GrpcServer:
                 self._on_call(spec, trio.current_time() - started, code)
             self._finish(stream)
             self._call_ended()
+
+    def _refuse(self, stream: Stream, peer: str | None, certificate: bytes | None) -> bool:
+        """Ask the authorizer about a call whose headers just arrived; True if refused."""
+        request = stream.request
+        assert request is not None and self.authorize is not None
+        entry = self._methods.get(request.path)
+        if entry is None:  # answered UNIMPLEMENTED as usual
+            return False
+        refusal = self.authorize(_context(entry[0], request, peer, certificate))
+        if refusal is None:
+            return False
+        stream.send_status(
+            refusal.code,
+            refusal.message,
+            headers_sent=False,
+            retry_pushback_ms=refusal.retry_pushback_ms,
+        )
+        self._finish(stream)
+        return True
 
     # -- calls answered by fast handlers ----------------------------------------------
     def _start_fast(
@@ -616,7 +653,9 @@ async def _dispatch(
 
 
 __all__ = [
+    "Authorizer",
     "CallContext",
+    "CallRefusal",
     "FastCall",
     "FastUnaryHandler",
     "GrpcServer",

@@ -225,8 +225,16 @@ class Stream:
             ) from None
         self.transport.flush()
 
-    def send_status(self, code: StatusCode, message: str = "", *, headers_sent: bool) -> None:
-        """Server side: end the call with trailers carrying ``code``."""
+    def send_status(
+        self,
+        code: StatusCode,
+        message: str = "",
+        *,
+        headers_sent: bool,
+        retry_pushback_ms: int | None = None,
+    ) -> None:
+        """Server side: end the call with trailers carrying ``code`` (and, before any
+        response headers, a ``grpc-retry-pushback-ms``)."""
         if self.local_closed or self.reset:
             return
         self.local_closed = True
@@ -235,7 +243,9 @@ class Stream:
             if headers_sent:
                 conn.end_response(self.stream_id, code, message)
             else:
-                conn.respond_status(self.stream_id, code, message)
+                conn.respond_status(
+                    self.stream_id, code, message, retry_pushback_ms=retry_pushback_ms
+                )
         except StreamClosedError:
             return
         self.transport.flush()

@@ -5,8 +5,13 @@ The root of the nursery tree::
     serve
     └── root nursery            (SIGTERM/SIGINT: graceful shutdown; a second one forces)
         ├── Manager.run         supervisor: instance processes, state file
+        ├── ServerTls.run       TLS certificate reload on SIGHUP or file change (with TLS)
         ├── serve_api           REST API
         └── serve_multiplexer   gRPC multiplexer (when grpc_enabled), stopped with the API
+
+Both listeners share one :class:`~tei_manager.auth.security.Security` (authenticator,
+rate-limit buckets, TLS contexts), built before anything starts so that a bad key,
+certificate or CA file is a start-up error.
 
 Graceful shutdown, within ``graceful_shutdown_timeout_secs`` (T):
 
@@ -30,6 +35,7 @@ from typing import Final
 
 import trio
 
+from tei_manager.auth.security import Security, build_security
 from tei_manager.config import ConfigError, ManagerConfig, load_config
 from tei_manager.logs import configure_logging
 from tei_manager.manager.service import Manager
@@ -42,15 +48,19 @@ log = logging.getLogger("tei_manager.manager.serve")
 _DRAIN_SHARE: Final = 0.5
 
 
-async def serve(manager: Manager) -> None:
+async def serve(manager: Manager, security: Security | None = None) -> None:
     """Run the manager and its listeners until a signal, then shut down gracefully."""
     from tei_manager.api.server import serve_api
 
     config = manager.config
+    if security is None:
+        security = build_security(config, manager.metrics.prometheus)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as root:
             manager_task = _Service(manager.run)
             await root.start(manager_task.run)
+            if security.tls is not None:
+                await root.start(security.tls.run)
 
             async def api(*, task_status: trio.TaskStatus[int]) -> None:
                 await serve_api(
@@ -59,6 +69,7 @@ async def serve(manager: Manager) -> None:
                     config.api_port,
                     shutdown=manager.shutdown_requested,
                     drain_timeout_secs=config.graceful_shutdown_timeout_secs * _DRAIN_SHARE,
+                    security=security,
                     task_status=task_status,
                 )
 
@@ -76,6 +87,7 @@ async def serve(manager: Manager) -> None:
                         metrics,
                         shutdown=manager.shutdown_requested,
                         drain_timeout_secs=config.graceful_shutdown_timeout_secs * _DRAIN_SHARE,
+                        security=security,
                         task_status=task_status,
                     )
 
@@ -168,12 +180,13 @@ def main(config_path: str | None, *, log_level: str = "info", log_format: str = 
     try:
         config = load_config(config_path)
         manager = Manager(config)
+        security = build_security(config, manager.metrics.prometheus)
     except ConfigError as e:
         print(f"tei-manager: {e}", file=sys.stderr)
         return 2
     status = 0
     try:
-        trio.run(serve, manager)
+        trio.run(serve, manager, security)
     except* ConfigError as group:  # found at start-up, e.g. another manager on the state file
         print(f"tei-manager: {_first(group)}", file=sys.stderr)
         status = 2

@@ -34,7 +34,6 @@ import trio
 from tei_manager import __version__
 from tei_manager.config import InstanceConfig, ManagerConfig, validate_instance_config
 from tei_manager.core.instances import (
-    DesiredState,
     InstanceInfo,
     InstanceRecord,
     InstanceStatus,
@@ -297,8 +296,7 @@ class Manager:
     async def restart_instance(self, name: str) -> InstanceInfo:
         """End the process (if any) and start a new one, whatever the status."""
         self._require_supervisor()
-        record = self.instances.get(name)
-        record.desired = DesiredState.RUNNING
+        record = self.instances.request_restart(name)
         self._runners[name].request_restart()
         info = record.info(_utcnow())
         await self._save_state()

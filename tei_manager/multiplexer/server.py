@@ -11,12 +11,14 @@ from typing import Final
 
 import trio
 
+from tei_manager.auth.security import Security, build_security
 from tei_manager.config import ManagerConfig
 from tei_manager.core.instances import InstanceTable
 from tei_manager.core.routing import Router
 from tei_manager.grpc.health import NOT_SERVING, SERVING, HealthServicer
 from tei_manager.grpc.reflection import reflection_servicers
 from tei_manager.grpc.server import GrpcServer
+from tei_manager.multiplexer.auth import grpc_authorizer
 from tei_manager.multiplexer.metrics import MultiplexerMetrics
 from tei_manager.multiplexer.pool import ConnectionPool
 from tei_manager.multiplexer.service import Multiplexer
@@ -33,12 +35,23 @@ class MultiplexerServer:
     """The multiplexer service with its connection pool, health and reflection."""
 
     def __init__(
-        self, config: ManagerConfig, instances: InstanceTable, metrics: MultiplexerMetrics
+        self,
+        config: ManagerConfig,
+        instances: InstanceTable,
+        metrics: MultiplexerMetrics,
+        security: Security | None = None,
     ) -> None:
+        if security is None:  # counters on no registry: serve() passes the shared one
+            security = build_security(config, None)
         max_message_bytes = config.grpc_max_message_size_mb * _MIB
-        self.router = Router(instances)
+        self.router = Router(instances, clock=trio.current_time)
+        # A connection that fails makes the router pass its replica over at once.
         self.pool = ConnectionPool(
-            INSTANCE_HOST, instances.find, max_message_bytes=max_message_bytes
+            INSTANCE_HOST,
+            instances.find,
+            max_message_bytes=max_message_bytes,
+            on_lost=self.router.suspect,
+            on_connected=self.router.cleared,
         )
         self.service = Multiplexer(
             self.router,
@@ -55,6 +68,8 @@ class MultiplexerServer:
             port=config.grpc_port,
             max_message_bytes=max_message_bytes,
             max_concurrent_streams=config.grpc_max_parallel_streams,
+            ssl_context=security.tls.grpc_context if security.tls is not None else None,
+            authorize=grpc_authorizer(security),
         )
 
     async def run(
@@ -70,7 +85,12 @@ class MultiplexerServer:
             async with trio.open_nursery() as serving:
                 port: int = await serving.start(self.server.run)
                 self.health.set_all(SERVING)
-                log.info("gRPC multiplexer listening on %s port %d", self.server.host, port)
+                log.info(
+                    "gRPC multiplexer listening on %s port %d%s",
+                    self.server.host,
+                    port,
+                    " (TLS)" if self.server.ssl_context is not None else "",
+                )
                 task_status.started(port)
                 if shutdown is not None:
                     await shutdown.wait()
@@ -86,10 +106,11 @@ async def serve_multiplexer(
     *,
     shutdown: trio.Event | None = None,
     drain_timeout_secs: float = 0.0,
+    security: Security | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the multiplexer on ``config.grpc_port``; hands back the bound port."""
-    server = MultiplexerServer(config, instances, metrics)
+    server = MultiplexerServer(config, instances, metrics, security)
     await server.run(
         shutdown=shutdown, drain_timeout_secs=drain_timeout_secs, task_status=task_status
     )
