@@ -148,6 +148,7 @@ class FakeManager:
                 "failed": stats.failed,
                 "stopped": stats.stopped,
             },
+            "state": {"status": "ok", "moved_aside_to": None, "error": None},
         }
 
     def set_status(self, name: str, status: InstanceStatus) -> None:

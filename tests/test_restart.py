@@ -54,7 +54,7 @@ def test_the_first_crash_after_a_run_restarts_at_once() -> None:
     tracker.on_running(0)
     first = tracker.on_exit(5, desired=RUN)
     assert first == RestartDecision(
-        action=RestartAction.RESTART, delay_secs=0, reason="restarting at once", recent_restarts=1
+        action=RestartAction.RESTART, delay_secs=0, reason="restarting at once"
     )
     delays = []
     now, decision = 5.0, first
@@ -106,7 +106,6 @@ def test_crash_loop_gives_up() -> None:
     assert decision == RestartDecision(
         action=RestartAction.GIVE_UP,
         reason="crash loop: 5 restarts within 300 s (crash_loop_restarts = 5)",
-        recent_restarts=5,
     )
 
 

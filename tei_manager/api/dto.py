@@ -18,6 +18,7 @@ from tei_manager.core.logslice import LogSlice
 from tei_manager.errors import ErrorBody
 from tei_manager.hub.paths import REVISION_SCHEMA
 from tei_manager.hub.state import ModelInfo
+from tei_manager.manager.state import StateFileReport
 
 __all__ = [
     "AddModelRequest",
@@ -29,6 +30,7 @@ __all__ = [
     "LogSlice",
     "ModelInfo",
     "ProbeStatus",
+    "StateFileReport",
     "StorageHealth",
     "StorageStatus",
 ]
@@ -72,6 +74,8 @@ class HealthResponse(msgspec.Struct, frozen=True, kw_only=True):
     version: str
     uptime_secs: int
     instances: InstanceCounts
+    # The state file as start-up found it: moved aside (and why) if it was unusable.
+    state: StateFileReport
     storage: StorageHealth
 
 

@@ -76,8 +76,6 @@ class RestartDecision(msgspec.Struct, frozen=True, kw_only=True):
     action: RestartAction
     delay_secs: float = 0.0
     reason: str = ""
-    # Restarts within the crash-loop window, this one included (RESTART, GIVE_UP).
-    recent_restarts: int = 0
 
 
 class HealthVerdict(enum.StrEnum):
@@ -130,7 +128,6 @@ class RestartTracker:
                 action=RestartAction.GIVE_UP,
                 reason=f"crash loop: {len(self._restart_times)} restarts within "
                 f"{p.crash_loop_window_secs:g} s (crash_loop_restarts = {p.crash_loop_restarts})",
-                recent_restarts=len(self._restart_times),
             )
         if running_since is not None and not self._restart_times:
             # It had been serving and has not been restarted within the window: a
@@ -146,9 +143,7 @@ class RestartTracker:
             reason = f"crash loop: restart {n} within {p.crash_loop_window_secs:g} s"
         else:
             reason = "restarting at once"
-        return RestartDecision(
-            action=RestartAction.RESTART, delay_secs=delay, reason=reason, recent_restarts=n
-        )
+        return RestartDecision(action=RestartAction.RESTART, delay_secs=delay, reason=reason)
 
     def on_health_check(self, ok: bool) -> HealthVerdict:
         """Count one health check of a running instance."""
