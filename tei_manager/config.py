@@ -15,7 +15,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Mapping
-from typing import Any, Final, Literal
+from typing import Annotated, Any, Final, Literal
 
 import msgspec
 
@@ -39,6 +39,10 @@ from tei_manager.grpc.limits import DEFAULT_LIMITS, Limits, validate_limits
 
 __all__ = [
     "ENV_OVERRIDES",
+    "HUB_ID_SCHEMA",
+    "MAX_COUNT",
+    "MODEL_ID_SCHEMA",
+    "NAME_SCHEMA",
     "POOLING_MODES",
     "ConfigError",
     "GrpcConfig",
@@ -62,6 +66,45 @@ Pooling = Literal["cls", "mean", "splade", "last-token"]
 POOLING_MODES: Final[tuple[str, ...]] = ("cls", "mean", "splade", "last-token")
 
 
+# --- the rules, as the OpenAPI document states them -------------------------------
+# JSON Schema for what the validators below enforce. msgspec puts ``extra_json_schema``
+# into the schema and never enforces it, so decoding stays lenient and the validators
+# keep their error codes (INVALID_NAME, ...); tests/test_api_schema.py checks that the
+# server and these agree. ECMA-262 patterns: "$" is the end of the text.
+
+# Counts and GPU ids are at most this: every consumer (TEI, CUDA) reads them as int32.
+MAX_COUNT: Final = 2**31 - 1
+_HF_PART: Final = r"[A-Za-z0-9_](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9_])?"
+_HUB_ID: Final = rf"(?!.*(?:--|\.\.)){_HF_PART}(?:/{_HF_PART})?"
+NAME_SCHEMA: Final = {"minLength": 1, "maxLength": 63, "pattern": r"^[A-Za-z0-9][A-Za-z0-9._-]*$"}
+# A Hub id ("org/name" or "name", no "--" or ".." anywhere), as the model registry takes it.
+HUB_ID_SCHEMA: Final = {"minLength": 1, "maxLength": 193, "pattern": rf"^{_HUB_ID}$"}
+# A Hub id, or an absolute path: not only slashes, no ".." component, no control
+# character or backslash.
+MODEL_ID_SCHEMA: Final = {
+    "minLength": 1,
+    "maxLength": 4096,
+    "pattern": rf"^(?:{_HUB_ID}|/(?!/*$)(?!(?:.*/)?\.\.(?:/|$))[^\x00-\x1f\x7f\\]*)$",
+}
+TEXT_SCHEMA: Final = {"minLength": 1, "maxLength": 255, "pattern": r"^[^\x00-\x1f\x7f]*$"}
+_PORT_SCHEMA: Final = {
+    "anyOf": [
+        {"type": "integer", "const": 0},
+        {"type": "integer", "minimum": 1024, "maximum": 65535},
+    ]
+}
+_COUNT_SCHEMA: Final = {"minimum": 1, "maximum": MAX_COUNT}
+_EXTRA_ARG_SCHEMA: Final = {
+    "pattern": r"^(?!(?:--model-id|--revision|--port|-p|--prometheus-port|--pooling"
+    r"|--max-batch-tokens|--max-concurrent-requests|--json-output|--uds-path)(?:=|$))"
+    r"[^\x00]*$"
+}
+
+
+def _documented(description: str | None = None, **schema: object) -> msgspec.Meta:
+    return msgspec.Meta(description=description, extra_json_schema=schema)
+
+
 class InstanceConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """What one instance runs: the body of ``POST /instances`` and a state file entry.
 
@@ -70,17 +113,31 @@ class InstanceConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     ``prometheus_port`` means the instance exposes no metrics port.
     """
 
-    name: str
-    model_id: str
-    port: int | None = None
-    gpu_id: int | None = None
-    max_batch_tokens: int = 16384
-    max_concurrent_requests: int = 512
+    name: Annotated[str, _documented(**NAME_SCHEMA)]
+    model_id: Annotated[str, _documented(**MODEL_ID_SCHEMA)]
+    port: Annotated[int, _documented(**_PORT_SCHEMA)] | None = None
+    gpu_id: (
+        Annotated[
+            int,
+            _documented(
+                "also below this host's GPU count (else INVALID_GPU_ID)",
+                minimum=0,
+                maximum=MAX_COUNT,
+            ),
+        ]
+        | None
+    ) = None
+    max_batch_tokens: Annotated[int, _documented(**_COUNT_SCHEMA)] = 16384
+    max_concurrent_requests: Annotated[int, _documented(**_COUNT_SCHEMA)] = 512
     pooling: Pooling | None = None
-    prometheus_port: int | None = None
-    startup_timeout_secs: float | None = None  # None: the manager's startup_timeout_secs
-    extra_args: tuple[str, ...] = ()
-    revision: str | None = None
+    prometheus_port: (
+        Annotated[int, _documented("never the instance's port (else INVALID_PORT)", **_PORT_SCHEMA)]
+        | None
+    ) = None
+    # None: the manager's startup_timeout_secs
+    startup_timeout_secs: Annotated[float, _documented(exclusiveMinimum=0)] | None = None
+    extra_args: tuple[Annotated[str, _documented(**_EXTRA_ARG_SCHEMA)], ...] = ()
+    revision: Annotated[str, _documented(**TEXT_SCHEMA)] | None = None
 
 
 class SeedInstance(InstanceConfig, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -153,6 +210,8 @@ class ManagerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
 
     api_host: str = "0.0.0.0"
     api_port: int = 9000  # 0: the OS picks (tests)
+    # An idle keep-alive connection to the REST port is closed after this (Hypercorn's default).
+    api_keep_alive_timeout_secs: float = 5.0
     grpc_port: int = 9001  # 0: the OS picks (tests)
     grpc_enabled: bool = True
     state_file: str = msgspec.field(default_factory=_default_state_file)
@@ -290,6 +349,11 @@ def _at_least(value: float, minimum: float, field: str) -> None:
         raise ValidationError(field, f"{value} is invalid: use a number >= {minimum:g}")
 
 
+def _count(value: int, field: str) -> None:
+    if not 1 <= value <= MAX_COUNT:
+        raise ValidationError(field, f"{value} is invalid: use 1-{MAX_COUNT}")
+
+
 def _positive(value: float, field: str) -> None:
     if not math.isfinite(value) or value <= 0:
         raise ValidationError(field, f"{value} is invalid: use a number > 0")
@@ -327,6 +391,10 @@ def validate_instance_config(config: InstanceConfig, *, gpu_count: int | None = 
             raise ValidationError(
                 "gpu_id", f"{config.gpu_id} is negative", code=ErrorCode.INVALID_GPU_ID
             )
+        if config.gpu_id > MAX_COUNT:
+            raise ValidationError(
+                "gpu_id", f"{config.gpu_id} is over {MAX_COUNT}", code=ErrorCode.INVALID_GPU_ID
+            )
         if gpu_count is not None and config.gpu_id >= gpu_count:
             have = f"GPUs 0-{gpu_count - 1}" if gpu_count else "no GPU"
             raise ValidationError(
@@ -334,8 +402,8 @@ def validate_instance_config(config: InstanceConfig, *, gpu_count: int | None = 
                 f"{config.gpu_id} does not exist: this host has {have}",
                 code=ErrorCode.INVALID_GPU_ID,
             )
-    _at_least(config.max_batch_tokens, 1, "max_batch_tokens")
-    _at_least(config.max_concurrent_requests, 1, "max_concurrent_requests")
+    _count(config.max_batch_tokens, "max_batch_tokens")
+    _count(config.max_concurrent_requests, "max_concurrent_requests")
     if config.startup_timeout_secs is not None:
         _positive(config.startup_timeout_secs, "startup_timeout_secs")
     if config.revision is not None:
@@ -354,6 +422,7 @@ def validate_manager_config(config: ManagerConfig) -> None:
     """Check ``config`` as a whole, seeds included; raises :class:`ValidationError`."""
     _text(config.api_host, "api_host")
     validate_port(config.api_port, "api_port", allow_zero=True)
+    _positive(config.api_keep_alive_timeout_secs, "api_keep_alive_timeout_secs")
     validate_port(config.grpc_port, "grpc_port", allow_zero=True)
     if config.grpc_enabled and config.api_port != 0 and config.api_port == config.grpc_port:
         raise ValidationError("grpc_port", f"{config.grpc_port} is also api_port: use another")
@@ -477,10 +546,20 @@ def parse_instance_config(obj: object, *, gpu_count: int | None = None) -> Insta
     return config
 
 
+def _integral_as_int(value: object) -> object:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 def decode_instance_config(body: bytes, *, gpu_count: int | None = None) -> InstanceConfig:
     """Decode a ``POST /instances`` body; bad JSON raises ``MALFORMED_JSON``."""
     try:
-        config = msgspec.json.decode(body, type=InstanceConfig)
+        raw = msgspec.json.decode(body)
+        if isinstance(raw, dict):
+            # JSON (and the OpenAPI schema's "integer") does not tell 512.0 from 512.
+            raw = {k: _integral_as_int(v) for k, v in raw.items()}
+        config = msgspec.convert(raw, InstanceConfig)
     except msgspec.ValidationError as e:
         raise _from_msgspec(e) from None
     except msgspec.DecodeError as e:
@@ -524,6 +603,7 @@ def _env_str(text: str) -> str:
 # it overrides, and how its text becomes the field's type. Env beats file beats default.
 ENV_OVERRIDES: Final[tuple[tuple[str, str, Callable[[str], object]], ...]] = (
     ("TEI_MANAGER_API_PORT", "api_port", _env_int),
+    ("TEI_MANAGER_API_KEEP_ALIVE_TIMEOUT", "api_keep_alive_timeout_secs", _env_float),
     ("TEI_MANAGER_GRPC_PORT", "grpc_port", _env_int),
     ("TEI_MANAGER_GRPC_ENABLED", "grpc_enabled", _env_bool),
     ("TEI_MANAGER_STATE_FILE", "state_file", _env_str),

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import msgspec
@@ -207,6 +208,7 @@ def test_load_config_missing_file(tmp_path: Path) -> None:
         ("TEI_MANAGER_GRPC_ENABLED", "0", "grpc_enabled", False),
         ("TEI_MANAGER_GRPC_ENABLED", "Yes", "grpc_enabled", True),
         ("TEI_MANAGER_LOG_DIR", "/data/logs", "log_dir", "/data/logs"),
+        ("TEI_MANAGER_API_KEEP_ALIVE_TIMEOUT", "2.5", "api_keep_alive_timeout_secs", 2.5),
         ("TEI_MANAGER_RESTART_BACKOFF_INITIAL", "0.5", "restart_backoff_initial_secs", 0.5),
         ("TEI_MANAGER_RESTART_BACKOFF_MAX", "60", "restart_backoff_max_secs", 60.0),
         ("TEI_MANAGER_CRASH_LOOP_RESTARTS", "5", "crash_loop_restarts", 5),
@@ -231,6 +233,7 @@ def test_every_documented_env_var_is_wired() -> None:
         "TEI_BINARY_PATH",
         "TEI_MANAGER_GRPC_ENABLED",
         "TEI_MANAGER_LOG_DIR",
+        "TEI_MANAGER_API_KEEP_ALIVE_TIMEOUT",
         "TEI_MANAGER_RESTART_BACKOFF_INITIAL",
         "TEI_MANAGER_RESTART_BACKOFF_MAX",
         "TEI_MANAGER_CRASH_LOOP_RESTARTS",
@@ -295,6 +298,11 @@ def test_empty_env_var_means_unset() -> None:
             "health_check_interval_secs (from TEI_MANAGER_HEALTH_CHECK_INTERVAL): -1.0 is invalid",
         ),
         (
+            "TEI_MANAGER_API_KEEP_ALIVE_TIMEOUT",
+            "0",
+            "api_keep_alive_timeout_secs (from TEI_MANAGER_API_KEEP_ALIVE_TIMEOUT): 0.0 is invalid",
+        ),
+        (
             "TEI_MANAGER_CRASH_LOOP_RESTARTS",
             "-2",
             "crash_loop_restarts (from TEI_MANAGER_CRASH_LOOP_RESTARTS): -2 is invalid",
@@ -322,6 +330,8 @@ def test_bad_env_values_name_the_variable(var: str, text: str, message: str) -> 
         ('state_file = ""', "state_file: must not be empty"),
         ("health_check_interval_secs = 0", "health_check_interval_secs: 0.0 is invalid: use a"),
         ("health_check_interval_secs = nan", "health_check_interval_secs: nan is invalid"),
+        ("api_keep_alive_timeout_secs = -1", "api_keep_alive_timeout_secs: -1.0 is invalid"),
+        ("api_keep_alive_timeout_secs = inf", "api_keep_alive_timeout_secs: inf is invalid"),
         ("health_check_initial_delay_secs = -1", "health_check_initial_delay_secs: -1.0 is inv"),
         ("startup_timeout_secs = inf", "startup_timeout_secs: inf is invalid"),
         ("max_failures_before_restart = -1", "max_failures_before_restart: -1 is invalid"),
@@ -553,6 +563,31 @@ def test_gpu_id_must_exist_when_gpu_count_is_known() -> None:
 
 
 # --- decoding the REST create request ----------------------------------------
+
+
+def test_integral_numbers_are_integers_as_in_json_schema() -> None:
+    body = b'{"name": "b", "model_id": "m", "max_concurrent_requests": 64.0, "gpu_id": 0.0}'
+    config = decode_instance_config(body, gpu_count=1)
+    assert (config.max_concurrent_requests, config.gpu_id) == (64, 0)
+    assert isinstance(config.max_concurrent_requests, int)
+    with pytest.raises(ValidationError, match="max_concurrent_requests"):
+        decode_instance_config(b'{"name": "b", "model_id": "m", "max_concurrent_requests": 6.5}')
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "code"),
+    [
+        ("max_batch_tokens", 2**31, ErrorCode.VALIDATION_ERROR),
+        ("max_concurrent_requests", 2**63, ErrorCode.VALIDATION_ERROR),
+        ("gpu_id", 2**31, ErrorCode.INVALID_GPU_ID),
+    ],
+)
+def test_counts_are_bounded_as_documented(field: str, value: int, code: ErrorCode) -> None:
+    body = json.dumps({"name": "b", "model_id": "m", field: value}).encode()
+    with pytest.raises(ValidationError) as info:
+        decode_instance_config(body)
+    assert info.value.code is code
+    assert field in str(info.value)
 
 
 def test_decode_instance_config() -> None:

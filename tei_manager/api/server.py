@@ -6,9 +6,12 @@ before anything else starts, and the socket options are ours (SO_REUSEADDR so a
 restart need not wait out TIME_WAIT; never SO_REUSEPORT, so a second manager
 cannot silently share the port).
 
-Shutdown is Hypercorn's: once ``shutdown`` is set the listener closes (new
-connections are refused), idle keep-alive connections close, and requests in
-flight get ``drain_timeout_secs`` to finish before they are cancelled.
+Connections are Hypercorn's: ``Connection: close`` and HTTP/1.0 are honoured, and
+an idle keep-alive connection closes after ``api_keep_alive_timeout_secs``
+(:mod:`tei_manager.api.exchange` keeps Quart-Trio from cutting either short).
+Shutdown is Hypercorn's too: once ``shutdown`` is set the listener closes (new
+connections are refused), idle keep-alive connections close at once, and requests
+in flight get ``drain_timeout_secs`` to finish before they are cancelled.
 """
 
 from __future__ import annotations
@@ -112,6 +115,8 @@ async def serve_api(
             else drain_timeout_secs
         )
         # Through our logging setup (text or JSON lines), not Hypercorn's own stderr handler.
+        # Idle keep-alive connections close after this, and at once on shutdown.
+        config.keep_alive_timeout = manager.config.api_keep_alive_timeout_secs
         config.errorlog = logging.getLogger("hypercorn.error")
         config.accesslog = None
         config.include_server_header = False

@@ -22,9 +22,9 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable
 
-import hpack  # type: ignore[import-untyped]
-from hpack.huffman_table import decode_huffman  # type: ignore[import-untyped]
-from hpack.table import HeaderTable  # type: ignore[import-untyped]
+import hpack
+from hpack.huffman_table import decode_huffman
+from hpack.table import HeaderTable
 
 Header = tuple[str, str]
 
