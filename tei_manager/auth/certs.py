@@ -167,11 +167,17 @@ class CertificateVerifier:
     ) -> Identity | Refusal:
         """The identity ``cert`` proves, or why it proves none."""
         moment = datetime.datetime.fromtimestamp(time.time() if now is None else now, datetime.UTC)
-        problem = self._problem(cert, moment, intermediates)
+        # cryptography parses names and extensions when they are first read; a
+        # certificate a proxy forwarded unverified may hold ones that do not parse.
+        try:
+            problem = self._problem(cert, moment, intermediates)
+            if problem is None:
+                name = _identity_name(cert)
+                not_allowed = self._policy.allows(cert)
+        except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType):
+            problem = "its names or extensions cannot be parsed"
         if problem is not None:
             return Refusal(ErrorCode.UNAUTHENTICATED, f"client certificate refused: {problem}")
-        name = _identity_name(cert)
-        not_allowed = self._policy.allows(cert)
         if not_allowed is not None:
             return Refusal(
                 ErrorCode.FORBIDDEN, f"client certificate {name} refused: {not_allowed}", name
