@@ -474,7 +474,15 @@ class GrpcServer:
         entry = self._methods.get(request.path)
         if entry is None:  # answered UNIMPLEMENTED as usual
             return False
-        refusal = self.authorize(_context(entry[0], request, peer, certificate))
+        try:
+            refusal = self.authorize(_context(entry[0], request, peer, certificate))
+        except Exception:
+            # It runs in the connection's reader (no await, so no Cancelled to
+            # swallow): a bug there must fail this call, not the whole server.
+            log.exception("authorizing %s from %s failed", request.path, peer)
+            refusal = CallRefusal(
+                StatusCode.INTERNAL, f"internal error while authorizing {request.path}"
+            )
         if refusal is None:
             return False
         stream.send_status(
