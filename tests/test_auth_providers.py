@@ -370,6 +370,23 @@ def test_admin_cidrs(pki: Pki) -> None:
     assert isinstance(auth.check(inside, Scope.ADMIN, now), Identity)
 
 
+def test_ipv4_mapped_peers_match_ipv4_networks(pki: Pki) -> None:
+    # A dual-stack listener reports IPv4 clients as ::ffff:a.b.c.d.
+    auth = authenticator(pki)
+    now = time.time()
+    mapped = parse_peer(("::ffff:127.0.0.1", 5))
+    assert mapped == LOCAL
+    header = pki["allowed"].header
+    raw = ipaddress.ip_address("::ffff:127.0.0.1")
+    assert isinstance(auth.check(AuthRequest(peer=raw, cert_header=header), Scope.ADMIN, now),
+                      Identity)  # fmt: skip
+    inside = AuthRequest(peer=LOCAL, cert_header=header, forwarded_for="::ffff:10.1.1.1")
+    assert isinstance(auth.check(inside, Scope.ADMIN, now), Identity)
+    outside = AuthRequest(peer=LOCAL, cert_header=header, forwarded_for="::ffff:192.0.2.7")
+    refused = auth.check(outside, Scope.ADMIN, now)
+    assert refused.code is ErrorCode.FORBIDDEN and "from 192.0.2.7" in refused.message
+
+
 def test_rate_limit_per_identity_and_address(pki: Pki) -> None:
     auth = authenticator(
         pki, "[rate_limit]\nenabled = true\ninference = { requests_per_sec = 1.0, burst = 2 }"

@@ -24,6 +24,7 @@ __all__ = [
     "Refusal",
     "Scope",
     "parse_peer",
+    "unmapped",
 ]
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -77,6 +78,14 @@ class Refusal(msgspec.Struct, frozen=True):
     bearer_error: str | None = None  # RFC 6750 error for WWW-Authenticate ("invalid_token")
 
 
+def unmapped(address: Address) -> Address:
+    """An IPv4-mapped IPv6 address (``::ffff:10.0.0.1``, what a dual-stack socket
+    reports for an IPv4 client) as the IPv4 address it is; others unchanged."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
 def parse_peer(peer: object) -> Address | None:
     """The address of an ASGI ``client`` tuple ``(host, port)``, or of a ``host:port``
     string (``[v6]:port`` or the bare ``v6:port`` a plain join makes)."""
@@ -103,6 +112,6 @@ def _parse_peer(peer: object) -> Address | None:
     if not isinstance(host, str):
         return None
     try:
-        return ipaddress.ip_address(host.split("%", 1)[0])
+        return unmapped(ipaddress.ip_address(host.split("%", 1)[0]))
     except ValueError:
         return None
