@@ -290,6 +290,10 @@ async def test_proxy_mode_from_the_trusted_proxy(nursery: trio.Nursery, pki: Pki
     assert (await mux.embed(metadata=header("other_cn"))).code == grpc.StatusCode.PERMISSION_DENIED
     # No header: what a client bypassing the proxy sends.
     assert (await mux.embed()).code == grpc.StatusCode.UNAUTHENTICATED
+    # A forged header first and the proxy's own after it: never the first alone.
+    twice = await mux.embed(metadata=header("allowed") + header("other_cn"))
+    assert twice.code == grpc.StatusCode.UNAUTHENTICATED
+    assert "more than one certificate header" in twice.details
 
 
 async def test_proxy_mode_from_an_untrusted_peer(nursery: trio.Nursery, pki: Pki) -> None:

@@ -281,6 +281,33 @@ async def test_proxy_mode(nursery: trio.Nursery, tmp_path: Path, pki: Pki) -> No
     assert (await client("GET", "/health/live", source="127.0.0.2")).status_code == 200
 
 
+async def test_repeated_proxy_headers_are_read_whole(
+    nursery: trio.Nursery, tmp_path: Path, pki: Pki
+) -> None:
+    # A proxy that appends its own header line (HAProxy's add-header, say) leaves
+    # the client's forged one first: reading only the first would believe it.
+    toml = proxy_toml(pki).replace(
+        'trusted_proxies = ["127.0.0.1"]',
+        'trusted_proxies = ["127.0.0.1"]\nadmin_allowed_cidrs = ["10.0.0.0/8"]',
+    )
+    manager, security = manager_for(tmp_path, toml)
+    port = await serve(nursery, manager, security)
+    allowed = ("X-SSL-Client-Cert", pki["allowed"].header)
+
+    async def get(method: str, headers: list[tuple[str, str]]) -> httpx2.Response:
+        async with httpx2.AsyncClient() as client:
+            return await client.request(
+                method, f"http://127.0.0.1:{port}/instances", headers=headers, json={}
+            )
+
+    forwarded = [allowed, ("X-Forwarded-For", "10.9.9.9"), ("X-Forwarded-For", "192.0.2.7")]
+    body = assert_error(await get("POST", forwarded), 403, "FORBIDDEN")
+    assert "192.0.2.7" in body["error"]
+    two_certs = [allowed, ("X-SSL-Client-Cert", pki["other_cn"].header)]
+    body = assert_error(await get("GET", two_certs), 401, "UNAUTHENTICATED")
+    assert "more than one certificate header" in body["error"]
+
+
 async def test_cors(nursery: trio.Nursery, tmp_path: Path, pki: Pki) -> None:
     extra = '[cors]\nallowed_origins = ["https://ui.example.com"]\n'
     manager, security = manager_for(tmp_path, native_toml(pki, extra))

@@ -33,7 +33,14 @@ from typing import Any, Final, cast
 from quart import Quart, Response, request
 
 from tei_manager.api.responses import error_response
-from tei_manager.auth.identity import AuthRequest, Identity, Refusal, Scope, parse_peer
+from tei_manager.auth.identity import (
+    AuthRequest,
+    Identity,
+    Refusal,
+    Scope,
+    field_value,
+    parse_peer,
+)
 from tei_manager.auth.security import Security
 from tei_manager.errors import ErrorCode, TeiError
 
@@ -110,8 +117,8 @@ class _RestAuth:
                 peer=parse_peer(request.scope.get("client")),
                 authorization=headers.get("Authorization"),
                 peer_certificate=_peer_certificate.get(),
-                cert_header=headers.get("X-SSL-Client-Cert"),
-                forwarded_for=headers.get("X-Forwarded-For"),
+                cert_header=field_value(headers.getlist("X-SSL-Client-Cert")),
+                forwarded_for=field_value(headers.getlist("X-Forwarded-For")),
             ),
             scope_for(request.method, path),
             time.time(),

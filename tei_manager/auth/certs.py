@@ -57,6 +57,8 @@ def parse_cert_header(value: str) -> x509.Certificate:
     (``$ssl_client_escaped_cert``), or PEM whose lines were folded with tabs."""
     if len(value) > MAX_CERT_HEADER_BYTES:
         raise ValueError(f"the certificate header is over {MAX_CERT_HEADER_BYTES} bytes")
+    if "," in value:  # never in PEM, escaped or not: the header came more than once
+        raise ValueError("more than one certificate header was sent")
     text = unquote(value) if "%" in value else value
     lines = [line.strip() for line in text.replace("\t", "\n").splitlines()]
     pem = "\n".join(line for line in lines if line).encode("ascii", "replace")

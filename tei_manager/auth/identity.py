@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import functools
 import ipaddress
+from collections.abc import Iterable
 from typing import Final
 
 import msgspec
@@ -23,6 +24,7 @@ __all__ = [
     "Identity",
     "Refusal",
     "Scope",
+    "field_value",
     "parse_peer",
     "unmapped",
 ]
@@ -76,6 +78,17 @@ class Refusal(msgspec.Struct, frozen=True):
     identity: str = ""  # who was refused, when known; "" for no or bad credentials
     retry_after_secs: float = 0.0
     bearer_error: str | None = None  # RFC 6750 error for WWW-Authenticate ("invalid_token")
+
+
+def field_value(values: Iterable[str]) -> str | None:
+    """One header (or metadata key) sent several times, as the single comma-separated
+    value it stands for (RFC 9110 5.3); None when it was not sent.
+
+    Never just the first: a proxy that appends its own ``X-Forwarded-For`` or
+    certificate header line leaves the client's forged one first.
+    """
+    joined = ",".join(values)
+    return joined if joined else None
 
 
 def unmapped(address: Address) -> Address:

@@ -91,6 +91,10 @@ class CallContext:
                 return value
         return None
 
+    def metadata_values(self, key: str) -> list[str]:
+        """Every value sent for ``key``, in order."""
+        return [value for name, value in self.metadata if name == key]
+
 
 def server_ssl_context(
     certfile: str, keyfile: str, *, client_ca: str | None = None
