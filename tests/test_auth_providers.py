@@ -6,6 +6,7 @@ import datetime
 import hashlib
 import ipaddress
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -217,6 +218,10 @@ def test_jwt_accepted(keys: dict[str, Any], key: str, kid: str | None) -> None:
         ({"iss": "https://evil"}, "another issuer"),
         ({"aud": ["other"]}, "another audience"),
         ({"exp": None}, "no expiry"),
+        ({"exp": math.inf}, "no expiry"),
+        ({"exp": math.nan}, "no expiry"),
+        ({"exp": 10**400}, "no expiry"),
+        ({"nbf": math.nan}, "nbf is not a number"),
         ({"sub": None}, "no 'sub' claim"),
     ],
 )
