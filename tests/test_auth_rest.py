@@ -171,6 +171,11 @@ async def test_native_certificate_accepted(
     )
     assert created.status_code == 201
     assert any("identity=CN=client1" in r.getMessage() for r in caplog.records)
+    # The path arrives percent-decoded: a newline in it must not forge a log line.
+    caplog.clear()
+    await client("GET", "/x%0A127.0.0.9%20GET%20/instances%20200", cert="allowed")
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "tei_manager.access"]
+    assert "\n" not in line and "/x\\x0a127.0.0.9" in line
 
 
 async def test_native_rejections(native: tuple[Client, FakeManager]) -> None:
