@@ -36,7 +36,7 @@ from tei_manager.core.ports import PortAllocator
 from tei_manager.grpc.server import CallContext, GrpcServer
 from tei_manager.multiplexer.metrics import MultiplexerMetrics
 from tei_manager.multiplexer.server import MultiplexerServer
-from tests.auth_pki import Pki, make_pki, pem
+from tests.auth_pki import Pki, make_pki, pem, proxy_toml
 from tests.grpcio_client import stub
 from tests.jwt_tokens import jwk, sign
 
@@ -263,19 +263,6 @@ jwks_file = "{tmp_path / "jwks.json"}"
         assert words in answer.details
     no_scope = await mux.embed(token=sign(key, {**good, "scope": "read"}, kid="k1"))
     assert no_scope.code == grpc.StatusCode.PERMISSION_DENIED
-
-
-def proxy_toml(pki: Pki, trusted: str) -> str:
-    return f"""
-[auth]
-enabled = true
-providers = ["mtls"]
-require_cert_headers = true
-trusted_proxies = ["{trusted}"]
-[auth.mtls]
-ca_cert = "{pki.ca_path}"
-allowed_subjects = ["CN=client1"]
-"""
 
 
 async def test_proxy_mode_from_the_trusted_proxy(nursery: trio.Nursery, pki: Pki) -> None:

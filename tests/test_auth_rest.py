@@ -27,12 +27,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from tei_manager.api import serve_api
 from tei_manager.auth.security import Security, build_security
 from tei_manager.config import parse_config
-from tests.auth_pki import Pki, make_pki
+from tests.auth_pki import Pki, make_pki, proxy_toml
 from tests.fake_manager import FakeManager
 from tests.jwt_tokens import public_pem, sign
 
 KEYS = {"ci": "ci-secret", "ops": "ops-secret", "reader": "reader-secret"}
 SCOPES = {"ci": ["inference"], "ops": ["admin", "read"], "reader": ["read"]}
+
+PORTS = "api_port = 0\ngrpc_port = 0\n"
 
 
 def keys_toml() -> str:
@@ -59,21 +61,6 @@ server_key = "{pki.server_key}"
 allowed_subjects = ["CN=client1"]
 {keys_toml()}
 {extra}
-"""
-
-
-def proxy_toml(pki: Pki) -> str:
-    return f"""
-api_port = 0
-grpc_port = 0
-[auth]
-enabled = true
-providers = ["mtls"]
-require_cert_headers = true
-trusted_proxies = ["127.0.0.1"]
-[auth.mtls]
-ca_cert = "{pki.ca_path}"
-allowed_subjects = ["CN=client1"]
 """
 
 
@@ -258,7 +245,7 @@ async def test_metrics_made_public(nursery: trio.Nursery, tmp_path: Path, pki: P
 
 
 async def test_proxy_mode(nursery: trio.Nursery, tmp_path: Path, pki: Pki) -> None:
-    manager, security = manager_for(tmp_path, proxy_toml(pki))
+    manager, security = manager_for(tmp_path, PORTS + proxy_toml(pki))
     client = Client(await serve(nursery, manager, security), pki, tls=False)
 
     def header(kind: str) -> dict[str, str]:
@@ -291,7 +278,7 @@ async def test_repeated_proxy_headers_are_read_whole(
 ) -> None:
     # A proxy that appends its own header line (HAProxy's add-header, say) leaves
     # the client's forged one first: reading only the first would believe it.
-    toml = proxy_toml(pki).replace(
+    toml = (PORTS + proxy_toml(pki)).replace(
         'trusted_proxies = ["127.0.0.1"]',
         'trusted_proxies = ["127.0.0.1"]\nadmin_allowed_cidrs = ["10.0.0.0/8"]',
     )
