@@ -338,3 +338,26 @@ async def test_a_call_is_counted_before_its_client_sees_the_answer(
         return observed.is_set()
 
     assert await _grpcio(server.port, call)
+
+
+async def test_an_authorizer_that_raises_fails_only_that_call(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    def authorize(context: CallContext) -> None:
+        if context.metadata_value("x-crash") is not None:
+            raise ValueError("secret detail")
+
+    server, _ = await _serve(nursery, authorize=authorize)
+    async with open_channel("127.0.0.1", server.port) as channel:
+        with pytest.raises(GrpcError) as info:
+            await channel.unary_unary(
+                tei_grpc.Tokenize.Decode,
+                tei_pb2.DecodeRequest(ids=[1]),
+                metadata=[("x-crash", "1")],
+            )
+        assert info.value.code == StatusCode.INTERNAL
+        assert "secret" not in info.value.message
+        # The connection and the server live on.
+        reply = await channel.unary_unary(tei_grpc.Tokenize.Decode, tei_pb2.DecodeRequest(ids=[2]))
+    assert reply.text == "2"
+    assert "secret detail" in caplog.text

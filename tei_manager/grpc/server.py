@@ -99,6 +99,10 @@ class CallContext:
                 return value
         return None
 
+    def metadata_values(self, key: str) -> list[str]:
+        """Every value sent for ``key``, in order."""
+        return [value for name, value in self.metadata if name == key]
+
 
 def server_ssl_context(
     certfile: str, keyfile: str, *, client_ca: str | None = None
@@ -523,7 +527,15 @@ class GrpcServer:
         entry = self._methods.get(request.path)
         if entry is None:  # answered UNIMPLEMENTED as usual
             return False
-        refusal = self.authorize(_context(entry[0], request, peer, certificate))
+        try:
+            refusal = self.authorize(_context(entry[0], request, peer, certificate))
+        except Exception:
+            # It runs in the connection's reader (no await, so no Cancelled to
+            # swallow): a bug there must fail this call, not the whole server.
+            log.exception("authorizing %s from %s failed", request.path, peer)
+            refusal = CallRefusal(
+                StatusCode.INTERNAL, f"internal error while authorizing {request.path}"
+            )
         if refusal is None:
             return False
         stream.send_status(
