@@ -65,7 +65,18 @@ from tei_manager.multiplexer.metrics import UNROUTED, CallMetrics, MultiplexerMe
 from tei_manager.multiplexer.pool import ConnectionPool, Pacer
 from tei_manager.multiplexer.wire import Target, WireError, parse_target, split_request
 
-__all__ = ["Multiplexer"]
+__all__ = ["Multiplexer", "relayed_metadata"]
+
+#: Client metadata that authenticates the client to us, never passed on to an instance.
+_CREDENTIALS = frozenset({"authorization", "x-ssl-client-cert"})
+
+
+def relayed_metadata(metadata: Metadata) -> Metadata:
+    """``metadata`` without the client's credentials (its API key, JWT or certificate)."""
+    if not any(key in _CREDENTIALS for key, _ in metadata):
+        return metadata
+    return tuple(item for item in metadata if item[0] not in _CREDENTIALS)
+
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +218,7 @@ class Multiplexer(multiplexer_grpc.TeiMultiplexerServicer):
                 inner,
                 deadline=call.deadline,
                 watcher=relay.on_reply,
-                metadata=call.context.metadata,
+                metadata=relayed_metadata(call.context.metadata),
             )
         if stream is not None:
             relay.stream = stream
@@ -247,7 +258,9 @@ class Multiplexer(multiplexer_grpc.TeiMultiplexerServicer):
         with trio.CancelScope(deadline=call.deadline) as scope:
             relay.scope = scope
             while True:
-                outcome = await self._exchange(backend, record, inner, call.context.metadata)
+                outcome = await self._exchange(
+                    backend, record, inner, relayed_metadata(call.context.metadata)
+                )
                 if outcome.retry is not None:
                     moved = self._reroute(relay, backend, outcome.retry)
                     if moved is not None:
@@ -266,7 +279,9 @@ class Multiplexer(multiplexer_grpc.TeiMultiplexerServicer):
             with trio.move_on_after(self._request_timeout) as timer:
                 while True:
                     with self._router.track(record.name):
-                        outcome = await self._exchange(backend, record, inner, context.metadata)
+                        outcome = await self._exchange(
+                            backend, record, inner, relayed_metadata(context.metadata)
+                        )
                     if outcome.retry is not None and model is not None:
                         moved = self._failover.reroute(model, record, backend.name, outcome.retry)
                         model = None  # once only
@@ -345,7 +360,9 @@ class Multiplexer(multiplexer_grpc.TeiMultiplexerServicer):
     ) -> None:
         idle_timeout = self._stream_idle_timeout
         failures: list[GrpcError] = []
-        async with channel.open_call(backend, metadata=context.metadata) as relayed:
+        async with channel.open_call(
+            backend, metadata=relayed_metadata(context.metadata)
+        ) as relayed:
             with trio.CancelScope(deadline=trio.current_time() + idle_timeout) as idle:
 
                 def active() -> None:
@@ -484,7 +501,9 @@ class Multiplexer(multiplexer_grpc.TeiMultiplexerServicer):
         failures: list[GrpcError] = []
         held = 0  # places of the pacer this call holds
         try:
-            async with channel.open_call(backend, metadata=context.metadata) as relayed:
+            async with channel.open_call(
+                backend, metadata=relayed_metadata(context.metadata)
+            ) as relayed:
                 with trio.CancelScope(deadline=trio.current_time() + idle_timeout) as idle:
                     async with trio.open_nursery() as nursery:
 
