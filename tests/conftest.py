@@ -17,6 +17,17 @@ if TYPE_CHECKING:
 # --- worker engine: real models, loaded once per session -------------------------------
 
 
+@pytest.fixture(scope="session", autouse=True)
+def onnx_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Exported ONNX graphs go to a folder of this session (worker processes inherit it)."""
+    from tei_manager.worker.onnx_graph import CACHE_ENV
+
+    folder = tmp_path_factory.mktemp("onnx-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(CACHE_ENV, str(folder))
+        yield folder
+
+
 class TinyModels(NamedTuple):
     """Folders of the tiny random models written by ``tests/models.py``."""
 
@@ -57,6 +68,12 @@ def _load(model_dir: Path, **options: object) -> Model:
 @pytest.fixture(scope="session")
 def minilm_model(minilm_dir: Path) -> Model:
     return _load(minilm_dir)
+
+
+@pytest.fixture(scope="session")
+def minilm_torch_model(minilm_dir: Path) -> Model:
+    """The packaged model on the torch engine, which runs batches packed."""
+    return _load(minilm_dir, engine="torch")
 
 
 @pytest.fixture(scope="session")
