@@ -29,9 +29,11 @@ from tei_manager.errors import (
 )
 
 __all__ = [
+    "ENGINES",
     "ENV_OVERRIDES",
     "POOLING_MODES",
     "ConfigError",
+    "Engine",
     "InstanceConfig",
     "ManagerConfig",
     "Pooling",
@@ -50,6 +52,8 @@ __all__ = [
 
 Pooling = Literal["cls", "mean", "splade", "last-token"]
 POOLING_MODES: Final[tuple[str, ...]] = ("cls", "mean", "splade", "last-token")
+Engine = Literal["auto", "torch", "onnx"]
+ENGINES: Final[tuple[str, ...]] = ("auto", "torch", "onnx")
 
 
 class InstanceConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -57,7 +61,9 @@ class InstanceConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
 
     ``port`` and ``prometheus_port`` of 0 mean "allocate from the range"; the
     registry stores the config with the ports it chose filled in. ``None`` for
-    ``prometheus_port`` means the instance exposes no metrics port.
+    ``prometheus_port`` means the instance exposes no metrics port. ``engine`` is the
+    built-in worker's ``--engine`` (None: its default, ``auto``); TEI has no such flag and
+    is started without it.
     """
 
     name: str
@@ -71,6 +77,7 @@ class InstanceConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     startup_timeout_secs: float | None = None  # None: the manager's startup_timeout_secs
     extra_args: tuple[str, ...] = ()
     revision: str | None = None
+    engine: Engine | None = None
 
 
 class SeedInstance(InstanceConfig, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -388,9 +395,10 @@ def _validate_seeds(config: ManagerConfig) -> None:
 
 def _from_msgspec(error: msgspec.ValidationError) -> ValidationError:
     translated = from_msgspec_error(error)
-    if translated.field.rsplit(".", 1)[-1] == "pooling":
-        # msgspec cannot say which values it would have accepted; we can.
-        rule = f"{translated.rule}: use {'|'.join(POOLING_MODES)}"
+    # msgspec cannot say which values it would have accepted; we can.
+    allowed = {"pooling": POOLING_MODES, "engine": ENGINES}.get(translated.field.rsplit(".", 1)[-1])
+    if allowed is not None:
+        rule = f"{translated.rule}: use {'|'.join(allowed)}"
         return ValidationError(translated.field, rule, code=translated.code)
     return translated
 
