@@ -131,6 +131,7 @@ class Model:
         self._uses_token_types = uses_token_types
         self._packed = packed
         self._onnx = onnx
+        self.graph_path = None if onnx is None else onnx.runner.path  # the ONNX graph run
         if onnx is not None:
             self.engine = "onnx"
             self.dtype = onnx.dtype
