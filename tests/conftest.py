@@ -71,6 +71,17 @@ def minilm_model(minilm_dir: Path) -> Model:
 
 
 @pytest.fixture(scope="session")
+def onnx_graphs(
+    minilm_model: Model, reranker_model: Model, classifier_model: Model, splade_model: Model
+) -> None:
+    """Every test model exported to the session's ONNX cache, one after another.
+
+    Worker processes started after this read their graphs from the cache instead of
+    all exporting at once, which on a small machine can outlast their start-up timeout.
+    """
+
+
+@pytest.fixture(scope="session")
 def minilm_torch_model(minilm_dir: Path) -> Model:
     """The packaged model on the torch engine, which runs batches packed."""
     return _load(minilm_dir, engine="torch")
@@ -129,7 +140,10 @@ class Workers:
 
 @pytest.fixture(scope="session")
 def workers(
-    minilm_dir: Path, tiny_models: TinyModels, tmp_path_factory: pytest.TempPathFactory
+    minilm_dir: Path,
+    tiny_models: TinyModels,
+    tmp_path_factory: pytest.TempPathFactory,
+    onnx_graphs: None,
 ) -> Iterator[Workers]:
     """One real worker process per model kind, shared by every test of the session."""
     logs = tmp_path_factory.mktemp("worker-logs")
