@@ -1,10 +1,10 @@
 """A/B of ONNX Runtime session options for the worker's graph, in one process, alternating.
 
 Each variant changes one option of ``tei_manager.worker.onnx_session.session_options``.
-A round runs every variant once, in a rotating order, on the same work: a batch of 32 mixed-length texts
-split into the worker's length groups plus 8 single texts; the figures are the medians
-over rounds of each variant's wall time and CPU time as a ratio to the chosen options
-(below 1: faster or cheaper than them), and the RSS a session adds when it is created.
+A round runs every variant once, in a rotating order, on the same work: a batch of 32
+mixed-length texts split into the worker's length groups, plus 8 single texts. The
+figures are the medians over rounds of each variant's wall time and CPU time as a ratio
+to the chosen options (below 1: faster or cheaper), and the RSS a new session adds.
 
     python benches/onnx_session_options.py [--rounds 15] [--json F]
 """
