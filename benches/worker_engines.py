@@ -260,11 +260,12 @@ def start_offline(kind: str, texts_file: Path) -> Iterator[tuple[int, Offline]]:
 
 
 @contextlib.contextmanager
-def start_infinity(binary: str, engine: str, log: Path) -> Iterator[tuple[int, HttpClient]]:
+def start_infinity(
+    binary: str, engine: str, model_dir: Path, log: Path
+) -> Iterator[tuple[int, HttpClient]]:
     import urllib.request
 
     port = free_port()
-    model_dir = packaged_model_dir()
     command = [
         binary, "v2", "--model-id", str(model_dir), "--engine", engine, "--device", "cpu",
         "--pooling-method", "mean", "--batch-size", str(BATCH), "--port", str(port),
@@ -296,8 +297,11 @@ def start_infinity(binary: str, engine: str, log: Path) -> Iterator[tuple[int, H
 # --- measuring -----------------------------------------------------------------------------
 
 
-def int8_quality(texts: list[str]) -> dict[str, float]:
-    """Cosine of int8 to float32 pooled embeddings of ``texts`` (the worker's own models)."""
+def int8_quality(texts: list[str]) -> tuple[dict[str, float], Path]:
+    """Cosine of int8 to float32 pooled embeddings of ``texts`` (the worker's own models).
+
+    Also: the worker's float32 graph, which Infinity's ONNX engine is given too.
+    """
     import torch
 
     from tei_manager.worker.model import Row, load_model
@@ -305,12 +309,26 @@ def int8_quality(texts: list[str]) -> dict[str, float]:
 
     model_id = str(packaged_model_dir())
     vectors = []
+    graphs = []
     for dtype in ("float32", "int8"):
         model = load_model(WorkerOptions(model_id=model_id, engine="onnx", dtype=dtype))  # type: ignore[arg-type]
         rows = [Row(model.tokenization.encode(t, truncate=True), "pooled") for t in texts]
         vectors.append(torch.tensor(model.forward(rows)))
+        graphs.append(model.graph_path)
     cosines = torch.nn.functional.cosine_similarity(vectors[0], vectors[1], dim=1)
-    return {"min": round(float(cosines.min()), 5), "mean": round(float(cosines.mean()), 5)}
+    quality = {"min": round(float(cosines.min()), 5), "mean": round(float(cosines.mean()), 5)}
+    assert graphs[0] is not None
+    return quality, graphs[0]
+
+
+def with_graph(model_dir: Path, graph: Path, folder: Path) -> Path:
+    """A copy of ``model_dir`` (files linked) with ``graph`` as its ``onnx/model.onnx``."""
+    folder.mkdir()
+    for item in model_dir.iterdir():
+        (folder / item.name).symlink_to(item)
+    (folder / "onnx").mkdir()
+    (folder / "onnx" / "model.onnx").symlink_to(graph)
+    return folder
 
 
 def measure(
@@ -388,7 +406,7 @@ def main() -> None:
         print(f"infinity: {args.infinity} not found; skipped")
     elif infinity is None:
         print("infinity: not given (--infinity or $INFINITY_EMB); skipped")
-    quality = int8_quality(texts)
+    quality, graph = int8_quality(texts)
     model_dir = packaged_model_dir()
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         texts_file = Path(tmp) / "texts.json"
@@ -408,10 +426,15 @@ def main() -> None:
                 start_offline(kind, texts_file)
             )
         if infinity is not None:
-            for name, engine in (("infinity-torch", "torch"), ("infinity-onnx", "optimum")):
+            # Infinity's ONNX engine wants a graph in the model folder: the worker's own.
+            onnx_dir = with_graph(model_dir, graph, Path(tmp) / "model-with-onnx")
+            for name, engine, folder in (
+                ("infinity-torch", "torch", model_dir),
+                ("infinity-onnx", "optimum", onnx_dir),
+            ):
                 log = Path(tmp) / f"{name}.log"
-                starters[name] = lambda engine=engine, log=log: stack.enter_context(
-                    start_infinity(infinity, engine, log)
+                starters[name] = lambda e=engine, f=folder, log=log: stack.enter_context(
+                    start_infinity(infinity, e, f, log)
                 )
         systems: dict[str, tuple[int, Any]] = {}
         for name, start in starters.items():
