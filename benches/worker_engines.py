@@ -266,14 +266,23 @@ def start_infinity(
     import urllib.request
 
     port = free_port()
+    # Run from inside the model folder: Infinity's ONNX engine (with the optimum it
+    # installs) only finds a local graph by a path relative to the working directory.
     command = [
-        binary, "v2", "--model-id", str(model_dir), "--engine", engine, "--device", "cpu",
+        binary, "v2", "--model-id", ".", "--engine", engine, "--device", "cpu",
         "--pooling-method", "mean", "--batch-size", str(BATCH), "--port", str(port),
         "--no-model-warmup",
     ]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "INFINITY_ANONYMOUS_USAGE_STATS": "0"}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_HUB_CACHE": str(log.parent / "infinity-hub"),  # where it keeps optimised graphs
+        "INFINITY_ANONYMOUS_USAGE_STATS": "0",
+    }
     with log.open("wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+        process = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=model_dir
+        )
     try:
         deadline = time.monotonic() + 300
         while True:
@@ -322,12 +331,11 @@ def int8_quality(texts: list[str]) -> tuple[dict[str, float], Path]:
 
 
 def with_graph(model_dir: Path, graph: Path, folder: Path) -> Path:
-    """A copy of ``model_dir`` (files linked) with ``graph`` as its ``onnx/model.onnx``."""
+    """A copy of ``model_dir`` (files linked) with ``graph`` as its ``model.onnx``."""
     folder.mkdir()
     for item in model_dir.iterdir():
         (folder / item.name).symlink_to(item)
-    (folder / "onnx").mkdir()
-    (folder / "onnx" / "model.onnx").symlink_to(graph)
+    (folder / "model.onnx").symlink_to(graph)
     return folder
 
 
