@@ -24,6 +24,8 @@ sentence-transformers computes them.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import gc
 import importlib.util
 import json
@@ -517,8 +519,19 @@ def load_model(options: WorkerOptions) -> Model:
     on_graph = model.on_onnx(onnx)
     del model
     gc.collect()
+    _return_freed_memory()
     log.info("running the model on ONNX Runtime", extra={"graph": str(onnx.runner.path)})
     return on_graph
+
+
+def _return_freed_memory() -> None:
+    """Hand the heap pages freed by the torch weights (and ORT's load) back to the OS.
+
+    glibc keeps freed memory in the process for reuse; on the packaged model this
+    gives back ~40 MiB of RSS that nothing would reuse.
+    """
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _onnx_blocker(options: WorkerOptions, device: torch.device) -> str | None:
