@@ -408,6 +408,7 @@ def main() -> None:
         return
     if args.quick:
         args.texts, args.rounds, args.latency_calls = 64, 1, 5
+    began = time.monotonic()
     texts = make_texts(args.texts)
     infinity = args.infinity if args.infinity and shutil.which(args.infinity) else None
     if args.infinity and infinity is None:
@@ -469,6 +470,7 @@ def main() -> None:
     )
     for label, ok in checks:
         print(f"{'PASS' if ok else 'MISS'}  {label}")
+    print(f"took {time.monotonic() - began:.0f} s")
     if args.json:
         summary = {
             "bench": "worker_engines",
