@@ -16,22 +16,18 @@ block-diagonal attention mask keeps the rows apart, so every row sees exactly wh
 would see alone. Other models run in length-sorted groups.
 
 On CPU the model runs on ONNX Runtime when it can (``--engine auto``, the default): the
-transformer is an ONNX graph (``onnx_graph.py``), run in length-sorted groups
-(``onnx_session.py``), and the sentence-transformers modules after it (Pooling, Dense,
-LayerNorm) stay torch modules, so pooled outputs are computed exactly as
+transformer is an ONNX graph (``onnx_load.py``, ``onnx_graph.py``), run in length-sorted
+groups (``onnx_session.py``), and the sentence-transformers modules after it (Pooling,
+Dense, LayerNorm) stay torch modules, so pooled outputs are computed exactly as
 sentence-transformers computes them.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import gc
-import importlib.util
 import json
 import logging
 import math
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -40,15 +36,13 @@ import msgspec
 import torch
 
 from tei_manager.worker.errors import ModelLoadError
-from tei_manager.worker.onnx_graph import (
-    OnnxDType,
-    cache_key,
-    cached_graph,
-    export_module,
-    onnx_cache_dir,
-    shipped_graph,
+from tei_manager.worker.onnx_load import (
+    OnnxGraph,
+    load_graph,
+    onnx_blocker,
+    return_freed_memory,
 )
-from tei_manager.worker.onnx_session import GraphError, OnnxRunner
+from tei_manager.worker.onnx_session import GraphError
 from tei_manager.worker.options import WorkerOptions
 from tei_manager.worker.tokenization import Encoding, Tokenization
 
@@ -324,14 +318,6 @@ class Model:
         return _splade_outputs(rows, logits, features["attention_mask"])
 
 
-class OnnxGraph(msgspec.Struct, frozen=True):
-    """A model on ONNX Runtime: the graph's runner, then the torch modules after it."""
-
-    runner: OnnxRunner
-    heads: tuple[torch.nn.Module, ...]
-    dtype: str
-
-
 def _splade_outputs(
     rows: Sequence[Row], logits: torch.Tensor, mask: torch.Tensor
 ) -> list[RowOutput]:
@@ -497,7 +483,7 @@ def load_model(options: WorkerOptions) -> Model:
         device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError as exc:
         raise ModelLoadError(f"--device {options.device!r}: {exc}") from exc
-    blocker = _onnx_blocker(options, device)
+    blocker = onnx_blocker(options, device)
     if options.engine == "onnx" and blocker is not None:
         raise ModelLoadError(f"--engine onnx: {blocker}")
     on_onnx = options.engine != "torch" and blocker is None
@@ -509,7 +495,7 @@ def load_model(options: WorkerOptions) -> Model:
     if not on_onnx:
         return model
     try:
-        onnx = _onnx_graph(model, options, path)
+        onnx = load_graph(model, options, path)
     except (GraphError, ModelLoadError, OSError, RuntimeError, ValueError) as exc:
         if options.engine == "onnx":
             raise ModelLoadError(f"--engine onnx: {exc}") from exc
@@ -519,96 +505,9 @@ def load_model(options: WorkerOptions) -> Model:
     on_graph = model.on_onnx(onnx)
     del model
     gc.collect()
-    _return_freed_memory()
+    return_freed_memory()
     log.info("running the model on ONNX Runtime", extra={"graph": str(onnx.runner.path)})
     return on_graph
-
-
-def _return_freed_memory() -> None:
-    """Hand the heap pages freed by the torch weights (and ORT's load) back to the OS.
-
-    glibc keeps freed memory in the process for reuse; on the packaged model this
-    gives back ~40 MiB of RSS that nothing would reuse.
-    """
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-def _onnx_blocker(options: WorkerOptions, device: torch.device) -> str | None:
-    """Why this model cannot run on ONNX Runtime before even loading it; None if it may."""
-    if options.engine == "torch":
-        return "--engine torch"
-    if device.type != "cpu":
-        return f"the device is {device}; the ONNX engine runs on CPU"
-    if options.dtype in ("float16", "bfloat16"):
-        return f"--dtype {options.dtype}: ONNX Runtime on CPU runs float32 or int8"
-    if importlib.util.find_spec("onnxruntime") is None:
-        return "onnxruntime is not installed"
-    return None
-
-
-def _onnx_graph(model: Model, options: WorkerOptions, path: Path) -> OnnxGraph:
-    """The model's graph (shipped, cached or exported now) and the modules after it."""
-    dtype: OnnxDType = "int8" if options.dtype == "int8" else "float32"
-    part, heads, net = model.onnx_part()
-    outputs: tuple[str, ...]
-    width: int | None
-    if model.is_splade:
-        outputs, rank, width = ("logits",), 3, model.hidden_size
-    elif model.model_type != "embedding":
-        outputs, rank, width = ("logits",), 2, len(model.labels)
-    else:
-        outputs, rank = ("last_hidden_state", "token_embeddings"), 3
-        width = getattr(getattr(net, "config", None), "hidden_size", None)
-    shipped = shipped_graph(path)
-    if shipped is not None and dtype == "float32":
-        try:
-            runner = OnnxRunner(shipped, outputs=outputs, rank=rank, width=width)
-            return OnnxGraph(runner, heads, dtype)
-        except GraphError as exc:
-            log.warning("not using the model's own ONNX graph: %s", exc)
-            shipped = None
-
-    def export(target: Path) -> None:
-        if shipped is not None:
-            shutil.copyfile(shipped, target)
-            return
-        example = model.example_features()
-        names = list(example)
-        export_module(
-            _Traced(net, names),
-            target,
-            input_names=names,
-            output_name=outputs[0],
-            example=example,
-        )
-
-    entry = onnx_cache_dir() / cache_key(path, model.model_sha, part)
-    graph = cached_graph(entry, dtype, export)
-    try:
-        runner = OnnxRunner(graph, outputs=outputs, rank=rank, width=width)
-    except GraphError:
-        # Hashed when written and again when read: a graph that still fails is not ours
-        # to keep. Export it once more; a second failure is the model's.
-        graph.unlink(missing_ok=True)
-        graph = cached_graph(entry, dtype, export)
-        runner = OnnxRunner(graph, outputs=outputs, rank=rank, width=width)
-    return OnnxGraph(runner, heads, dtype)
-
-
-class _Traced(torch.nn.Module):
-    """``net`` as the exporter wants it: positional tensors in, one tensor out."""
-
-    def __init__(self, net: torch.nn.Module, names: Sequence[str]) -> None:
-        super().__init__()
-        self.net = net
-        self.names = tuple(names)
-
-    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
-        output = self.net(**dict(zip(self.names, tensors, strict=True)), return_dict=True)
-        # last_hidden_state for an encoder, logits for a classifier or a masked LM.
-        first: torch.Tensor = output[0]
-        return first
 
 
 def _load_torch(options: WorkerOptions, path: Path, device: torch.device) -> Model:
