@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tei_manager.worker.errors import ModelLoadError
-from tei_manager.worker.model import Model, Row, load_model
+from tei_manager.worker.model import Model, Row, ignored_files, load_model
 from tei_manager.worker.onnx_graph import CACHE_ENV, cache_key, onnx_cache_dir
 from tei_manager.worker.options import WorkerOptions, parse_options
 from tests import models
@@ -163,3 +163,20 @@ def test_engine_flag_and_cache_location(monkeypatch: pytest.MonkeyPatch) -> None
     assert onnx_cache_dir() == Path("/var/cache/x/tei-manager/onnx")
     monkeypatch.setenv(CACHE_ENV, "/srv/graphs")
     assert onnx_cache_dir() == Path("/srv/graphs")
+
+
+def test_downloads_fetch_the_shipped_graph_only_for_the_onnx_engine() -> None:
+    import fnmatch
+
+    def fetched(name: str, *, onnx: bool) -> bool:
+        return not any(fnmatch.fnmatch(name, p) for p in ignored_files(onnx=onnx))
+
+    assert fetched("onnx/model.onnx", onnx=True)
+    assert fetched("onnx/model.onnx_data", onnx=True)  # a big graph's weights
+    assert not fetched("onnx/model_O4.onnx", onnx=True)
+    assert not fetched("onnx/model_qint8_avx512.onnx", onnx=True)
+    assert not fetched("onnx/model.onnx", onnx=False)
+    assert not fetched("model.onnx", onnx=False)
+    for onnx in (True, False):
+        assert fetched("model.safetensors", onnx=onnx)
+        assert not fetched("openvino/openvino_model.bin", onnx=onnx)

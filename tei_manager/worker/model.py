@@ -63,10 +63,8 @@ _MAX_GROUP_ROWS = 64
 # longest row). Longer sequences waste less on their tails but pay attention over the
 # whole sequence; on a 2-core CPU 64 ran MiniLM batches fastest (48..80 within noise).
 PACK_TOKENS = 64
-# Formats this worker never reads; skipping them keeps a download to what torch loads.
+# Formats this worker never reads; skipping them keeps a download to what it loads.
 _IGNORED_FILES = [
-    "*.onnx",
-    "onnx/*",
     "openvino/*",
     "*.h5",
     "*.msgpack",
@@ -77,6 +75,15 @@ _IGNORED_FILES = [
     "rust_model*",
     "coreml/*",
 ]
+# ONNX graphs: torch reads none. The ONNX engine reads onnx/model.onnx (and its
+# external weights), not the optimised and quantised variants Hub repos put beside it.
+_IGNORED_FOR_TORCH = ["*.onnx", "*.onnx_data", "onnx/*"]
+_IGNORED_FOR_ONNX = ["onnx/model_*", "onnx/*quantized*"]
+
+
+def ignored_files(*, onnx: bool) -> list[str]:
+    """The patterns of repo files a download skips, for the ONNX engine or for torch."""
+    return [*_IGNORED_FILES, *(_IGNORED_FOR_ONNX if onnx else _IGNORED_FOR_TORCH)]
 
 
 _FLOAT32 = torch.zeros(())
@@ -447,11 +454,12 @@ def _vector(vector: torch.Tensor, row: Row) -> list[float]:
     return values
 
 
-def resolve_model_dir(options: WorkerOptions) -> Path:
+def resolve_model_dir(options: WorkerOptions, *, onnx: bool = False) -> Path:
     """The local folder of ``options.model_id``: as given, or its snapshot in the HF cache.
 
     Downloads into ``--huggingface-hub-cache`` (or HF_HOME's cache) unless HF_HUB_OFFLINE
-    is set, in which case only an already cached snapshot is accepted.
+    is set, in which case only an already cached snapshot is accepted. ``onnx``: the
+    model will run on ONNX Runtime, so its ``onnx/model.onnx`` is fetched too.
     """
     local = Path(options.model_id).expanduser()
     if local.is_dir():
@@ -464,7 +472,7 @@ def resolve_model_dir(options: WorkerOptions) -> Path:
             repo_id=options.model_id,
             revision=options.revision,
             cache_dir=options.huggingface_hub_cache,
-            ignore_patterns=_IGNORED_FILES,
+            ignore_patterns=ignored_files(onnx=onnx),
         )
     except LocalEntryNotFoundError as exc:
         raise ModelLoadError(
@@ -478,7 +486,6 @@ def resolve_model_dir(options: WorkerOptions) -> Path:
 
 def load_model(options: WorkerOptions) -> Model:
     """Resolve and load the model ``options`` name, on its engine, device and dtype."""
-    path = resolve_model_dir(options)
     try:
         device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError as exc:
@@ -491,6 +498,7 @@ def load_model(options: WorkerOptions) -> Model:
         raise ModelLoadError("--dtype int8 needs ONNX Runtime (--engine onnx, or auto on CPU)")
     if options.engine == "auto" and blocker is not None:
         log.info("running the model on torch: %s", blocker)
+    path = resolve_model_dir(options, onnx=on_onnx)
     model = _load_torch(options, path, device)
     if not on_onnx:
         return model
