@@ -19,7 +19,7 @@ Per system: texts/s for both workloads, the server's CPU-seconds per 1000 texts 
 Also: the cosine of ``--dtype int8`` embeddings to float32 ones on the bench's texts.
 Targets (issue 19) are printed as PASS/MISS.
 
-    python benches/worker_engines.py [--quick] [--rounds 5] [--texts 512] [--json F]
+    python benches/worker_engines.py [--quick] [--rounds 4] [--texts 512] [--json F]
         [--infinity /path/to/infinity_emb]
 """
 
@@ -395,7 +395,7 @@ def targets(results: dict[str, dict[str, Any]]) -> list[tuple[str, bool]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--texts", type=int, default=512)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--latency-calls", type=int, default=40)
     parser.add_argument("--quick", action="store_true", help="a smoke run: 64 texts, 1 round")
     parser.add_argument("--infinity", default=os.environ.get("INFINITY_EMB"))
