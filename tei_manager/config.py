@@ -38,6 +38,7 @@ from tei_manager.errors import (
 from tei_manager.grpc.limits import DEFAULT_LIMITS, Limits, validate_limits
 
 __all__ = [
+    "ENGINES",
     "ENV_OVERRIDES",
     "HUB_ID_SCHEMA",
     "MAX_COUNT",
@@ -45,6 +46,7 @@ __all__ = [
     "NAME_SCHEMA",
     "POOLING_MODES",
     "ConfigError",
+    "Engine",
     "GrpcConfig",
     "InstanceConfig",
     "ManagerConfig",
@@ -64,6 +66,8 @@ __all__ = [
 
 Pooling = Literal["cls", "mean", "splade", "last-token"]
 POOLING_MODES: Final[tuple[str, ...]] = ("cls", "mean", "splade", "last-token")
+Engine = Literal["auto", "torch", "onnx"]
+ENGINES: Final[tuple[str, ...]] = ("auto", "torch", "onnx")
 
 
 # --- the rules, as the OpenAPI document states them -------------------------------
@@ -110,7 +114,9 @@ class InstanceConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
 
     ``port`` and ``prometheus_port`` of 0 mean "allocate from the range"; the
     registry stores the config with the ports it chose filled in. ``None`` for
-    ``prometheus_port`` means the instance exposes no metrics port.
+    ``prometheus_port`` means the instance exposes no metrics port. ``engine`` is the
+    built-in worker's ``--engine`` (None: its default, ``auto``); TEI has no such flag and
+    is started without it.
     """
 
     name: Annotated[str, _documented(**NAME_SCHEMA)]
@@ -138,6 +144,8 @@ class InstanceConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     startup_timeout_secs: Annotated[float, _documented(exclusiveMinimum=0)] | None = None
     extra_args: tuple[Annotated[str, _documented(**_EXTRA_ARG_SCHEMA)], ...] = ()
     revision: Annotated[str, _documented(**TEXT_SCHEMA)] | None = None
+    # The built-in worker's engine (None: its default, "auto"); TEI ignores it.
+    engine: Engine | None = None
 
 
 class SeedInstance(InstanceConfig, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -529,9 +537,10 @@ def _validate_seeds(config: ManagerConfig) -> None:
 
 def _from_msgspec(error: msgspec.ValidationError) -> ValidationError:
     translated = from_msgspec_error(error)
-    if translated.field.rsplit(".", 1)[-1] == "pooling":
-        # msgspec cannot say which values it would have accepted; we can.
-        rule = f"{translated.rule}: use {'|'.join(POOLING_MODES)}"
+    # msgspec cannot say which values it would have accepted; we can.
+    allowed = {"pooling": POOLING_MODES, "engine": ENGINES}.get(translated.field.rsplit(".", 1)[-1])
+    if allowed is not None:
+        rule = f"{translated.rule}: use {'|'.join(allowed)}"
         return ValidationError(translated.field, rule, code=translated.code)
     return translated
 

@@ -381,6 +381,8 @@ def seeds(*bodies: str, head: str = "") -> str:
          "instances[0].port: 80 is privileged: use 1024-65535"),
         (seeds('name = "a"\nmodel_id = "x"\npooling = "max"'),
          'instances[0].pooling: "max" is not allowed: use cls|mean|splade|last-token'),
+        (seeds('name = "a"\nmodel_id = "x"\nengine = "tensorrt"'),
+         'instances[0].engine: "tensorrt" is not allowed: use auto|torch|onnx'),
         (seeds('name = "a"\nmodel_id = "x"\nport = 9000'),
          "instances[0].port: 9000 is already used by api_port"),
         (seeds('name = "a"\nmodel_id = "x"\nport = 8100',

@@ -108,6 +108,8 @@ def build_command(config: InstanceConfig, program: Program) -> list[str]:
         argv += ["--prometheus-port", str(config.prometheus_port)]
     if config.revision is not None:
         argv += ["--revision", config.revision]
+    if config.engine is not None and not program.is_tei:
+        argv += ["--engine", config.engine]  # the built-in worker's flag; TEI has none
     if program.is_tei:
         # TEI's Python backends talk to the router over a unix socket whose default
         # path is the same for every TEI on the host: give each instance its own.
