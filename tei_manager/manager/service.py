@@ -126,6 +126,11 @@ class Manager:
             instance_downloads=spawner is None,
             run_blocking=run_blocking,
         )
+        # Scrape-time series for dashboards and alerts (deploy/grafana, deploy/prometheus).
+        self.metrics.bind_instance_statuses(
+            lambda: [(record.name, str(record.status)) for record in self.instances]
+        )
+        self.metrics.bind_storage({"logs": config.log_dir, "model_cache": self.models.cache_dir})
         # None until run() counted the GPUs; the REST layer passes it to validation.
         self.gpu_count: int | None = gpu_count
         self.started_at: float = time.time()
