@@ -47,6 +47,8 @@ _REALM: Final = 'Bearer realm="tei-manager"'
 # Inference routes (OpenAI- and TEI-compatible) live under these prefixes.
 _INFERENCE_PREFIXES: Final = ("/v1/", "/tei/")
 _READ_METHODS: Final = frozenset({"GET", "HEAD"})
+# Reset, export and import of the desired state.
+_STATE_PREFIX: Final = "/state"
 
 _peer_certificate: contextvars.ContextVar[bytes | None] = contextvars.ContextVar(
     "tei_manager_peer_certificate", default=None
@@ -68,9 +70,15 @@ def capture_peer_certificates(context: ssl.SSLContext) -> ssl.SSLContext:
 
 
 def scope_for(method: str, path: str) -> Scope:
-    """The scope a REST call needs: inference routes, reads, or administration."""
+    """The scope a REST call needs: inference routes, reads, or administration.
+
+    ``/state/...`` is administration whatever the method: an export holds every
+    instance's configuration.
+    """
     if path.startswith(_INFERENCE_PREFIXES):
         return Scope.INFERENCE
+    if path == _STATE_PREFIX or path.startswith(_STATE_PREFIX + "/"):
+        return Scope.ADMIN
     if method in _READ_METHODS:
         return Scope.READ
     return Scope.ADMIN

@@ -46,6 +46,7 @@ from tei_manager.core.restart import RestartPolicy
 from tei_manager.errors import ConflictError, ErrorCode, TeiError, ValidationError, quote
 from tei_manager.hub.registry import ModelRegistry, ModelWait
 from tei_manager.hub.settings import HubSettings, RegistrySettings
+from tei_manager.manager.backup import Backup, BackupModel
 from tei_manager.manager.hostports import check_host_ports, port_free_for_instance
 from tei_manager.manager.metrics import ManagerMetrics
 from tei_manager.manager.runtime import RuntimeFileWriter
@@ -152,6 +153,8 @@ class Manager:
         self._awaiting_model: dict[str, trio.CancelScope] = {}
         self._supervisor: trio.Nursery | None = None
         self._state_lock = trio.Lock()
+        # One reset or import at a time.
+        self._bulk_lock = trio.Lock()
         self._runtime = RuntimeFileWriter(
             runtime_path(config.state_file),
             lambda: self._runners.values(),
@@ -308,6 +311,63 @@ class Manager:
         info = record.info(_utcnow())
         await self._save_state()
         return info
+
+    # -- reset, backup and restore (POST /state/reset, /state/export, /state/import) ----------
+    async def reset_state(self) -> list[InstanceInfo]:
+        """Stop and delete every instance, clear the state file, then create the
+        configuration's ``[[instances]]`` afresh (``auto_start`` decides each one's run
+        state), as the original's ``POST /state/reset`` does."""
+        self._require_supervisor()
+        async with self._bulk_lock:
+            await self._delete_every_instance()
+            seeded, added = merge_seeds(PersistedState(), self.config.instances, now=_utcnow())
+            await self._register_and_launch(seeded.instances)
+            log.info("state reset; seed instances: %s", ", ".join(added) or "none")
+        return self.list_instances()
+
+    def export_state(self) -> Backup:
+        """The desired state: every instance as the state file has it, and the models."""
+        state = state_from_instances(self.instances)
+        models = tuple(
+            BackupModel(model_id=m.model_id, revision=m.revision) for m in self.models.list_models()
+        )
+        return Backup(exported_at=_utcnow(), instances=state.instances, models=models)
+
+    async def import_state(self, backup: Backup) -> list[InstanceInfo]:
+        """Replace every instance with those of ``backup`` (checked by
+        :func:`~tei_manager.manager.backup.decode_backup` before this is called) and
+        register its models; instances keep their run state and creation time."""
+        self._require_supervisor()
+        async with self._bulk_lock:
+            await self._delete_every_instance()
+            for model in backup.models:
+                await self.models.add_model(model.model_id, model.revision)
+            await self._register_and_launch(backup.instances)
+            log.info("state imported: %d instance(s)", len(backup.instances))
+        return self.list_instances()
+
+    async def _delete_every_instance(self) -> None:
+        """Delete all instances concurrently; returns once every process is gone."""
+
+        async def delete(name: str) -> None:
+            try:
+                await self.delete_instance(name)
+            except TeiError as e:
+                if e.code is not ErrorCode.INSTANCE_NOT_FOUND:  # deleted meanwhile: fine
+                    raise
+
+        async with trio.open_nursery() as nursery:
+            for record in self.instances:
+                nursery.start_soon(delete, record.name)
+
+    async def _register_and_launch(self, instances: tuple[PersistedInstance, ...]) -> None:
+        supervisor = self._require_supervisor()
+        with trio.CancelScope(shield=True):  # registered instances must get their runner
+            for persisted in instances:
+                record = self._register_restored(persisted)
+                if record is not None:
+                    await supervisor.start(self._run_runner, self._new_runner(record))
+            await self._save_state()
 
     # -- the service ------------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
