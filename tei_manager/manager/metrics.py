@@ -128,6 +128,12 @@ class ManagerMetrics:
             ["route", "method", "status"],
             registry=r,
         )
+        self.gpu_fallbacks = Counter(
+            "tei_manager_gpu_fallbacks",
+            "Instances found running on the CPU although they asked for a GPU",
+            ["instance"],
+            registry=r,
+        )
         self._created = 0
         self._deleted = 0
         self._restarts: dict[str, int] = {"crash": 0, "health": 0, "manual": 0}
@@ -143,6 +149,10 @@ class ManagerMetrics:
     def bind_instance_statuses(self, statuses: Callable[[], Iterable[tuple[str, str]]]) -> None:
         """Read ``tei_manager_instance_status`` from ``(name, status)`` pairs at every scrape."""
         self.prometheus.register(_InstanceStatusCollector(statuses))
+
+    def bind_gpus(self, gpus: Callable[[], Iterable[tuple[int, str, int, int]]]) -> None:
+        """Export ``(index, name, free, total)`` of each GPU at every scrape."""
+        self.prometheus.register(_GpuCollector(gpus))
 
     def bind_storage(self, volumes: Mapping[str, str]) -> None:
         """Export free and total bytes of each ``{volume: path}`` at every scrape."""
@@ -247,5 +257,26 @@ class _StorageCollector(Collector):
                 continue  # no sample: the series going absent is the signal
             free.add_metric([volume], float(usage.free))
             total.add_metric([volume], float(usage.total))
+        yield free
+        yield total
+
+
+class _GpuCollector(Collector):
+    """``tei_manager_gpu_memory_{free,total}_bytes{gpu, name}``, read from the device
+    table at scrape time (no GPU, no samples)."""
+
+    def __init__(self, gpus: Callable[[], Iterable[tuple[int, str, int, int]]]) -> None:
+        self._gpus = gpus
+
+    def collect(self) -> Iterator[Metric]:
+        free = GaugeMetricFamily(
+            "tei_manager_gpu_memory_free_bytes", "GPU memory free", labels=["gpu", "name"]
+        )
+        total = GaugeMetricFamily(
+            "tei_manager_gpu_memory_total_bytes", "GPU memory in total", labels=["gpu", "name"]
+        )
+        for index, name, free_bytes, total_bytes in self._gpus():
+            free.add_metric([str(index), name], float(free_bytes))
+            total.add_metric([str(index), name], float(total_bytes))
         yield free
         yield total
