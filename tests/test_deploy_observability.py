@@ -165,6 +165,15 @@ def test_promtool_unit_tests_of_the_alerts_pass() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_the_example_scrape_config_keeps_the_instance_label_and_loads_the_rules() -> None:
+    config = yaml.safe_load((ALERTS.parent / "prometheus.yml").read_text())
+    (job,) = config["scrape_configs"]
+    assert job["honor_labels"] is True and job["metrics_path"] == "/metrics"
+    assert config["rule_files"] == [ALERTS.name]
+    result = _run([_promtool(), "check", "config", str(ALERTS.parent / "prometheus.yml")])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_promtool_parses_every_dashboard_query(tmp_path: Path) -> None:
     """Each query becomes a recording rule, which ``promtool check rules`` parses."""
     promtool = _promtool()
