@@ -136,6 +136,39 @@ def test_the_cpu_image_pins_torch_as_the_readme_does() -> None:
     assert '".[worker]"' in (DOCKER / "Dockerfile.cpu").read_text()
 
 
+@pytest.mark.parametrize("name", ["Dockerfile.cpu", "Dockerfile.gpu"])
+def test_what_the_build_stage_copies_is_enough_to_build_the_package(
+    name: str, tmp_path: Path
+) -> None:
+    """The build stage's ``COPY`` lines (not ``--from``) give pip a buildable project."""
+    steps = _instructions(DOCKER / name)
+    copies = [rest.split() for word, rest in steps if word == "COPY" and "--from" not in rest]
+    context = tmp_path / "context"
+    context.mkdir()
+    for *sources, _target in copies:
+        for source in sources:
+            if source.startswith("deploy/"):
+                continue  # the runtime stage's config file
+            path = ROOT / source
+            if path.is_dir():
+                shutil.copytree(
+                    path, context / source, ignore=shutil.ignore_patterns("__pycache__")
+                )
+            else:
+                shutil.copy(path, context / source)
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+         "-w", str(tmp_path / "dist"), str(context)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    (wheel,) = (tmp_path / "dist").glob("tei_manager-*.whl")
+    import zipfile
+
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "tei_manager/cli.py" in names and "tei_manager/_proto/tei/v1/tei_pb2.py" in names
+
+
 def test_the_image_config_is_valid_and_the_managers_defaults() -> None:
     config = parse_config((DOCKER / "config.toml").read_bytes(), env={"HOME": "/data"})
     for field in ("api_port", "grpc_port", "instance_port_start", "instance_port_end"):
