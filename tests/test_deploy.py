@@ -105,6 +105,8 @@ def test_the_images_run_the_manager_as_a_non_root_user_under_tini(name: str) -> 
     assert Path(env["TEI_MANAGER_STATE_FILE"]).parent == Path("/data")
     assert Path(env["TEI_MANAGER_LOG_DIR"]).parent == Path("/data")
     assert env["HF_HOME"] == "/models"
+    # The manager and TEI read the same cache (TEI's image points its name at /data).
+    assert env["HF_HUB_CACHE"] == env["HUGGINGFACE_HUB_CACHE"] == "/models/hub"
     assert env["TEI_MANAGER_CONFIG"] == "/etc/tei-manager/config.toml"
     labels = " ".join(rest for word, rest in stage if word == "LABEL")
     for label in ("title", "version", "source", "licenses"):
