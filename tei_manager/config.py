@@ -133,7 +133,8 @@ class InstanceConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
         ]
         | None
     ) = None
-    max_batch_tokens: Annotated[int, _documented(**_COUNT_SCHEMA)] = 16384
+    # "auto": from the GPU's free memory at launch (auto_max_batch_tokens_per_gib).
+    max_batch_tokens: Annotated[int, _documented(**_COUNT_SCHEMA)] | Literal["auto"] = 16384
     max_concurrent_requests: Annotated[int, _documented(**_COUNT_SCHEMA)] = 512
     pooling: Pooling | None = None
     prometheus_port: (
@@ -256,6 +257,10 @@ class ManagerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     rate_limit: RateLimitConfig = msgspec.field(default_factory=RateLimitConfig)
     cors: CorsConfig = msgspec.field(default_factory=CorsConfig)
     grpc: GrpcConfig = msgspec.field(default_factory=GrpcConfig)
+    # GPU sanity (tei_manager/core/gpu.py): start-up checks, CPU fallback, "auto" batches.
+    gpu_preflight: Literal["warn", "fail", "off"] = "warn"
+    gpu_fallback: Literal["warn", "fail", "ignore"] = "warn"
+    auto_max_batch_tokens_per_gib: int = 2048
 
     def manager_ports(self) -> frozenset[int]:
         """Ports the manager itself listens on, which no instance may take."""
@@ -410,7 +415,8 @@ def validate_instance_config(config: InstanceConfig, *, gpu_count: int | None = 
                 f"{config.gpu_id} does not exist: this host has {have}",
                 code=ErrorCode.INVALID_GPU_ID,
             )
-    _count(config.max_batch_tokens, "max_batch_tokens")
+    if config.max_batch_tokens != "auto":
+        _count(config.max_batch_tokens, "max_batch_tokens")
     _count(config.max_concurrent_requests, "max_concurrent_requests")
     if config.startup_timeout_secs is not None:
         _positive(config.startup_timeout_secs, "startup_timeout_secs")
@@ -481,6 +487,7 @@ def validate_manager_config(config: ManagerConfig) -> None:
         if model_id in seen_models:
             raise ValidationError(f"models[{i}]", f"duplicate model {quote(model_id)}")
         seen_models.add(model_id)
+    _at_least(config.auto_max_batch_tokens_per_gib, 1, "auto_max_batch_tokens_per_gib")
     validate_auth_config(config.auth)
     validate_rate_limit_config(config.rate_limit)
     validate_cors_config(config.cors)

@@ -487,6 +487,9 @@ async def test_openapi_document(api: Api) -> None:
         "/models/{model_id}",
         "/models/{model_id}/download",
         "/models/{model_id}/load",
+        "/state/reset",
+        "/state/export",
+        "/state/import",
     }
     schemas = doc["components"]["schemas"]
     assert list(schemas["InstanceInfo"]["properties"]) == INSTANCE_FIELDS

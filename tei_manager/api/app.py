@@ -32,6 +32,7 @@ from tei_manager.api.responses import (
     unexpected_error_response,
 )
 from tei_manager.api.routes import MAX_BODY_BYTES, OPERATIONS, PROMETHEUS_TEXT, quart_rule
+from tei_manager.api.state_routes import StateHandlers
 from tei_manager.api.storage import check_storage
 from tei_manager.auth.security import Security, build_security
 from tei_manager.config import decode_instance_config
@@ -208,11 +209,17 @@ def create_app(manager: ManagerFacade, security: Security | None = None) -> ApiA
     app.url_map.converters["model_id"] = ModelIdConverter
     handlers = _Handlers(manager)
     model_handlers = ModelHandlers(manager)
+    state_handlers = StateHandlers(manager)
     for op in OPERATIONS:
+        handler = (
+            getattr(handlers, op.endpoint, None)
+            or getattr(model_handlers, op.endpoint, None)
+            or getattr(state_handlers, op.endpoint)
+        )
         app.add_url_rule(
             quart_rule(op.path),
             op.endpoint,
-            getattr(handlers, op.endpoint, None) or getattr(model_handlers, op.endpoint),
+            handler,
             methods=[op.method],
             # A model id is never rewritten: "//etc" stays a (refused) model id.
             merge_slashes="{model_id}" not in op.path,

@@ -57,6 +57,8 @@ _INFERENCE_PREFIXES: Final = ("/v1/", "/tei/")
 _READ_METHODS: Final = frozenset({"GET", "HEAD"})
 _MAX_LOGGED_CHARS: Final = 200
 _CONTROL_RE: Final = re.compile(r"[\x00-\x1f\x7f]")
+# Reset, export and import of the desired state.
+_STATE_PREFIX: Final = "/state"
 
 _peer_certificate: contextvars.ContextVar[bytes | None] = contextvars.ContextVar(
     "tei_manager_peer_certificate", default=None
@@ -78,9 +80,15 @@ def capture_peer_certificates(context: ssl.SSLContext) -> ssl.SSLContext:
 
 
 def scope_for(method: str, path: str) -> Scope:
-    """The scope a REST call needs: inference routes, reads, or administration."""
+    """The scope a REST call needs: inference routes, reads, or administration.
+
+    ``/state/...`` is administration whatever the method: an export holds every
+    instance's configuration.
+    """
     if path.startswith(_INFERENCE_PREFIXES):
         return Scope.INFERENCE
+    if path == _STATE_PREFIX or path.startswith(_STATE_PREFIX + "/"):
+        return Scope.ADMIN
     if method in _READ_METHODS:
         return Scope.READ
     return Scope.ADMIN

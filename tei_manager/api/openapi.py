@@ -105,7 +105,7 @@ def _operation(op: Operation, schemas: dict[object, Any]) -> dict[str, Any]:
     if op.request is not None:
         doc["requestBody"] = {
             "required": True,
-            "content": {JSON: {"schema": schemas[op.request]}},
+            "content": {op.request_content_type: {"schema": schemas[op.request]}},
         }
     return doc
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable, Iterator
 from datetime import datetime
+from typing import Literal
 
 import msgspec
 
@@ -69,7 +70,7 @@ class InstanceInfo(msgspec.Struct, frozen=True, kw_only=True):
     last_health_check: datetime | None
     prometheus_port: int | None
     pooling: str | None
-    max_batch_tokens: int
+    max_batch_tokens: int | Literal["auto"]
     max_concurrent_requests: int
     last_error: str | None
     # When the supervisor spawns the process again (a crash loop's backoff), else null.

@@ -18,6 +18,7 @@ from typing import Final
 import msgspec
 
 from tei_manager.config import InstanceConfig
+from tei_manager.core.gpu import DEFAULT_MAX_BATCH_TOKENS
 from tei_manager.errors import ConfigError, quote
 
 __all__ = [
@@ -97,7 +98,7 @@ def build_command(config: InstanceConfig, program: Program) -> list[str]:
         "--port",
         str(config.port),
         "--max-batch-tokens",
-        str(config.max_batch_tokens),
+        str(_batch_tokens(config)),
         "--max-concurrent-requests",
         str(config.max_concurrent_requests),
         "--json-output",
@@ -116,6 +117,14 @@ def build_command(config: InstanceConfig, program: Program) -> list[str]:
         argv += ["--uds-path", os.path.join(tempfile.gettempdir(), f"tei-manager-{config.port}")]
     argv += config.extra_args
     return argv
+
+
+def _batch_tokens(config: InstanceConfig) -> int:
+    # The manager resolves "auto" from the GPU's free memory before launching; left
+    # unresolved (no GPU known), it is TEI's default.
+    if config.max_batch_tokens == "auto":
+        return DEFAULT_MAX_BATCH_TOKENS
+    return config.max_batch_tokens
 
 
 def build_env(config: InstanceConfig, base: Mapping[str, str]) -> dict[str, str]:
