@@ -329,7 +329,7 @@ def test_nginx_verifies_clients_and_forwards_the_certificate_as_the_manager_read
     # The header the auth layer reads (api/auth.py, multiplexer/auth.py), with the
     # variable whose URL-escaped PEM auth.certs.parse_cert_header decodes.
     rest_auth = (ROOT / "tei_manager" / "api" / "auth.py").read_text()
-    assert 'headers.get("X-SSL-Client-Cert")' in rest_auth
+    assert '"X-SSL-Client-Cert"' in rest_auth
     assert re.search(r"proxy_set_header\s+X-SSL-Client-Cert\s+\$ssl_client_escaped_cert;", conf)
     assert re.search(r"grpc_set_header\s+X-SSL-Client-Cert\s+\$ssl_client_escaped_cert;", conf)
     assert "server tei-manager:9000;" in conf and "server tei-manager:9001;" in conf
