@@ -71,6 +71,9 @@ class InstanceConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     startup_timeout_secs: float | None = None  # None: the manager's startup_timeout_secs
     extra_args: tuple[str, ...] = ()
     revision: str | None = None
+    # Another name clients may give as ``model`` on the inference routes (OpenAI's
+    # ``model``, TEI's ``served_model_name``); replicas sharing one are balanced.
+    served_model_name: str | None = None
 
 
 class SeedInstance(InstanceConfig, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -137,6 +140,11 @@ class ManagerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     grpc_max_message_size_mb: int = 40
     grpc_max_parallel_streams: int = 1024
     grpc_request_timeout_secs: float = 30.0
+    # Inference admission, per instance, on every front door: beyond its
+    # max_concurrent_requests in flight, up to this many requests wait (FIFO) for
+    # at most queue_timeout_secs; the rest are refused with 429 OVERLOADED.
+    max_queued_requests: int = 1024
+    queue_timeout_secs: float = 10.0
 
     def manager_ports(self) -> frozenset[int]:
         """Ports the manager itself listens on, which no instance may take."""
@@ -288,6 +296,12 @@ def validate_instance_config(config: InstanceConfig, *, gpu_count: int | None = 
         _positive(config.startup_timeout_secs, "startup_timeout_secs")
     if config.revision is not None:
         _text(config.revision, "revision")
+    if config.served_model_name is not None:
+        _text(config.served_model_name, "served_model_name")
+        if config.served_model_name != config.served_model_name.strip():
+            raise ValidationError(
+                "served_model_name", "has leading or trailing whitespace: remove it"
+            )
     for i, arg in enumerate(config.extra_args):
         if "\x00" in arg:
             raise ValidationError(f"extra_args[{i}]", "contains a NUL byte")
@@ -332,6 +346,8 @@ def validate_manager_config(config: ManagerConfig) -> None:
         )
     _at_least(config.grpc_max_parallel_streams, 1, "grpc_max_parallel_streams")
     _positive(config.grpc_request_timeout_secs, "grpc_request_timeout_secs")
+    _at_least(config.max_queued_requests, 0, "max_queued_requests")
+    _positive(config.queue_timeout_secs, "queue_timeout_secs")
     _validate_seeds(config)
     _at_least(config.max_concurrent_downloads, 1, "max_concurrent_downloads")
     _at_least(config.download_max_retries, 0, "download_max_retries")

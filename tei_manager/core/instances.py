@@ -68,6 +68,7 @@ class InstanceInfo(msgspec.Struct, frozen=True, kw_only=True):
     max_batch_tokens: int
     max_concurrent_requests: int
     last_error: str | None
+    served_model_name: str | None = None
 
 
 class InstanceRecord(msgspec.Struct, kw_only=True):
@@ -124,6 +125,7 @@ class InstanceRecord(msgspec.Struct, kw_only=True):
             max_batch_tokens=c.max_batch_tokens,
             max_concurrent_requests=c.max_concurrent_requests,
             last_error=self.last_error,
+            served_model_name=c.served_model_name,
         )
 
     def mark_starting(self, pid: int, now: datetime) -> None:
@@ -279,6 +281,10 @@ class InstanceTable:
     def by_model(self, model_id: str) -> list[InstanceRecord]:
         """Instances serving ``model_id``, in creation order."""
         return [r for r in self._records.values() if r.config.model_id == model_id]
+
+    def by_served_name(self, served_name: str) -> list[InstanceRecord]:
+        """Instances whose ``served_model_name`` is ``served_name``, in creation order."""
+        return [r for r in self._records.values() if r.config.served_model_name == served_name]
 
     def used_ports(self) -> set[int]:
         """Ports held by instances plus the manager's own."""

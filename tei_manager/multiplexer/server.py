@@ -22,7 +22,7 @@ from tei_manager.multiplexer.pool import ConnectionPool
 from tei_manager.multiplexer.service import Multiplexer
 from tei_manager.supervisor.launch import INSTANCE_HOST
 
-__all__ = ["MultiplexerServer", "serve_multiplexer"]
+__all__ = ["MultiplexerServer", "instance_pool", "serve_multiplexer"]
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +33,20 @@ class MultiplexerServer:
     """The multiplexer service with its connection pool, health and reflection."""
 
     def __init__(
-        self, config: ManagerConfig, instances: InstanceTable, metrics: MultiplexerMetrics
+        self,
+        config: ManagerConfig,
+        instances: InstanceTable,
+        metrics: MultiplexerMetrics,
+        *,
+        router: Router | None = None,
+        pool: ConnectionPool | None = None,
     ) -> None:
+        """``router`` and ``pool``, when given, are shared with the HTTP inference
+        routes; a given pool is run by its owner, one made here by :meth:`run`."""
         max_message_bytes = config.grpc_max_message_size_mb * _MIB
-        self.router = Router(instances)
-        self.pool = ConnectionPool(
-            INSTANCE_HOST, instances.find, max_message_bytes=max_message_bytes
-        )
+        self.router = Router(instances) if router is None else router
+        self._owns_pool = pool is None
+        self.pool = instance_pool(config, instances) if pool is None else pool
         self.service = Multiplexer(
             self.router,
             self.pool,
@@ -66,7 +73,8 @@ class MultiplexerServer:
     ) -> None:
         """Serve until cancelled, or until ``shutdown``: then drain for up to the timeout."""
         async with trio.open_nursery() as nursery:
-            await nursery.start(self.pool.run)
+            if self._owns_pool:
+                await nursery.start(self.pool.run)
             async with trio.open_nursery() as serving:
                 port: int = await serving.start(self.server.run)
                 self.health.set_all(SERVING)
@@ -79,17 +87,26 @@ class MultiplexerServer:
             nursery.cancel_scope.cancel()
 
 
+def instance_pool(config: ManagerConfig, instances: InstanceTable) -> ConnectionPool:
+    """The pool of HTTP/2 connections to the instances, one per instance process."""
+    return ConnectionPool(
+        INSTANCE_HOST, instances.find, max_message_bytes=config.grpc_max_message_size_mb * _MIB
+    )
+
+
 async def serve_multiplexer(
     config: ManagerConfig,
     instances: InstanceTable,
     metrics: MultiplexerMetrics,
     *,
+    router: Router | None = None,
+    pool: ConnectionPool | None = None,
     shutdown: trio.Event | None = None,
     drain_timeout_secs: float = 0.0,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the multiplexer on ``config.grpc_port``; hands back the bound port."""
-    server = MultiplexerServer(config, instances, metrics)
+    server = MultiplexerServer(config, instances, metrics, router=router, pool=pool)
     await server.run(
         shutdown=shutdown, drain_timeout_secs=drain_timeout_secs, task_status=task_status
     )
