@@ -23,6 +23,7 @@ from hypercorn.trio import serve
 
 from tei_manager.api.app import create_app
 from tei_manager.api.facade import ManagerFacade
+from tei_manager.gateway.relay import Gateway
 
 __all__ = ["serve_api"]
 
@@ -66,6 +67,7 @@ async def serve_api(
     *,
     shutdown: trio.Event | None = None,
     drain_timeout_secs: float | None = None,
+    gateway: Gateway | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the REST API for ``manager`` on ``host:port``; hands back the bound port.
@@ -75,7 +77,8 @@ async def serve_api(
     the socket accepts connections. It serves until cancelled, or until
     ``shutdown`` is set: then it stops accepting, lets requests in flight finish
     for up to ``drain_timeout_secs`` (default: the manager's
-    ``graceful_shutdown_timeout_secs``), and returns.
+    ``graceful_shutdown_timeout_secs``), and returns. With a ``gateway`` it also
+    serves the HTTP inference routes (OpenAI's ``/v1/*``, TEI's ``/tei/{model}/*``).
     """
     sock = await _bind(host, port)
     # Closing twice is harmless: this only matters if Hypercorn never took the socket.
@@ -92,7 +95,7 @@ async def serve_api(
         config.errorlog = logging.getLogger("hypercorn.error")
         config.accesslog = None
         config.include_server_header = False
-        app = create_app(manager)
+        app = create_app(manager, gateway)
         async with trio.open_nursery() as nursery:
             await nursery.start(
                 partial(

@@ -5,7 +5,8 @@ The root of the nursery tree::
     serve
     └── root nursery            (SIGTERM/SIGINT: graceful shutdown; a second one forces)
         ├── Manager.run         supervisor: instance processes, state file
-        ├── serve_api           REST API
+        ├── ConnectionPool.run  HTTP/2 connections to the instances, shared by the two below
+        ├── serve_api           REST API, with the HTTP inference routes (gateway)
         └── serve_multiplexer   gRPC multiplexer (when grpc_enabled), stopped with the API
 
 Graceful shutdown, within ``graceful_shutdown_timeout_secs`` (T):
@@ -45,12 +46,22 @@ _DRAIN_SHARE: Final = 0.5
 async def serve(manager: Manager) -> None:
     """Run the manager and its listeners until a signal, then shut down gracefully."""
     from tei_manager.api.server import serve_api
+    from tei_manager.core.routing import Router
+    from tei_manager.gateway.relay import create_gateway
+    from tei_manager.multiplexer.server import instance_pool
 
     config = manager.config
+    # One router (in-flight counts) and one connection per instance for both doors.
+    router = Router(manager.instances)
+    pool = instance_pool(config, manager.instances)
+    gateway = create_gateway(
+        config, manager.instances, manager.metrics.prometheus, router=router, pool=pool
+    )
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as root:
             manager_task = _Service(manager.run)
             await root.start(manager_task.run)
+            await root.start(pool.run)
 
             async def api(*, task_status: trio.TaskStatus[int]) -> None:
                 await serve_api(
@@ -59,6 +70,7 @@ async def serve(manager: Manager) -> None:
                     config.api_port,
                     shutdown=manager.shutdown_requested,
                     drain_timeout_secs=config.graceful_shutdown_timeout_secs * _DRAIN_SHARE,
+                    gateway=gateway,
                     task_status=task_status,
                 )
 
@@ -74,6 +86,8 @@ async def serve(manager: Manager) -> None:
                         config,
                         manager.instances,
                         metrics,
+                        router=router,
+                        pool=pool,
                         shutdown=manager.shutdown_requested,
                         drain_timeout_secs=config.graceful_shutdown_timeout_secs * _DRAIN_SHARE,
                         task_status=task_status,
