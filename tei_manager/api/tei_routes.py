@@ -304,8 +304,8 @@ class TeiHandlers:
         return Response(b"", status=200)
 
     # -- embeddings --------------------------------------------------------------------
-    async def tei_embed(self, model: str) -> Response:
-        req = decode_body(await read_body(), TeiEmbedRequest)
+    async def tei_embed(self, model: str, body: bytes | None = None) -> Response:
+        req = decode_body(await read_body() if body is None else body, TeiEmbedRequest)
         inputs = _inputs(req.inputs)
         async with self._session("embed", model) as session:
             info = await session.require(tei_pb2.MODEL_TYPE_EMBEDDING, "embed")
@@ -322,8 +322,8 @@ class TeiHandlers:
             )
         return json_bytes(await _matrix_json(matrix))
 
-    async def tei_embed_sparse(self, model: str) -> Response:
-        req = decode_body(await read_body(), TeiEmbedSparseRequest)
+    async def tei_embed_sparse(self, model: str, body: bytes | None = None) -> Response:
+        req = decode_body(await read_body() if body is None else body, TeiEmbedSparseRequest)
         inputs = _inputs(req.inputs)
         async with self._session("embed_sparse", model) as session:
             info = await session.require(tei_pb2.MODEL_TYPE_EMBEDDING, "embed_sparse")
@@ -345,8 +345,8 @@ class TeiHandlers:
                 )
             ]
             session.tokens = sum(r.metadata.compute_tokens for r in replies)
-        body = [[TeiSparseValue(v.index, v.value) for v in r.sparse_embeddings] for r in replies]
-        return json_bytes(_encode(body))
+        answer = [[TeiSparseValue(v.index, v.value) for v in r.sparse_embeddings] for r in replies]
+        return json_bytes(_encode(answer))
 
     async def tei_embed_all(self, model: str) -> Response:
         req = decode_body(await read_body(), TeiEmbedAllRequest)
@@ -378,8 +378,8 @@ class TeiHandlers:
             rows.append(await _matrix_json(matrix))
         return json_bytes(b"[" + b",".join(rows) + b"]")
 
-    async def tei_similarity(self, model: str) -> Response:
-        req = decode_body(await read_body(), TeiSimilarityRequest)
+    async def tei_similarity(self, model: str, body: bytes | None = None) -> Response:
+        req = decode_body(await read_body() if body is None else body, TeiSimilarityRequest)
         if not req.inputs.sentences:
             raise _empty("inputs.sentences")
         params = req.parameters or TeiSimilarityParameters()
@@ -403,8 +403,8 @@ class TeiHandlers:
         return json_bytes(_encode(scores.astype(np.float32).tolist()))
 
     # -- scores ------------------------------------------------------------------------
-    async def tei_predict(self, model: str) -> Response:
-        req = decode_body(await read_body(), TeiPredictRequest)
+    async def tei_predict(self, model: str, body: bytes | None = None) -> Response:
+        req = decode_body(await read_body() if body is None else body, TeiPredictRequest)
         single, sequences = _predict_inputs(req.inputs)
         async with self._session("predict", model) as session:
             info = await session.info()
@@ -424,8 +424,8 @@ class TeiHandlers:
         ]
         return json_bytes(_encode(batch[0] if single else batch))
 
-    async def tei_rerank(self, model: str) -> Response:
-        req = decode_body(await read_body(), TeiRerankRequest)
+    async def tei_rerank(self, model: str, body: bytes | None = None) -> Response:
+        req = decode_body(await read_body() if body is None else body, TeiRerankRequest)
         if not req.texts:
             raise _empty("texts")
         async with self._session("rerank", model) as session:
@@ -446,11 +446,11 @@ class TeiHandlers:
             )
             session.tokens = reply.metadata.compute_tokens
         ranks = sorted(reply.ranks, key=lambda rank: rank.score, reverse=True)
-        body = [
+        answer = [
             TeiRank(r.index, r.score, r.text if req.return_text and r.HasField("text") else None)
             for r in ranks
         ]
-        return json_bytes(_encode(body))
+        return json_bytes(_encode(answer))
 
     # -- tokenizer ---------------------------------------------------------------------
     async def tei_tokenize(self, model: str) -> Response:
@@ -514,15 +514,33 @@ class TeiHandlers:
 
     # -- TEI's POST / : the model type's main route ------------------------------------
     async def tei_root(self, model: str) -> Response:
+        """What TEI's ``POST /`` does for the model's type, and, for an embedding
+        model, ``/similarity`` when ``inputs`` is a sentence-similarity object (as
+        ``InferenceClient.sentence_similarity`` sends it to a base URL)."""
+        body = await read_body()
         record = self._gateway.resolve(model)
         info = await self._gateway.instance_info(record)
         if info.model_type == tei_pb2.MODEL_TYPE_CLASSIFIER:
-            return await self.tei_predict(model)
+            return await self.tei_predict(model, body)
         if info.model_type == tei_pb2.MODEL_TYPE_RERANKER:
-            return await self.tei_rerank(model)
+            return await self.tei_rerank(model, body)
+        if _is_similarity(body):
+            return await self.tei_similarity(model, body)
         if record.config.pooling == "splade":
-            return await self.tei_embed_sparse(model)
-        return await self.tei_embed(model)
+            return await self.tei_embed_sparse(model, body)
+        return await self.tei_embed(model, body)
+
+
+class _SimilarityProbe(msgspec.Struct):
+    inputs: msgspec.Raw
+
+
+def _is_similarity(body: bytes) -> bool:
+    try:
+        inputs = msgspec.json.decode(body, type=_SimilarityProbe).inputs
+    except msgspec.DecodeError:  # ValidationError included: the embed route will say why
+        return False
+    return bytes(inputs).lstrip().startswith(b"{")
 
 
 async def _matrix_json(matrix: encoding.Matrix) -> bytes:
