@@ -148,6 +148,10 @@ async def test_large_answers_are_exact_float32_json(setup: Setup) -> None:
     )
     floats = np.frombuffer(base64.b64decode(b64.json()["data"][0]["embedding"]), "<f4")
     assert np.array_equal(floats, np.array(vector("x y"), np.float32))
+    for root in ("/tei/b", "/tei/b/"):  # TEI's POST /, reached without a redirect
+        answer = await setup.post(root, {"inputs": "one"})
+        assert answer.status == 200
+        assert answer.json() == [pytest.approx(vector("one"))]
     tei = await setup.post("/tei/b/embed", {"inputs": texts[:30]})  # 11520 floats
     assert np.array_equal(np.array(tei.json(), np.float32), got[:30])
 
@@ -187,6 +191,10 @@ async def test_routing_failures_and_bad_bodies(setup: Setup) -> None:
     assert (await setup.post("/tei/idle/embed", {"inputs": "x"})).json()[
         "error_type"
     ] == "Unhealthy"
+    assert (await setup.get("/tei/b/health")).status == 200
+    unhealthy = await setup.get("/tei/idle/health")
+    assert unhealthy.status == 503 and unhealthy.json()["error_type"] == "Unhealthy"
+    assert (await setup.get("/tei/nope/health")).status == 404
     missing = await setup.post("/v1/embeddings", {"input": "x"})
     assert missing.status == 400 and missing.json()["error"]["param"] == "model"
     mixed = await setup.post("/v1/embeddings", {"model": "b", "input": ["a", [1, 2]]})

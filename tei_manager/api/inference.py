@@ -147,6 +147,10 @@ def register_inference_routes(
                 _guarded(door, route.endpoint, getattr(handlers, route.endpoint)),
                 methods=[route.method],
                 merge_slashes=False,
+                # TEI's root, "/tei/NAME/", is also reached as "/tei/NAME" (a client's
+                # base URL): a redirect would leave the POST body unread on the
+                # connection, and some clients then hang on it.
+                strict_slashes=False,
             )
 
 

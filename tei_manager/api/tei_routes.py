@@ -294,12 +294,10 @@ class TeiHandlers:
         return json_bytes(_encode(body))
 
     async def tei_health(self, model: str) -> Response:
+        record = self._gateway.resolve(model)  # unknown: 404; not running: 503
         try:
-            async with self._session("health", model) as session:
-                await session.unary(tei_grpc.Info.Info, b"")
-        except InferenceError as error:
-            if error.kind is Kind.NOT_FOUND:
-                raise
+            await self._gateway.instance_info(record, fresh=True)
+        except InferenceError:
             raise InferenceError(Kind.UNAVAILABLE, "unhealthy") from None
         return Response(b"", status=200)
 

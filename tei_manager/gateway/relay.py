@@ -119,10 +119,15 @@ class Gateway:
         finally:
             session.observe(trio.current_time() - started)
 
-    async def instance_info(self, record: InstanceRecord) -> tei_pb2.InfoResponse:
-        """The instance's tei.v1 Info, asked once per process."""
+    async def instance_info(
+        self, record: InstanceRecord, *, fresh: bool = False
+    ) -> tei_pb2.InfoResponse:
+        """The instance's tei.v1 Info, asked once per process (``fresh``: asked now).
+
+        Outside admission: it is cheap, and a health check must not queue.
+        """
         cached = self._infos.get(record.name)
-        if cached is not None and cached[0] == record.pid:
+        if cached is not None and cached[0] == record.pid and not fresh:
             return cached[1]
         channel = await self._channel(record)
         try:
