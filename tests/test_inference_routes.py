@@ -195,6 +195,8 @@ async def test_routing_failures_and_bad_bodies(setup: Setup) -> None:
     unhealthy = await setup.get("/tei/idle/health")
     assert unhealthy.status == 503 and unhealthy.json()["error_type"] == "Unhealthy"
     assert (await setup.get("/tei/nope/health")).status == 404
+    long_name = await setup.post("/v1/embeddings", {"model": "m" * 5000, "input": "x"})
+    assert long_name.status == 400 and len(long_name.body) < 300  # the name is not echoed
     missing = await setup.post("/v1/embeddings", {"input": "x"})
     assert missing.status == 400 and missing.json()["error"]["param"] == "model"
     mixed = await setup.post("/v1/embeddings", {"model": "b", "input": ["a", [1, 2]]})

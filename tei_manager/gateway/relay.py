@@ -43,6 +43,9 @@ __all__ = ["MODEL_TYPES", "Gateway", "Session", "create_gateway", "status_hint"]
 
 Spec = MethodSpec[Any, Any]
 
+#: The longest ``model`` looked up: a model id may be an absolute path of up to this.
+MAX_MODEL_CHARS: Final = 4096
+
 #: Model types by tei.v1 enum value, in the words errors use.
 MODEL_TYPES: Final = {
     tei_pb2.MODEL_TYPE_EMBEDDING: "embedding",
@@ -76,6 +79,12 @@ class Gateway:
 
     def resolve(self, model: str) -> InstanceRecord:
         """The running instance for ``model``; InferenceError if none."""
+        if len(model) > MAX_MODEL_CHARS:  # refused before any message quotes it
+            raise InferenceError(
+                Kind.VALIDATION,
+                f"model: is {len(model)} characters: use at most {MAX_MODEL_CHARS}",
+                param="model",
+            )
         try:
             return self.router.choose_model(model)
         except TeiError as error:
