@@ -34,6 +34,7 @@ import os
 import random
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -108,10 +109,23 @@ def config_toml(settings: dict[str, object], seeds: list[dict[str, object]]) -> 
 class Api:
     """JSON over one keep-alive HTTP/1.1 connection to the manager, reopened when needed."""
 
-    def __init__(self, port: int, timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        port: int,
+        timeout: float = 10.0,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        token: str | None = None,
+    ) -> None:
         self.port = port
         self.timeout = timeout
+        self.ssl_context = ssl_context  # HTTPS when set
+        self.token = token  # sent as a bearer token when set
         self._conn: http.client.HTTPConnection | None = None
+
+    def fresh(self, timeout: float) -> Api:
+        """Another client for the same server, with its own connection."""
+        return Api(self.port, timeout, ssl_context=self.ssl_context, token=self.token)
 
     def close(self) -> None:
         if self._conn is not None:
@@ -126,9 +140,16 @@ class Api:
     def exchange(self, method: str, path: str, data: bytes | None = None) -> tuple[int, bytes]:
         """One request; the status and the raw body."""
         headers = {"Content-Type": "application/json"} if data is not None else {}
+        if self.token is not None:
+            headers["Authorization"] = f"Bearer {self.token}"
         for attempt in (1, 2):
             if self._conn is None:
-                self._conn = http.client.HTTPConnection(HOST, self.port, timeout=self.timeout)
+                if self.ssl_context is not None:
+                    self._conn = http.client.HTTPSConnection(
+                        HOST, self.port, timeout=self.timeout, context=self.ssl_context
+                    )
+                else:
+                    self._conn = http.client.HTTPConnection(HOST, self.port, timeout=self.timeout)
             try:
                 self._conn.request(method, path, body=data, headers=headers)
                 response = self._conn.getresponse()
@@ -188,7 +209,7 @@ class Manager:
                 raise RuntimeError(
                     f"the manager exited with {self.process.returncode}:\n{self.log_tail()}"
                 )
-            probe = Api(self.api.port, timeout=2.0)
+            probe = self.api.fresh(timeout=2.0)
             try:
                 if probe.request("GET", "/health/ready")[0] == 200:
                     return time.perf_counter()
@@ -215,10 +236,15 @@ def run_manager(
     seeds: Sequence[dict[str, object]] = (),
     instance_ports: int = 16,
     grpc_port: int | None = None,
+    extra_toml: str = "",
+    api_ssl: ssl.SSLContext | None = None,
+    api_token: str | None = None,
 ) -> Iterator[tuple[Manager, float]]:
     """Start ``tei-manager serve`` in ``workdir``; yield it and its spawn -> ready seconds.
 
-    The gRPC multiplexer is off unless ``grpc_port`` is given.
+    The gRPC multiplexer is off unless ``grpc_port`` is given. ``extra_toml`` is
+    appended to the config (e.g. ``[auth]`` tables); ``api_ssl`` / ``api_token`` are
+    what the REST client then needs.
 
     On exit: SIGTERM and a wait for it to stop its instances (SIGKILL as a last resort).
     """
@@ -235,7 +261,7 @@ def run_manager(
         "graceful_shutdown_timeout_secs": SHUTDOWN_TIMEOUT,
     }
     config_file = workdir / "config.toml"
-    config_file.write_text(config_toml(settings, list(seeds)))
+    config_file.write_text(config_toml(settings, list(seeds)) + extra_toml)
     state_home = workdir / "state"
     env = {k: v for k, v in os.environ.items() if not k.startswith(_OVERRIDES)}
     env.update(XDG_STATE_HOME=str(state_home), HF_HUB_OFFLINE="1")
@@ -244,7 +270,9 @@ def run_manager(
     with log_path.open("wb") as log_file:
         started = time.perf_counter()
         process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
-    manager = Manager(process, Api(api_port), state_home, log_path)
+    manager = Manager(
+        process, Api(api_port, ssl_context=api_ssl, token=api_token), state_home, log_path
+    )
     try:
         ready_at = manager.wait_ready(MANAGER_TIMEOUT)
         yield manager, ready_at - started

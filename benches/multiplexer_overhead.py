@@ -17,14 +17,24 @@ keeps every round's ratio):
 
 Prints a table; ``--json PATH`` writes the figures.
 
-    python benches/multiplexer_overhead.py [--rounds 5] [--json F]
+``--secure`` is the cost of security: the manager serves TLS (a throwaway CA and
+server certificate made here) and requires an API key, and the multiplexer side
+connects with TLS and sends the key as call credentials, while the direct side stays
+plaintext to the instance. Against a plain run, its ratios give the overhead of
+TLS + authentication on port 9001.
+
+    python benches/multiplexer_overhead.py [--rounds 5] [--secure] [--json F]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
+import hashlib
+import ipaddress
 import json
+import ssl
 import statistics
 import sys
 import tempfile
@@ -36,6 +46,10 @@ from typing import Any
 import grpc
 import grpc.aio
 import pyarrow as pa
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -56,6 +70,78 @@ M = multiplexer_grpc.TeiMultiplexer
 INSTANCE = "bench"
 STREAM_BATCH = 20
 STREAMS_AT_ONCE = 4
+API_KEY = "bench-api-key"
+
+
+class Secure:
+    """A throwaway CA and server certificate, and the [auth] tables that use them."""
+
+    def __init__(self, directory: Path) -> None:
+        now = datetime.datetime.now(datetime.UTC)
+        ca_key = ec.generate_private_key(ec.SECP256R1())
+        ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bench-ca")])
+        ca = (
+            x509.CertificateBuilder()
+            .subject_name(ca_name)
+            .issuer_name(ca_name)
+            .public_key(ca_key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(ca_key, hashes.SHA256())
+        )
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+            .issuer_name(ca_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(
+                x509.SubjectAlternativeName(
+                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address(HOST))]
+                ),
+                critical=False,
+            )
+            .sign(ca_key, hashes.SHA256())
+        )
+        self.ca_pem = ca.public_bytes(serialization.Encoding.PEM)
+        self.cert_path = directory / "server.pem"
+        self.key_path = directory / "server-key.pem"
+        self.cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        self.key_path.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+
+    def toml(self) -> str:
+        digest = hashlib.sha256(API_KEY.encode()).hexdigest()
+        return f"""
+[auth]
+enabled = true
+providers = ["api_key"]
+[auth.mtls]
+server_cert = "{self.cert_path}"
+server_key = "{self.key_path}"
+[auth.api_key]
+keys = [{{ name = "bench", scopes = ["admin", "inference", "read"], sha256 = "{digest}" }}]
+"""
+
+    def rest_context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cadata=self.ca_pem.decode())
+
+    def channel(self, target: str, options: list[tuple[str, Any]]) -> grpc.aio.Channel:
+        credentials = grpc.composite_channel_credentials(
+            grpc.ssl_channel_credentials(self.ca_pem),
+            grpc.access_token_call_credentials(API_KEY),
+        )
+        return grpc.aio.secure_channel(target, credentials, options=options)
 
 
 def make_texts(count: int) -> list[str]:
@@ -183,7 +269,12 @@ async def arrow_seconds(channel: grpc.aio.Channel, payload: bytes, *, noop: bool
 
 
 async def measure(
-    instance_port: int, mux_port: int, rounds: int, quick: bool, arrow: bool = True
+    instance_port: int,
+    mux_port: int,
+    rounds: int,
+    quick: bool,
+    arrow: bool = True,
+    secure: Secure | None = None,
 ) -> dict[str, list[dict[str, float]]]:
     """Each workload's figures, one entry per round and side (``name/side``)."""
     options = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
@@ -196,7 +287,11 @@ async def measure(
 
     async with (
         grpc.aio.insecure_channel(f"{HOST}:{instance_port}", options=options) as direct_channel,
-        grpc.aio.insecure_channel(f"{HOST}:{mux_port}", options=options) as mux_channel,
+        (
+            secure.channel(f"{HOST}:{mux_port}", options)
+            if secure is not None
+            else grpc.aio.insecure_channel(f"{HOST}:{mux_port}", options=options)
+        ) as mux_channel,
     ):
         clients = {"direct": Client(direct_channel, False), "mux": Client(mux_channel, True)}
         for side in clients.values():  # warm up both paths and the model
@@ -287,12 +382,22 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="a quarter of the work (a smoke run)")
     parser.add_argument("--skip-arrow", action="store_true", help="leave out the Arrow figures")
+    parser.add_argument(
+        "--secure", action="store_true", help="TLS and an API key on the multiplexer side"
+    )
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args()
     model = packaged_model_dir()
     with tempfile.TemporaryDirectory() as workdir:
         mux_port = free_port()
-        with run_manager(Path(workdir), grpc_port=mux_port) as (manager, _):
+        secure = Secure(Path(workdir)) if args.secure else None
+        with run_manager(
+            Path(workdir),
+            grpc_port=mux_port,
+            extra_toml=secure.toml() if secure is not None else "",
+            api_ssl=secure.rest_context() if secure is not None else None,
+            api_token=API_KEY if secure is not None else None,
+        ) as (manager, _):
             status, body = manager.api.request(
                 "POST",
                 "/instances",
@@ -304,9 +409,17 @@ def main() -> None:
                 manager, INSTANCE, lambda i: bool(i["status"] == "running"), "running"
             )
             results = asyncio.run(
-                measure(int(info["port"]), mux_port, args.rounds, args.quick, not args.skip_arrow)
+                measure(
+                    int(info["port"]),
+                    mux_port,
+                    args.rounds,
+                    args.quick,
+                    not args.skip_arrow,
+                    secure,
+                )
             )
     figures = summarize(results)
+    figures["secure"] = args.secure
     c1 = figures["embed_c1_p50_ms"]
 
     def ratio_row(label: str, key: str, target: float) -> tuple[str, str, str, str]:

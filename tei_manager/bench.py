@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import ssl
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import msgspec
@@ -35,6 +36,8 @@ TargetKind = Literal["instance_name", "model_id", "instance_index"]
 _MUX = multiplexer_grpc.TeiMultiplexer
 #: How many distinct error messages a report keeps.
 MAX_ERRORS = 5
+#: Where ``--api-key`` is read from when the flag is absent.
+API_KEY_ENV = "TEI_MANAGER_API_KEY"
 
 _WORDS = (
     "the quick brown fox jumps over a lazy dog while every sentence lands in a vector "
@@ -63,6 +66,12 @@ class BenchConfig(msgspec.Struct, frozen=True, kw_only=True):
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_server_name: str | None = None
+    # Sent as "authorization: Bearer <key>" on every call; never in the report.
+    api_key: str | None = msgspec.field(default=None)
+
+    def call_metadata(self) -> tuple[tuple[str, str], ...]:
+        """The metadata every call carries."""
+        return (("authorization", f"Bearer {self.api_key}"),) if self.api_key else ()
 
 
 class Latency(msgspec.Struct, frozen=True):
@@ -156,6 +165,7 @@ class _Run:
 
     def __init__(self, config: BenchConfig, channel: Channel) -> None:
         self.config = config
+        self.metadata = config.call_metadata()
         self.channel = channel
         self.latencies: list[float] = []
         self.successful_texts = 0
@@ -205,7 +215,7 @@ class _Run:
 
     async def _unary(self, request: Any, count: int) -> None:
         spec: MethodSpec[Any, Any] = _MUX.EmbedSparse if self.config.sparse else _MUX.Embed
-        reply = await self.channel.unary_unary(spec, request)
+        reply = await self.channel.unary_unary(spec, request, metadata=self.metadata)
         if not self.config.sparse and not reply.embeddings:
             raise _BadAnswer("bad answer: an empty embedding")
 
@@ -214,7 +224,7 @@ class _Run:
             _MUX.EmbedSparseStream if self.config.sparse else _MUX.EmbedStream
         )
         answers = 0
-        async with self.channel.open_call(spec) as call:
+        async with self.channel.open_call(spec, metadata=self.metadata) as call:
 
             async def send() -> None:
                 for request in requests:
@@ -232,7 +242,7 @@ class _Run:
         spec: MethodSpec[Any, Any] = (
             _MUX.EmbedSparseArrow if self.config.sparse else _MUX.EmbedArrow
         )
-        reply = await self.channel.unary_unary(spec, request)
+        reply = await self.channel.unary_unary(spec, request, metadata=self.metadata)
         answer: bytes = reply.arrow_ipc
         return answer
 
@@ -447,10 +457,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     tls.add_argument(
         "--tls-server-name", metavar="NAME", help="name to verify the server certificate against"
     )
+    parser.add_argument(
+        "--api-key",
+        metavar="KEY",
+        help="send 'authorization: Bearer KEY' on every call "
+        f"(default: ${API_KEY_ENV}; the variable keeps the key out of the process list)",
+    )
     parser.add_argument("--json-output", metavar="FILE", help="also write the JSON report to FILE")
 
 
-def config_from_args(args: argparse.Namespace) -> BenchConfig:
+def config_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> BenchConfig:
     """The run ``args`` describe; UsageError for a bad combination."""
     host, port, https = parse_endpoint(args.endpoint)
     if (args.tls_cert is None) != (args.tls_key is None):
@@ -483,7 +499,15 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         tls_server_name=args.tls_server_name,
+        api_key=_api_key(args.api_key, os.environ if env is None else env),
     )
+
+
+def _api_key(flag: str | None, env: Mapping[str, str]) -> str | None:
+    key = flag if flag is not None else env.get(API_KEY_ENV) or None
+    if key is not None and (not key.strip() or not key.isprintable() or not key.isascii()):
+        raise UsageError("--api-key: use printable ASCII characters")
+    return key.strip() if key is not None else None
 
 
 def run_from_args(args: argparse.Namespace) -> int:

@@ -123,9 +123,9 @@ class FakeManager:
 
     async def restart_instance(self, name: str) -> InstanceInfo:
         await self._operation()
-        record = self._registry.get(name)
-        record.restarts += 1
-        record.status = InstanceStatus.STARTING
+        record = self._registry.request_restart(name)
+        record.mark_restart_requested()  # counted; no process to wait for
+        record.mark_start_requested()
         return record.info(_now())
 
     async def instance_logs(self, name: str, start: int | None, end: int | None) -> LogSlice:
@@ -148,6 +148,7 @@ class FakeManager:
                 "failed": stats.failed,
                 "stopped": stats.stopped,
             },
+            "state": {"status": "ok", "moved_aside_to": None, "error": None},
         }
 
     def set_status(self, name: str, status: InstanceStatus) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from tei_manager._proto.tei.v1 import tei_pb2
 from tei_manager._proto.tei_multiplexer.v1 import multiplexer_grpc, multiplexer_pb2
 from tei_manager.bench import BenchConfig, make_text, parse_endpoint, percentile, run_bench
 from tei_manager.grpc.rpc import GrpcError, StatusCode
-from tei_manager.grpc.server import CallContext, GrpcServer, server_ssl_context
+from tei_manager.grpc.server import CallContext, CallRefusal, GrpcServer, server_ssl_context
 from tei_manager.multiplexer import arrow
 from tests.tls import make_pki
 
@@ -333,6 +334,29 @@ async def test_tls_server_name(nursery: trio.Nursery, tmp_path: Path) -> None:
     assert (named.successful, named.failed) == (3, 0)
 
 
+def require_key(key: str) -> Any:
+    """A server-side authorizer wanting ``authorization: Bearer <key>``."""
+
+    def authorize(context: CallContext) -> CallRefusal | None:
+        if context.metadata_value("authorization") == f"Bearer {key}":
+            return None
+        return CallRefusal(StatusCode.UNAUTHENTICATED, "the API key is not valid")
+
+    return authorize
+
+
+@pytest.mark.parametrize("mode", ["standard", "stream", "arrow"])
+async def test_api_key(nursery: trio.Nursery, mode: str) -> None:
+    _, port = await serve(nursery, authorize=require_key("s3cret"))
+    keyed = config(port, mode=mode, num_texts=4, batch_size=2, api_key="s3cret")
+    assert (await run_bench(keyed)).successful == keyed.num_texts // (
+        1 if mode == "standard" else 2
+    )
+    refused = await run_bench(replace(keyed, api_key=None))
+    assert refused.successful == 0
+    assert refused.errors == ["UNAUTHENTICATED: the API key is not valid"]
+
+
 # -- command line ----------------------------------------------------------------
 async def run_cli(*args: str) -> subprocess.CompletedProcess[bytes]:
     command = [sys.executable, "-m", "tei_manager.cli", "bench", *args]
@@ -366,6 +390,19 @@ async def test_cli_prints_one_json_report(nursery: trio.Nursery, tmp_path: Path)
     assert report["errors"] == ["NOT_FOUND: instance '' not found"]
 
 
+async def test_cli_api_key_from_flag_or_environment(nursery: trio.Nursery) -> None:
+    _, port = await serve(nursery, authorize=require_key("s3cret"))
+    common = ("--endpoint", f"127.0.0.1:{port}", "--instance", "ok", "--num-texts", "2")
+    flag = await run_cli(*common, "--api-key", "s3cret")
+    assert flag.returncode == 0, flag.stderr
+    assert b"s3cret" not in flag.stdout
+    command = [sys.executable, "-m", "tei_manager.cli", "bench", *common]
+    env = {**os.environ, "TEI_MANAGER_API_KEY": "s3cret"}
+    from_env = await trio.run_process(command, capture_stdout=True, env=env, check=False)
+    assert from_env.returncode == 0
+    assert (await run_cli(*common)).returncode == 1
+
+
 def test_help_lists_the_options(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_:
         cli.main(["bench", "--help"])
@@ -373,7 +410,7 @@ def test_help_lists_the_options(capsys: pytest.CaptureFixture[str]) -> None:
     text = capsys.readouterr().out
     for option in ("--endpoint", "--instance", "--model", "--index", "--mode", "--num-texts",
                    "--batch-size", "--concurrency", "--timeout", "--tls-ca", "--tls-cert",
-                   "--tls-key", "--tls-server-name", "--json-output"):  # fmt: skip
+                   "--tls-key", "--tls-server-name", "--api-key", "--json-output"):  # fmt: skip
         assert option in text
 
 

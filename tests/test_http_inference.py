@@ -27,11 +27,10 @@ from huggingface_hub import InferenceClient
 
 from tei_manager.api import serve_api
 from tei_manager.config import InstanceConfig, ManagerConfig
-from tei_manager.core.instances import InstanceStatus, InstanceTable
+from tei_manager.core.instances import InstanceTable
 from tei_manager.core.ports import PortAllocator
-from tei_manager.core.routing import Router
 from tei_manager.gateway.relay import create_gateway
-from tei_manager.multiplexer.server import instance_pool
+from tei_manager.multiplexer.server import shared_routing
 from tests.conftest import Workers
 from tests.fake_manager import FakeManager
 
@@ -61,8 +60,8 @@ def _table(workers: Workers, minilm: str) -> InstanceTable:
     def add(name: str, model: str, process: Any, **extra: Any) -> None:
         record = table.add(InstanceConfig(name=name, model_id=model, **extra), created_at=now)
         record.config = msgspec.structs.replace(record.config, port=process.port)
-        record.pid = process.process.pid
-        record.status = InstanceStatus.RUNNING
+        record.mark_starting(pid=process.process.pid, now=now)
+        record.mark_running()
 
     add("dense", minilm, workers.dense, served_model_name="minilm")
     add("reranker", "tiny/reranker", workers.reranker)
@@ -86,9 +85,9 @@ def served(
     stop = threading.Event()
 
     async def main() -> None:
-        pool = instance_pool(config, table)
+        router, pool = shared_routing(config, table)
         gateway = create_gateway(
-            config, table, manager.metrics.prometheus, router=Router(table), pool=pool
+            config, table, manager.metrics.prometheus, router=router, pool=pool
         )
         async with trio.open_nursery() as nursery:
             await nursery.start(pool.run)

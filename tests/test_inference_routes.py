@@ -8,6 +8,7 @@ The real clients against real workers are in ``tests/test_http_inference.py``.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -22,15 +23,17 @@ from prometheus_client import generate_latest
 
 from tei_manager._proto.tei.v1 import tei_grpc, tei_pb2
 from tei_manager.api import create_app, serve_api
+from tei_manager.api.auth import scope_for
 from tei_manager.api.inference import INFERENCE_MAX_BODY_BYTES
 from tei_manager.api.openapi import build_openapi
-from tei_manager.config import InstanceConfig, ManagerConfig
+from tei_manager.auth.identity import Scope
+from tei_manager.auth.security import build_security
+from tei_manager.config import InstanceConfig, ManagerConfig, parse_config
 from tei_manager.core.instances import InstanceStatus, InstanceTable
 from tei_manager.core.ports import PortAllocator
-from tei_manager.core.routing import Router
 from tei_manager.gateway.relay import Gateway, create_gateway
 from tei_manager.grpc.server import CallContext, GrpcServer
-from tei_manager.multiplexer.server import instance_pool
+from tei_manager.multiplexer.server import shared_routing
 from tests.fake_manager import FakeManager
 from tests.httpclient import HttpResponse, http_request
 
@@ -119,14 +122,15 @@ async def setup(nursery: trio.Nursery, tmp_path: Path) -> Setup:
             InstanceConfig(name=name, model_id="m/b", max_concurrent_requests=1), created_at=now
         )
         record.config = msgspec.structs.replace(record.config, port=backend_port)
-        record.pid = 1
-        record.status = status
+        record.mark_starting(pid=1, now=now)
+        if status is InstanceStatus.RUNNING:
+            record.mark_running()
+        else:
+            record.mark_stopped()
     manager = FakeManager(config)
-    pool = instance_pool(config, table)
+    router, pool = shared_routing(config, table)
     await nursery.start(pool.run)
-    gateway = create_gateway(
-        config, table, manager.metrics.prometheus, router=Router(table), pool=pool
-    )
+    gateway = create_gateway(config, table, manager.metrics.prometheus, router=router, pool=pool)
     port = await nursery.start(partial(serve_api, manager, "127.0.0.1", 0, gateway=gateway))
     return Setup(port, backend, gateway, manager, table)
 
@@ -230,7 +234,8 @@ def test_openapi_documents_the_inference_routes_with_their_scope() -> None:
 
 
 async def test_the_app_serves_exactly_the_documented_inference_routes(setup: Setup) -> None:
-    app = create_app(setup.manager, setup.gateway)
+    security = build_security(setup.manager.config, None)  # no second set of counters
+    app = create_app(setup.manager, security, setup.gateway)
     served = {
         (rule.rule, method)
         for rule in app.url_map.iter_rules()
@@ -244,3 +249,61 @@ async def test_the_app_serves_exactly_the_documented_inference_routes(setup: Set
         if "inference" in op.get("tags", ())
     }
     assert documented and documented <= served
+
+
+def test_the_auth_layer_asks_each_inference_route_for_its_documented_scope() -> None:
+    inference = [
+        (method.upper(), path.replace("{model}", "org/m"), op["x-scope"])
+        for path, item in build_openapi()["paths"].items()
+        for method, op in item.items()
+        if "inference" in op.get("tags", ())
+    ]
+    assert len(inference) > 10
+    for method, path, scope in inference:
+        assert scope == Scope.INFERENCE
+        assert scope_for(method, path) is Scope.INFERENCE, (method, path)
+
+
+async def test_inference_routes_need_the_inference_scope(
+    setup: Setup, nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    keys = {"ci": ("ci-secret", "inference"), "reader": ("reader-secret", "read")}
+    rows = ", ".join(
+        f'{{ name = "{name}", scopes = ["{scope}"], '
+        f'sha256 = "{hashlib.sha256(key.encode()).hexdigest()}" }}'
+        for name, (key, scope) in keys.items()
+    )
+    config = parse_config(
+        f"""
+api_port = 0
+grpc_port = 0
+state_file = "{tmp_path / "auth-state.toml"}"
+log_dir = "{tmp_path / "auth-logs"}"
+[auth]
+enabled = true
+providers = ["api_key"]
+[auth.api_key]
+keys = [{rows}]
+""",
+        env={},
+    )
+    manager = FakeManager(config)
+    security = build_security(config, manager.metrics.prometheus)
+    port = await nursery.start(
+        partial(serve_api, manager, "127.0.0.1", 0, gateway=setup.gateway, security=security)
+    )
+
+    async def status(method: str, path: str, key: str | None, body: object = None) -> int:
+        headers = [] if key is None else [("Authorization", f"Bearer {key}")]
+        data = None if body is None else json.dumps(body).encode()
+        return (await http_request(port, method, path, body=data, headers=headers)).status
+
+    embed = {"model": "b", "input": "hi"}
+    assert await status("POST", "/v1/embeddings", None, embed) == 401
+    assert await status("POST", "/v1/embeddings", "ci-secret", embed) == 200
+    assert await status("POST", "/tei/b/embed", "ci-secret", {"inputs": "hi"}) == 200
+    assert await status("GET", "/v1/models", "ci-secret") == 200
+    assert await status("GET", "/instances", "ci-secret") == 403
+    assert await status("POST", "/v1/embeddings", "reader-secret", embed) == 403
+    assert await status("GET", "/v1/models", "reader-secret") == 403
+    assert await status("GET", "/instances", "reader-secret") == 200

@@ -9,6 +9,7 @@ from tei_manager.config import InstanceConfig, SeedInstance
 from tei_manager.core.instances import (
     DesiredState,
     InstanceInfo,
+    InstanceRecord,
     InstanceStatus,
     InstanceTable,
     InstanceTableStatistics,
@@ -39,7 +40,7 @@ def host() -> FakeHost:
 def make_registry(
     host: FakeHost, *, max_instances: int | None = None, end: int = 8089
 ) -> InstanceTable:
-    ports = PortAllocator(8080, end, probe=host.probe, clock=host.clock)
+    ports = PortAllocator(8080, end, probe=host.probe)
     return InstanceTable(ports, max_instances=max_instances, reserved_ports={9000, 9001})
 
 
@@ -119,7 +120,7 @@ def test_port_conflicts(registry: InstanceTable, fields: dict[str, int], message
 
 
 def test_auto_ports_never_take_the_managers_ports(host: FakeHost) -> None:
-    ports = PortAllocator(9000, 9002, probe=host.probe, clock=host.clock)
+    ports = PortAllocator(9000, 9002, probe=host.probe)
     registry = InstanceTable(ports, reserved_ports={9000, 9001})
     assert registry.add(cfg("a"), created_at=T0).port == 9002
 
@@ -153,13 +154,15 @@ def test_failed_allocation_changes_nothing(host: FakeHost) -> None:
     assert registry.add(cfg("c"), created_at=T0).port == 8081
 
 
-def test_remove_quarantines_ports(host: FakeHost, registry: InstanceTable) -> None:
+def test_removed_ports_are_reused_last(host: FakeHost) -> None:
+    registry = make_registry(host, end=8083)
     registry.add(cfg("a", prometheus_port=0), created_at=T0)
     removed = registry.remove("a")
     assert removed.name == "a" and len(registry) == 0
     assert registry.add(cfg("b"), created_at=T0).port == 8082
-    host.now += 60
-    assert registry.add(cfg("c", prometheus_port=0), created_at=T0).ports() == (8080, 8081)
+    # Only 8080 and 8081 are left in the range (8080-8083): reused, not refused.
+    registry.add(cfg("c"), created_at=T0)
+    assert registry.add(cfg("d", prometheus_port=0), created_at=T0).ports() == (8080, 8081)
 
 
 def test_remove_unknown(registry: InstanceTable) -> None:
@@ -238,7 +241,8 @@ def test_info_snapshot(registry: InstanceTable) -> None:
     assert list(encoded) == [
         "name", "model_id", "port", "status", "pid", "gpu_id", "created_at", "uptime_secs",
         "restarts", "health_check_failures", "last_health_check", "prometheus_port", "pooling",
-        "max_batch_tokens", "max_concurrent_requests", "last_error", "served_model_name",
+        "max_batch_tokens", "max_concurrent_requests", "last_error", "next_restart_at",
+        "served_model_name",
     ]  # fmt: skip
     assert encoded["status"] == "running"
     assert encoded["created_at"] == "2025-01-15T10:30:00Z"
@@ -277,6 +281,52 @@ def test_record_transitions(registry: InstanceTable) -> None:
     assert (record.status, record.pid) == (InstanceStatus.STOPPED, None)
 
 
+def put(record: InstanceRecord, status: InstanceStatus) -> None:
+    """Bring ``record`` to ``status`` the way the supervisor would."""
+    S = InstanceStatus
+    if status is S.FAILED:
+        record.mark_failed(record.last_error or "failed")
+    elif status is S.STOPPED:
+        record.mark_stopped()
+    else:
+        record.mark_starting(pid=4242, now=T0)
+        if status is S.RUNNING:
+            record.mark_running()
+        elif status is S.STOPPING:
+            record.mark_stopping()
+    assert record.status is status
+
+
+def test_exit_and_restart_transitions(registry: InstanceTable) -> None:
+    S = InstanceStatus
+    record = registry.add(cfg("a"), created_at=T0)
+    put(record, S.RUNNING)
+    record.mark_exited("process killed by SIGKILL")
+    # Gone: never "running" with a dead pid, whatever comes next.
+    assert (record.status, record.pid, record.started_at) == (S.STARTING, None, None)
+    assert record.last_error == "process killed by SIGKILL"
+    at = T0 + timedelta(seconds=4)
+    record.mark_restarting("crash loop", next_restart_at=at)
+    assert (record.status, record.pid, record.restarts, record.next_restart_at) == (
+        S.STARTING,
+        None,
+        1,
+        at,
+    )
+    assert record.info(T0).next_restart_at == at
+    record.mark_starting(pid=9, now=T0)
+    assert (record.pid, record.next_restart_at, record.last_error) == (9, None, "crash loop")
+    record.mark_stopping()
+    record.mark_exited("process exited with code 0")
+    assert (record.status, record.pid) == (S.STOPPING, None)  # the stop goes on
+    put(record, S.RUNNING)
+    record.mark_restart_requested()
+    assert (record.status, record.restarts) == (S.STOPPING, 2)
+    record.mark_failed("x")
+    record.mark_start_requested()
+    assert (record.status, record.last_error) == (S.STARTING, None)
+
+
 def test_statistics(registry: InstanceTable) -> None:
     for name, status in [
         ("a", InstanceStatus.RUNNING),
@@ -286,7 +336,7 @@ def test_statistics(registry: InstanceTable) -> None:
         ("e", InstanceStatus.STARTING),
         ("f", InstanceStatus.STOPPING),
     ]:
-        registry.add(cfg(name), created_at=T0).status = status
+        put(registry.add(cfg(name), created_at=T0), status)
     assert registry.statistics() == InstanceTableStatistics(
         total=6, starting=1, running=2, stopping=1, stopped=1, failed=1
     )
@@ -297,7 +347,7 @@ def test_statistics(registry: InstanceTable) -> None:
 
 @pytest.mark.parametrize("status", [InstanceStatus.STARTING, InstanceStatus.RUNNING])
 def test_start_when_already_running(registry: InstanceTable, status: InstanceStatus) -> None:
-    registry.add(cfg("a"), created_at=T0).status = status
+    put(registry.add(cfg("a"), created_at=T0), status)
     with pytest.raises(ConflictError) as info:
         registry.request_start("a")
     assert info.value.code is ErrorCode.ALREADY_RUNNING
@@ -306,7 +356,8 @@ def test_start_when_already_running(registry: InstanceTable, status: InstanceSta
 @pytest.mark.parametrize("status", [InstanceStatus.STOPPED, InstanceStatus.FAILED])
 def test_start_stopped_or_failed(registry: InstanceTable, status: InstanceStatus) -> None:
     record = registry.add(cfg("a"), created_at=T0, desired=DesiredState.STOPPED)
-    record.status, record.last_error = status, "old"
+    record.mark_failed("old")
+    put(record, status)
     assert registry.request_start("a") is record
     assert (record.status, record.desired) == (InstanceStatus.STARTING, DesiredState.RUNNING)
     assert record.last_error is None
@@ -314,14 +365,15 @@ def test_start_stopped_or_failed(registry: InstanceTable, status: InstanceStatus
 
 def test_start_while_stopping_waits_for_the_stop(registry: InstanceTable) -> None:
     record = registry.add(cfg("a"), created_at=T0)
-    record.desired, record.status = DesiredState.STOPPED, InstanceStatus.STOPPING
+    record.desired = DesiredState.STOPPED
+    put(record, InstanceStatus.STOPPING)
     registry.request_start("a")
     assert (record.status, record.desired) == (InstanceStatus.STOPPING, DesiredState.RUNNING)
 
 
 @pytest.mark.parametrize("status", [InstanceStatus.STOPPED, InstanceStatus.STOPPING])
 def test_stop_when_not_running(registry: InstanceTable, status: InstanceStatus) -> None:
-    registry.add(cfg("a"), created_at=T0).status = status
+    put(registry.add(cfg("a"), created_at=T0), status)
     with pytest.raises(ConflictError) as info:
         registry.request_stop("a")
     assert info.value.code is ErrorCode.NOT_RUNNING
@@ -330,7 +382,7 @@ def test_stop_when_not_running(registry: InstanceTable, status: InstanceStatus) 
 @pytest.mark.parametrize("status", [InstanceStatus.STARTING, InstanceStatus.RUNNING])
 def test_stop_running(registry: InstanceTable, status: InstanceStatus) -> None:
     record = registry.add(cfg("a"), created_at=T0)
-    record.status = status
+    put(record, status)
     registry.request_stop("a")
     # The supervisor stops the process and marks it stopped.
     assert (record.status, record.desired) == (status, DesiredState.STOPPED)

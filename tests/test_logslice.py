@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tei_manager.core.logslice import LogSlice, read_log_slice, resolve_slice
+from tei_manager.core.logslice import LogSlice, last_error_line, read_log_slice, resolve_slice
 
 bounds = st.none() | st.integers(min_value=-300, max_value=300)
 
@@ -150,3 +150,47 @@ def test_large_file_tail_is_read_in_chunks(tmp_path: Path) -> None:
     assert (result.start, result.end) == (199_997, 200_000)
     middle = read_log_slice(path, 123_456, 123_458, chunk_size=4096)
     assert [line[:8] for line in middle.lines] == ["00123456", "00123457"]
+
+
+# --- the error line of a failed run ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("lines", "expected"),
+    [
+        (
+            [
+                "Traceback (most recent call last):",
+                '  File "/app/x.py", line 3, in <module>',
+                "    load(path)",
+                "    ^^^^^^^^^^",
+                "OSError: /tmp/nonexistent does not appear to have a file named config.json",
+                "",
+            ],
+            "OSError: /tmp/nonexistent does not appear to have a file named config.json",
+        ),
+        (
+            [
+                "\x1b[2m2026-01-01T00:00:00Z\x1b[0m INFO starting",
+                "Error: Could not download model artifacts",
+                "",
+                "Caused by:",
+                "    0: request error: HTTP status client error (404 Not Found)",
+            ],
+            "Error: Could not download model artifacts",
+        ),
+        (
+            [
+                '{"level":"INFO","fields":{"message":"Starting"}}',
+                '{"level":"ERROR","fields":{"message":"Could not\\nstart backend"}}',
+            ],
+            "ERROR: Could not start backend",
+        ),
+        (["--- tei-manager 2026: starting a", "ValueError: old", "--- tei-manager 2026: b"], None),
+        ([], None),
+        (["   ", "\t"], None),
+        (["x" * 1000], "x" * 297 + "..."),
+    ],
+)
+def test_last_error_line(lines: list[str], expected: str | None) -> None:
+    assert last_error_line(lines) == expected

@@ -3,9 +3,14 @@ shutdown. Real files (state, logs) in a temporary directory; no real processes."
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import os
+import random
+import socket
+import tempfile
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import msgspec
 import pytest
@@ -13,12 +18,14 @@ import trio
 import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
 
-from tei_manager.config import InstanceConfig, ManagerConfig, SeedInstance
+from tei_manager.config import ConfigError, InstanceConfig, ManagerConfig, SeedInstance
 from tei_manager.core.instances import DesiredState, InstanceStatus
+from tei_manager.core.ports import probe_bindable
 from tei_manager.core.restart import RestartPolicy
 from tei_manager.errors import ErrorCode, TeiError
 from tei_manager.manager.service import Manager
-from tests.fake_processes import FakeHost, run_inline
+from tei_manager.supervisor.process import SpawnError
+from tests.fake_processes import FakeHost, FakeProcess, run_inline
 
 S = InstanceStatus
 
@@ -151,6 +158,44 @@ async def test_create_refusals_carry_the_contract_codes(
         assert len(host.processes) == 2
 
 
+def _model_folders(root: Path) -> dict[str, Path]:
+    folders = {name: root / name for name in ("empty", "readme", "bert", "st", "nested")}
+    for folder in folders.values():
+        folder.mkdir()
+    (folders["readme"] / "README.md").write_text("# not a model")
+    (folders["bert"] / "config.json").write_text("{}")
+    (folders["st"] / "modules.json").write_text("[]")
+    (folders["nested"] / "0_Transformer").mkdir()
+    (folders["nested"] / "0_Transformer" / "config.json").write_text("{}")
+    (root / "file").write_text("")
+    return folders
+
+
+async def test_a_local_model_id_must_be_a_model_folder(
+    clock: trio.testing.MockClock, nursery: trio.Nursery, config: ManagerConfig, tmp_path: Path
+) -> None:
+    folders = _model_folders(tmp_path)
+    host = FakeHost(nursery)
+    async with running(_manager(config, host)) as manager:
+        for model_id, problem in [
+            ("/tmp/nonexistent-model-folder", "does not exist"),
+            (str(tmp_path / "file"), "is not a folder"),
+            (str(folders["empty"]), "holds no config.json or modules.json: not a model folder"),
+            (str(folders["readme"]), "holds no config.json or modules.json: not a model folder"),
+        ]:
+            with pytest.raises(TeiError) as error:
+                await manager.create_instance(InstanceConfig(name="x", model_id=model_id))
+            assert (error.value.code, error.value.http_status) == (ErrorCode.MODEL_NOT_FOUND, 404)
+            assert error.value.message == f'model_id: "{model_id}" {problem}'
+        assert manager.list_instances() == [] and not host.processes
+        for name in ("bert", "st", "nested"):
+            info = await manager.create_instance(
+                InstanceConfig(name=name, model_id=str(folders[name]))
+            )
+            assert info.status is S.STARTING
+        await manager.create_instance(_cfg("hub"))  # a Hub id: not looked for on disk
+
+
 async def test_without_gpus_every_gpu_id_is_refused(
     clock: trio.testing.MockClock, nursery: trio.Nursery, config: ManagerConfig
 ) -> None:
@@ -265,6 +310,91 @@ async def test_a_name_is_free_again_only_once_its_process_is_gone(
         assert host.overlaps == 0
 
 
+class ListeningHost(FakeHost):
+    """Fake processes that really listen on their port with SO_REUSEADDR, as TEI and
+    the worker do, and serve one connection, so a deleted one leaves its port with a
+    connection in TIME_WAIT, as a real instance that served traffic would."""
+
+    def spawn(self, config: InstanceConfig) -> FakeProcess:
+        listener = socket.socket()
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(("127.0.0.1", config.port or 0))
+            listener.listen()
+            with socket.create_connection(listener.getsockname()) as client:
+                served, _ = listener.accept()
+                served.close()  # the server closes first: its side ends in TIME_WAIT
+                client.recv(1)
+        except OSError as e:
+            listener.close()
+            raise SpawnError(f"cannot listen on {config.port}: {e}") from None
+        process = super().spawn(config)
+        self._nursery.start_soon(self._close_on_exit, process, listener)
+        return process
+
+    async def _close_on_exit(self, process: FakeProcess, listener: socket.socket) -> None:
+        with listener:
+            await process.wait()
+
+
+def _free_port_range(size: int) -> int:
+    rng = random.Random()
+    for _ in range(100):
+        start = rng.randrange(30000, 60000 - size)
+        if all(probe_bindable(p) for p in range(start, start + size)):
+            return start
+    raise RuntimeError("no free port range")
+
+
+@pytest.fixture
+def fast_dir(tmp_path: Path) -> Iterator[Path]:
+    """A folder in memory where there is one: 600 state saves, each fsynced, take
+    seconds on a disk, and saving is not what the test is about."""
+    if not os.path.isdir("/dev/shm"):
+        yield tmp_path
+        return
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as folder:
+        yield Path(folder)
+
+
+async def test_port_churn_reuses_released_ports_and_never_fails(
+    nursery: trio.Nursery, fast_dir: Path
+) -> None:
+    start = _free_port_range(30)
+    config = ManagerConfig(
+        state_file=str(fast_dir / "state.toml"),
+        log_dir=str(fast_dir / "logs"),
+        api_port=0,
+        grpc_port=0,
+        instance_port_start=start,
+        instance_port_end=start + 29,
+    )
+    host = ListeningHost(nursery, ready_after=0)
+    # The real bind probe decides (Manager's default).
+    manager = Manager(
+        config, spawner=host.spawn, prober=host.probe, gpu_count=0, run_blocking=run_inline
+    )
+    failures: list[str] = []
+    ports: list[int] = []
+    async with running(manager):
+        for n in range(300):
+            try:
+                info = await manager.create_instance(_cfg(f"churn-{n % 7}"))
+            except TeiError as e:
+                failures.append(f"{e.code}: {e}")
+                continue
+            assert info.status is not S.FAILED, info.last_error  # it could listen
+            ports.append(info.port)
+            await manager.delete_instance(info.name)
+    assert failures == []
+    assert len(ports) == 300
+    assert set(ports) <= set(range(start, start + 30))
+    # Released ports go to the back of the line, so the churn rotates through the
+    # range (a port another program grabs meanwhile is skipped, hence not "== 30").
+    assert len(set(ports)) >= 20
+    assert host.overlaps == 0
+
+
 # -- logs and metrics ------------------------------------------------------------------------
 async def test_logs_are_sliced_like_python(
     clock: trio.testing.MockClock, nursery: trio.Nursery, config: ManagerConfig
@@ -276,6 +406,82 @@ async def test_logs_are_sliced_like_python(
         assert (logs.lines, logs.start, logs.end, logs.total_lines) == (["7", "8", "9"], 7, 10, 10)
         with pytest.raises(TeiError):
             await manager.instance_logs("nope", None, None)
+
+
+async def test_a_deleted_instance_s_log_goes_with_it(
+    clock: trio.testing.MockClock, nursery: trio.Nursery, config: ManagerConfig
+) -> None:
+    async with running(_manager(config, FakeHost(nursery, sigterm_exit_secs=2))) as manager:
+        await manager.create_instance(_cfg("a"))
+        log = manager.log_path("a")
+        _write(log, b"old instance line\n")
+        await manager.delete_instance("a")
+        assert not log.exists()
+        await manager.create_instance(_cfg("a"))
+        assert (await manager.instance_logs("a", None, None)).lines == []
+
+
+async def test_a_new_instance_never_sees_a_leftover_log(
+    clock: trio.testing.MockClock, nursery: trio.Nursery, config: ManagerConfig
+) -> None:
+    # Left by an instance of that name whose delete a crash interrupted.
+    _write(Path(config.log_dir) / "a.log", b"a line from before\n")
+    async with running(_manager(config, FakeHost(nursery))) as manager:
+        await manager.create_instance(_cfg("a"))
+        assert (await manager.instance_logs("a", None, None)).total_lines == 0
+
+
+class HeldBlocking:
+    """``run_inline``, except that the call after :meth:`hold_next` waits for ``release``."""
+
+    def __init__(self) -> None:
+        self.release: trio.Event | None = None
+        self.entered = trio.Event()
+
+    def hold_next(self) -> trio.Event:
+        self.release = trio.Event()
+        return self.release
+
+    async def __call__(self, fn: Callable[[], T]) -> T:
+        if self.release is not None:
+            release, self.release = self.release, None
+            self.entered.set()
+            await release.wait()
+        return await run_inline(fn)
+
+
+T = TypeVar("T")
+
+
+@pytest.mark.parametrize("created_again", [False, True])
+async def test_logs_are_never_served_for_a_deleted_instance(
+    clock: trio.testing.MockClock, nursery: trio.Nursery, config: ManagerConfig, created_again: bool
+) -> None:
+    host = FakeHost(nursery)
+    blocking = HeldBlocking()
+    manager = Manager(
+        config, spawner=host.spawn, prober=host.probe, gpu_count=0, run_blocking=blocking
+    )
+    async with running(manager):
+        await manager.create_instance(_cfg("a"))
+        _write(manager.log_path("a"), b"secret of the old instance\n")
+        release = blocking.hold_next()
+        outcome: list[object] = []
+
+        async def read_logs() -> None:
+            try:
+                outcome.append(await manager.instance_logs("a", None, None))
+            except TeiError as e:
+                outcome.append(e.code)
+
+        nursery.start_soon(read_logs)
+        await blocking.entered.wait()  # the read is under way...
+        await manager.delete_instance("a")  # ...when the instance is deleted
+        if created_again:
+            await manager.create_instance(_cfg("a"))
+        release.set()
+        await trio.testing.wait_all_tasks_blocked()
+        assert outcome == [ErrorCode.INSTANCE_NOT_FOUND]
 
 
 async def test_every_contract_metric_is_recorded(
@@ -365,6 +571,61 @@ async def test_a_new_manager_restores_the_state_and_merges_seeds(
         assert (restored["d"].status, restored["d"].port) == (S.RUNNING, 20009)
         assert set(host.processes) == {"a", "d"}
         assert _persisted(config)["c"] == (DesiredState.STOPPED, 20001)
+
+
+def _write(path: str | Path, data: bytes) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def _read(path: Path) -> bytes:
+    return path.read_bytes()
+
+
+async def test_a_corrupt_state_file_is_moved_aside_and_reported_on_health(
+    clock: trio.testing.MockClock, nursery: trio.Nursery, config: ManagerConfig
+) -> None:
+    state = _write(config.state_file, b"[[instances]\nbroken")
+    # Saves that crashes interrupted, one of them from an older run.
+    for tmp in (".state.toml.0a1b2c3d.tmp", ".state.toml.deadbeef.tmp"):
+        _write(state.parent / tmp, b"half")
+    config = msgspec.structs.replace(config, instances=(SeedInstance(name="s", model_id="o/m"),))
+    async with running(_manager(config, FakeHost(nursery))) as manager:
+        report = manager.health_summary()["state"]
+        assert report["status"] == "moved_aside"
+        aside = Path(report["moved_aside_to"])
+        assert aside.parent == state.parent and aside.name.startswith("state.toml.corrupt-")
+        assert _read(aside) == b"[[instances]\nbroken"  # kept, not replaced
+        assert report["error"]
+        assert [i.name for i in manager.list_instances()] == ["s"]  # from the seeds
+    assert sorted(p.name for p in state.parent.iterdir()) == sorted([aside.name, "state.toml"])
+
+
+async def test_a_good_state_file_is_reported_ok(
+    clock: trio.testing.MockClock, nursery: trio.Nursery, config: ManagerConfig
+) -> None:
+    async with running(_manager(config, FakeHost(nursery))) as manager:
+        assert manager.health_summary()["state"] == {
+            "status": "ok",
+            "moved_aside_to": None,
+            "error": None,
+        }
+
+
+async def test_a_state_file_that_cannot_be_moved_aside_stops_the_start(
+    nursery: trio.Nursery, config: ManagerConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = _write(config.state_file, b"version = 99")
+
+    def refuse(*args: object) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(os, "rename", refuse)
+    with pytest.raises(ConfigError, match=r"state_file: .* is unusable .* cannot be moved aside"):
+        await _manager(config, FakeHost(nursery)).run()
+    assert _read(state) == b"version = 99"
 
 
 async def test_restore_is_off_when_configured(

@@ -4,28 +4,24 @@ import socket
 
 import pytest
 
-from tei_manager.core.ports import TIME_WAIT_SECS, PortAllocator, probe_bindable
+from tei_manager.core.ports import PortAllocator, probe_bindable
 from tei_manager.errors import ErrorCode, LimitError
 
 
 class FakeHost:
-    """Ports something else on the host is bound to, and a hand-driven clock."""
+    """Ports something else on the host is bound to."""
 
     def __init__(self, busy: set[int] | None = None) -> None:
         self.busy = busy or set()
-        self.now = 1000.0
         self.probed: list[int] = []
 
     def probe(self, port: int) -> bool:
         self.probed.append(port)
         return port not in self.busy
 
-    def clock(self) -> float:
-        return self.now
-
 
 def allocator(host: FakeHost, start: int = 8080, end: int = 8089) -> PortAllocator:
-    return PortAllocator(start, end, probe=host.probe, clock=host.clock)
+    return PortAllocator(start, end, probe=host.probe)
 
 
 def test_lowest_free_port_first() -> None:
@@ -44,47 +40,46 @@ def test_skips_ports_busy_on_the_host() -> None:
     assert host.probed == [8080, 8082, 8083]
 
 
-def test_released_port_is_quarantined_for_time_wait() -> None:
+def test_released_ports_are_tried_last_oldest_first() -> None:
     host = FakeHost()
-    ports = allocator(host)
+    ports = allocator(host, 8080, 8084)
+    ports.release(8081)
     ports.release(8080)
-    assert ports.quarantined() == {8080}
-    assert ports.allocate() == 8081
-    host.now += TIME_WAIT_SECS - 0.001
-    assert ports.allocate() == 8081
-    host.now += 0.001
-    assert ports.quarantined() == frozenset()
+    assert ports.order() == [8082, 8083, 8084, 8081, 8080]
+    assert ports.allocate({8082, 8083, 8084}) == 8081
+    ports.release(8081)  # released again: back of the line
+    assert ports.order() == [8082, 8083, 8084, 8080, 8081]
+    ports.release(9999)  # outside the range: ignored
+    assert len(ports.order()) == 5
+
+
+def test_a_released_port_is_reused_rather_than_refused() -> None:
+    host = FakeHost()
+    ports = allocator(host, 8080, 8080)
+    ports.release(8080)
     assert ports.allocate() == 8080
 
 
-def test_release_again_restarts_the_quarantine() -> None:
-    host = FakeHost()
-    ports = allocator(host)
+def test_a_released_port_the_host_still_holds_is_skipped() -> None:
+    host = FakeHost(busy={8080})
+    ports = allocator(host, 8080, 8081)
     ports.release(8080)
-    host.now += 50
-    ports.release(8080)
-    host.now += 50
     assert ports.allocate() == 8081
-
-
-def test_custom_quarantine() -> None:
-    host = FakeHost()
-    ports = PortAllocator(8080, 8081, probe=host.probe, clock=host.clock, quarantine_secs=0)
-    ports.release(8080)
-    assert ports.allocate() == 8080
+    assert host.probed == [8081]
+    with pytest.raises(LimitError):
+        ports.allocate({8081})
 
 
 def test_exhausted_range_says_why() -> None:
     host = FakeHost(busy={8083})
     ports = allocator(host, 8080, 8083)
-    ports.release(8082)
+    ports.release(8082)  # released recently: still tried
     with pytest.raises(LimitError) as info:
-        ports.allocate({8080, 8081, 9000})
+        ports.allocate({8080, 8081, 8082, 9000})
     assert info.value.code is ErrorCode.PORT_ALLOCATION_FAILED
     assert info.value.http_status == 422
     assert str(info.value) == (
-        "no free port in 8080-8083: 2 used by instances or the manager, "
-        "1 released less than 60 s ago, 1 busy on the host"
+        "no free port in 8080-8083: 3 used by instances or the manager, 1 busy on the host"
     )
 
 
@@ -130,4 +125,28 @@ def test_real_probe_accepts_a_free_port() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     # Freed just now without ever listening: no TIME_WAIT, so it is bindable again.
+    assert probe_bindable(port) is True
+
+
+def _time_wait_port() -> int:
+    """A port whose listener is gone but whose server side of a connection is in
+    TIME_WAIT, as after an instance that served a client was stopped."""
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port: int = listener.getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port))
+        served, _ = listener.accept()
+        served.close()  # the server closes first: its side goes to TIME_WAIT
+        client.recv(1)  # sees the FIN
+        client.close()
+    return port
+
+
+def test_real_probe_accepts_a_port_in_time_wait() -> None:
+    port = _time_wait_port()
+    # A plain bind is refused, as an instance's SO_REUSEADDR bind is not.
+    with socket.socket() as plain, pytest.raises(OSError):
+        plain.bind(("127.0.0.1", port))
     assert probe_bindable(port) is True

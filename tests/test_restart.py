@@ -18,16 +18,17 @@ RUN = DesiredState.RUNNING
 
 def test_backoff_doubles_to_the_cap() -> None:
     policy = RestartPolicy()
-    assert [policy.backoff(n) for n in range(8)] == [1, 2, 4, 8, 16, 30, 30, 30]
+    assert [policy.backoff(n) for n in range(11)] == [1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300]
+    assert RestartPolicy(max_backoff_secs=30).backoff(5) == 30
     assert RestartPolicy(initial_backoff_secs=0.5, backoff_multiplier=3).backoff(2) == 4.5
 
 
 def test_backoff_never_overflows() -> None:
-    assert RestartPolicy().backoff(10_000) == 30.0
+    assert RestartPolicy().backoff(10_000) == 300.0
 
 
 def test_restart_delays_grow_while_the_instance_keeps_crashing() -> None:
-    tracker = RestartTracker(RestartPolicy(crash_loop_restarts=0))
+    tracker = RestartTracker(RestartPolicy(crash_loop_restarts=0, max_backoff_secs=30))
     delays = []
     now = 0.0
     for _ in range(7):
@@ -53,7 +54,7 @@ def test_the_first_crash_after_a_run_restarts_at_once() -> None:
     tracker.on_running(0)
     first = tracker.on_exit(5, desired=RUN)
     assert first == RestartDecision(
-        action=RestartAction.RESTART, delay_secs=0, reason="restart 1 in 300 s at once"
+        action=RestartAction.RESTART, delay_secs=0, reason="restarting at once"
     )
     delays = []
     now, decision = 5.0, first
@@ -72,7 +73,7 @@ def test_the_first_crash_after_a_run_restarts_at_once() -> None:
 def test_an_exit_before_ready_always_waits_the_backoff() -> None:
     tracker = RestartTracker(RestartPolicy())
     decision = tracker.on_exit(0, desired=RUN)  # never answered: a broken start, not a crash
-    assert (decision.delay_secs, decision.reason) == (1, "restart 1 in 300 s after 1 s backoff")
+    assert (decision.delay_secs, decision.reason) == (1, "crash loop: restart 1 within 300 s")
 
 
 def test_a_second_crash_within_the_window_waits_even_after_a_stable_run() -> None:
@@ -103,7 +104,8 @@ def test_crash_loop_gives_up() -> None:
     assert tracker.recent_restarts(40) == 5
     decision = tracker.on_exit(50, desired=RUN)
     assert decision == RestartDecision(
-        action=RestartAction.GIVE_UP, reason="crash loop: 5 restarts within 300 s"
+        action=RestartAction.GIVE_UP,
+        reason="crash loop: 5 restarts within 300 s (crash_loop_restarts = 5)",
     )
 
 
@@ -179,9 +181,34 @@ def test_policy_from_config(threshold: int) -> None:
     assert RestartPolicy.from_config(config).max_failures_before_restart == threshold
 
 
+def test_the_config_s_restart_fields_make_the_policy() -> None:
+    config = ManagerConfig(
+        state_file="/s",
+        log_dir="/l",
+        restart_backoff_initial_secs=0.5,
+        restart_backoff_max_secs=8,
+        crash_loop_restarts=4,
+        crash_loop_window_secs=60,
+    )
+    policy = RestartPolicy.from_config(config)
+    assert [policy.backoff(n) for n in range(6)] == [0.5, 1, 2, 4, 8, 8]
+    assert (policy.crash_loop_restarts, policy.crash_loop_window_secs) == (4, 60)
+    # The defaults agree with the config's.
+    assert (
+        RestartPolicy.from_config(ManagerConfig(state_file="/s", log_dir="/l")) == RestartPolicy()
+    )
+
+
+def test_zero_crash_loop_restarts_keeps_trying_for_ever() -> None:
+    tracker = RestartTracker(RestartPolicy(crash_loop_restarts=0))
+    decisions = [tracker.on_exit(t * 0.1, desired=RUN) for t in range(1000)]
+    assert {d.action for d in decisions} == {RestartAction.RESTART}
+    assert decisions[-1].delay_secs == 300
+
+
 async def test_supervisor_like_loop_gives_up_at_an_exact_time(autojump_clock: object) -> None:
     """Drive the policy with Trio's clock the way the supervisor does: crash at once."""
-    tracker = RestartTracker(RestartPolicy())
+    tracker = RestartTracker(RestartPolicy(crash_loop_restarts=5))
     start = trio.current_time()
     spawned_at = []
     while True:

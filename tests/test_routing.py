@@ -1,4 +1,5 @@
-"""Router.choose_model: an inference request's ``model`` as instance name, alias or model id."""
+"""The router's choice of replica (pure): balance, passing over a failed replica, and
+an inference request's ``model`` as instance name, alias or model id."""
 
 from __future__ import annotations
 
@@ -9,8 +10,101 @@ import pytest
 from tei_manager.config import InstanceConfig
 from tei_manager.core.instances import InstanceStatus, InstanceTable
 from tei_manager.core.ports import PortAllocator
-from tei_manager.core.routing import Router
+from tei_manager.core.routing import SUSPECT_SECS, Router
 from tei_manager.errors import ErrorCode, TeiError
+
+MODEL = "m/x"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _table(*names: str) -> InstanceTable:
+    table = InstanceTable(PortAllocator(20000, 20100, probe=lambda port: True))
+    for pid, name in enumerate(names, start=1):
+        record = table.add(InstanceConfig(name=name, model_id=MODEL), created_at=datetime.now(UTC))
+        record.status = InstanceStatus.RUNNING
+        record.pid = pid
+    return table
+
+
+def _picks(router: Router, count: int) -> list[str]:
+    return [router.choose(("model_id", MODEL)).name for _ in range(count)]
+
+
+def test_idle_replicas_alternate() -> None:
+    assert _picks(Router(_table("a", "b", "c")), 6) == ["a", "b", "c", "a", "b", "c"]
+
+
+def test_a_suspect_replica_is_passed_over_until_its_time_is_up() -> None:
+    clock = Clock()
+    router = Router(_table("a", "b", "c"), clock=clock)
+    router.suspect("b", 2)
+    assert router.suspected("b")
+    assert "b" not in _picks(router, 6)
+    clock.now += SUSPECT_SECS
+    assert not router.suspected("b")
+    assert "b" in _picks(router, 3)
+
+
+def test_a_new_process_or_a_working_connection_clears_the_suspicion() -> None:
+    table = _table("a", "b")
+    router = Router(table, clock=Clock())
+    router.suspect("a", 1)
+    table.get("a").pid = 7  # restarted
+    assert "a" in _picks(router, 2)
+    router.suspect("b", 2)
+    router.cleared("b")
+    assert "b" in _picks(router, 2)
+
+
+def test_when_every_replica_is_suspect_one_is_still_tried() -> None:
+    router = Router(_table("a", "b"), clock=Clock())
+    router.suspect("a", 1)
+    router.suspect("b", 2)
+    assert set(_picks(router, 4)) == {"a", "b"}
+
+
+def test_suspicion_does_not_affect_routing_by_name() -> None:
+    router = Router(_table("a", "b"), clock=Clock())
+    router.suspect("a", 1)
+    assert router.choose(("instance_name", "a")).name == "a"
+
+
+def test_alternative_is_another_running_replica_preferring_trusted_ones() -> None:
+    table = _table("a", "b", "c")
+    router = Router(table, clock=Clock())
+    router.suspect("b", 2)
+    for _ in range(3):
+        found = router.alternative(MODEL, "a")
+        assert found is not None and found.name == "c"
+    table.get("c").status = InstanceStatus.STOPPED
+    found = router.alternative(MODEL, "a")
+    assert found is not None and found.name == "b"  # suspect, but the only one left
+    table.get("b").status = InstanceStatus.STOPPED
+    assert router.alternative(MODEL, "a") is None
+
+
+def test_alternative_goes_to_the_least_busy() -> None:
+    router = Router(_table("a", "b", "c"), clock=Clock())
+    router.begin("b")
+    found = router.alternative(MODEL, "a")
+    assert found is not None and found.name == "c"
+
+
+def test_no_running_replica_says_what_each_is_doing() -> None:
+    table = _table("a")
+    table.get("a").status = InstanceStatus.STOPPED
+    with pytest.raises(TeiError, match='"a" is stopped'):
+        Router(table).choose(("model_id", MODEL))
+
+
+# -- choose_model: an inference request's ``model`` as instance name, alias or model id
 
 
 @pytest.fixture

@@ -103,3 +103,29 @@ def test_the_cli_runs_serve(tmp_path: Path) -> None:
     )
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and "nope.toml" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("auth", "field"),
+    [
+        (
+            '[auth]\nenabled = true\nproviders = ["mtls"]\nrequire_cert_headers = true\n'
+            'trusted_proxies = ["127.0.0.1"]\n[auth.mtls]\nca_cert = "{dir}/none.pem"\n',
+            "auth.mtls.ca_cert: cannot read",
+        ),
+        (
+            '[auth]\nenabled = true\nproviders = ["api_key"]\n[auth.api_key]\n'
+            'keys = [{{ name = "a", scopes = ["read"], env = "TEI_TEST_UNSET_KEY" }}]\n',
+            "auth.api_key.keys[0].env: TEI_TEST_UNSET_KEY is not set",
+        ),
+        (
+            '[auth.mtls]\nserver_cert = "{dir}/config.toml"\nserver_key = "{dir}/config.toml"\n',
+            "auth.mtls.server_cert: cannot load",
+        ),
+    ],
+)
+def test_unusable_security_files_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], auth: str, field: str
+) -> None:
+    assert main(str(_config(tmp_path, auth.format(dir=tmp_path)))) == 2
+    assert _one_line(capsys).startswith(f"tei-manager: {field}")

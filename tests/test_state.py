@@ -18,10 +18,12 @@ from tei_manager.manager.state import (
     LoadedState,
     PersistedInstance,
     PersistedState,
+    StateFileReport,
     decode_state,
     encode_state,
     load_state,
     merge_seeds,
+    remove_stale_temp_files,
     save_state,
     state_from_instances,
 )
@@ -231,6 +233,25 @@ def test_crash_mid_write_leaves_old_file_and_a_harmless_temp(
     assert load_state(path) == LoadedState(state=FULL)
 
 
+def test_stale_temp_files_are_removed_and_nothing_else(tmp_path: Path) -> None:
+    path = tmp_path / "state.toml"
+    save_state(path, FULL)
+    stale = [tmp_path / ".state.toml.0a1b2c3d.tmp", tmp_path / ".state.toml.ffffffff.tmp"]
+    for tmp in stale:
+        tmp.write_bytes(b"half a save")
+    keep = [
+        tmp_path / ".other.toml.0a1b2c3d.tmp",  # another state file's
+        tmp_path / "state.toml.corrupt-20250115T103000Z",
+        tmp_path / "state.toml.runtime",
+    ]
+    for other in keep:
+        other.write_bytes(b"x")
+    assert sorted(remove_stale_temp_files(path)) == sorted(map(str, stale))
+    assert sorted(os.listdir(tmp_path)) == sorted([p.name for p in keep] + ["state.toml"])
+    assert remove_stale_temp_files(path) == []
+    assert load_state(path) == LoadedState(state=FULL)
+
+
 def test_unwritable_directory_raises_io_error(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("")
@@ -254,7 +275,11 @@ def test_corrupt_file_is_moved_aside_and_logged(
     with caplog.at_level(logging.ERROR, logger="tei_manager.manager.state"):
         loaded = load_state(path, now=T0)
     aside = tmp_path / "state.toml.corrupt-20250115T103000Z"
-    assert loaded == LoadedState(state=PersistedState(), corrupt=True, moved_to=str(aside))
+    assert (loaded.state, loaded.corrupt, loaded.moved_to) == (PersistedState(), True, str(aside))
+    assert (loaded.error or "").startswith("Expected")  # what TOML found wrong
+    assert loaded.report() == StateFileReport(
+        status="moved_aside", moved_aside_to=str(aside), error=loaded.error
+    )
     assert not path.exists()
     assert aside.read_bytes() == b"[[instances]\ngarbage"  # nothing is lost
     assert "state.toml is unusable" in caplog.text and str(aside) in caplog.text
@@ -285,7 +310,8 @@ def test_corrupt_file_that_cannot_be_moved_is_reported(
     monkeypatch.setattr(os, "rename", refuse)
     with caplog.at_level(logging.ERROR, logger="tei_manager.manager.state"):
         loaded = load_state(path)
-    assert loaded == LoadedState(state=PersistedState(), corrupt=True, moved_to=None)
+    assert (loaded.state, loaded.corrupt, loaded.moved_to) == (PersistedState(), True, None)
+    assert loaded.error == "version 99 is not supported (expected 1)"
     assert path.read_bytes() == b"version = 99"
     assert "could not be moved aside" in caplog.text
 
@@ -331,7 +357,7 @@ def test_merged_seeds_round_trip() -> None:
 
 
 def test_state_from_registry() -> None:
-    ports = PortAllocator(8080, 8090, probe=lambda port: True, clock=lambda: 0.0)
+    ports = PortAllocator(8080, 8090, probe=lambda port: True)
     registry = InstanceTable(ports)
     registry.add(InstanceConfig(name="z", model_id="org/z"), created_at=T0)
     registry.add(

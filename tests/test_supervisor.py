@@ -8,9 +8,11 @@ process ended.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import trio
@@ -125,22 +127,46 @@ async def test_readiness_is_polled_finely_by_default(
     assert record.status is S.RUNNING
 
 
-async def test_startup_timeout_fails_with_the_log_tail(
+async def test_a_startup_timeout_restarts_with_backoff(
+    clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    host = FakeHost(nursery, ready_after=NEVER)
+    record = _record(startup_timeout_secs=3.0)  # the instance's own timeout wins
+    await nursery.start(_runner(host, record).run)
+    await trio.sleep_until(3.5)
+    assert host.current("a").exited_at == 3.0
+    assert host.current("a").signals == ["SIGTERM"]
+    assert (record.status, record.pid, record.restarts) == (S.STARTING, None, 1)
+    error = record.last_error or ""
+    assert error.startswith(
+        "not ready within 3 s (UNAVAILABLE: model loading); "
+        "crash loop: restart 1 within 300 s, next try in 1 s (at "
+    )
+    await trio.sleep_until(20)
+    # Timed out at 3, 7, 12: each try waits the doubled backoff first.
+    assert host.spawn_times("a") == [0.0, 4.0, 9.0, 16.0]
+
+
+async def test_a_configured_crash_loop_limit_fails_with_the_log_tail(
     clock: trio.testing.MockClock, nursery: trio.Nursery, tmp_path: Path
 ) -> None:
     log = tmp_path / "a.log"
     log.write_text("".join(f"line {i}\n" for i in range(30)))
     host = FakeHost(nursery, ready_after=NEVER)
-    record = _record(startup_timeout_secs=3.0)  # the instance's own timeout wins
+    record = _record(startup_timeout_secs=3.0)
     changes = Changes()
-    await nursery.start(_runner(host, record, log_path=log, on_change=changes.notify).run)
+    policy = RestartPolicy(crash_loop_restarts=1)
+    runner = _runner(host, record, policy=policy, log_path=log, on_change=changes.notify)
+    await nursery.start(runner.run)
     # The log is read in a thread, while the mock clock may jump: wait for the outcome.
     await changes.wait_for(lambda: record.status is S.FAILED)
-    assert host.current("a").exited_at == 3.0
-    assert host.current("a").signals == ["SIGTERM"]
-    assert len(host.processes["a"]) == 1  # a start-up timeout is not retried
+    assert host.spawn_times("a") == [0.0, 4.0]  # timed out at 3, then at 7: given up
+    assert host.current("a").exited_at == 7.0
     error = record.last_error or ""
-    assert error.startswith("not ready within 3 s (UNAVAILABLE: model loading)")
+    assert error.startswith(
+        "not ready within 3 s (UNAVAILABLE: model loading): line 29; crash loop: "
+        "1 restarts within 300 s (crash_loop_restarts = 1); last log lines:\n"
+    )
     assert error.endswith("\n".join(f"line {i}" for i in range(10, 30)))
     assert "line 9\n" not in error
 
@@ -176,16 +202,21 @@ async def test_a_first_crash_restarts_at_once_then_backoff_grows_exactly(
     assert record.last_error == "process exited with code 1; restarting at once"
 
     await trio.sleep_until(6.01)  # spawned at 5, running since 6
-    assert (record.status, record.last_error) == (S.RUNNING, None)
+    assert (record.status, record.last_error, record.next_restart_at) == (S.RUNNING, None, None)
     await trio.sleep_until(8.0)
     host.current("a").exit(-11)  # the second crash within the window → 1 s backoff
     await trio.sleep_until(8.5)
     assert (record.status, record.pid, record.restarts) == (S.STARTING, None, 2)
+    assert record.next_restart_at is not None
     await trio.sleep_until(9.5)  # spawned at 9, still loading
     assert record.status is S.STARTING
     host.current("a").exit(1)  # an exit during start-up is a crash too → 2 s backoff
     await trio.sleep_until(9.6)
-    assert record.last_error == ("process exited with code 1 during start-up; restarting in 2 s")
+    assert (record.last_error or "").startswith(
+        "process exited with code 1 during start-up; "
+        "crash loop: restart 3 within 300 s, next try in 2 s (at "
+    )
+    assert record.next_restart_at is not None
 
     await trio.sleep_until(100)
     assert host.spawn_times("a") == [0.0, 5.0, 9.0, 11.5]
@@ -195,7 +226,7 @@ async def test_a_first_crash_restarts_at_once_then_backoff_grows_exactly(
     assert host.overlaps == 0
 
 
-async def test_a_crash_loop_fails_the_instance(
+async def test_a_crash_loop_fails_the_instance_when_configured(
     clock: trio.testing.MockClock, nursery: trio.Nursery, tmp_path: Path
 ) -> None:
     log = tmp_path / "a.log"
@@ -214,7 +245,8 @@ async def test_a_crash_loop_fails_the_instance(
     assert record.pid is None
     error = record.last_error or ""
     assert error.startswith(
-        "process exited with code 3 during start-up; crash loop: 3 restarts within 300 s"
+        "process exited with code 3 during start-up: RuntimeError: CUDA out of memory; "
+        "crash loop: 3 restarts within 300 s (crash_loop_restarts = 3); last log lines:"
     )
     assert error.endswith("RuntimeError: CUDA out of memory")
 
@@ -389,7 +421,7 @@ async def test_two_starts_spawn_one_process(
     runner = _runner(host, record)
     await nursery.start(runner.run)
     assert host.processes["a"] == []
-    record.status = S.STARTING  # as the registry does
+    record.mark_start_requested()  # as the registry does
     runner.request_start()
     runner.request_start()
     await trio.sleep_until(10)
@@ -453,3 +485,126 @@ async def test_a_restart_of_a_failed_instance_forgives_the_crash_loop(
     await trio.sleep_until(200)
     assert record.status is S.RUNNING
     assert host.spawn_times("a")[-1] == 100.0
+
+
+# -- self-healing -------------------------------------------------------------------------------
+async def test_by_default_a_crash_loop_never_gives_up(
+    clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    host = FakeHost(nursery, ready_after=NEVER, crash_after=0.5)
+    record = _record()
+    policy = RestartPolicy()  # the manager's defaults: 1 s doubling to 300 s, no limit
+    await nursery.start(_runner(host, record, policy=policy).run)
+    await trio.sleep_until(3000)
+    spawned = host.spawn_times("a")
+    gaps = [round(b - a - 0.5, 3) for a, b in itertools.pairwise(spawned)]
+    assert gaps[:10] == [1, 2, 4, 8, 16, 32, 64, 128, 256, 300]
+    assert set(gaps[9:]) == {300}  # capped, and still trying
+    assert record.status is S.STARTING
+    assert record.next_restart_at is not None
+    assert "crash loop: restart " in (record.last_error or "")
+    # Once the cause is gone, it comes back by itself at the next try.
+    host.crash_after = None
+    host.ready_after = 1.0
+    await trio.sleep_until(3400)
+    assert (record.status, record.next_restart_at, record.last_error) == (S.RUNNING, None, None)
+
+
+async def test_a_kill_from_outside_is_a_crash(
+    clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    host = FakeHost(nursery, ready_after=1.0)
+    record = _record()
+    metrics = ManagerMetrics()
+    await nursery.start(_runner(host, record, metrics=metrics).run)
+    await trio.sleep_until(5.0)
+    host.current("a").kill()  # SIGKILL by someone else (the OOM killer, an operator)
+    await trio.sleep_until(5.01)
+    assert record.last_error == "process killed by SIGKILL; restarting at once"
+    await trio.sleep_until(10)
+    assert host.spawn_times("a") == [0.0, 5.0]
+    assert (record.status, record.restarts) == (S.RUNNING, 1)
+    assert metrics.statistics().restarts["crash"] == 1
+
+
+class GatedBlocking:
+    """A ``run_blocking`` that holds each call until the test opens the gate."""
+
+    def __init__(self) -> None:
+        self.gate = trio.Event()
+        self.calls = 0
+
+    async def __call__(self, fn: Callable[[], T]) -> T:
+        self.calls += 1
+        await self.gate.wait()
+        return fn()
+
+
+T = TypeVar("T")
+
+
+@pytest.mark.parametrize("crash_loop_restarts", [0, 1])
+async def test_an_exit_makes_the_instance_unroutable_at_once(
+    clock: trio.testing.MockClock, nursery: trio.Nursery, tmp_path: Path, crash_loop_restarts: int
+) -> None:
+    log = tmp_path / "a.log"
+    log.write_text("Traceback (most recent call last):\nOSError: no such model\n")
+    host = FakeHost(nursery, ready_after=1.0)
+    record = _record()
+    seen: list[tuple[InstanceStatus, int | None]] = []
+    blocking = GatedBlocking()
+    runner = InstanceRunner(
+        record,
+        spawn=host.spawn,
+        probe=host.probe,
+        settings=SETTINGS,
+        policy=RestartPolicy(crash_loop_restarts=crash_loop_restarts),
+        metrics=ManagerMetrics(),
+        on_change=lambda: seen.append((record.status, record.pid)),
+        log_path=log,
+        run_blocking=blocking,
+    )
+    await nursery.start(runner.run)
+    await trio.sleep_until(1.01)
+    assert record.status is S.RUNNING
+    # A second crash, so that a limit of 1 gives up, and both read the log.
+    host.current("a").exit(1)
+    await trio.sleep_until(1.5)  # spawned again at once, still starting
+    seen.clear()
+    host.current("a").exit(1)  # died while starting: its log is read, slowly
+    await trio.testing.wait_all_tasks_blocked()
+    # The log read (and with it the decision) is still pending, yet the record
+    # already says the process is gone, and said so in the first notification.
+    assert blocking.calls == 1
+    assert (record.status, record.pid) == (S.STARTING, None)
+    assert seen[0] == (S.STARTING, None)
+    blocking.gate.set()
+    await trio.sleep_until(3)
+    assert record.status is (S.FAILED if crash_loop_restarts else S.STARTING)
+    assert all(status is not S.RUNNING or pid is not None for status, pid in seen)
+
+
+async def test_a_startup_crash_quotes_the_log_s_error_line(
+    clock: trio.testing.MockClock, nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    log = tmp_path / "a.log"
+    log.write_text(
+        "--- tei-manager 2026-01-01T00:00:00Z: starting old run\n"
+        "ValueError: from an older run\n"
+        "--- tei-manager 2026-01-01T00:01:00Z: starting python -m tei_manager worker\n"
+        "Traceback (most recent call last):\n"
+        '  File "x.py", line 1, in <module>\n'
+        "OSError: /tmp/nonexistent does not appear to have a file named config.json\n"
+        "\n"
+    )
+    host = FakeHost(nursery, ready_after=NEVER, crash_after=0.5)
+    record = _record()
+    changes = Changes()
+    runner = _runner(host, record, log_path=log, on_change=changes.notify)
+    await nursery.start(runner.run)
+    await changes.wait_for(lambda: record.restarts == 1)
+    assert (record.last_error or "").startswith(
+        "process exited with code 3 during start-up: "
+        "OSError: /tmp/nonexistent does not appear to have a file named config.json; "
+        "crash loop: restart 1 within 300 s, next try in 1 s"
+    )

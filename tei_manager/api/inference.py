@@ -24,6 +24,7 @@ from quart_trio.wrappers.request import TrioRequest
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from tei_manager.api.routes import JSON
+from tei_manager.auth.identity import Scope
 from tei_manager.errors import from_msgspec_error
 from tei_manager.gateway.errors import InferenceError, Kind
 
@@ -44,7 +45,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 #: The auth scope of every inference route.
-INFERENCE_SCOPE: Final = "inference"
+INFERENCE_SCOPE: Final = Scope.INFERENCE
 #: Paths the inference routes live under (their bodies get the larger limit).
 INFERENCE_PREFIXES: Final = ("/v1/", "/tei/")
 # A body of 2048 inputs (OpenAI's most per request) of a few KB each; TEI's own

@@ -16,6 +16,7 @@ from tei_manager import __version__
 from tei_manager.api.inference import inference_openapi
 from tei_manager.api.inference_doors import DOOR_ROUTES
 from tei_manager.api.routes import JSON, OPERATIONS, Operation
+from tei_manager.config import HUB_ID_SCHEMA, NAME_SCHEMA
 from tei_manager.errors import ERROR_TABLE, ErrorBody, ErrorCode
 
 __all__ = ["build_openapi", "openapi_json"]
@@ -37,10 +38,16 @@ _STATUS_TEXT: Final = {
 }
 
 
+# Path parameters: description and schema, the rules the server checks.
 _PATH_PARAMETERS: Final = {
-    "name": "instance name",
-    "model_id": "Hugging Face model id (org/name); its '/' may be sent raw or as %2F",
+    "name": ("instance name", {"type": "string", **NAME_SCHEMA}),
+    "model_id": (
+        "Hugging Face model id (org/name); its '/' may be sent raw or as %2F",
+        {"type": "string", **HUB_ID_SCHEMA},
+    ),
 }
+# Log slice bounds: an optional sign and at most 18 digits (app.py's _INT_RE).
+_SLICE_BOUND: Final = 10**18 - 1
 
 
 def _error_responses(codes: Iterable[ErrorCode]) -> dict[str, Any]:
@@ -66,10 +73,13 @@ def _operation(op: Operation, schemas: dict[object, Any]) -> dict[str, Any]:
         success["content"] = {JSON: {"schema": {"type": "object"}}}
     else:
         success["content"] = {op.content_type: {"schema": {"type": "string"}}}
+    responses = {str(op.status): success}
+    for status, description in op.also:
+        responses[str(status)] = {**success, "description": description}
     doc: dict[str, Any] = {
         "operationId": op.endpoint,
         "summary": op.summary,
-        "responses": {str(op.status): success, **_error_responses(op.errors)},
+        "responses": {**responses, **_error_responses(op.errors)},
     }
     parameters: list[dict[str, Any]] = [
         {
@@ -77,9 +87,9 @@ def _operation(op: Operation, schemas: dict[object, Any]) -> dict[str, Any]:
             "in": "path",
             "required": True,
             "description": description,
-            "schema": {"type": "string"},
+            "schema": schema,
         }
-        for name, description in _PATH_PARAMETERS.items()
+        for name, (description, schema) in _PATH_PARAMETERS.items()
         if f"{{{name}}}" in op.path
     ]
     parameters.extend(
@@ -88,7 +98,7 @@ def _operation(op: Operation, schemas: dict[object, Any]) -> dict[str, Any]:
             "in": "query",
             "required": False,
             "description": q.description,
-            "schema": {"type": "integer"},
+            "schema": {"type": "integer", "minimum": -_SLICE_BOUND, "maximum": _SLICE_BOUND},
         }
         for q in op.query
     )

@@ -65,6 +65,7 @@ class Operation(NamedTuple):
     request: object = None  # msgspec type of the JSON request body, if any
     errors: tuple[ErrorCode, ...] = ()
     query: tuple[QueryParam, ...] = ()
+    also: tuple[tuple[int, str], ...] = ()  # other success statuses, same body
 
 
 _NOT_FOUND = (ErrorCode.INSTANCE_NOT_FOUND,)
@@ -135,6 +136,7 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
         201, ModelInfo,
         request=AddModelRequest,
         errors=(*BODY_ERRORS, ErrorCode.INVALID_MODEL_ID, ErrorCode.MODEL_BUSY),
+        also=((200, "Already known: the model as it is"),),
     ),
     Operation(
         "get_model", "GET", "/models/{model_id}", "Get one model, with its download progress",

@@ -6,15 +6,19 @@ before anything else starts, and the socket options are ours (SO_REUSEADDR so a
 restart need not wait out TIME_WAIT; never SO_REUSEPORT, so a second manager
 cannot silently share the port).
 
-Shutdown is Hypercorn's: once ``shutdown`` is set the listener closes (new
-connections are refused), idle keep-alive connections close, and requests in
-flight get ``drain_timeout_secs`` to finish before they are cancelled.
+Connections are Hypercorn's: ``Connection: close`` and HTTP/1.0 are honoured, and
+an idle keep-alive connection closes after ``api_keep_alive_timeout_secs``
+(:mod:`tei_manager.api.exchange` keeps Quart-Trio from cutting either short).
+Shutdown is Hypercorn's too: once ``shutdown`` is set the listener closes (new
+connections are refused), idle keep-alive connections close at once, and requests
+in flight get ``drain_timeout_secs`` to finish before they are cancelled.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
+import ssl
 from functools import partial
 
 import trio
@@ -22,7 +26,9 @@ from hypercorn.config import Config, Sockets
 from hypercorn.trio import serve
 
 from tei_manager.api.app import create_app
+from tei_manager.api.auth import capture_peer_certificates
 from tei_manager.api.facade import ManagerFacade
+from tei_manager.auth.security import Security, build_security
 from tei_manager.gateway.relay import Gateway
 
 __all__ = ["serve_api"]
@@ -31,15 +37,26 @@ log = logging.getLogger(__name__)
 
 
 class _PreboundConfig(Config):
-    """A Hypercorn config that serves on an already bound socket."""
+    """A Hypercorn config that serves on an already bound socket, with our TLS context.
 
-    def __init__(self, sock: socket.socket) -> None:
+    The context is ours (not one Hypercorn builds from file names) so that
+    certificates can be reloaded into it while it serves, and so that it notes
+    client certificates for the auth hook.
+    """
+
+    def __init__(self, sock: socket.socket, ssl_context: ssl.SSLContext | None) -> None:
         super().__init__()
         self._sock = sock
+        self._ssl_context = ssl_context
 
     def create_sockets(self) -> Sockets:
         # Hypercorn listens on these and closes them when it stops serving.
+        if self._ssl_context is not None:
+            return Sockets(secure_sockets=[self._sock], insecure_sockets=[], quic_sockets=[])
         return Sockets(secure_sockets=[], insecure_sockets=[self._sock], quic_sockets=[])
+
+    def create_ssl_context(self) -> ssl.SSLContext | None:
+        return self._ssl_context
 
 
 async def _bind(host: str, port: int) -> socket.socket:
@@ -68,9 +85,13 @@ async def serve_api(
     shutdown: trio.Event | None = None,
     drain_timeout_secs: float | None = None,
     gateway: Gateway | None = None,
+    security: Security | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the REST API for ``manager`` on ``host:port``; hands back the bound port.
+
+    ``security`` (default: built from ``manager.config``) decides who may call
+    what; when it has TLS contexts the port serves HTTPS.
 
     Start it with ``port = await nursery.start(serve_api, manager, host, port)``:
     the port is handed back (and ``manager.mark_listening()`` called) only once
@@ -80,11 +101,16 @@ async def serve_api(
     ``graceful_shutdown_timeout_secs``), and returns. With a ``gateway`` it also
     serves the HTTP inference routes (OpenAI's ``/v1/*``, TEI's ``/tei/{model}/*``).
     """
+    if security is None:
+        security = build_security(manager.config, manager.metrics.prometheus)
+    ssl_context = None
+    if security.tls is not None:
+        ssl_context = capture_peer_certificates(security.tls.rest_context)
     sock = await _bind(host, port)
     # Closing twice is harmless: this only matters if Hypercorn never took the socket.
     with sock:
         bound_port: int = sock.getsockname()[1]
-        config = _PreboundConfig(sock)
+        config = _PreboundConfig(sock, ssl_context)
         config.bind = [f"{host}:{bound_port}"]
         config.graceful_timeout = (
             manager.config.graceful_shutdown_timeout_secs
@@ -92,10 +118,12 @@ async def serve_api(
             else drain_timeout_secs
         )
         # Through our logging setup (text or JSON lines), not Hypercorn's own stderr handler.
+        # Idle keep-alive connections close after this, and at once on shutdown.
+        config.keep_alive_timeout = manager.config.api_keep_alive_timeout_secs
         config.errorlog = logging.getLogger("hypercorn.error")
         config.accesslog = None
         config.include_server_header = False
-        app = create_app(manager, gateway)
+        app = create_app(manager, security, gateway)
         async with trio.open_nursery() as nursery:
             await nursery.start(
                 partial(
@@ -105,6 +133,11 @@ async def serve_api(
                     shutdown_trigger=shutdown.wait if shutdown is not None else None,
                 )
             )
-            log.info("REST API listening on %s port %d", host, bound_port)
+            log.info(
+                "REST API listening on %s port %d%s",
+                host,
+                bound_port,
+                " (TLS)" if ssl_context is not None else "",
+            )
             manager.mark_listening()
             task_status.started(bound_port)

@@ -2,8 +2,9 @@
 
 Pure and synchronous: every decision (name taken? port taken? limit reached? which
 port?) happens inside one method call with no await, so callers on the Trio side
-need no lock. The supervisor mutates an :class:`InstanceRecord`'s runtime fields;
-the REST API reads :class:`InstanceInfo` snapshots.
+need no lock. The supervisor moves an :class:`InstanceRecord` from status to status through its
+``mark_*`` methods only (so a status, its pid and its times always agree); the
+REST API reads :class:`InstanceInfo` snapshots.
 """
 
 from __future__ import annotations
@@ -35,7 +36,10 @@ class InstanceStatus(enum.StrEnum):
     RUNNING = "running"
     STOPPING = "stopping"
     STOPPED = "stopped"
-    FAILED = "failed"  # startup timeout, crash loop or spawn error; last_error says which
+    # Startup timeout, spawn error, or a crash loop when crash_loop_restarts is set;
+    # last_error says which. A crash-looping instance waiting out its backoff is
+    # "starting", with next_restart_at set.
+    FAILED = "failed"
 
 
 class DesiredState(enum.StrEnum):
@@ -68,14 +72,18 @@ class InstanceInfo(msgspec.Struct, frozen=True, kw_only=True):
     max_batch_tokens: int
     max_concurrent_requests: int
     last_error: str | None
+    # When the supervisor spawns the process again (a crash loop's backoff), else null.
+    next_restart_at: datetime | None = None
     served_model_name: str | None = None
 
 
 class InstanceRecord(msgspec.Struct, kw_only=True):
     """One registered instance: its config (ports resolved) and its runtime state.
 
-    Mutable on purpose: the supervisor owns the runtime fields and updates them in
-    place, through the ``mark_*`` methods or directly.
+    Mutable on purpose, but only through its methods: ``status``, ``pid``,
+    ``started_at``, ``next_restart_at`` and ``restarts`` change together in one
+    ``mark_*`` call, so no reader ever sees a status with a stale pid. In particular
+    a record whose process has exited is never ``running``.
     """
 
     config: InstanceConfig
@@ -88,6 +96,7 @@ class InstanceRecord(msgspec.Struct, kw_only=True):
     last_health_check: datetime | None = None
     last_error: str | None = None
     started_at: datetime | None = None  # when the current process was spawned
+    next_restart_at: datetime | None = None  # set while waiting out a restart backoff
 
     @property
     def name(self) -> str:
@@ -125,14 +134,22 @@ class InstanceRecord(msgspec.Struct, kw_only=True):
             max_batch_tokens=c.max_batch_tokens,
             max_concurrent_requests=c.max_concurrent_requests,
             last_error=self.last_error,
+            next_restart_at=self.next_restart_at,
             served_model_name=c.served_model_name,
         )
+
+    # -- transitions: the only places the runtime fields change ------------------------
+    def mark_start_requested(self) -> None:
+        """A process is wanted and will be spawned as soon as nothing stands in the way."""
+        self._no_process(InstanceStatus.STARTING)
+        self.last_error = None
 
     def mark_starting(self, pid: int, now: datetime) -> None:
         """A process was spawned; its readiness is not known yet."""
         self.status = InstanceStatus.STARTING
         self.pid = pid
         self.started_at = now
+        self.next_restart_at = None
         self.health_check_failures = 0
 
     def mark_running(self) -> None:
@@ -140,27 +157,54 @@ class InstanceRecord(msgspec.Struct, kw_only=True):
         self.status = InstanceStatus.RUNNING
         self.last_error = None
 
+    def mark_exited(self, error: str) -> None:
+        """The process ended by itself: not routable from this moment on.
+
+        A starting or running instance turns ``starting`` (the supervisor decides
+        next whether to restart it, and when); a stopping one stays ``stopping``.
+        """
+        status = self.status
+        if status in (InstanceStatus.STARTING, InstanceStatus.RUNNING):
+            status = InstanceStatus.STARTING
+        self._no_process(status)
+        self.last_error = error
+
+    def mark_restarting(self, error: str, *, next_restart_at: datetime | None) -> None:
+        """The supervisor restarts the instance after a crash or failed checks:
+        ``starting`` with no process until ``next_restart_at`` (None: at once)."""
+        self._no_process(InstanceStatus.STARTING)
+        self.restarts += 1
+        self.last_error = error
+        self.next_restart_at = next_restart_at
+
+    def mark_restart_requested(self) -> None:
+        """The user restarts a live process: it is being ended, and counts as a restart."""
+        self.restarts += 1
+        self.status = InstanceStatus.STOPPING
+
     def mark_stopping(self) -> None:
         """The process was asked to exit."""
         self.status = InstanceStatus.STOPPING
 
     def mark_stopped(self) -> None:
         """No process runs, as wanted."""
-        self.status = InstanceStatus.STOPPED
-        self.pid = None
-        self.started_at = None
+        self._no_process(InstanceStatus.STOPPED)
 
     def mark_failed(self, error: str) -> None:
         """No process runs and none will be started again until asked."""
-        self.status = InstanceStatus.FAILED
-        self.pid = None
-        self.started_at = None
+        self._no_process(InstanceStatus.FAILED)
         self.last_error = error
 
     def record_health_check(self, ok: bool, now: datetime) -> None:
         """Count a health check: a pass resets the consecutive failure count."""
         self.last_health_check = now
         self.health_check_failures = 0 if ok else self.health_check_failures + 1
+
+    def _no_process(self, status: InstanceStatus) -> None:
+        self.status = status
+        self.pid = None
+        self.started_at = None
+        self.next_restart_at = None
 
 
 class InstanceTableStatistics(msgspec.Struct, frozen=True, kw_only=True):
@@ -251,7 +295,7 @@ class InstanceTable:
         return record
 
     def remove(self, name: str) -> InstanceRecord:
-        """Unregister ``name``; its ports go into the TIME_WAIT quarantine."""
+        """Unregister ``name``; its ports are tried last by the allocator from now on."""
         record = self.get(name)
         del self._records[name]
         for port in record.ports():
@@ -325,8 +369,13 @@ class InstanceTable:
             )
         record.desired = DesiredState.RUNNING
         if record.status is not InstanceStatus.STOPPING:
-            record.status = InstanceStatus.STARTING
-            record.last_error = None
+            record.mark_start_requested()
+        return record
+
+    def request_restart(self, name: str) -> InstanceRecord:
+        """The user wants ``name`` running afresh, whatever its status (the runner acts)."""
+        record = self.get(name)
+        record.desired = DesiredState.RUNNING
         return record
 
     def request_stop(self, name: str) -> InstanceRecord:
@@ -342,7 +391,7 @@ class InstanceTable:
             )
         record.desired = DesiredState.STOPPED
         if record.status is InstanceStatus.FAILED:
-            record.status = InstanceStatus.STOPPED
+            record.mark_stopped()
         return record
 
     def _check_port_free(self, field: str, port: int) -> None:

@@ -9,11 +9,19 @@ it never holds more than one chunk plus the lines it returns.
 from __future__ import annotations
 
 import os
+import re
 from typing import BinaryIO, Final
 
 import msgspec
 
-__all__ = ["LogSlice", "read_log_slice", "resolve_slice"]
+__all__ = [
+    "MAX_ERROR_LINE_CHARS",
+    "RUN_BOUNDARY_PREFIX",
+    "LogSlice",
+    "last_error_line",
+    "read_log_slice",
+    "resolve_slice",
+]
 
 _CHUNK: Final = 1 << 20
 
@@ -110,3 +118,66 @@ def _read_lines(
             lines.append(text.removesuffix(b"\r").decode("utf-8", errors="replace"))
         line_no += 1
     return lines
+
+
+# Written by the supervisor before each spawn: a run's own lines follow the last one.
+RUN_BOUNDARY_PREFIX: Final = "--- tei-manager "
+# An error line quoted in last_error is cut here (a log line can be arbitrarily long).
+MAX_ERROR_LINE_CHARS: Final = 300
+_ANSI_RE: Final = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_CONTROL_RE: Final = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+# Lines that frame an error rather than say it: a Python traceback's header and
+# chaining notes, anyhow's "Caused by:" (TEI), caret markers under a source line.
+_FRAMING: Final = (
+    "Traceback (most recent call last):",
+    "During handling of the above exception",
+    "The above exception was the direct cause",
+    "Caused by:",
+    "Stack backtrace:",
+)
+
+
+def last_error_line(lines: list[str]) -> str | None:
+    """The line of a failed run's log that best says why it failed, or None.
+
+    Only the last run counts (the lines after the last :data:`RUN_BOUNDARY_PREFIX`
+    line). From the end, blank lines, indented lines (traceback frames, source
+    lines, anyhow's numbered causes) and framing lines are skipped, so a Python
+    traceback yields its ``OSError: ...`` line and TEI its ``Error: ...`` line. A
+    JSON log line (``--json-output``) yields its ``fields.message``. ANSI colours
+    and control characters are removed and the line is cut to
+    :data:`MAX_ERROR_LINE_CHARS`.
+    """
+    for i in range(len(lines) - 1, -1, -1):
+        if lines[i].startswith(RUN_BOUNDARY_PREFIX):
+            lines = lines[i + 1 :]
+            break
+    for raw in reversed(lines):
+        line = _CONTROL_RE.sub("", _ANSI_RE.sub("", raw)).rstrip()
+        if not line or line[0].isspace() or line.startswith(_FRAMING) or set(line) <= {"^", "~"}:
+            continue
+        if line.startswith("{"):
+            message = _json_message(line)
+            if message is None:
+                continue
+            line = message
+        if len(line) > MAX_ERROR_LINE_CHARS:
+            line = line[: MAX_ERROR_LINE_CHARS - 3] + "..."
+        return line
+    return None
+
+
+def _json_message(line: str) -> str | None:
+    try:
+        record = msgspec.json.decode(line)
+    except msgspec.DecodeError:
+        return line  # not JSON after all: the line itself
+    if not isinstance(record, dict):
+        return None
+    fields = record.get("fields")
+    message = fields.get("message") if isinstance(fields, dict) else record.get("message")
+    if not isinstance(message, str) or not message.strip():
+        return None
+    message = re.sub(r"[\x00-\x1f\x7f]+", " ", message).strip()
+    level = record.get("level")
+    return f"{level}: {message}" if isinstance(level, str) else message

@@ -25,23 +25,34 @@ __all__ = [
 
 
 class RestartPolicy(msgspec.Struct, frozen=True, kw_only=True):
-    """The knobs: exponential backoff, crash-loop window, health failure threshold."""
+    """The knobs: exponential backoff, crash-loop window, health failure threshold.
+
+    The defaults are those of :class:`~tei_manager.config.ManagerConfig`: like
+    Kubernetes' CrashLoopBackOff, the delay doubles up to a cap and the instance is
+    retried for ever, never left ``failed`` unless ``crash_loop_restarts`` says so.
+    """
 
     initial_backoff_secs: float = 1.0
-    max_backoff_secs: float = 30.0
+    max_backoff_secs: float = 300.0
     backoff_multiplier: float = 2.0
     # Running this long without exiting counts as healthy: the backoff starts over.
     stable_after_secs: float = 60.0
     # This many restarts within the window, and the next exit gives up (0: never).
-    crash_loop_restarts: int = 5
+    crash_loop_restarts: int = 0
     crash_loop_window_secs: float = 300.0
     # Consecutive failed health checks that trigger a restart (0: never).
     max_failures_before_restart: int = 3
 
     @classmethod
     def from_config(cls, config: ManagerConfig) -> RestartPolicy:
-        """The default policy with the manager's configured health threshold."""
-        return cls(max_failures_before_restart=config.max_failures_before_restart)
+        """The policy the manager's configuration asks for."""
+        return cls(
+            initial_backoff_secs=config.restart_backoff_initial_secs,
+            max_backoff_secs=config.restart_backoff_max_secs,
+            crash_loop_restarts=config.crash_loop_restarts,
+            crash_loop_window_secs=config.crash_loop_window_secs,
+            max_failures_before_restart=config.max_failures_before_restart,
+        )
 
     def backoff(self, attempt: int) -> float:
         """Delay before backed-off restart number ``attempt`` (0-based) since the last
@@ -116,7 +127,7 @@ class RestartTracker:
             return RestartDecision(
                 action=RestartAction.GIVE_UP,
                 reason=f"crash loop: {len(self._restart_times)} restarts within "
-                f"{p.crash_loop_window_secs:g} s",
+                f"{p.crash_loop_window_secs:g} s (crash_loop_restarts = {p.crash_loop_restarts})",
             )
         if running_since is not None and not self._restart_times:
             # It had been serving and has not been restarted within the window: a
@@ -127,12 +138,12 @@ class RestartTracker:
             delay = p.backoff(self._attempt)
             self._attempt += 1
         self._restart_times.append(now)
-        when = f"after {delay:g} s backoff" if delay else "at once"
-        return RestartDecision(
-            action=RestartAction.RESTART,
-            delay_secs=delay,
-            reason=f"restart {len(self._restart_times)} in {p.crash_loop_window_secs:g} s {when}",
-        )
+        n = len(self._restart_times)
+        if delay:
+            reason = f"crash loop: restart {n} within {p.crash_loop_window_secs:g} s"
+        else:
+            reason = "restarting at once"
+        return RestartDecision(action=RestartAction.RESTART, delay_secs=delay, reason=reason)
 
     def on_health_check(self, ok: bool) -> HealthVerdict:
         """Count one health check of a running instance."""

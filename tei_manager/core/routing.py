@@ -10,12 +10,19 @@ Three ways to name it, per the wire contract's ``Target``:
 
 A target that names nothing is NOT_FOUND; one that names an instance that is not
 running is UNAVAILABLE with a message saying what it is doing instead.
+
+A replica whose connection just failed (:meth:`Router.suspect`) is skipped by
+``model_id`` routing while another replica runs, until its process changes, a
+connection to it succeeds again (:meth:`Router.cleared`) or ``SUSPECT_SECS``
+pass: its process may have died, which the supervisor learns a moment later.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Final
 
 from tei_manager.core.instances import InstanceRecord, InstanceStatus, InstanceTable
 from tei_manager.errors import ErrorCode, NotFoundError, TeiError, ValidationError, quote
@@ -24,6 +31,11 @@ __all__ = ["Router", "describe_target"]
 
 TargetChoice = tuple[str, str | int]
 """``("instance_name" | "model_id" | "instance_index", value)``."""
+
+#: How long a replica whose connection failed is passed over. Long enough for the
+#: supervisor to see a dead process and restart it (a new pid ends it sooner),
+#: short enough that a live replica whose connection merely dropped is soon back.
+SUSPECT_SECS: Final = 5.0
 
 
 def describe_target(target: TargetChoice) -> str:
@@ -35,10 +47,15 @@ def describe_target(target: TargetChoice) -> str:
 class Router:
     """Chooses instances from the instance table and counts requests in flight per instance."""
 
-    def __init__(self, instances: InstanceTable) -> None:
+    def __init__(
+        self, instances: InstanceTable, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._instances = instances
+        self._clock = clock
         self._in_flight: dict[str, int] = {}
         self._turn: dict[str, int] = {}
+        # name -> (pid of the process whose connection failed, until when)
+        self._suspects: dict[str, tuple[int | None, float]] = {}
 
     def choose(self, target: TargetChoice | None) -> InstanceRecord:
         """The instance for ``target``; raises the TeiError a client should see."""
@@ -96,8 +113,56 @@ class Router:
             )
         if len(running) == 1:
             return running[0]
-        turn = self._turn.get(key, 0)
-        self._turn[key] = turn + 1
+        if self._suspects:
+            trusted = [r for r in running if not self._suspected(r)]
+            running = trusted or running  # all suspect: better try one than refuse
+            if len(running) == 1:
+                return running[0]
+        return self._least_busy(key, running)
+
+    def alternative(self, model_id: str, failed: str) -> InstanceRecord | None:
+        """Another running replica of ``model_id`` than ``failed``, for a retry; None if none."""
+        running = [
+            r
+            for r in self._instances.by_model(model_id)
+            if r.status is InstanceStatus.RUNNING and r.name != failed
+        ]
+        if len(running) > 1 and self._suspects:
+            running = [r for r in running if not self._suspected(r)] or running
+        if not running:
+            return None
+        return running[0] if len(running) == 1 else self._least_busy(model_id, running)
+
+    def suspect(self, name: str, pid: int | None) -> None:
+        """The connection to ``name``'s process ``pid`` failed: pass it over for a while."""
+        now = self._clock()
+        # Forget old ones here, so names of deleted instances do not pile up.
+        for old in [n for n, (_, until) in self._suspects.items() if until <= now]:
+            del self._suspects[old]
+        self._suspects[name] = (pid, now + SUSPECT_SECS)
+
+    def cleared(self, name: str) -> None:
+        """A connection to ``name`` works again."""
+        self._suspects.pop(name, None)
+
+    def suspected(self, name: str) -> bool:
+        """True while ``name`` is passed over (see :meth:`suspect`)."""
+        record = self._instances.find(name)
+        return record is not None and self._suspected(record)
+
+    def _suspected(self, record: InstanceRecord) -> bool:
+        found = self._suspects.get(record.name)
+        if found is None:
+            return False
+        pid, until = found
+        if pid != record.pid or self._clock() >= until:
+            del self._suspects[record.name]  # another process now, or long enough
+            return False
+        return True
+
+    def _least_busy(self, model_id: str, running: list[InstanceRecord]) -> InstanceRecord:
+        turn = self._turn.get(model_id, 0)
+        self._turn[model_id] = turn + 1
         count = len(running)
         best = running[turn % count]
         least = self._in_flight.get(best.name, 0)

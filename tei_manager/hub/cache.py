@@ -38,13 +38,43 @@ from tei_manager.hub.paths import (
 )
 from tei_manager.hub.state import CachedSnapshot, ModelMetadata
 
-__all__ = ["RepoCache", "locate", "read_metadata", "remove_model", "scan_cache"]
+__all__ = [
+    "RepoCache",
+    "local_model_problem",
+    "locate",
+    "read_metadata",
+    "remove_model",
+    "scan_cache",
+]
 
 log = logging.getLogger(__name__)
 
 _PARTIAL_SUFFIX: Final = ".incomplete"
 # config.json of a sentence-transformers model can sit in its transformer module.
 _CONFIG_CANDIDATES: Final = ("config.json", "0_Transformer/config.json")
+
+
+def local_model_problem(path: str) -> str | None:
+    """Why the local folder ``path`` is no model an instance could load; None if it is one.
+
+    A model folder holds a ``config.json`` (transformers, TEI) or a ``modules.json``
+    (sentence-transformers), as a cached snapshot must (:func:`locate`). Checked as
+    the manager's user, who is also the instance's.
+    """
+    folder = Path(path)
+    try:
+        if not folder.exists():
+            return "does not exist"
+        if not folder.is_dir():
+            return "is not a folder"
+        if not os.access(folder, os.R_OK | os.X_OK):
+            return "is not readable"
+        for name in (*_CONFIG_CANDIDATES, "modules.json"):
+            if (folder / name).is_file():
+                return None if os.access(folder / name, os.R_OK) else f"has an unreadable {name}"
+    except OSError as e:
+        return f"cannot be read: {e.strerror or e}"
+    return "holds no config.json or modules.json: not a model folder"
 
 
 def read_metadata(snapshot: Path) -> ModelMetadata | None:

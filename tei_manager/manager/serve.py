@@ -5,9 +5,14 @@ The root of the nursery tree::
     serve
     └── root nursery            (SIGTERM/SIGINT: graceful shutdown; a second one forces)
         ├── Manager.run         supervisor: instance processes, state file
+        ├── ServerTls.run       TLS certificate reload on SIGHUP or file change (with TLS)
         ├── ConnectionPool.run  HTTP/2 connections to the instances, shared by the two below
         ├── serve_api           REST API, with the HTTP inference routes (gateway)
         └── serve_multiplexer   gRPC multiplexer (when grpc_enabled), stopped with the API
+
+Both listeners share one :class:`~tei_manager.auth.security.Security` (authenticator,
+rate-limit buckets, TLS contexts), built before anything starts so that a bad key,
+certificate or CA file is a start-up error.
 
 Graceful shutdown, within ``graceful_shutdown_timeout_secs`` (T):
 
@@ -31,6 +36,7 @@ from typing import Final
 
 import trio
 
+from tei_manager.auth.security import Security, build_security
 from tei_manager.config import ConfigError, ManagerConfig, load_config
 from tei_manager.logs import configure_logging
 from tei_manager.manager.service import Manager
@@ -43,17 +49,18 @@ log = logging.getLogger("tei_manager.manager.serve")
 _DRAIN_SHARE: Final = 0.5
 
 
-async def serve(manager: Manager) -> None:
+async def serve(manager: Manager, security: Security | None = None) -> None:
     """Run the manager and its listeners until a signal, then shut down gracefully."""
     from tei_manager.api.server import serve_api
-    from tei_manager.core.routing import Router
     from tei_manager.gateway.relay import create_gateway
-    from tei_manager.multiplexer.server import instance_pool
+    from tei_manager.multiplexer.server import shared_routing
 
     config = manager.config
-    # One router (in-flight counts) and one connection per instance for both doors.
-    router = Router(manager.instances)
-    pool = instance_pool(config, manager.instances)
+    if security is None:
+        security = build_security(config, manager.metrics.prometheus)
+    # One router (in-flight counts, failover suspects) and one connection per
+    # instance for both doors.
+    router, pool = shared_routing(config, manager.instances)
     gateway = create_gateway(
         config, manager.instances, manager.metrics.prometheus, router=router, pool=pool
     )
@@ -61,6 +68,8 @@ async def serve(manager: Manager) -> None:
         async with trio.open_nursery() as root:
             manager_task = _Service(manager.run)
             await root.start(manager_task.run)
+            if security.tls is not None:
+                await root.start(security.tls.run)
             await root.start(pool.run)
 
             async def api(*, task_status: trio.TaskStatus[int]) -> None:
@@ -71,6 +80,7 @@ async def serve(manager: Manager) -> None:
                     shutdown=manager.shutdown_requested,
                     drain_timeout_secs=config.graceful_shutdown_timeout_secs * _DRAIN_SHARE,
                     gateway=gateway,
+                    security=security,
                     task_status=task_status,
                 )
 
@@ -90,6 +100,7 @@ async def serve(manager: Manager) -> None:
                         pool=pool,
                         shutdown=manager.shutdown_requested,
                         drain_timeout_secs=config.graceful_shutdown_timeout_secs * _DRAIN_SHARE,
+                        security=security,
                         task_status=task_status,
                     )
 
@@ -182,12 +193,13 @@ def main(config_path: str | None, *, log_level: str = "info", log_format: str = 
     try:
         config = load_config(config_path)
         manager = Manager(config)
+        security = build_security(config, manager.metrics.prometheus)
     except ConfigError as e:
         print(f"tei-manager: {e}", file=sys.stderr)
         return 2
     status = 0
     try:
-        trio.run(serve, manager)
+        trio.run(serve, manager, security)
     except* ConfigError as group:  # found at start-up, e.g. another manager on the state file
         print(f"tei-manager: {_first(group)}", file=sys.stderr)
         status = 2

@@ -34,7 +34,6 @@ import trio
 from tei_manager import __version__
 from tei_manager.config import InstanceConfig, ManagerConfig, validate_instance_config
 from tei_manager.core.instances import (
-    DesiredState,
     InstanceInfo,
     InstanceRecord,
     InstanceStatus,
@@ -43,7 +42,15 @@ from tei_manager.core.instances import (
 from tei_manager.core.logslice import LogSlice, read_log_slice
 from tei_manager.core.ports import PortAllocator, PortProbe, probe_bindable
 from tei_manager.core.restart import RestartPolicy
-from tei_manager.errors import ConflictError, ErrorCode, TeiError, ValidationError, quote
+from tei_manager.errors import (
+    ConflictError,
+    ErrorCode,
+    NotFoundError,
+    TeiError,
+    ValidationError,
+    quote,
+)
+from tei_manager.hub.cache import local_model_problem
 from tei_manager.hub.registry import ModelRegistry, ModelWait
 from tei_manager.hub.settings import HubSettings, RegistrySettings
 from tei_manager.manager.hostports import check_host_ports, port_free_for_instance
@@ -53,6 +60,7 @@ from tei_manager.manager.startup import prepare
 from tei_manager.manager.state import (
     PersistedInstance,
     PersistedState,
+    StateFileReport,
     merge_seeds,
     save_state,
     state_from_instances,
@@ -76,6 +84,14 @@ log = logging.getLogger("tei_manager.manager")
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def _remove_log(path: Path) -> None:
+    """Remove an instance's log file, if any; a failure is logged, not raised."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as e:
+        log.warning("cannot remove %s: %s", path, e.strerror or e)
 
 
 class Manager:
@@ -143,6 +159,9 @@ class Manager:
         self._restored = False
         self._listening = False
         self._runners: dict[str, InstanceRunner] = {}
+        # Set once a runner's process is gone, its log removed if it was deleted, and
+        # its name free again.
+        self._released: dict[InstanceRunner, trio.Event] = {}
         # Instances waiting for their model's download, to be cancelled on delete.
         self._awaiting_model: dict[str, trio.CancelScope] = {}
         self._supervisor: trio.Nursery | None = None
@@ -153,6 +172,8 @@ class Manager:
             run_blocking=run_blocking,
         )
         self.state_save_failures = 0
+        # What start-up found in the state file; /health reports it.
+        self.state_file_report = StateFileReport(status="ok")
 
     # -- readiness -----------------------------------------------------------------
     @property
@@ -187,9 +208,19 @@ class Manager:
         return instance_log_path(self.config.log_dir, name)
 
     async def instance_logs(self, name: str, start: int | None, end: int | None) -> LogSlice:
-        """``lines[start:end]`` of the instance's log; raises INSTANCE_NOT_FOUND."""
-        self.instances.get(name)
-        return await self._run_blocking(partial(read_log_slice, self.log_path(name), start, end))
+        """``lines[start:end]`` of the instance's log; raises INSTANCE_NOT_FOUND.
+
+        Never a deleted instance's: one deleted (or deleted and created again)
+        while the file was read is not found, as it would have been a moment later.
+        """
+        record = self.instances.get(name)
+        lines = await self._run_blocking(partial(read_log_slice, self.log_path(name), start, end))
+        if self.instances.find(name) is not record:
+            self.instances.get(name)  # raises INSTANCE_NOT_FOUND if it is gone
+            raise NotFoundError(
+                ErrorCode.INSTANCE_NOT_FOUND, f"instance {quote(name)} was deleted: read again"
+            )
+        return lines
 
     def health_summary(self) -> dict[str, Any]:
         """The body of ``GET /health`` (the REST layer adds ``storage``)."""
@@ -211,6 +242,7 @@ class Manager:
                 "failed": stats.failed,
                 "stopped": stats.stopped + stats.stopping,
             },
+            "state": msgspec.to_builtins(self.state_file_report),
         }
 
     # -- changing -------------------------------------------------------------------------
@@ -220,12 +252,21 @@ class Manager:
 
         Raises the validation codes, INSTANCE_EXISTS, PORT_CONFLICT,
         MAX_INSTANCES_REACHED, PORT_ALLOCATION_FAILED, NOT_READY while the
-        manager starts or stops, or MODEL_NOT_FOUND for a model that is not cached
-        while offline. A model that is not cached is downloaded by the model
-        registry first; the instance is ``starting`` meanwhile.
+        manager starts or stops, or MODEL_NOT_FOUND for a local folder that holds no
+        model or a model that is not cached while offline. A model that is not
+        cached is downloaded by the model registry first; the instance is
+        ``starting`` meanwhile.
         """
         self._require_supervisor()
         validate_instance_config(cfg, gpu_count=self.gpu_count)
+        if cfg.model_id.startswith("/"):
+            # A local folder (validation allows no other path form; a Hub id has at
+            # most one "/" and never starts with one, as in huggingface_hub).
+            problem = await self._run_blocking(partial(local_model_problem, cfg.model_id))
+            if problem is not None:
+                raise NotFoundError(
+                    ErrorCode.MODEL_NOT_FOUND, f"model_id: {quote(cfg.model_id)} {problem}"
+                )
         # Looks at the model cache on disk; raises MODEL_NOT_FOUND offline.
         fetch_model = await self.models.needs_download(cfg.model_id, cfg.revision)
         supervisor = self._require_supervisor()
@@ -236,6 +277,10 @@ class Manager:
             )
         check_host_ports(cfg, taken=self.instances.used_ports(), probe=self._explicit_port_probe)
         record = self.instances.add(cfg, created_at=_utcnow())
+        # A new instance's log starts empty, whatever an earlier instance of that name
+        # left (its log is removed on delete, but a crash may have come first). One
+        # unlink, synchronous like the spawn, so no other request can interleave.
+        _remove_log(self.log_path(record.name))
         self.metrics.instance_created(record.name, record.config.model_id)
         runner = self._new_runner(record)
         log.info(
@@ -271,8 +316,9 @@ class Manager:
             awaiting.cancel()
         log.info("instance %s deleted", name, extra={"instance": name})
         await self._save_state()
-        if runner is not None:
-            await runner.done.wait()
+        released = self._released.get(runner) if runner is not None else None
+        if released is not None:  # else its task ended already
+            await released.wait()
         return info
 
     async def start_instance(self, name: str) -> InstanceInfo:
@@ -297,8 +343,7 @@ class Manager:
     async def restart_instance(self, name: str) -> InstanceInfo:
         """End the process (if any) and start a new one, whatever the status."""
         self._require_supervisor()
-        record = self.instances.get(name)
-        record.desired = DesiredState.RUNNING
+        record = self.instances.request_restart(name)
         self._runners[name].request_restart()
         info = record.info(_utcnow())
         await self._save_state()
@@ -321,6 +366,7 @@ class Manager:
         )
         self.gpu_count = prepared.gpu_count
         self._runtime.start_ticks = prepared.start_ticks
+        self.state_file_report = prepared.loaded.report()
         runners = self._restore(prepared.loaded.state)
         try:
             async with trio.open_nursery() as service:
@@ -402,6 +448,7 @@ class Manager:
             run_blocking=self._run_blocking,
         )
         self._runners[record.name] = runner
+        self._released[runner] = trio.Event()
         return runner
 
     async def _run_runner(
@@ -410,8 +457,19 @@ class Manager:
         try:
             await runner.run(task_status=task_status)
         finally:
-            if self._runners.get(runner.name) is runner:
-                del self._runners[runner.name]
+            if self.instances.find(runner.name) is not runner.record:
+                # Deleted, and its process is gone: its log goes too, before the name
+                # is free again (a create until then is "still being deleted").
+                with trio.CancelScope(shield=True):
+                    await self._run_blocking(partial(_remove_log, self.log_path(runner.name)))
+            self._release(runner)
+
+    def _release(self, runner: InstanceRunner) -> None:
+        if self._runners.get(runner.name) is runner:
+            del self._runners[runner.name]
+        released = self._released.pop(runner, None)
+        if released is not None:
+            released.set()
 
     def _spawn_process(self, cfg: InstanceConfig) -> ProcessHandle:
         assert self.program is not None
@@ -435,8 +493,7 @@ class Manager:
                     runner.request_stop()
         except BaseException:
             # The manager stops before the runner ever ran: no process exists.
-            if self._runners.get(runner.name) is runner:
-                del self._runners[runner.name]
+            self._release(runner)
             if record.status is not InstanceStatus.FAILED:
                 record.mark_stopped()
             runner.done.set()

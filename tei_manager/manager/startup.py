@@ -8,7 +8,12 @@ from pathlib import Path
 import msgspec
 
 from tei_manager.config import ConfigError, ManagerConfig
-from tei_manager.manager.state import LoadedState, PersistedState, load_state
+from tei_manager.manager.state import (
+    LoadedState,
+    PersistedState,
+    load_state,
+    remove_stale_temp_files,
+)
 from tei_manager.supervisor.gpus import count_gpus
 from tei_manager.supervisor.orphans import manager_alive, read_runtime, reap_orphans
 from tei_manager.supervisor.procfs import read_stat
@@ -45,9 +50,18 @@ def prepare(config: ManagerConfig, *, runtime_file: Path, gpu_count: int | None)
                 f"with {config.state_file}: use another state_file"
             )
         reap_orphans(runtime)
+    # No other manager uses this state file (checked above): a temp file beside it
+    # is a save that a crash interrupted.
+    remove_stale_temp_files(config.state_file)
     gpus = gpu_count if gpu_count is not None else count_gpus()
     if config.auto_restore_on_restart:
         loaded = load_state(config.state_file)
+        if loaded.corrupt and loaded.moved_to is None:
+            # Starting would overwrite it with the seeds' state at the first save.
+            raise ConfigError(
+                f"state_file: {config.state_file} is unusable ({loaded.error}) and cannot "
+                "be moved aside: move or fix it, then start again"
+            )
     else:
         loaded = LoadedState(state=PersistedState())
     stat = read_stat(os.getpid())

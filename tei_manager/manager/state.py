@@ -1,10 +1,11 @@
 """The persisted desired state: which instances exist, configured how, wanted running or not.
 
 Written as TOML on every change, atomically: a crash at any moment leaves either
-the old file or the new one, never a torn one. Loading never raises and never
-silently drops data: an unreadable file is moved aside with a timestamp and
-reported. Runtime facts (pids, statuses, counters) are not persisted; after a
-restart every process is new.
+the old file or the new one, never a torn one (and, at worst, a temp file, removed
+at the next start by :func:`remove_stale_temp_files`). Loading never raises and
+never silently drops data: an unreadable file is moved aside with a timestamp,
+logged, and reported on ``/health`` (:class:`StateFileReport`). Runtime facts
+(pids, statuses, counters) are not persisted; after a restart every process is new.
 
 The functions block on file I/O; the Trio side runs them via ``trio.to_thread``.
 """
@@ -17,8 +18,9 @@ import os
 import secrets
 from collections.abc import Iterable
 from datetime import UTC, datetime
+from glob import escape as glob_escape
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import msgspec
 import tomli_w
@@ -32,10 +34,12 @@ __all__ = [
     "LoadedState",
     "PersistedInstance",
     "PersistedState",
+    "StateFileReport",
     "decode_state",
     "encode_state",
     "load_state",
     "merge_seeds",
+    "remove_stale_temp_files",
     "save_state",
     "state_from_instances",
 ]
@@ -43,6 +47,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 STATE_VERSION: Final = 1
+# A decode error quotes the file; /health repeats the message, so it is bounded.
+_MAX_ERROR_CHARS: Final = 500
 
 
 class PersistedInstance(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -73,6 +79,27 @@ class LoadedState(msgspec.Struct, frozen=True, kw_only=True):
     state: PersistedState
     corrupt: bool = False
     moved_to: str | None = None
+    error: str | None = None  # why the file could not be used
+
+    def report(self) -> StateFileReport:
+        """What ``/health`` says about the state file."""
+        if not self.corrupt:
+            return StateFileReport(status="ok")
+        return StateFileReport(status="moved_aside", moved_aside_to=self.moved_to, error=self.error)
+
+
+class StateFileReport(msgspec.Struct, frozen=True, kw_only=True):
+    """The state file as found at start-up, for ``GET /health``.
+
+    ``ok``: read (or absent: a first start). ``moved_aside``: it could not be used,
+    was renamed to ``moved_aside_to`` and the manager started from its seeds;
+    ``error`` says what was wrong. (A file that cannot even be moved aside stops
+    the start-up: the manager never overwrites what it could not keep.)
+    """
+
+    status: Literal["ok", "moved_aside"]
+    moved_aside_to: str | None = None
+    error: str | None = None
 
 
 def _drop_none(value: Any) -> Any:
@@ -178,7 +205,36 @@ def load_state(path: str | os.PathLike[str], *, now: datetime | None = None) -> 
             problem,
             moved_to,
         )
-    return LoadedState(state=PersistedState(), corrupt=True, moved_to=moved_to)
+    return LoadedState(
+        state=PersistedState(), corrupt=True, moved_to=moved_to, error=problem[:_MAX_ERROR_CHARS]
+    )
+
+
+def remove_stale_temp_files(path: str | os.PathLike[str]) -> list[str]:
+    """Remove the temp files that saves of ``path`` interrupted by a crash left behind.
+
+    Only call it while no other process saves that state file (the manager checks
+    that first). Returns the paths removed; one that cannot be removed is logged.
+    """
+    target = Path(path)
+    removed = []
+    try:
+        candidates = list(target.parent.glob(f".{glob_escape(target.name)}.*.tmp"))
+    except OSError as e:  # pragma: no cover - the folder was just created
+        logger.warning("cannot list %s: %s", target.parent, e)
+        return []
+    for tmp in candidates:
+        try:
+            tmp.unlink()
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            logger.warning("cannot remove %s: %s", tmp, e.strerror or e)
+            continue
+        removed.append(str(tmp))
+    if removed:
+        logger.info("removed %d temp file(s) left by an interrupted save", len(removed))
+    return removed
 
 
 def _move_aside(target: Path, now: datetime) -> str | None:

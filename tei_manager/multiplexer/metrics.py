@@ -62,7 +62,7 @@ class CallMetrics:
 
 
 class MultiplexerMetrics:
-    """``tei_manager_grpc_*``: requests, errors by status code, latency, in flight."""
+    """``tei_manager_grpc_*``: requests, errors by status code, latency, in flight, retries."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         labels = ["instance", "method"]
@@ -91,7 +91,17 @@ class MultiplexerMetrics:
             labels,
             registry=registry,
         )
+        self.retries = Counter(
+            "tei_manager_grpc_retries",
+            "Calls sent again to another replica after the first one never answered, "
+            "by method and why (connect, refused, lost)",
+            ["method", "reason"],
+            registry=registry,
+        )
         self._children: dict[tuple[str, str], CallMetrics] = {}
+
+    def retried(self, method: str, reason: str) -> None:
+        self.retries.labels(method=method, reason=reason).inc()
 
     def call(self, instance: str, method: str) -> CallMetrics:
         key = (instance, method)

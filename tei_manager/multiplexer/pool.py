@@ -5,6 +5,14 @@ them). It is forgotten as soon as it closes (the instance stopped, was restarted
 died: its process took the socket with it), when the instance it was made for is
 gone or is another process now, and after ``idle_timeout`` without calls. The
 next call then connects afresh. Concurrent first calls share one connection attempt.
+
+A connection that fails (cannot be made, or closes without our asking) is reported
+at once through ``on_lost`` (the router then passes the replica over), and a new
+one through ``on_connected``.
+
+Each instance process also has a pacer (:meth:`ConnectionPool.pacer`): at most its
+``max_concurrent_requests`` messages in flight from the calls that pace themselves
+(Arrow), so a large batch waits its turn instead of overloading the instance.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import trio
 from tei_manager.core.instances import InstanceRecord, InstanceStatus
 from tei_manager.errors import quote
 from tei_manager.grpc.channel import Channel
+from tei_manager.grpc.limits import DEFAULT_LIMITS, Limits
 from tei_manager.grpc.rpc import GrpcError, StatusCode
 
 __all__ = ["ConnectionPool"]
@@ -24,6 +33,41 @@ __all__ = ["ConnectionPool"]
 log = logging.getLogger(__name__)
 
 Lookup = Callable[[str], InstanceRecord | None]
+OnLost = Callable[[str, int | None], None]
+"""Called with the instance's name and pid when a connection to it fails."""
+OnConnected = Callable[[str], None]
+
+
+class Pacer:
+    """At most ``limit`` messages in flight to one instance process, shared by its callers.
+
+    Calls take turns (``turn``, a FIFO lock held while a call sends): first come,
+    first served, so with four large calls the first is answered after a quarter
+    of the work rather than all four at the end, and every place freed by a reply
+    goes to the call whose turn it is, keeping the instance busy across calls.
+    """
+
+    __slots__ = ("_places", "limit", "pid", "port", "turn")
+
+    def __init__(self, limit: int, port: int, pid: int | None) -> None:
+        self.limit = limit
+        self.port = port
+        self.pid = pid
+        self._places = trio.Semaphore(limit)
+        self.turn = trio.Lock()
+
+    async def acquire(self) -> None:
+        """Wait for a place (one message in flight)."""
+        await self._places.acquire()
+
+    def release(self, count: int = 1) -> None:
+        """Give back ``count`` places."""
+        for _ in range(count):
+            self._places.release()
+
+    @property
+    def in_flight(self) -> int:
+        return self.limit - self._places.value
 
 
 class _Entry:
@@ -45,17 +89,24 @@ class ConnectionPool:
         lookup: Lookup,
         *,
         max_message_bytes: int,
+        limits: Limits = DEFAULT_LIMITS,
         idle_timeout: float = 300.0,
         connect_timeout: float = 5.0,
         sweep_interval: float = 5.0,
+        on_lost: OnLost | None = None,
+        on_connected: OnConnected | None = None,
     ) -> None:
         self._host = host
         self._lookup = lookup
         self._max_message_bytes = max_message_bytes
+        self._limits = limits
         self._idle_timeout = idle_timeout
         self._connect_timeout = connect_timeout
         self._sweep_interval = sweep_interval
+        self._on_lost = on_lost
+        self._on_connected = on_connected
         self._entries: dict[str, _Entry] = {}
+        self._pacers: dict[str, Pacer] = {}
         self._connecting: dict[str, trio.Event] = {}
         self._nursery: trio.Nursery | None = None
 
@@ -81,6 +132,19 @@ class ConnectionPool:
             for entry in self._entries.values():
                 entry.channel.close()
             self._entries.clear()
+
+    def pacer(self, record: InstanceRecord) -> Pacer:
+        """The pacer of the instance process ``record`` describes (made on first use)."""
+        limit = record.config.max_concurrent_requests
+        found = self._pacers.get(record.name)
+        if (
+            found is None
+            or found.pid != record.pid
+            or found.port != record.port
+            or found.limit != limit
+        ):
+            found = self._pacers[record.name] = Pacer(limit, record.port, record.pid)
+        return found
 
     def ready(self, record: InstanceRecord) -> Channel | None:
         """The pooled connection to the instance ``record`` describes, if one is usable now."""
@@ -123,24 +187,33 @@ class ConnectionPool:
             record.port,
             max_message_bytes=self._max_message_bytes,
             connect_timeout=self._connect_timeout,
+            limits=self._limits,
         )
         entry = _Entry(channel, record.port, record.pid)
         try:
             await nursery.start(self._hold, record.name, entry)
         except GrpcError as error:
+            if self._on_lost is not None:
+                self._on_lost(record.name, record.pid)
             raise GrpcError(
                 StatusCode.UNAVAILABLE, f"instance {quote(record.name)}: {error.message}"
             ) from None
         # A connection lost in between is noticed by the next caller (not usable).
         self._entries[record.name] = entry
+        if self._on_connected is not None:
+            self._on_connected(record.name)
         return channel
 
     async def _hold(self, name: str, entry: _Entry, *, task_status: trio.TaskStatus[None]) -> None:
         try:
             await entry.channel.run(task_status=task_status)
         finally:
+            # Still pooled: the connection closed without our asking (the process
+            # stopped or died), which the router hears at once.
             if self._entries.get(name) is entry:
                 del self._entries[name]
+                if self._on_lost is not None:
+                    self._on_lost(name, entry.pid)
             log.debug("connection to instance %s closed", name)
 
     def _drop(self, name: str) -> None:
@@ -162,6 +235,12 @@ class ConnectionPool:
             idle = entry.channel.active_calls == 0 and now - entry.last_used > self._idle_timeout
             if stale or idle:
                 self._drop(name)
+        for name, pacer in list(self._pacers.items()):
+            record = self._lookup(name)
+            if pacer.in_flight == 0 and (
+                record is None or record.pid != pacer.pid or record.port != pacer.port
+            ):
+                del self._pacers[name]
 
 
 def _serves(entry: _Entry, record: InstanceRecord) -> bool:

@@ -11,18 +11,20 @@ from typing import Final
 
 import trio
 
+from tei_manager.auth.security import Security, build_security
 from tei_manager.config import ManagerConfig
 from tei_manager.core.instances import InstanceTable
 from tei_manager.core.routing import Router
 from tei_manager.grpc.health import NOT_SERVING, SERVING, HealthServicer
 from tei_manager.grpc.reflection import reflection_servicers
 from tei_manager.grpc.server import GrpcServer
+from tei_manager.multiplexer.auth import grpc_authorizer
 from tei_manager.multiplexer.metrics import MultiplexerMetrics
 from tei_manager.multiplexer.pool import ConnectionPool
 from tei_manager.multiplexer.service import Multiplexer
 from tei_manager.supervisor.launch import INSTANCE_HOST
 
-__all__ = ["MultiplexerServer", "instance_pool", "serve_multiplexer"]
+__all__ = ["MultiplexerServer", "serve_multiplexer", "shared_routing"]
 
 log = logging.getLogger(__name__)
 
@@ -37,16 +39,25 @@ class MultiplexerServer:
         config: ManagerConfig,
         instances: InstanceTable,
         metrics: MultiplexerMetrics,
+        security: Security | None = None,
         *,
         router: Router | None = None,
         pool: ConnectionPool | None = None,
     ) -> None:
         """``router`` and ``pool``, when given, are shared with the HTTP inference
-        routes; a given pool is run by its owner, one made here by :meth:`run`."""
+        routes (build them with :func:`shared_routing`); a given pool is run by its
+        owner, one made here by :meth:`run`."""
+        if security is None:  # counters on no registry: serve() passes the shared one
+            security = build_security(config, None)
         max_message_bytes = config.grpc_max_message_size_mb * _MIB
-        self.router = Router(instances) if router is None else router
-        self._owns_pool = pool is None
-        self.pool = instance_pool(config, instances) if pool is None else pool
+        limits = config.grpc.limits(max_concurrent_streams=config.grpc_max_parallel_streams)
+        if router is None or pool is None:
+            router, pool = shared_routing(config, instances)
+            self._owns_pool = True
+        else:
+            self._owns_pool = False
+        self.router = router
+        self.pool = pool
         self.service = Multiplexer(
             self.router,
             self.pool,
@@ -61,7 +72,9 @@ class MultiplexerServer:
             host=config.api_host,
             port=config.grpc_port,
             max_message_bytes=max_message_bytes,
-            max_concurrent_streams=config.grpc_max_parallel_streams,
+            limits=limits,
+            ssl_context=security.tls.grpc_context if security.tls is not None else None,
+            authorize=grpc_authorizer(security),
         )
 
     async def run(
@@ -78,7 +91,12 @@ class MultiplexerServer:
             async with trio.open_nursery() as serving:
                 port: int = await serving.start(self.server.run)
                 self.health.set_all(SERVING)
-                log.info("gRPC multiplexer listening on %s port %d", self.server.host, port)
+                log.info(
+                    "gRPC multiplexer listening on %s port %d%s",
+                    self.server.host,
+                    port,
+                    " (TLS)" if self.server.ssl_context is not None else "",
+                )
                 task_status.started(port)
                 if shutdown is not None:
                     await shutdown.wait()
@@ -87,11 +105,25 @@ class MultiplexerServer:
             nursery.cancel_scope.cancel()
 
 
-def instance_pool(config: ManagerConfig, instances: InstanceTable) -> ConnectionPool:
-    """The pool of HTTP/2 connections to the instances, one per instance process."""
-    return ConnectionPool(
-        INSTANCE_HOST, instances.find, max_message_bytes=config.grpc_max_message_size_mb * _MIB
+def shared_routing(
+    config: ManagerConfig, instances: InstanceTable
+) -> tuple[Router, ConnectionPool]:
+    """The router and the pool of HTTP/2 connections to the instances (one per
+    instance process) that every front door shares."""
+    router = Router(instances, clock=trio.current_time)
+    # The public port's limits; the pool's connections to instances use the
+    # same settings (keepalive pings included, when configured).
+    limits = config.grpc.limits(max_concurrent_streams=config.grpc_max_parallel_streams)
+    # A connection that fails makes the router pass its replica over at once.
+    pool = ConnectionPool(
+        INSTANCE_HOST,
+        instances.find,
+        max_message_bytes=config.grpc_max_message_size_mb * _MIB,
+        limits=limits,
+        on_lost=router.suspect,
+        on_connected=router.cleared,
     )
+    return router, pool
 
 
 async def serve_multiplexer(
@@ -103,10 +135,11 @@ async def serve_multiplexer(
     pool: ConnectionPool | None = None,
     shutdown: trio.Event | None = None,
     drain_timeout_secs: float = 0.0,
+    security: Security | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the multiplexer on ``config.grpc_port``; hands back the bound port."""
-    server = MultiplexerServer(config, instances, metrics, router=router, pool=pool)
+    server = MultiplexerServer(config, instances, metrics, security, router=router, pool=pool)
     await server.run(
         shutdown=shutdown, drain_timeout_secs=drain_timeout_secs, task_status=task_status
     )

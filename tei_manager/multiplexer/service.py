@@ -18,6 +18,12 @@ connection's reader, and the reply from the instance connection's reader. Only a
 call that would have to wait (no connection yet, a short flow-control window)
 runs the ordinary handler, which does the same with a task.
 
+A unary call routed by ``model_id`` that never got an answer (no connection, a
+refused stream, a connection lost before any reply) is sent once more to another
+running replica (:mod:`~tei_manager.multiplexer.failover`); Arrow calls keep at
+most the instance's ``max_concurrent_requests`` texts in flight, shared with every
+other Arrow call to it (the pool's :class:`~tei_manager.multiplexer.pool.Pacer`).
+
 Deadlines: a unary call gets at most ``request_timeout`` (and the client's own
 deadline, which travels to the instance as ``grpc-timeout``); a stream fails after
 ``stream_idle_timeout`` without a message in either direction. A client that
@@ -28,6 +34,7 @@ unchanged; failures of the relay itself name the instance.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
@@ -40,14 +47,22 @@ from tei_manager._proto.tei_multiplexer.v1 import multiplexer_grpc, multiplexer_
 from tei_manager.core.instances import InstanceRecord
 from tei_manager.core.routing import Router
 from tei_manager.errors import TeiError, quote
-from tei_manager.grpc._grpc_events import MessageReceived, ResponseEnded
 from tei_manager.grpc.channel import Call, Channel, Metadata
 from tei_manager.grpc.rpc import GrpcError, MethodSpec, StatusCode, status_code
 from tei_manager.grpc.server import CallContext, FastCall, FastUnaryHandler, ServerCall
-from tei_manager.grpc.transport import Stream
+from tei_manager.grpc.transport import MessageReceived, ResponseEnded, Stream
 from tei_manager.multiplexer import arrow
+from tei_manager.multiplexer.failover import (
+    CLOSED,
+    CONNECT,
+    Failover,
+    Outcome,
+    call_failure,
+    retry_model,
+    stream_failure,
+)
 from tei_manager.multiplexer.metrics import UNROUTED, CallMetrics, MultiplexerMetrics
-from tei_manager.multiplexer.pool import ConnectionPool
+from tei_manager.multiplexer.pool import ConnectionPool, Pacer
 from tei_manager.multiplexer.wire import Target, WireError, parse_target, split_request
 
 __all__ = ["Multiplexer"]
@@ -70,6 +85,9 @@ class _Observed:
         self.code = StatusCode.OK
 
     def routed(self, instance: str) -> None:
+        """The call goes to ``instance`` (again: a retry moves it there)."""
+        if self._series is not None:
+            self._series.in_flight.dec()
         self._series = self._metrics.call(instance, self._method)
         self._series.in_flight.inc()
 
@@ -112,10 +130,12 @@ class Multiplexer(multiplexer_grpc.TeiMultiplexerServicer):
         self._metrics = metrics
         self._request_timeout = request_timeout
         self._stream_idle_timeout = stream_idle_timeout
+        self._failover = Failover(router, metrics)
 
     # -- routing ---------------------------------------------------------------------
-    def _resolve(self, data: bytes) -> tuple[InstanceRecord, bytes]:
-        """The instance a wrapped request goes to, and the inner request's bytes."""
+    def _resolve(self, data: bytes) -> tuple[InstanceRecord, bytes, str | None]:
+        """The instance a wrapped request goes to, the inner request's bytes, and the
+        model it may fail over within (see :func:`retry_model`)."""
         try:
             target_bytes, inner = split_request(data)
             target = None if target_bytes is None else parse_target(target_bytes)
@@ -123,7 +143,7 @@ class Multiplexer(multiplexer_grpc.TeiMultiplexerServicer):
             raise GrpcError(
                 StatusCode.INVALID_ARGUMENT, f"could not decode the request: {error}"
             ) from None
-        return self._choose(target), inner
+        return self._choose(target), inner, retry_model(target)
 
     def _choose(self, target: Target | None) -> InstanceRecord:
         """The instance for ``target``; a routing failure as the status the client gets."""
@@ -166,8 +186,19 @@ class Multiplexer(multiplexer_grpc.TeiMultiplexerServicer):
             return True
         name = record.name
         call.limit(call.started + self._request_timeout, self._timed_out(name))
-        relay = _UnaryRelay(call, name, self._router, self._metrics.call(name, backend.name))
+        relay = _UnaryRelay(call, record, self._router, self._metrics.call(name, backend.name))
         relay.start()
+        relay.model = retry_model(target)
+        if relay.model is not None:
+            relay.retry = partial(self._fail_over, backend, inner)
+        self._dispatch(relay, backend, record, inner)
+        return True
+
+    def _dispatch(
+        self, relay: _UnaryRelay, backend: Spec, record: InstanceRecord, inner: bytes
+    ) -> None:
+        """Send the call to ``record`` from here if its connection is up, else in a task."""
+        call = relay.call
         channel = self._pool.ready(record)
         stream = None
         if channel is not None:
@@ -182,7 +213,25 @@ class Multiplexer(multiplexer_grpc.TeiMultiplexerServicer):
             relay.stream = stream
         else:
             call.spawn(self._relay_later, relay, backend, record, inner)
+
+    def _fail_over(self, backend: Spec, inner: bytes, relay: _UnaryRelay, reason: str) -> bool:
+        """A task-free call failed unanswered: send it to another replica; False if none."""
+        record = self._reroute(relay, backend, reason)
+        if record is None:
+            return False
+        self._dispatch(relay, backend, record, inner)
         return True
+
+    def _reroute(self, relay: _UnaryRelay, backend: Spec, reason: str) -> InstanceRecord | None:
+        """Move a call that may fail over (once) to another replica; None if it may not."""
+        model = relay.model
+        if model is None:
+            return None
+        relay.model = None  # once only
+        record = self._failover.reroute(model, relay.record, backend.name, reason)
+        if record is not None:
+            relay.move_to(record, self._metrics.call(record.name, backend.name))
+        return record
 
     def _refuse(self, call: FastCall, backend: Spec, code: StatusCode, message: str) -> None:
         series = self._metrics.call(UNROUTED, backend.name)
@@ -197,50 +246,74 @@ class Multiplexer(multiplexer_grpc.TeiMultiplexerServicer):
             return
         with trio.CancelScope(deadline=call.deadline) as scope:
             relay.scope = scope
-            answer = await self._exchange(backend, record, inner, call.context.metadata)
-            call.reply(*answer)
+            while True:
+                outcome = await self._exchange(backend, record, inner, call.context.metadata)
+                if outcome.retry is not None:
+                    moved = self._reroute(relay, backend, outcome.retry)
+                    if moved is not None:
+                        record = moved
+                        continue
+                call.reply(outcome.reply, outcome.code, outcome.message)
+                break
         if scope.cancelled_caught:  # moot if the call ended otherwise meanwhile
             call.reply(None, StatusCode.DEADLINE_EXCEEDED, call.deadline_message)
 
     async def _unary(self, call: ServerCall, context: CallContext, backend: Spec) -> None:
         """A unary call the reader could not pass on (its request never came, say)."""
         with _Observed(self._metrics, backend.name) as observed:
-            record, inner = self._resolve(await self._first_request(call))
-            name = record.name
-            observed.routed(name)
-            with self._router.track(name), trio.move_on_after(self._request_timeout) as timer:
-                reply, code, message = await self._exchange(
-                    backend, record, inner, context.metadata
-                )
-                if reply is not None:
-                    await call.send(reply)
+            record, inner, model = self._resolve(await self._first_request(call))
+            observed.routed(record.name)
+            with trio.move_on_after(self._request_timeout) as timer:
+                while True:
+                    with self._router.track(record.name):
+                        outcome = await self._exchange(backend, record, inner, context.metadata)
+                    if outcome.retry is not None and model is not None:
+                        moved = self._failover.reroute(model, record, backend.name, outcome.retry)
+                        model = None  # once only
+                        if moved is not None:
+                            record = moved
+                            observed.routed(record.name)
+                            continue
+                    break
+                if outcome.reply is not None:
+                    await call.send(outcome.reply)
             if timer.cancelled_caught:
-                raise GrpcError(StatusCode.DEADLINE_EXCEEDED, self._timed_out(name))
-            if code is not StatusCode.OK:
-                raise GrpcError(code, message)
+                raise GrpcError(StatusCode.DEADLINE_EXCEEDED, self._timed_out(record.name))
+            if outcome.code is not StatusCode.OK:
+                raise GrpcError(outcome.code, outcome.message)
 
     async def _exchange(
         self, backend: Spec, record: InstanceRecord, inner: bytes, metadata: Metadata
-    ) -> tuple[bytes | None, StatusCode, str]:
-        """One unary call to the instance (connecting first if needed): reply and status."""
+    ) -> Outcome:
+        """One unary call to the instance (connecting first if needed): reply and status,
+        and whether it may be retried elsewhere (it never got an answer)."""
         name = record.name
         try:
             channel = await self._pool.channel(record)
+            await channel.wait_for_stream_slot()  # over the instance's stream limit: queue
         except GrpcError as error:
-            return None, error.code, _naming(error, name)
-        relayed = channel.start_call(backend, metadata=metadata)
+            return Outcome(None, error.code, _naming(error, name), CONNECT)
+        try:
+            relayed = channel.start_call(backend, metadata=metadata)
+        except GrpcError as error:  # closed or going away since it was pooled
+            return Outcome(None, error.code, _naming(error, name), CLOSED)
         reply = None
         try:
             await relayed.send_raw(inner)
             await relayed.done_writing()
             reply = await relayed.receive_raw()
             if reply is None:
-                return None, StatusCode.INTERNAL, _no_response(name)
+                return Outcome(None, StatusCode.INTERNAL, _no_response(name))
             await relayed.receive_raw()  # the status
-            return reply, StatusCode.OK, ""
+            return Outcome(reply, StatusCode.OK, "")
         except GrpcError as error:
             failure = _from_instance(error, relayed, name)
-            return reply, failure.code, failure.message
+            retry = call_failure(
+                error,
+                replied=reply is not None or relayed.answered,
+                connection_usable=channel.usable,
+            )
+            return Outcome(reply, failure.code, failure.message, retry)
         finally:
             relayed.close()
 
@@ -254,7 +327,7 @@ class Multiplexer(multiplexer_grpc.TeiMultiplexerServicer):
     async def _stream(self, call: ServerCall, context: CallContext, backend: Spec) -> None:
         """Relay a client or bidi stream; the first message's target picks the instance."""
         with _Observed(self._metrics, backend.name) as observed:
-            record, inner = self._resolve(await self._first_request(call))
+            record, inner, _ = self._resolve(await self._first_request(call))
             name = record.name
             observed.routed(name)
             with self._router.track(name):
@@ -370,7 +443,8 @@ class Multiplexer(multiplexer_grpc.TeiMultiplexerServicer):
                 ]
             with self._router.track(name):
                 channel = await self._pool.channel(record)
-                replies = await self._feed(channel, backend, context, name, messages)
+                pacer = self._pool.pacer(record)
+                replies = await self._feed(channel, pacer, backend, context, name, messages)
             try:
                 if sparse:
                     rows = [
@@ -389,38 +463,62 @@ class Multiplexer(multiplexer_grpc.TeiMultiplexerServicer):
     async def _feed(
         self,
         channel: Channel,
+        pacer: Pacer,
         backend: Spec,
         context: CallContext,
         name: str,
         messages: list[bytes],
     ) -> list[bytes]:
-        """Send ``messages`` over one stream call, all in flight; the replies in order."""
+        """Send ``messages`` over one stream call; the replies in order.
+
+        Each message takes a place of the instance's ``pacer`` until its reply is
+        in, so the instance never holds more than it accepts, whatever the batch
+        size and however many calls share it; calls send in turn, first come first
+        served. The idle timeout runs only while this call has messages in flight:
+        waiting for its turn or a place is not idleness.
+        """
         if not messages:
             return []
         idle_timeout = self._stream_idle_timeout
         replies: list[bytes] = []
         failures: list[GrpcError] = []
-        async with channel.open_call(backend, metadata=context.metadata) as relayed:
-            with trio.CancelScope(deadline=trio.current_time() + idle_timeout) as idle:
-                async with trio.open_nursery() as nursery:
+        held = 0  # places of the pacer this call holds
+        try:
+            async with channel.open_call(backend, metadata=context.metadata) as relayed:
+                with trio.CancelScope(deadline=trio.current_time() + idle_timeout) as idle:
+                    async with trio.open_nursery() as nursery:
 
-                    async def send_all() -> None:
+                        async def send_all() -> None:
+                            nonlocal held
+                            try:
+                                idle.deadline = math.inf  # waiting for its turn
+                                async with pacer.turn:
+                                    for message in messages:
+                                        if not held:
+                                            idle.deadline = math.inf
+                                        await pacer.acquire()
+                                        held += 1
+                                        if idle.deadline == math.inf:
+                                            idle.deadline = trio.current_time() + idle_timeout
+                                        await relayed.send_raw(message)
+                                await relayed.done_writing()
+                            except GrpcError as error:
+                                failures.append(_from_instance(error, relayed, name))
+                                nursery.cancel_scope.cancel()
+
+                        nursery.start_soon(send_all)
                         try:
-                            for message in messages:
-                                await relayed.send_raw(message)
-                            await relayed.done_writing()
+                            while (reply := await relayed.receive_raw()) is not None:
+                                if held:  # (more replies than messages fail below)
+                                    held -= 1
+                                    pacer.release()
+                                idle.deadline = trio.current_time() + idle_timeout
+                                replies.append(reply)
                         except GrpcError as error:
                             failures.append(_from_instance(error, relayed, name))
-                            nursery.cancel_scope.cancel()
-
-                    nursery.start_soon(send_all)
-                    try:
-                        while (reply := await relayed.receive_raw()) is not None:
-                            idle.deadline = trio.current_time() + idle_timeout
-                            replies.append(reply)
-                    except GrpcError as error:
-                        failures.append(_from_instance(error, relayed, name))
-                    nursery.cancel_scope.cancel()
+                        nursery.cancel_scope.cancel()
+        finally:
+            pacer.release(held)
         if failures:
             raise failures[0]
         if idle.cancelled_caught:
@@ -502,23 +600,49 @@ class _UnaryRelay:
 
     The call is in flight from :meth:`start`; its work is the instance's ``stream``
     (read by :meth:`on_reply`) or a task under ``scope``, stopped when the call ends.
+    A call that may fail over has its ``model`` and a ``retry`` hook, which sends
+    it elsewhere (:meth:`move_to`) when its stream fails unanswered.
     """
 
-    __slots__ = ("_name", "_reply", "_router", "_series", "call", "scope", "stream")
+    __slots__ = (
+        "_reply",
+        "_router",
+        "_series",
+        "call",
+        "model",
+        "record",
+        "retry",
+        "scope",
+        "stream",
+    )
 
-    def __init__(self, call: FastCall, name: str, router: Router, series: CallMetrics) -> None:
+    def __init__(
+        self, call: FastCall, record: InstanceRecord, router: Router, series: CallMetrics
+    ) -> None:
         self.call = call
-        self._name = name
+        self.record = record
         self._router = router
         self._series = series
         self._reply: bytes | None = None
         self.stream: Stream | None = None
         self.scope: trio.CancelScope | None = None
+        self.model: str | None = None
+        self.retry: Callable[[_UnaryRelay, str], bool] | None = None
 
     def start(self) -> None:
-        self._router.begin(self._name)
+        self._router.begin(self.record.name)
         self._series.in_flight.inc()
         self.call.on_end = self._ended
+
+    def move_to(self, record: InstanceRecord, series: CallMetrics) -> None:
+        """The call goes to ``record`` instead: its failed stream is let go."""
+        self._forget_stream()
+        self._router.end(self.record.name)
+        self._series.in_flight.dec()
+        self.record = record
+        self._series = series
+        self._router.begin(record.name)
+        series.in_flight.inc()
 
     def on_reply(self, stream: Stream) -> None:
         """The instance's stream has news (its watcher): answer once its status is in."""
@@ -530,24 +654,32 @@ class _UnaryRelay:
             elif kind is ResponseEnded:
                 code = status_code(event.status)  # type: ignore[union-attr]
                 if code is StatusCode.OK and self._reply is None:
-                    self.call.reply(None, StatusCode.INTERNAL, _no_response(self._name))
+                    self.call.reply(None, StatusCode.INTERNAL, _no_response(self.record.name))
                 else:
                     self.call.reply(self._reply, code, event.status_message)  # type: ignore[union-attr]
                 return
         error = stream.error
         if error is not None:
-            self.call.reply(None, error.code, _naming(error, self._name))
+            if self._reply is None and self.retry is not None and not self.call.done:
+                reason = stream_failure(stream)
+                if reason is not None and self.retry(self, reason):
+                    return
+            self.call.reply(None, error.code, _naming(error, self.record.name))
 
-    def _ended(self, code: StatusCode) -> None:
+    def _forget_stream(self) -> None:
         stream = self.stream
         if stream is not None:
+            self.stream = None
             stream.watcher = None
             if stream.response_ended is None and stream.error is None:
                 stream.cancel()  # the client left or the deadline passed: stop the instance
-            stream.transport.release(stream)
+            stream.release()
+
+    def _ended(self, code: StatusCode) -> None:
+        self._forget_stream()
         if self.scope is not None:
             self.scope.cancel()
-        self._router.end(self._name)
+        self._router.end(self.record.name)
         self._series.in_flight.dec()
         self._series.finished(trio.current_time() - self.call.started, code)
 

@@ -9,6 +9,10 @@ the instance's nursery in the tree::
             ├── exit watcher        pidfd: the exit is seen the moment it happens
             └── checks              Info until it answers, then Info every interval
 
+The exit watcher marks the record the moment the process is seen to exit (it
+leaves ``running`` then, not after the next health check), so a record whose
+process died is never ``running``: routing may trust the status.
+
 Whatever ends a process's supervision (exit, failed checks, cancellation), the
 process is gone before the next one is spawned: every path out goes through the
 shielded SIGTERM → grace → SIGKILL of its group. So there is never more than one
@@ -24,7 +28,7 @@ from __future__ import annotations
 import enum
 import logging
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
 from typing import Final, NamedTuple, Protocol, TypeVar
@@ -34,7 +38,7 @@ import trio
 
 from tei_manager.config import InstanceConfig, ManagerConfig
 from tei_manager.core.instances import InstanceRecord, InstanceStatus
-from tei_manager.core.logslice import read_log_slice
+from tei_manager.core.logslice import last_error_line, read_log_slice
 from tei_manager.core.restart import HealthVerdict, RestartAction, RestartPolicy, RestartTracker
 from tei_manager.manager.metrics import ManagerMetrics
 from tei_manager.supervisor.probe import ProbeError, Prober
@@ -102,6 +106,8 @@ class RunnerSettings(msgspec.Struct, frozen=True, kw_only=True):
     readiness_interval_secs: float = 0.1
     stop_grace_secs: float = STOP_GRACE_CAP_SECS
     log_tail_lines: int = 20
+    # Read for the error line of a start-up crash (a Python traceback is long).
+    error_scan_lines: int = 200
 
     @classmethod
     def from_config(cls, config: ManagerConfig) -> RunnerSettings:
@@ -115,14 +121,15 @@ class RunnerSettings(msgspec.Struct, frozen=True, kw_only=True):
 class _Why(enum.Enum):
     """Why a process's supervision ended (cancellation aside)."""
 
-    CRASH = "crash"  # it exited by itself, while starting or running
+    CRASH = "crash"  # it exited by itself (or was killed from outside)
     HEALTH = "health"  # too many failed health checks: it was ended to restart it
-    STARTUP_TIMEOUT = "startup_timeout"  # it never answered: ended, instance failed
+    STARTUP_TIMEOUT = "startup_timeout"  # it never answered: ended, to be restarted
 
 
 class _End(NamedTuple):
     why: _Why
     message: str
+    during_startup: bool = False
 
 
 def _utcnow() -> datetime:
@@ -195,12 +202,10 @@ class InstanceRunner:
         self.tracker.reset()
         had_process = self.process is not None
         if had_process:
-            self.record.restarts += 1
             self._metrics.instance_restarted(self.name, "manual")
-            self.record.mark_stopping()
+            self.record.mark_restart_requested()
         else:
-            self.record.status = InstanceStatus.STARTING
-            self.record.last_error = None
+            self.record.mark_start_requested()
         if self._run_scope is not None:
             self._run_scope.cancel()
         self._wake.set()
@@ -244,9 +249,7 @@ class InstanceRunner:
                     # process is gone by now. Wanted running: a restart, or a start
                     # that came while it was stopping.
                     if self._want_run:
-                        self.record.status = InstanceStatus.STARTING
-                        self.record.pid = None
-                        self.record.started_at = None
+                        self.record.mark_start_requested()
                     elif self.record.status is not InstanceStatus.FAILED:
                         self.record.mark_stopped()
                     self._on_change()
@@ -286,28 +289,36 @@ class InstanceRunner:
             end = await self._supervise(process)
             ended_at = trio.current_time()
             self.process = None
-            record.pid = None
+            record.mark_exited(end.message)  # the watcher did already, for a crash
             self._on_change()
 
-            if end.why is _Why.STARTUP_TIMEOUT:
-                await self._fail(end.message)
-                return
+            message = end.message
+            if end.during_startup:
+                line = await self._log_error_line()
+                if line:
+                    message = f"{message}: {line}"
             decision = self.tracker.on_exit(ended_at, desired=record.desired)
             if decision.action is RestartAction.GIVE_UP:
-                await self._fail(f"{end.message}; {decision.reason}")
+                await self._fail(f"{message}; {decision.reason}")
                 return
             if decision.action is RestartAction.STAY_STOPPED:  # pragma: no cover - a stop
                 record.mark_stopped()  # cancels this scope, so this is only a safety net
                 return
-            record.restarts += 1
             self._metrics.instance_restarted(
                 self.name, "crash" if end.why is _Why.CRASH else "health"
             )
-            record.status = InstanceStatus.STARTING
-            record.pid = None
-            record.started_at = None
-            when = f"in {decision.delay_secs:g} s" if decision.delay_secs else "at once"
-            record.last_error = f"{end.message}; restarting {when}"
+            # From the moment it ended, so the backoff is exact whatever ran since.
+            restart_at = ended_at + decision.delay_secs
+            if decision.delay_secs:
+                next_at = _utcnow() + timedelta(seconds=restart_at - trio.current_time())
+                stamp = next_at.isoformat(timespec="seconds").replace("+00:00", "Z")
+                error = (
+                    f"{message}; {decision.reason}, next try in "
+                    f"{decision.delay_secs:g} s (at {stamp})"
+                )
+                record.mark_restarting(error, next_restart_at=next_at)
+            else:
+                record.mark_restarting(f"{message}; restarting at once", next_restart_at=None)
             log.warning(
                 "instance %s: %s",
                 self.name,
@@ -315,8 +326,7 @@ class InstanceRunner:
                 extra={"instance": self.name, "reason": end.why.value},
             )
             self._on_change()
-            # From the moment it ended, so the backoff is exact whatever ran since.
-            await trio.sleep_until(ended_at + decision.delay_secs)
+            await trio.sleep_until(restart_at)
 
     async def _fail(self, message: str) -> None:
         tail = await self._log_tail()
@@ -342,7 +352,12 @@ class InstanceRunner:
                     code = await process.wait()
                     starting = self.record.status is InstanceStatus.STARTING
                     during = " during start-up" if starting else ""
-                    finish(_End(_Why.CRASH, f"process {describe_exit(code)}{during}"))
+                    message = f"process {describe_exit(code)}{during}"
+                    # Not routable from now on: callers must not wait for a health
+                    # check to learn that the process is gone.
+                    self.record.mark_exited(message)
+                    self._on_change()
+                    finish(_End(_Why.CRASH, message, during_startup=starting))
 
                 async def watch_checks() -> None:
                     finish(await self._check(process))
@@ -385,7 +400,15 @@ class InstanceRunner:
                 await trio.sleep(s.readiness_interval_secs)
             ready = True
         if not ready:
-            return _End(_Why.STARTUP_TIMEOUT, f"not ready within {timeout:g} s ({last_problem})")
+            return _End(
+                _Why.STARTUP_TIMEOUT,
+                f"not ready within {timeout:g} s ({last_problem})",
+                during_startup=True,
+            )
+        if process.returncode is not None:
+            # It answered, then exited before we got here: the watcher has ended this
+            # supervision already, and the record must not turn "running".
+            await trio.sleep_forever()
 
         now = trio.current_time()
         record.mark_running()
@@ -431,6 +454,15 @@ class InstanceRunner:
                 return str(e)
             return None
         return f"no answer within {timeout:g} s"
+
+    async def _log_error_line(self) -> str | None:
+        """The line of the instance's log that says why its last run failed."""
+        if self._log_path is None:
+            return None
+        lines = await self._run_blocking(
+            partial(read_log_slice, self._log_path, -self._settings.error_scan_lines)
+        )
+        return last_error_line(lines.lines)
 
     async def _log_tail(self) -> str:
         if self._log_path is None:

@@ -29,6 +29,7 @@ from typing import Final
 
 import trio
 
+from tei_manager.core.logslice import RUN_BOUNDARY_PREFIX
 from tei_manager.supervisor.launch import LaunchSpec, describe
 from tei_manager.supervisor.procfs import read_stat
 
@@ -77,7 +78,7 @@ def spawn(spec: LaunchSpec) -> InstanceProcess:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with log_path.open("ab") as log:
             # A visible boundary between runs, since every restart appends to one file.
-            log.write(f"--- tei-manager {stamp}: starting {describe(spec.argv)}\n".encode())
+            log.write(f"{RUN_BOUNDARY_PREFIX}{stamp}: starting {describe(spec.argv)}\n".encode())
             log.flush()
             popen = subprocess.Popen(
                 spec.argv,

@@ -1,0 +1,162 @@
+"""Authentication, authorization, rate limits and CORS on the REST port.
+
+Installed on the app as one ``before_request`` hook (and an ``after_request`` one
+for CORS headers and the access log), so every route, unknown paths included, is
+checked before it runs: a request without credentials learns nothing, not even
+whether a path exists. The decision is :class:`~tei_manager.auth.policy.Authenticator`'s;
+this module only turns the request into an :class:`AuthRequest` and a refusal into
+the contract's error body:
+
+- 401 ``UNAUTHENTICATED`` with ``WWW-Authenticate: Bearer realm="tei-manager"``
+  (RFC 6750; ``error="invalid_token"`` when a token was sent and refused) where a
+  bearer provider is configured;
+- 403 ``FORBIDDEN``; 429 ``OVERLOADED`` with ``Retry-After`` in whole seconds.
+
+Native TLS client certificates. Hypercorn does not put the TLS connection in the
+ASGI scope, so the certificate travels in a context variable: the context we give
+Hypercorn makes its ``SSLObject``s set it when their handshake completes. The
+handshake runs in the connection's task and trio copies a task's context into the
+tasks it spawns, so each request handled on that connection sees its own
+connection's certificate and no other.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import math
+import ssl
+import time
+from collections.abc import MutableMapping
+from typing import Any, Final, cast
+
+from quart import Quart, Response, request
+
+from tei_manager.api.responses import error_response
+from tei_manager.auth.identity import AuthRequest, Identity, Refusal, Scope, parse_peer
+from tei_manager.auth.security import Security
+from tei_manager.errors import ErrorCode, TeiError
+
+__all__ = ["IDENTITY_KEY", "capture_peer_certificates", "install_auth", "scope_for"]
+
+access_log = logging.getLogger("tei_manager.access")
+
+#: Where the authenticated identity's name travels in the ASGI scope.
+IDENTITY_KEY: Final = "tei_manager.identity"
+_REALM: Final = 'Bearer realm="tei-manager"'
+# Inference routes (OpenAI- and TEI-compatible) live under these prefixes.
+_INFERENCE_PREFIXES: Final = ("/v1/", "/tei/")
+_READ_METHODS: Final = frozenset({"GET", "HEAD"})
+
+_peer_certificate: contextvars.ContextVar[bytes | None] = contextvars.ContextVar(
+    "tei_manager_peer_certificate", default=None
+)
+
+
+class _CertificateNotingSSLObject(ssl.SSLObject):
+    """Notes the client certificate in the connection task's context after the handshake."""
+
+    def do_handshake(self) -> None:
+        super().do_handshake()
+        _peer_certificate.set(self.getpeercert(binary_form=True))
+
+
+def capture_peer_certificates(context: ssl.SSLContext) -> ssl.SSLContext:
+    """Make connections served with ``context`` expose their client certificate here."""
+    context.sslobject_class = _CertificateNotingSSLObject
+    return context
+
+
+def scope_for(method: str, path: str) -> Scope:
+    """The scope a REST call needs: inference routes, reads, or administration."""
+    if path.startswith(_INFERENCE_PREFIXES):
+        return Scope.INFERENCE
+    if method in _READ_METHODS:
+        return Scope.READ
+    return Scope.ADMIN
+
+
+def _extras(scope: object) -> MutableMapping[str, Any]:
+    return cast(MutableMapping[str, Any], scope)
+
+
+class _RestAuth:
+    def __init__(self, security: Security) -> None:
+        self._auth = security.authenticator
+        self._cors = security.cors
+        self._metrics = security.metrics
+
+    def _refuse(self, refusal: Refusal) -> Response:
+        self._metrics.rejected("rest", refusal)
+        response = error_response(TeiError(refusal.code, refusal.message))
+        if refusal.code is ErrorCode.UNAUTHENTICATED and self._auth.uses_bearer:
+            challenge = _REALM
+            if refusal.bearer_error is not None:
+                challenge += f', error="{refusal.bearer_error}"'
+            response.headers["WWW-Authenticate"] = challenge
+        if refusal.code is ErrorCode.OVERLOADED:
+            response.headers["Retry-After"] = str(max(1, math.ceil(refusal.retry_after_secs)))
+        return response
+
+    async def before(self) -> Response | None:
+        headers = request.headers
+        if request.method == "OPTIONS" and "Access-Control-Request-Method" in headers:
+            return self._preflight()
+        path = request.path
+        if self._auth.is_public(path) or not self._auth.active:
+            return None
+        verdict = self._auth.check(
+            AuthRequest(
+                peer=parse_peer(request.scope.get("client")),
+                authorization=headers.get("Authorization"),
+                peer_certificate=_peer_certificate.get(),
+                cert_header=headers.get("X-SSL-Client-Cert"),
+                forwarded_for=headers.get("X-Forwarded-For"),
+            ),
+            scope_for(request.method, path),
+            time.time(),
+        )
+        if isinstance(verdict, Identity):
+            _extras(request.scope)[IDENTITY_KEY] = verdict.name
+            return None
+        _extras(request.scope)[IDENTITY_KEY] = verdict.identity
+        return self._refuse(verdict)
+
+    def _preflight(self) -> Response:
+        headers = request.headers
+        answer = self._cors.preflight(
+            headers.get("Origin"),
+            headers.get("Access-Control-Request-Method"),
+            headers.get("Access-Control-Request-Headers"),
+        )
+        if answer is None:
+            return self._refuse(
+                Refusal(ErrorCode.FORBIDDEN, "cross-origin request not allowed by [cors]")
+            )
+        response = Response(b"", status=204)
+        response.headers.update(answer)
+        return response
+
+    async def after(self, response: Response) -> Response:
+        if self._cors.enabled and request.method != "OPTIONS":
+            response.headers.update(self._cors.response_headers(request.headers.get("Origin")))
+        if self._auth.active:
+            identity = _extras(request.scope).get(IDENTITY_KEY) or "-"
+            client = request.scope.get("client")
+            access_log.info(
+                "%s %s %s %d identity=%s",
+                client[0] if client else "-",
+                request.method,
+                request.path if len(request.path) <= 200 else request.path[:200] + "...",
+                response.status_code,
+                identity,
+                extra={"identity": identity, "status": response.status_code},
+            )
+        return response
+
+
+def install_auth(app: Quart, security: Security) -> None:
+    """Check every request ``app`` serves against ``security``."""
+    hooks = _RestAuth(security)
+    app.before_request(hooks.before)
+    app.after_request(hooks.after)
