@@ -125,6 +125,13 @@ class GatewayMetrics:
             buckets=_QUEUE_BUCKETS,
             registry=registry,
         )
+        self.retries = Counter(
+            "tei_manager_inference_retries",
+            "Inference calls sent again to another replica after the first never got an"
+            " answer, by route and reason (connect, closed, refused, lost)",
+            ["route", "reason"],
+            registry=registry,
+        )
         self._children: dict[tuple[str, str], RouteMetrics] = {}
 
     def route(self, route: str, model: str) -> RouteMetrics:

@@ -15,7 +15,12 @@ instance, the multiplexer's :class:`ConnectionPool`: a list of inputs is one
 stream call with every message in flight, so the instance batches them itself.
 
 Every call to an instance goes through :meth:`Session._exchange`: the one place a
-retry on another replica (for a call that never reached its instance) plugs in.
+call is retried on another replica. As in the multiplexer
+(:mod:`~tei_manager.multiplexer.failover`), only a unary call whose ``model`` was a
+model id or an alias (never an instance name), and whose request never got an
+answer (no connection, a closed connection, a refused stream, a connection lost
+before any reply), goes once to another running replica, within the same
+deadline; the session's admission slot and in-flight count move with it.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from tei_manager.gateway.errors import InferenceError, Kind, from_instance, from
 from tei_manager.gateway.metrics import GatewayMetrics
 from tei_manager.grpc.channel import Call, Channel
 from tei_manager.grpc.rpc import GrpcError, MethodSpec
+from tei_manager.multiplexer.failover import CLOSED, CONNECT, call_failure
 from tei_manager.multiplexer.pool import ConnectionPool
 
 __all__ = ["MODEL_TYPES", "Gateway", "Session", "create_gateway", "status_hint"]
@@ -107,13 +113,13 @@ class Gateway:
         session = Session(self, route)
         try:
             session.record = record = self.resolve(model)
-            name = record.name
-            session.queued = await self.admission.enter(name, record.config.max_concurrent_requests)
+            if record.name != model:  # an alias or a model id: it may fail over
+                session.failover = model
+            await session.admit(record)
             try:
-                with self.router.track(name):
-                    yield session
+                yield session
             finally:
-                self.admission.leave(name)
+                session.release()
         except InferenceError as error:
             session.status = status_of(error)
             raise
@@ -179,15 +185,34 @@ _HINTS: Final = {
 class Session:
     """One front-door request on the instance it was routed to."""
 
-    __slots__ = ("_gateway", "_route", "queued", "record", "status", "tokens")
+    __slots__ = ("_gateway", "_held", "_route", "failover", "queued", "record", "status", "tokens")
 
     def __init__(self, gateway: Gateway, route: str) -> None:
         self._gateway = gateway
         self._route = route
         self.record: InstanceRecord | None = None
+        #: The ``model`` a failed call may fail over within; None: not (again).
+        self.failover: str | None = None
         self.queued: float | None = None
         self.status = 200
         self.tokens = 0
+        self._held: str | None = None  # the instance whose slot this session holds
+
+    async def admit(self, record: InstanceRecord) -> None:
+        """Wait for a slot on ``record`` and count the request in flight to it."""
+        gateway = self._gateway
+        waited = await gateway.admission.enter(record.name, record.config.max_concurrent_requests)
+        self.queued = waited + (self.queued or 0.0)
+        self.record = record
+        self._held = record.name
+        gateway.router.begin(record.name)
+
+    def release(self) -> None:
+        """Give back the slot and the in-flight count, if held."""
+        name, self._held = self._held, None
+        if name is not None:
+            self._gateway.router.end(name)
+            self._gateway.admission.leave(name)
 
     @property
     def instance(self) -> InstanceRecord:
@@ -228,29 +253,78 @@ class Session:
 
     async def _exchange(self, spec: Spec, requests: Sequence[bytes], *, unary: bool) -> list[bytes]:
         """Every call to an instance comes here: the place for a retry elsewhere."""
-        gateway = self._gateway
-        record = self.instance
-        channel = await gateway._channel(record)
-        timeout = gateway.request_timeout
+        timeout = self._gateway.request_timeout
         with trio.move_on_after(timeout) as timer:
-            async with channel.open_call(spec) as call:
+            while True:
                 try:
-                    replies = await _feed(call, requests, timer, timeout)
-                except GrpcError as error:
-                    raise _failure(error, call, record.name) from None
+                    replies = await self._attempt(spec, requests, timer)
+                    break
+                except _Unanswered as failed:
+                    if not unary or not await self._fail_over(failed.reason):
+                        raise failed.error from None
+        name = self.instance.name
         if timer.cancelled_caught:
             raise InferenceError(
                 Kind.TIMEOUT,
-                f"instance {quote(record.name)} did not answer within {timeout:g} s "
+                f"instance {quote(name)} did not answer within {timeout:g} s "
                 "(grpc_request_timeout_secs)",
             )
         if len(replies) != (1 if unary else len(requests)):
             raise InferenceError(
                 Kind.BACKEND,
-                f"instance {quote(record.name)} answered {len(replies)} of "
-                f"{len(requests)} requests",
+                f"instance {quote(name)} answered {len(replies)} of {len(requests)} requests",
             )
         return replies
+
+    async def _attempt(
+        self, spec: Spec, requests: Sequence[bytes], timer: trio.CancelScope
+    ) -> list[bytes]:
+        """One try on the session's instance; :class:`_Unanswered` if it never answered."""
+        name = self.instance.name
+        try:
+            channel = await self._gateway.pool.channel(self.instance)
+            await channel.wait_for_stream_slot()
+        except GrpcError as error:
+            raise _Unanswered(CONNECT, from_instance(error)) from None
+        try:
+            call = channel.start_call(spec)
+        except GrpcError as error:  # closed or going away since it was pooled
+            raise _Unanswered(CLOSED, _failure(error, None, name)) from None
+        try:
+            return await _feed(call, requests, timer, self._gateway.request_timeout)
+        except GrpcError as error:
+            failure = _failure(error, call, name)
+            reason = call_failure(error, replied=call.answered, connection_usable=channel.usable)
+            if reason is None:
+                raise failure from None
+            raise _Unanswered(reason, failure) from None
+        finally:
+            call.close()
+
+    async def _fail_over(self, reason: str) -> bool:
+        """Move the session to another running replica of its ``model``, once."""
+        model, self.failover = self.failover, None
+        if model is None:
+            return False
+        gateway = self._gateway
+        failed = self.instance
+        try:
+            moved = gateway.router.choose_model(model, exclude=frozenset({failed.name}))
+        except TeiError:
+            return False  # no other replica runs: the first failure stands
+        self.release()
+        gateway.metrics.retries.labels(self._route, reason).inc()
+        await self.admit(moved)
+        return True
+
+
+class _Unanswered(Exception):
+    """A call whose request got no answer from its instance (see failover.py's reasons)."""
+
+    def __init__(self, reason: str, error: InferenceError) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.error = error
 
 
 async def _feed(
@@ -289,9 +363,9 @@ async def _feed(
     return replies
 
 
-def _failure(error: GrpcError, call: Call[Any, Any], name: str) -> InferenceError:
+def _failure(error: GrpcError, call: Call[Any, Any] | None, name: str) -> InferenceError:
     """The instance's status as it said it; a relay failure naming the instance."""
-    if call.answered or error.message.startswith("instance "):
+    if (call is not None and call.answered) or error.message.startswith("instance "):
         return from_instance(error)
     return from_instance(GrpcError(error.code, f"instance {quote(name)}: {error.message}"))
 
