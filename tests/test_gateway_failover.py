@@ -53,10 +53,16 @@ class Replicas:
             record.config = msgspec.structs.replace(record.config, port=port)
             record.mark_starting(pid=pid, now=now)
             record.mark_running()
-        router, pool = shared_routing(self.config, self.table)
+        shared = shared_routing(self.config, self.table)
+        router, pool = shared.router, shared.pool
         await self.nursery.start(pool.run)
         self.gateway = create_gateway(
-            self.config, self.table, self.registry, router=router, pool=pool
+            self.config,
+            self.table,
+            self.registry,
+            router=router,
+            pool=pool,
+            admission=shared.admission,
         )
         return self.gateway
 

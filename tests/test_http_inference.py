@@ -85,9 +85,15 @@ def served(
     stop = threading.Event()
 
     async def main() -> None:
-        router, pool = shared_routing(config, table)
+        shared = shared_routing(config, table)
+        router, pool = shared.router, shared.pool
         gateway = create_gateway(
-            config, table, manager.metrics.prometheus, router=router, pool=pool
+            config,
+            table,
+            manager.metrics.prometheus,
+            router=router,
+            pool=pool,
+            admission=shared.admission,
         )
         async with trio.open_nursery() as nursery:
             await nursery.start(pool.run)

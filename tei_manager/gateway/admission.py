@@ -36,6 +36,18 @@ class Admission:
             gate.limit = limit
         return gate
 
+    def try_enter(self, name: str, limit: int) -> bool:
+        """Take a free slot on ``name`` now, without waiting; pair a True with :meth:`leave`."""
+        return self.gate(name, limit).try_enter()
+
+    def refusal(self, name: str, limit: int) -> InferenceError | None:
+        """The OVERLOADED answer for a request that could not even queue on ``name``
+        now (its queue is full), else None."""
+        gate = self.gate(name, limit)
+        if gate.can_queue():
+            return None
+        return self._overloaded(name, gate, f"{gate.queued} requests are already queued")
+
     async def enter(self, name: str, limit: int) -> float:
         """Wait for a slot on ``name``; the seconds spent queued. Pair with :meth:`leave`.
 

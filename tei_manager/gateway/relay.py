@@ -377,13 +377,15 @@ def create_gateway(
     *,
     router: Router,
     pool: ConnectionPool,
+    admission: Admission,
 ) -> Gateway:
-    """The gateway for ``instances``, its metrics on ``registry``, admission from config."""
+    """The gateway for ``instances``, its metrics on ``registry``; ``router``, ``pool``
+    and ``admission`` are the ones every front door shares."""
     return Gateway(
         instances,
         router,
         pool,
-        Admission(max_queued=config.max_queued_requests, queue_timeout=config.queue_timeout_secs),
+        admission,
         GatewayMetrics(registry),
         request_timeout=config.grpc_request_timeout_secs,
     )

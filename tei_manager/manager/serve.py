@@ -58,11 +58,16 @@ async def serve(manager: Manager, security: Security | None = None) -> None:
     config = manager.config
     if security is None:
         security = build_security(config, manager.metrics.prometheus)
-    # One router (in-flight counts, failover suspects) and one connection per
-    # instance for both doors.
-    router, pool = shared_routing(config, manager.instances)
+    # One router (in-flight counts, failover suspects), one connection per instance
+    # and one admission (limit, queue) per instance for both doors.
+    shared = shared_routing(config, manager.instances)
     gateway = create_gateway(
-        config, manager.instances, manager.metrics.prometheus, router=router, pool=pool
+        config,
+        manager.instances,
+        manager.metrics.prometheus,
+        router=shared.router,
+        pool=shared.pool,
+        admission=shared.admission,
     )
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as root:
@@ -70,7 +75,7 @@ async def serve(manager: Manager, security: Security | None = None) -> None:
             await root.start(manager_task.run)
             if security.tls is not None:
                 await root.start(security.tls.run)
-            await root.start(pool.run)
+            await root.start(shared.pool.run)
 
             async def api(*, task_status: trio.TaskStatus[int]) -> None:
                 await serve_api(
@@ -96,8 +101,7 @@ async def serve(manager: Manager, security: Security | None = None) -> None:
                         config,
                         manager.instances,
                         metrics,
-                        router=router,
-                        pool=pool,
+                        shared=shared,
                         shutdown=manager.shutdown_requested,
                         drain_timeout_secs=config.graceful_shutdown_timeout_secs * _DRAIN_SHARE,
                         security=security,

@@ -7,7 +7,7 @@ limits, and TLS when configured) apply to every service on the port alike.
 from __future__ import annotations
 
 import logging
-from typing import Final
+from typing import Final, NamedTuple
 
 import trio
 
@@ -15,6 +15,7 @@ from tei_manager.auth.security import Security, build_security
 from tei_manager.config import ManagerConfig
 from tei_manager.core.instances import InstanceTable
 from tei_manager.core.routing import Router
+from tei_manager.gateway.admission import Admission
 from tei_manager.grpc.health import NOT_SERVING, SERVING, HealthServicer
 from tei_manager.grpc.reflection import reflection_servicers
 from tei_manager.grpc.server import GrpcServer
@@ -24,7 +25,7 @@ from tei_manager.multiplexer.pool import ConnectionPool
 from tei_manager.multiplexer.service import Multiplexer
 from tei_manager.supervisor.launch import INSTANCE_HOST
 
-__all__ = ["MultiplexerServer", "serve_multiplexer", "shared_routing"]
+__all__ = ["MultiplexerServer", "SharedRouting", "serve_multiplexer", "shared_routing"]
 
 log = logging.getLogger(__name__)
 
@@ -41,27 +42,26 @@ class MultiplexerServer:
         metrics: MultiplexerMetrics,
         security: Security | None = None,
         *,
-        router: Router | None = None,
-        pool: ConnectionPool | None = None,
+        shared: SharedRouting | None = None,
     ) -> None:
-        """``router`` and ``pool``, when given, are shared with the HTTP inference
-        routes (build them with :func:`shared_routing`); a given pool is run by its
+        """``shared`` (router, pool and admission), when given, is shared with the
+        HTTP inference routes (see :func:`shared_routing`); a given pool is run by its
         owner, one made here by :meth:`run`."""
         if security is None:  # counters on no registry: serve() passes the shared one
             security = build_security(config, None)
         max_message_bytes = config.grpc_max_message_size_mb * _MIB
         limits = config.grpc.limits(max_concurrent_streams=config.grpc_max_parallel_streams)
-        if router is None or pool is None:
-            router, pool = shared_routing(config, instances)
-            self._owns_pool = True
-        else:
-            self._owns_pool = False
-        self.router = router
-        self.pool = pool
+        self._owns_pool = shared is None
+        if shared is None:
+            shared = shared_routing(config, instances)
+        self.router = shared.router
+        self.pool = shared.pool
+        self.admission = shared.admission
         self.service = Multiplexer(
             self.router,
             self.pool,
             metrics,
+            admission=self.admission,
             request_timeout=config.grpc_request_timeout_secs,
             stream_idle_timeout=config.grpc_request_timeout_secs,
         )
@@ -105,11 +105,18 @@ class MultiplexerServer:
             nursery.cancel_scope.cancel()
 
 
-def shared_routing(
-    config: ManagerConfig, instances: InstanceTable
-) -> tuple[Router, ConnectionPool]:
-    """The router and the pool of HTTP/2 connections to the instances (one per
-    instance process) that every front door shares."""
+class SharedRouting(NamedTuple):
+    """What every front door shares: the router (in-flight counts, suspects), the
+    pool of HTTP/2 connections to the instances (one per instance process) and the
+    per-instance admission (limit, queue)."""
+
+    router: Router
+    pool: ConnectionPool
+    admission: Admission
+
+
+def shared_routing(config: ManagerConfig, instances: InstanceTable) -> SharedRouting:
+    """The :class:`SharedRouting` of ``instances``, set up from ``config``."""
     router = Router(instances, clock=trio.current_time)
     # The public port's limits; the pool's connections to instances use the
     # same settings (keepalive pings included, when configured).
@@ -123,7 +130,10 @@ def shared_routing(
         on_lost=router.suspect,
         on_connected=router.cleared,
     )
-    return router, pool
+    admission = Admission(
+        max_queued=config.max_queued_requests, queue_timeout=config.queue_timeout_secs
+    )
+    return SharedRouting(router, pool, admission)
 
 
 async def serve_multiplexer(
@@ -131,15 +141,14 @@ async def serve_multiplexer(
     instances: InstanceTable,
     metrics: MultiplexerMetrics,
     *,
-    router: Router | None = None,
-    pool: ConnectionPool | None = None,
+    shared: SharedRouting | None = None,
     shutdown: trio.Event | None = None,
     drain_timeout_secs: float = 0.0,
     security: Security | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the multiplexer on ``config.grpc_port``; hands back the bound port."""
-    server = MultiplexerServer(config, instances, metrics, security, router=router, pool=pool)
+    server = MultiplexerServer(config, instances, metrics, security, shared=shared)
     await server.run(
         shutdown=shutdown, drain_timeout_secs=drain_timeout_secs, task_status=task_status
     )
