@@ -85,3 +85,26 @@ async def test_a_cancelled_waiter_leaves_the_queue_and_a_granted_one_its_slot(
     assert admission.statistics()["a"].in_flight == 0
     admission.forget("a")
     assert admission.statistics() == {}
+
+
+async def test_the_task_free_checks_take_a_slot_or_say_why_not(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    admission = Admission(max_queued=1, queue_timeout=10.0)
+    assert admission.try_enter("a", 1)
+    assert not admission.try_enter("a", 1)  # full
+    assert admission.refusal("a", 1) is None  # but there is room to wait
+
+    async def waiter() -> None:
+        await admission.enter("a", 1)
+        admission.leave("a")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(waiter)
+        await trio.sleep(0.1)
+        refused = admission.refusal("a", 1)
+        assert refused is not None and refused.kind is Kind.OVERLOADED
+        assert refused.retry_after is not None and refused.retry_after >= 1
+        assert not admission.try_enter("a", 1)  # a free slot goes to the waiter first
+        admission.leave("a")
+    assert admission.statistics()["a"].in_flight == 0
