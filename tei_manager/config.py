@@ -91,6 +91,12 @@ MODEL_ID_SCHEMA: Final = {
     "pattern": rf"^(?:{_HUB_ID}|/(?!/*$)(?!(?:.*/)?\.\.(?:/|$))[^\x00-\x1f\x7f\\]*)$",
 }
 TEXT_SCHEMA: Final = {"minLength": 1, "maxLength": 255, "pattern": r"^[^\x00-\x1f\x7f]*$"}
+# TEXT_SCHEMA, and no leading or trailing whitespace.
+_SERVED_NAME_SCHEMA: Final = {
+    "minLength": 1,
+    "maxLength": 255,
+    "pattern": r"^[^\s\x00-\x1f\x7f](?:[^\x00-\x1f\x7f]*[^\s\x00-\x1f\x7f])?$",
+}
 _PORT_SCHEMA: Final = {
     "anyOf": [
         {"type": "integer", "const": 0},
@@ -147,6 +153,9 @@ class InstanceConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     revision: Annotated[str, _documented(**TEXT_SCHEMA)] | None = None
     # The built-in worker's engine (None: its default, "auto"); TEI ignores it.
     engine: Engine | None = None
+    # Another name clients may give as ``model`` on the inference routes (OpenAI's
+    # ``model``, TEI's ``served_model_name``); replicas sharing one are balanced.
+    served_model_name: Annotated[str, _documented(**_SERVED_NAME_SCHEMA)] | None = None
 
 
 class SeedInstance(InstanceConfig, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -245,6 +254,11 @@ class ManagerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     # HTTP/2 streams one client connection may have open (h2 and nginx: ~100).
     grpc_max_parallel_streams: int = 100
     grpc_request_timeout_secs: float = 30.0
+    # Inference admission, per instance, on every front door: beyond its
+    # max_concurrent_requests in flight, up to this many requests wait (FIFO) for
+    # at most queue_timeout_secs; the rest are refused with 429 OVERLOADED.
+    max_queued_requests: int = 1024
+    queue_timeout_secs: float = 10.0
     # Restarts after a crash (see DESIGN "Restart policy"): like Kubernetes'
     # CrashLoopBackOff, the delay doubles from the initial value up to the cap, and
     # the instance is retried for ever unless crash_loop_restarts is set: then that
@@ -422,6 +436,12 @@ def validate_instance_config(config: InstanceConfig, *, gpu_count: int | None = 
         _positive(config.startup_timeout_secs, "startup_timeout_secs")
     if config.revision is not None:
         _text(config.revision, "revision")
+    if config.served_model_name is not None:
+        _text(config.served_model_name, "served_model_name")
+        if config.served_model_name != config.served_model_name.strip():
+            raise ValidationError(
+                "served_model_name", "has leading or trailing whitespace: remove it"
+            )
     for i, arg in enumerate(config.extra_args):
         if "\x00" in arg:
             raise ValidationError(f"extra_args[{i}]", "contains a NUL byte")
@@ -467,6 +487,8 @@ def validate_manager_config(config: ManagerConfig) -> None:
         )
     _at_least(config.grpc_max_parallel_streams, 1, "grpc_max_parallel_streams")
     _positive(config.grpc_request_timeout_secs, "grpc_request_timeout_secs")
+    _at_least(config.max_queued_requests, 0, "max_queued_requests")
+    _positive(config.queue_timeout_secs, "queue_timeout_secs")
     limits = config.grpc.limits(max_concurrent_streams=config.grpc_max_parallel_streams)
     for field, rule in validate_limits(limits):
         raise ValidationError(f"grpc.{field}", rule)

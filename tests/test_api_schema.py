@@ -176,6 +176,14 @@ def test_the_server_keeps_every_promise_of_its_openapi_document(base_url: str) -
         # The document as served, not as built in this process.
         schema = schemathesis.openapi.from_dict(session.get(f"{base_url}/openapi.json").json())
         operations = [result.ok() for result in schema.get_all_operations()]
+        # The inference routes (tag "inference") are left out on purpose: their
+        # contracts are OpenAI's and TEI's, not this document's rules: TEI answers a
+        # documented 503 "Unhealthy" and 424, which this check takes for server
+        # errors, and whether a schema-valid body is served depends on the model
+        # behind the route (its kind, its token limit), which no static schema states.
+        # tests/test_inference_routes.py and tests/test_http_inference.py check them
+        # with the real clients; test_inference_routes also checks their document.
+        operations = [op for op in operations if "inference" not in (op.tags or [])]
         assert len(operations) == len(OPERATIONS)
         for operation in operations:
             has_input = bool(operation.path_parameters or operation.query or operation.body)

@@ -34,6 +34,7 @@ from tests.tls import make_pki
 SLEEP_FOREVER = 777
 CRASH = 666
 SLOW = 555
+PUSH_BACK = 444
 
 
 class Probe(tei_grpc.TokenizeServicer):
@@ -50,6 +51,8 @@ class Probe(tei_grpc.TokenizeServicer):
         self.deadlines.append(context.time_remaining())
         if list(request.ids) == [CRASH]:
             raise RuntimeError("secret internal detail")
+        if list(request.ids) == [PUSH_BACK]:
+            raise GrpcError(StatusCode.RESOURCE_EXHAUSTED, "full", retry_pushback_ms=1500)
         if list(request.ids) == [SLOW]:
             self.started.set()
             await trio.sleep(0.3)
@@ -122,6 +125,22 @@ async def test_grpcio_unary_and_stream(nursery: trio.Nursery) -> None:
     one, many = await _grpcio(server.port, calls)
     assert one == "1 2"
     assert many == ["0", "1", "2", "3", "4"]
+
+
+async def test_a_handler_can_ask_the_client_to_retry_later(nursery: trio.Nursery) -> None:
+    server, _ = await _serve(nursery)
+
+    def call(ch: grpc.Channel) -> tuple[grpc.StatusCode, dict[str, str]]:
+        try:
+            _decode_stub(ch)(tei_pb2.DecodeRequest(ids=[PUSH_BACK]), timeout=10)
+        except grpc.RpcError as error:
+            trailers = dict(error.trailing_metadata() or ())  # type: ignore[attr-defined]
+            return error.code(), trailers  # type: ignore[attr-defined]
+        return grpc.StatusCode.OK, {}
+
+    code, trailers = await _grpcio(server.port, call)
+    assert code is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert trailers["grpc-retry-pushback-ms"] == "1500"
 
 
 async def test_unknown_method_is_unimplemented(nursery: trio.Nursery) -> None:

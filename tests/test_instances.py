@@ -242,6 +242,7 @@ def test_info_snapshot(registry: InstanceTable) -> None:
         "name", "model_id", "port", "status", "pid", "gpu_id", "created_at", "uptime_secs",
         "restarts", "health_check_failures", "last_health_check", "prometheus_port", "pooling",
         "max_batch_tokens", "max_concurrent_requests", "last_error", "next_restart_at",
+        "served_model_name",
     ]  # fmt: skip
     assert encoded["status"] == "running"
     assert encoded["created_at"] == "2025-01-15T10:30:00Z"

@@ -23,6 +23,8 @@ from tei_manager.api.auth import install_auth
 from tei_manager.api.dto import ProbeStatus
 from tei_manager.api.exchange import Exchange
 from tei_manager.api.facade import ManagerFacade
+from tei_manager.api.inference import register_inference_routes
+from tei_manager.api.inference_doors import inference_doors
 from tei_manager.api.models_routes import ModelHandlers, ModelIdConverter
 from tei_manager.api.openapi import openapi_json
 from tei_manager.api.responses import (
@@ -37,6 +39,7 @@ from tei_manager.api.storage import check_storage
 from tei_manager.auth.security import Security, build_security
 from tei_manager.config import decode_instance_config
 from tei_manager.errors import ErrorCode, TeiError, ValidationError, quote
+from tei_manager.gateway.relay import Gateway
 
 __all__ = ["NO_RESPONSE_STATUS", "UNMATCHED_ROUTE", "ApiApp", "create_app"]
 
@@ -201,9 +204,12 @@ async def _on_exception(error: Exception) -> Response:
     return unexpected_error_response(error, request.method, request.path)
 
 
-def create_app(manager: ManagerFacade, security: Security | None = None) -> ApiApp:
+def create_app(
+    manager: ManagerFacade, security: Security | None = None, gateway: Gateway | None = None
+) -> ApiApp:
     """The REST API for ``manager``: every route in :data:`OPERATIONS`, behind
-    ``security`` (default: built from ``manager.config``)."""
+    ``security`` (default: built from ``manager.config``), and the inference routes
+    (scope ``inference``) when a ``gateway`` serves them."""
     app = ApiApp(manager)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.url_map.converters["model_id"] = ModelIdConverter
@@ -224,6 +230,8 @@ def create_app(manager: ManagerFacade, security: Security | None = None) -> ApiA
             # A model id is never rewritten: "//etc" stays a (refused) model id.
             merge_slashes="{model_id}" not in op.path,
         )
+    if gateway is not None:
+        register_inference_routes(app, inference_doors(gateway))
     app.before_request(_note_route)
     install_auth(app, security or build_security(manager.config, manager.metrics.prometheus))
     app.register_error_handler(TeiError, _on_tei_error)

@@ -13,6 +13,8 @@ from typing import Any, Final
 import msgspec
 
 from tei_manager import __version__
+from tei_manager.api.inference import inference_openapi
+from tei_manager.api.inference_doors import DOOR_ROUTES
 from tei_manager.api.routes import JSON, OPERATIONS, Operation
 from tei_manager.config import HUB_ID_SCHEMA, NAME_SCHEMA
 from tei_manager.errors import ERROR_TABLE, ErrorBody, ErrorCode
@@ -118,18 +120,23 @@ def build_openapi(operations: Iterable[Operation] = OPERATIONS) -> dict[str, Any
         for t in (op.response, op.request):
             if t is not None and t not in types:
                 types.append(t)
+    # The inference routes: their own bodies and error shapes (OpenAI's, TEI's).
+    inference_types, inference_paths = inference_openapi(DOOR_ROUTES)
+    types.extend(t for t in inference_types if t not in types)
     generated, components = msgspec.json.schema_components(types, ref_template=_REF)
     schemas = dict(zip(types, generated, strict=True))
     paths: dict[str, dict[str, Any]] = {}
     for op in operations:
         paths.setdefault(op.path, {})[op.method.lower()] = _operation(op, schemas)
+    paths.update(inference_paths(schemas))
     return {
         "openapi": "3.1.0",
         "info": {
             "title": "tei-manager",
             "version": __version__,
             "description": "Management API: run many text-embedding model servers on one "
-            'host. Every error is {"error", "code", "timestamp"}.',
+            'host. Every error is {"error", "code", "timestamp"}, except on the inference '
+            "routes (tag inference, scope inference), which answer OpenAI's or TEI's shape.",
         },
         "paths": paths,
         "components": {"schemas": components},

@@ -29,6 +29,7 @@ from tei_manager.api.app import create_app
 from tei_manager.api.auth import capture_peer_certificates
 from tei_manager.api.facade import ManagerFacade
 from tei_manager.auth.security import Security, build_security
+from tei_manager.gateway.relay import Gateway
 
 __all__ = ["serve_api"]
 
@@ -83,6 +84,7 @@ async def serve_api(
     *,
     shutdown: trio.Event | None = None,
     drain_timeout_secs: float | None = None,
+    gateway: Gateway | None = None,
     security: Security | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -96,7 +98,8 @@ async def serve_api(
     the socket accepts connections. It serves until cancelled, or until
     ``shutdown`` is set: then it stops accepting, lets requests in flight finish
     for up to ``drain_timeout_secs`` (default: the manager's
-    ``graceful_shutdown_timeout_secs``), and returns.
+    ``graceful_shutdown_timeout_secs``), and returns. With a ``gateway`` it also
+    serves the HTTP inference routes (OpenAI's ``/v1/*``, TEI's ``/tei/{model}/*``).
     """
     if security is None:
         security = build_security(manager.config, manager.metrics.prometheus)
@@ -120,7 +123,7 @@ async def serve_api(
         config.errorlog = logging.getLogger("hypercorn.error")
         config.accesslog = None
         config.include_server_header = False
-        app = create_app(manager, security)
+        app = create_app(manager, security, gateway)
         async with trio.open_nursery() as nursery:
             await nursery.start(
                 partial(

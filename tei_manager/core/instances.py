@@ -75,6 +75,7 @@ class InstanceInfo(msgspec.Struct, frozen=True, kw_only=True):
     last_error: str | None
     # When the supervisor spawns the process again (a crash loop's backoff), else null.
     next_restart_at: datetime | None = None
+    served_model_name: str | None = None
 
 
 class InstanceRecord(msgspec.Struct, kw_only=True):
@@ -135,6 +136,7 @@ class InstanceRecord(msgspec.Struct, kw_only=True):
             max_concurrent_requests=c.max_concurrent_requests,
             last_error=self.last_error,
             next_restart_at=self.next_restart_at,
+            served_model_name=c.served_model_name,
         )
 
     # -- transitions: the only places the runtime fields change ------------------------
@@ -324,6 +326,10 @@ class InstanceTable:
     def by_model(self, model_id: str) -> list[InstanceRecord]:
         """Instances serving ``model_id``, in creation order."""
         return [r for r in self._records.values() if r.config.model_id == model_id]
+
+    def by_served_name(self, served_name: str) -> list[InstanceRecord]:
+        """Instances whose ``served_model_name`` is ``served_name``, in creation order."""
+        return [r for r in self._records.values() if r.config.served_model_name == served_name]
 
     def used_ports(self) -> set[int]:
         """Ports held by instances plus the manager's own."""

@@ -123,10 +123,15 @@ def over_limit(size: int, limit: int) -> str:
 class GrpcError(Exception):
     """A call that ends with a non-OK status: raised by handlers, and by the client."""
 
-    def __init__(self, code: StatusCode, message: str = "") -> None:
+    def __init__(
+        self, code: StatusCode, message: str = "", *, retry_pushback_ms: int | None = None
+    ) -> None:
         super().__init__(f"{code.name}: {message}" if message else code.name)
         self.code = code
         self.message = message
+        #: Raised by a handler before any response: sent as ``grpc-retry-pushback-ms``
+        #: (when the client may retry: gRPC's retry throttling reads it).
+        self.retry_pushback_ms = retry_pushback_ms
 
 
 def unimplemented(service: str, method: str) -> GrpcError:

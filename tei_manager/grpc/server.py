@@ -199,9 +199,17 @@ class FastCall:
         self._nursery.start_soon(async_fn, *args)
 
     def reply(
-        self, data: bytes | None, code: StatusCode = StatusCode.OK, message: str = ""
+        self,
+        data: bytes | None,
+        code: StatusCode = StatusCode.OK,
+        message: str = "",
+        *,
+        retry_pushback_ms: int | None = None,
     ) -> None:
-        """Answer with the response ``data`` (None: none), then the status; later calls are moot."""
+        """Answer with the response ``data`` (None: none), then the status; later calls are moot.
+
+        ``retry_pushback_ms`` (with no ``data``) trails as ``grpc-retry-pushback-ms``:
+        when the client may try again (a RESOURCE_EXHAUSTED refusal, say)."""
         if self.done:
             return
         self.done = True
@@ -224,7 +232,12 @@ class FastCall:
                 # The client's window is short: a task waits for it.
                 self._nursery.start_soon(self._reply_slowly, data, code, message)
                 return
-        stream.send_status(code, message, headers_sent=headers_sent)
+        stream.send_status(
+            code,
+            message,
+            headers_sent=headers_sent,
+            retry_pushback_ms=None if headers_sent else retry_pushback_ms,
+        )
         server._end_fast(self, code)
 
     async def _reply_slowly(self, data: bytes, code: StatusCode, message: str) -> None:
@@ -479,6 +492,7 @@ class GrpcServer:
         context = _context(spec, request, peer, certificate)
         responder = _Responder(stream)
         code, message = StatusCode.CANCELLED, "cancelled"
+        pushback: int | None = None
         started = trio.current_time()
         try:
             limit = context.deadline if context.deadline is not None else math.inf
@@ -505,6 +519,7 @@ class GrpcServer:
                         await _dispatch(spec, handler, stream, context, responder)
                 except GrpcError as error:
                     code, message = error.code, error.message
+                    pushback = error.retry_pushback_ms
                 except Exception:
                     log.exception("unhandled error in gRPC handler %s", path)
                     code, message = StatusCode.INTERNAL, f"internal error while handling {path}"
@@ -513,7 +528,12 @@ class GrpcServer:
                     code = StatusCode.CANCELLED
                     return
                 code, message = StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"
-            stream.send_status(code, message, headers_sent=responder.headers_sent)
+            stream.send_status(
+                code,
+                message,
+                headers_sent=responder.headers_sent,
+                retry_pushback_ms=None if responder.headers_sent else pushback,
+            )
         finally:
             if self._on_call is not None:
                 self._on_call(spec, trio.current_time() - started, code)
