@@ -158,6 +158,7 @@ class Attacker:
         self.stream_windows: dict[int, int] = {}
         self.window_changed = trio.Event()
         self.headers_received: list[tuple[int, bytes]] = []
+        self.got_headers = trio.Event()
         self._buffer = bytearray()
 
     @classmethod
@@ -279,6 +280,7 @@ class Attacker:
             self._window_changed()
         elif kind == HEADERS and len(self.headers_received) < 64:
             self.headers_received.append((stream_id, payload))
+            self.got_headers.set()
 
     def _window_changed(self) -> None:
         self.window_changed.set()
@@ -324,13 +326,14 @@ class Prober:
         self.calls = 0
         self.failures = 0
         self.max_stall = 0.0
+        self.answered = trio.Event()  # replaced after each call
 
     async def run(
         self,
         port: int,
         *,
         pause: float = 0.005,
-        timeout: float = 10.0,
+        call_limit: float = 10.0,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         request = tei_pb2.EncodeRequest(inputs="a well-behaved client")
@@ -341,11 +344,13 @@ class Prober:
                 started = trio.current_time()
                 await trio.sleep(pause)
                 try:
-                    with trio.fail_after(timeout):
+                    with trio.fail_after(call_limit):
                         await channel.unary_unary(tei_grpc.Tokenize.Tokenize, request)
                 except Exception:
                     self.failures += 1
                 self.calls += 1
+                self.answered.set()
+                self.answered = trio.Event()
                 self.max_stall = max(self.max_stall, trio.current_time() - started - pause)
 
 
@@ -356,10 +361,8 @@ async def probing(port: int) -> AsyncIterator[Prober]:
         await nursery.start(prober.run, port)
         yield prober
         # One more call after the attack: the server still answers.
-        calls = prober.calls
         with trio.move_on_after(10):
-            while prober.calls <= calls:
-                await trio.sleep(0.01)
+            await prober.answered.wait()
         nursery.cancel_scope.cancel()
 
 
@@ -439,7 +442,7 @@ async def rapid_reset(port: int, scale: float = 1.0) -> Outcome:
             )
             if not await attacker.send(chunk):
                 break
-            await trio.sleep(0)
+            await trio.lowlevel.checkpoint()
         await attacker.wait_closed(1.0)
         return attacker.outcome
 
@@ -476,8 +479,7 @@ async def longest_grpc_message(port: int, path_length: int = 6000) -> int:
             opening() + frame(HEADERS, END_HEADERS | END_STREAM, 1, request_block(path))
         )
         with trio.move_on_after(5):
-            while not attacker.headers_received and not attacker.closed.is_set():
-                await trio.sleep(0.01)
+            await attacker.got_headers.wait()
         if not attacker.headers_received:
             return 0
         return max(len(block) for _, block in attacker.headers_received)
@@ -512,7 +514,7 @@ async def stream_flood(port: int, scale: float = 1.0) -> Outcome:
             )
             if not await attacker.send(chunk):
                 break
-            await trio.sleep(0)
+            await trio.lowlevel.checkpoint()
         await attacker.wait_closed(0.3)
         refused = attacker.outcome.resets.get("REFUSED_STREAM", 0)
         attacker.outcome.notes["streams_refused"] = refused
@@ -556,7 +558,7 @@ async def empty_headers_flood(port: int, scale: float = 1.0) -> Outcome:
             )
             if not await attacker.send(chunk):
                 break
-            await trio.sleep(0)
+            await trio.lowlevel.checkpoint()
         await attacker.wait_closed(1.0)
         return attacker.outcome
 
@@ -582,9 +584,7 @@ IDLE_KINDS: dict[str, bytes] = {
 }
 
 
-async def idle_connections(
-    port: int, count: int, wait: float, sleep: Callable[[float], object] = trio.sleep
-) -> Outcome:
+async def idle_connections(port: int, count: int, wait: float) -> Outcome:
     """``count`` connections of each ``IDLE_KINDS``, left idle for ``wait`` seconds: how
     many the server closed."""
     outcome = Outcome("idle connections")
@@ -631,3 +631,15 @@ ATTACKS = [
 ]
 
 __all__ = ["ATTACKS", "Attack", "Attacker", "Outcome", "Prober", "probing"]
+
+
+async def empty_header_name(port: int, scale: float = 1.0) -> Outcome:
+    """A request with a header whose name is empty (RFC 9113 §8.2: malformed)."""
+    async with Attacker.connect(port, "empty header name") as attacker:
+        block = request_block(TOKENIZE, hpack_literal("", "x"))
+        await attacker.send(opening() + frame(HEADERS, END_HEADERS | END_STREAM, 1, block))
+        await attacker.wait_closed(0.5)
+        return attacker.outcome
+
+
+ATTACKS.append(Attack("empty_header_name", empty_header_name, None))

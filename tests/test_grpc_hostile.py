@@ -100,6 +100,8 @@ EXPECTED = {
     "empty_data_flood": Expect(ENHANCE_YOUR_CALM, peak_mib=4),
     "empty_headers_flood": Expect(None, peak_mib=8, cut_off=True),
     "settings_flood": Expect(None, peak_mib=8, cut_off=True),
+    # One malformed request must not take the server down (it did: IndexError).
+    "empty_header_name": Expect(None, peak_mib=4),
 }
 
 
