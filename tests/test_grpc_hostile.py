@@ -105,13 +105,23 @@ EXPECTED = {
 }
 
 
-async def run_attack(name: str, **server_kwargs: Any) -> tuple[Outcome, float, Memory]:
+#: Server and attack options where the defaults would make a test slow or blunt.
+SERVER_OPTIONS: dict[str, dict[str, Any]] = {
+    # Sixteen streams each announcing the largest message the server takes (4 MiB).
+    "window_parking": {"max_message_bytes": 4 * MIB},
+}
+ATTACK_OPTIONS: dict[str, dict[str, Any]] = {
+    "window_parking": {"message_bytes": 4 * MIB - 1},
+}
+
+
+async def run_attack(name: str) -> tuple[Outcome, float, Memory]:
     """The attack against a fresh server, with a well-behaved client alongside."""
     attack = next(a for a in hostile.ATTACKS if a.name == name)
-    async with serving(**server_kwargs) as server:
+    async with serving(**SERVER_OPTIONS.get(name, {})) as server:
         async with probing(server.port) as prober:
             with measuring_memory() as memory:
-                outcome = await attack.run(server.port)  # type: ignore[misc]
+                outcome = await attack.run(server.port, **ATTACK_OPTIONS.get(name, {}))  # type: ignore[operator]
         assert prober.failures == 0, f"{prober.failures} well-behaved calls failed"
         return outcome, prober.max_stall, memory
 
@@ -131,7 +141,8 @@ async def test_attack_is_bounded(name: str) -> None:
         # 8 MB of distinct header blocks went through; the decoder keeps little of them.
         assert memory.retained <= 2 * MIB, summary
     if name == "window_parking":
-        # What one connection may park: a few MiB of window, not the 1 GiB of old.
+        # What one connection may park: its window (16 MiB at most), not a message
+        # per stream (64 MiB here) nor the 1 GiB window of old.
         assert outcome.notes["data_accepted_mib"] <= 16, summary
     if name == "stream_flood":
         # Streams beyond the advertised limit are refused.
@@ -157,3 +168,14 @@ async def test_idle_connections_are_closed(autojump_clock: trio.testing.MockCloc
         async with open_channel("127.0.0.1", server.port) as channel:
             request = tei_pb2.EncodeRequest(inputs="still here")
             await channel.unary_unary(tei_grpc.Tokenize.Tokenize, request)
+
+
+async def test_connections_over_the_limit_are_closed() -> None:
+    from tei_manager.grpc.limits import Limits
+
+    async with serving(limits=Limits(max_connections=4)) as server:
+        outcome = await hostile.many_connections(server.port, count=12, hold=0.5)
+        assert server.statistics()["connections"] <= 4
+    served = outcome.notes["served"]
+    assert served == 4, outcome
+    assert outcome.notes["closed"] == 8, outcome
