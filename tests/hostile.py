@@ -26,7 +26,7 @@ from google.protobuf.message import Message
 from tei_manager._proto.tei.v1 import tei_grpc, tei_pb2
 from tei_manager._proto.tei_multiplexer.v1 import multiplexer_grpc, multiplexer_pb2
 from tei_manager.grpc.channel import open_channel
-from tei_manager.grpc.rpc import MethodSpec
+from tei_manager.grpc.rpc import GrpcError, MethodSpec
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS = 0x0, 0x1, 0x2, 0x3, 0x4
@@ -373,22 +373,33 @@ class Prober:
         call_limit: float = 10.0,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
+        """Call until cancelled. A server that cannot be reached (or dies) counts as
+        failed calls, and ends the probing."""
         spec, request = self.service.spec, self.service.request
-        async with open_channel("127.0.0.1", port) as channel:
-            await channel.unary_unary(spec, request)  # connected
-            task_status.started()
-            while True:
-                started = trio.current_time()
-                await trio.sleep(pause)
-                try:
-                    with trio.fail_after(call_limit):
-                        await channel.unary_unary(spec, request)
-                except Exception:
-                    self.failures += 1
-                self.calls += 1
-                self.answered.set()
-                self.answered = trio.Event()
-                self.max_stall = max(self.max_stall, trio.current_time() - started - pause)
+        started = False
+        try:
+            async with open_channel("127.0.0.1", port) as channel:
+                await channel.unary_unary(spec, request)  # connected
+                task_status.started()
+                started = True
+                while True:
+                    began = trio.current_time()
+                    await trio.sleep(pause)
+                    try:
+                        with trio.fail_after(call_limit):
+                            await channel.unary_unary(spec, request)
+                    except (GrpcError, trio.TooSlowError):
+                        self.failures += 1
+                    self.calls += 1
+                    self.answered.set()
+                    self.answered = trio.Event()
+                    self.max_stall = max(self.max_stall, trio.current_time() - began - pause)
+        except (GrpcError, OSError):
+            self.failures += 1
+        finally:
+            self.answered.set()
+            if not started:
+                task_status.started()
 
 
 @asynccontextmanager
