@@ -15,6 +15,7 @@ import trio.testing
 
 from tei_manager.grpc._http2 import H2Connection
 from tei_manager.grpc._http2_frames import DataReceived, HeadersReceived
+from tei_manager.grpc.limits import Limits
 from tei_manager.grpc.transport import WRITE_INTERVAL, Stream, Transport
 
 
@@ -112,7 +113,7 @@ async def test_what_the_socket_cannot_take_is_sent_first_by_the_writer(
             stream.end_request()
         first = peer.read_now()
         assert 0 < len(first) < 2_000_000
-        server = H2Connection(client_side=False)
+        server = H2Connection(client_side=False, limits=Limits(max_concurrent_streams=300))
         events = server.receive_data(peer.opening + first)
         ended: list[int] = []
         while len(ended) < 300:

@@ -17,7 +17,10 @@ are ignored, as RFC 9113 §5.1 asks; their data is credited to the connection at
 
 from __future__ import annotations
 
+import math
 import struct
+import time
+from collections.abc import Callable
 from typing import NoReturn
 
 from tei_manager.grpc._hpack import HeaderDecodeError, HeaderDecoder
@@ -57,6 +60,7 @@ from tei_manager.grpc._http2_frames import (
     StreamReset,
     WindowUpdated,
 )
+from tei_manager.grpc.limits import DEFAULT_LIMITS, Limits
 
 _FRAME = struct.Struct(">BHBBL")  # length (24 bits as 8 + 16), type, flags, stream id
 _U32 = struct.Struct(">L")
@@ -82,25 +86,23 @@ class H2Connection:
         self,
         *,
         client_side: bool,
-        initial_window_size: int = DEFAULT_WINDOW,
-        connection_window_size: int = DEFAULT_WINDOW,
-        max_concurrent_streams: int = 2**31 - 1,
-        max_header_list_size: int = 8192,
-        max_frame_size: int = MAX_FRAME_SIZE_LIMIT,
+        limits: Limits = DEFAULT_LIMITS,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.client_side = client_side
+        self.limits = limits
         #: Open streams (not yet closed in both directions, not reset).
         self.streams: dict[int, _Stream] = {}
         self._data_to_send = bytearray()
         # What we told the peer.
-        self.local_initial_window = initial_window_size
-        self.local_max_frame_size = max_frame_size
-        self.local_max_concurrent_streams = max_concurrent_streams
-        self.max_header_list_size = max_header_list_size
-        self._connection_window_target = connection_window_size
+        self.local_initial_window = limits.stream_receive_window_bytes
+        self.local_max_frame_size = limits.max_frame_bytes
+        self.local_max_concurrent_streams = limits.max_concurrent_streams
+        self.max_header_list_size = limits.max_header_list_bytes
+        self._connection_window_target = limits.connection_receive_window_bytes
         # Until the peer acknowledges our SETTINGS it may still use the default stream
         # window (RFC 9113 §6.9.3): new streams get the larger of the two till then.
-        self._stream_recv_initial = max(DEFAULT_WINDOW, initial_window_size)
+        self._stream_recv_initial = max(DEFAULT_WINDOW, self.local_initial_window)
         self._settings_acknowledged = False
         # What the peer told us.
         self.peer_initial_window = DEFAULT_WINDOW
@@ -110,9 +112,13 @@ class H2Connection:
         self.send_window = DEFAULT_WINDOW
         self.recv_window = DEFAULT_WINDOW
         self._recv_credit = 0
-        self._stream_update_at = max(1, initial_window_size // 2)
-        self._connection_update_at = max(1, connection_window_size // 2)
-        self._decoder = HeaderDecoder(max_block_list_size=max(65536, 4 * max_header_list_size))
+        self._stream_update_at = max(1, self.local_initial_window // 2)
+        self._connection_update_at = max(1, self._connection_window_target // 2)
+        self._decoder = HeaderDecoder(
+            max_block_list_size=max(65536, 4 * self.max_header_list_size),
+            cache_bytes=limits.hpack_cache_bytes,
+            cache_entry_max_bytes=limits.hpack_cache_entry_max_bytes,
+        )
         self._first_header_block = True
         self.highest_inbound_id = 0
         self.next_outbound_id = 1 if client_side else 2
@@ -124,8 +130,26 @@ class H2Connection:
         self._pending_need = 0
         self._preface_left = 0 if client_side else len(PREFACE)
         self._settings_expected = True
-        # A header block waiting for CONTINUATION frames: stream id, END_STREAM, parts.
-        self._continued: tuple[int, bool, list[bytes]] | None = None
+        # A header block waiting for CONTINUATION frames: stream id (0: none), its
+        # END_STREAM, the parts, and running totals of their bytes and frames.
+        self._block_stream = 0
+        self._block_end_stream = False
+        self._block_parts: list[bytes] = []
+        self._block_bytes = 0
+        self._block_frames = 0
+        # Server side: streams the peer opened that the application has not released
+        # (``release_stream``), reset ones included: they count against
+        # MAX_CONCURRENT_STREAMS until their handlers finish (CVE-2023-44487).
+        self._held: set[int] = set()
+        #: Flood counters (see ``Limits``).
+        self.streams_opened = 0
+        self.premature_resets = 0
+        self.empty_frames = 0
+        self.settings_frames = 0
+        self._control_queued = 0
+        self._clock = clock
+        self._last_ping = -math.inf
+        self._ping_strikes = 0
 
     # -- starting and stopping ------------------------------------------------------
     def initiate_connection(self) -> None:
@@ -159,11 +183,42 @@ class H2Connection:
         """True when frames are queued for ``data_to_send``."""
         return bool(self._data_to_send)
 
+    @property
+    def output_size(self) -> int:
+        """Bytes queued for ``data_to_send``."""
+        return len(self._data_to_send)
+
+    @property
+    def preface_received(self) -> bool:
+        """True once the client preface and the peer's first SETTINGS arrived."""
+        return not self._settings_expected
+
+    @property
+    def held_streams(self) -> int:
+        """Server side: streams opened by the peer and not yet released, reset ones too."""
+        return len(self._held)
+
     def data_to_send(self) -> bytearray:
         """Everything queued since the last call (the caller owns the buffer)."""
         data = self._data_to_send
         self._data_to_send = bytearray()
+        self._control_queued = 0
         return data
+
+    def send_ping(self, payload: bytes = bytes(8)) -> None:
+        """Queue a PING (keepalive); the peer's ACK is just more bytes received."""
+        self._frame(PING, 0, 0, payload)
+
+    def release_stream(self, stream_id: int) -> None:
+        """Server side: the application is done with a stream the peer opened."""
+        self._held.discard(stream_id)
+
+    def _control(self, kind: int, flags: int, stream_id: int, payload: bytes = b"") -> None:
+        """Queue a frame we send in answer to the peer's; too many unsent is a flood."""
+        self._control_queued += 1
+        if self._control_queued > self.limits.max_queued_control_frames:
+            self._fail(ErrorCode.ENHANCE_YOUR_CALM, "too many control frames queued")
+        self._frame(kind, flags, stream_id, payload)
 
     # -- sending --------------------------------------------------------------------
     def _frame(self, kind: int, flags: int, stream_id: int, payload: bytes = b"") -> None:
@@ -189,6 +244,7 @@ class H2Connection:
             self.next_outbound_id = stream_id + 2
         elif stream.local_closed:
             raise StreamClosedError(f"stream {stream_id} is closed for sending")
+        self._ping_strikes = 0  # we are doing work for the peer: its PINGs are fair
         if self._first_header_block:
             # A dynamic table size update to 0: our encoder never uses the table,
             # and the peer's table size settings can then never require an update.
@@ -272,13 +328,10 @@ class H2Connection:
         return stream_id in self.streams
 
     def acknowledge_received_data(self, stream_id: int, length: int) -> None:
-        """The application consumed ``length`` bytes: credit them back, in batches."""
-        credit = self._recv_credit + length
-        if credit >= self._connection_update_at:
-            self._frame(WINDOW_UPDATE, 0, 0, _U32.pack(credit))
-            self.recv_window += credit
-            credit = 0
-        self._recv_credit = credit
+        """``length`` bytes of the stream were consumed: credit its window, in batches.
+
+        The connection window is credited as data arrives (see ``Limits``).
+        """
         stream = self.streams.get(stream_id)
         if stream is not None and not stream.remote_closed:
             credit = stream.recv_credit + length
@@ -320,7 +373,7 @@ class H2Connection:
             payload = data[pos + 9 : pos + 9 + length]
             pos += 9 + length
             stream_id &= 0x7FFFFFFF
-            if self._continued is not None and kind != CONTINUATION:
+            if self._block_stream and kind != CONTINUATION:
                 self._fail(ErrorCode.PROTOCOL_ERROR, "header block interrupted")
             if self._settings_expected:
                 if kind != SETTINGS or flags & ACK:
@@ -342,7 +395,7 @@ class H2Connection:
                 if length != 8:
                     self._fail(ErrorCode.FRAME_SIZE_ERROR, "PING payload must be 8 bytes")
                 if not flags & ACK:
-                    self._frame(PING, ACK, 0, payload)
+                    self._receive_ping(payload)
             elif kind == CONTINUATION:
                 self._receive_continuation(stream_id, flags, payload, events)
             elif kind == GOAWAY:
@@ -369,6 +422,33 @@ class H2Connection:
         self._pending_need = need
         return [] if events is None else events
 
+    def _receive_ping(self, payload: bytes) -> None:
+        if not self.client_side:
+            # grpc-go's and grpc-core's keepalive enforcement: PINGs closer together
+            # than the minimum interval are strikes, until we next send headers.
+            now = self._clock()
+            if now - self._last_ping < self.limits.min_ping_interval_secs:
+                self._ping_strikes += 1
+                if self._ping_strikes > self.limits.max_ping_strikes:
+                    self._fail(ErrorCode.ENHANCE_YOUR_CALM, "too many pings")
+            self._last_ping = now
+        self._control(PING, ACK, 0, payload)
+
+    def _empty_frame(self) -> None:
+        self.empty_frames += 1
+        if self.empty_frames > self.limits.max_empty_frames:
+            self._fail(ErrorCode.ENHANCE_YOUR_CALM, "too many empty frames")
+
+    def _premature_reset(self) -> None:
+        """A stream the peer reset before we answered, or one we refused."""
+        self.premature_resets += 1
+        limits = self.limits
+        if (
+            self.streams_opened >= limits.rapid_reset_min_streams
+            and self.premature_resets > limits.rapid_reset_max_ratio * self.streams_opened
+        ):
+            self._fail(ErrorCode.ENHANCE_YOUR_CALM, "too many streams reset")
+
     def _fail(self, code: ErrorCode, message: str) -> NoReturn:
         self.close_connection(code)
         raise ProtocolError(code, message)
@@ -377,7 +457,7 @@ class H2Connection:
         """Reset a stream for the peer's error; tell the application if it knew the stream."""
         if self.streams.pop(stream_id, None) is not None:
             events.append(StreamReset(stream_id, code))
-        self._frame(RST_STREAM, 0, stream_id, _U32.pack(code))
+        self._control(RST_STREAM, 0, stream_id, _U32.pack(code))
 
     def _is_idle(self, stream_id: int) -> bool:
         """True for a stream id no one has used yet."""
@@ -400,12 +480,21 @@ class H2Connection:
         flow = len(payload)
         if flow > self.recv_window:
             self._fail(ErrorCode.FLOW_CONTROL_ERROR, "the peer overran the connection window")
-        self.recv_window -= flow
+        if flow:
+            # The connection window is credited on receipt, in batches (grpc-go and
+            # grpc-core do the same): per-stream windows bound what we hold.
+            credit = self._recv_credit + flow
+            if credit >= self._connection_update_at:
+                self._frame(WINDOW_UPDATE, 0, 0, _U32.pack(credit))
+                self.recv_window += credit
+                credit = 0
+            self._recv_credit = credit
+            self.recv_window -= flow
+        elif not flags & END_STREAM:
+            self._empty_frame()
         data = self._unpad(flags, payload)
         stream = self.streams.get(stream_id)
         if stream is None or stream.remote_closed or flow > stream.recv_window:
-            # Nobody will consume these bytes: credit the connection now.
-            self.acknowledge_received_data(0, flow)
             if stream is None:
                 if self._is_idle(stream_id):
                     self._fail(ErrorCode.PROTOCOL_ERROR, f"DATA on idle stream {stream_id}")
@@ -434,24 +523,42 @@ class H2Connection:
                 self._fail(ErrorCode.FRAME_SIZE_ERROR, "HEADERS too short for its priority")
             block = block[5:]
         end_stream = bool(flags & END_STREAM)
+        if len(block) > self.limits.max_header_block_bytes:
+            self._fail(ErrorCode.ENHANCE_YOUR_CALM, "header block too large")
         if flags & END_HEADERS:
             self._header_block(stream_id, block, end_stream, events)
-        else:
-            self._continued = (stream_id, end_stream, [block])
+            return
+        if not block:
+            self._empty_frame()
+        self._block_stream = stream_id
+        self._block_end_stream = end_stream
+        self._block_parts = [block]
+        self._block_bytes = len(block)
+        self._block_frames = 0
 
     def _receive_continuation(
         self, stream_id: int, flags: int, payload: bytes, events: list[Event]
     ) -> None:
-        continued = self._continued
-        if continued is None or continued[0] != stream_id:
+        if not self._block_stream or self._block_stream != stream_id:
             self._fail(ErrorCode.PROTOCOL_ERROR, "CONTINUATION without its HEADERS")
-        parts = continued[2]
-        parts.append(payload)
-        if sum(map(len, parts)) > 4 * self.max_header_list_size + 65536:
+        # Running totals, checked as each frame arrives (CVE-2024-27316).
+        self._block_frames += 1
+        self._block_bytes += len(payload)
+        limits = self.limits
+        if self._block_frames > limits.max_continuation_frames:
+            self._fail(ErrorCode.ENHANCE_YOUR_CALM, "too many CONTINUATION frames")
+        if self._block_bytes > limits.max_header_block_bytes:
             self._fail(ErrorCode.ENHANCE_YOUR_CALM, "header block too large")
+        if payload:
+            self._block_parts.append(payload)
+        elif not flags & END_HEADERS:
+            self._empty_frame()
         if flags & END_HEADERS:
-            self._continued = None
-            self._header_block(stream_id, b"".join(parts), continued[1], events)
+            parts = self._block_parts
+            self._block_stream = 0
+            self._block_parts = []
+            block = parts[0] if len(parts) == 1 else b"".join(parts)
+            self._header_block(stream_id, block, self._block_end_stream, events)
 
     def _header_block(
         self, stream_id: int, block: bytes, end_stream: bool, events: list[Event]
@@ -469,16 +576,25 @@ class H2Connection:
                     self._fail(ErrorCode.PROTOCOL_ERROR, f"HEADERS on idle stream {stream_id}")
                 return  # a stream we reset or finished
             if stream_id <= self.highest_inbound_id:
+                if not end_stream:
+                    # Not trailers in flight for a stream we closed, but a new stream
+                    # whose id went backwards (RFC 9113 §5.1.1).
+                    self._fail(ErrorCode.PROTOCOL_ERROR, f"stream id {stream_id} went backwards")
                 return  # a stream we reset or finished
             self.highest_inbound_id = stream_id
-            if self.goaway_sent or len(self.streams) >= self.local_max_concurrent_streams:
-                self._frame(RST_STREAM, 0, stream_id, _U32.pack(ErrorCode.REFUSED_STREAM))
+            self.streams_opened += 1
+            if self.goaway_sent or len(self._held) >= self.local_max_concurrent_streams:
+                # Reset streams whose handlers still run count too (CVE-2023-44487).
+                self._control(RST_STREAM, 0, stream_id, _U32.pack(ErrorCode.REFUSED_STREAM))
+                if not self.goaway_sent:
+                    self._premature_reset()
                 return
             if oversized:
-                self._frame(RST_STREAM, 0, stream_id, _U32.pack(ErrorCode.ENHANCE_YOUR_CALM))
+                self._control(RST_STREAM, 0, stream_id, _U32.pack(ErrorCode.ENHANCE_YOUR_CALM))
                 return
             stream = _Stream(self.peer_initial_window, self._stream_recv_initial)
             self.streams[stream_id] = stream
+            self._held.add(stream_id)
         elif stream.remote_closed:
             self._stream_error(stream_id, ErrorCode.STREAM_CLOSED, events)
             return
@@ -523,7 +639,10 @@ class H2Connection:
             self._fail(ErrorCode.FRAME_SIZE_ERROR, "RST_STREAM payload must be 4 bytes")
         if stream_id == 0 or (stream_id not in self.streams and self._is_idle(stream_id)):
             self._fail(ErrorCode.PROTOCOL_ERROR, f"RST_STREAM on idle stream {stream_id}")
-        if self.streams.pop(stream_id, None) is not None:
+        stream = self.streams.pop(stream_id, None)
+        if stream is not None:
+            if not stream.local_closed and not self.client_side:
+                self._premature_reset()
             events.append(StreamReset(stream_id, _U32.unpack(payload)[0]))
 
     def _receive_settings(
@@ -545,6 +664,11 @@ class H2Connection:
             return
         if len(payload) % 6:
             self._fail(ErrorCode.FRAME_SIZE_ERROR, "SETTINGS payload not a multiple of 6")
+        self.settings_frames += 1
+        if self.settings_frames > self.limits.max_settings_frames:
+            self._fail(ErrorCode.ENHANCE_YOUR_CALM, "too many SETTINGS frames")
+        if len(payload) // 6 > self.limits.max_settings_entries:
+            self._fail(ErrorCode.ENHANCE_YOUR_CALM, "too many settings in one frame")
         for offset in range(0, len(payload), 6):
             key, value = _SETTING.unpack_from(payload, offset)
             if key == SETTINGS_INITIAL_WINDOW_SIZE:
@@ -568,7 +692,7 @@ class H2Connection:
                 self._fail(ErrorCode.PROTOCOL_ERROR, f"invalid ENABLE_PUSH {value}")
             # HEADER_TABLE_SIZE: our encoder never uses the table; MAX_HEADER_LIST_SIZE
             # is advisory; unknown settings are ignored.
-        self._frame(SETTINGS, ACK, 0)
+        self._control(SETTINGS, ACK, 0)
 
     def _receive_goaway(self, stream_id: int, payload: bytes, events: list[Event]) -> None:
         if stream_id != 0:

@@ -49,17 +49,13 @@ from tei_manager.grpc._grpc_headers import (
 from tei_manager.grpc._hpack import encode_header, encode_headers
 from tei_manager.grpc._http2 import H2Connection
 from tei_manager.grpc._http2_frames import (
-    MAX_WINDOW,
     DataReceived,
     ErrorCode,
     HeadersReceived,
     StreamReset,
 )
-from tei_manager.grpc.rpc import StatusCode, over_limit
-
-MAX_HEADER_LIST_SIZE = 8192
-CONNECTION_WINDOW = 2**30
-DEFAULT_MAX_CONCURRENT_STREAMS = 2**16
+from tei_manager.grpc.limits import DEFAULT_LIMITS, Limits
+from tei_manager.grpc.rpc import StatusCode, client_text, over_limit
 
 _PREFIX = struct.Struct(">BL")
 
@@ -86,18 +82,11 @@ class Connection:
         *,
         client_side: bool,
         max_message_bytes: int,
-        max_concurrent_streams: int | None = None,
+        limits: Limits = DEFAULT_LIMITS,
     ) -> None:
         self.client_side = client_side
         self.max_message_bytes = max_message_bytes
-        self.h2_connection = H2Connection(
-            client_side=client_side,
-            # Room for two whole messages per stream, as purerpc had.
-            initial_window_size=min(2 * max_message_bytes, MAX_WINDOW),
-            connection_window_size=CONNECTION_WINDOW,
-            max_concurrent_streams=max_concurrent_streams or DEFAULT_MAX_CONCURRENT_STREAMS,
-            max_header_list_size=MAX_HEADER_LIST_SIZE,
-        )
+        self.h2_connection = H2Connection(client_side=client_side, limits=limits)
         self._calls: dict[int, _Call] = {}
         self._last_request_id = 0
         self._request_prefixes: dict[tuple[str, str, str], bytes] = {}
@@ -149,11 +138,19 @@ class Connection:
                 out.append(RequestEnded(stream_id))
 
     def _messages(self, call: _Call, stream_id: int, data: bytes, out: list[Event]) -> None:
+        # Bytes of a partial message are credited back as soon as they are in the
+        # message buffer (bounded by ``max_message_bytes``), so a message larger than
+        # the stream window still streams at full speed; a complete message's credit
+        # returns when the application consumes it. ``carried``: bytes at the start
+        # of ``data`` already credited.
+        carried = 0
         if call.pending:
             call.pending.append(data)
             call.pending_size += len(data)
             if call.pending_size < call.need:
+                self.h2_connection.acknowledge_received_data(stream_id, len(data))
                 return
+            carried = call.pending_size - len(data)
             data = b"".join(call.pending)
             call.pending = []
             call.pending_size = 0
@@ -172,20 +169,22 @@ class Connection:
                     message = over_limit(length, limit)
                     status = StatusCode.RESOURCE_EXHAUSTED
                 call.discarding = True
-                self.h2_connection.acknowledge_received_data(stream_id, end - pos)
+                self.h2_connection.acknowledge_received_data(stream_id, end - pos - carried)
                 out.append(MessageRejected(stream_id, status, message))
                 return
             stop = pos + 5 + length
             if stop > end:
                 need = 5 + length
                 break
-            out.append(MessageReceived(stream_id, data[pos + 5 : stop], stop - pos))
+            out.append(MessageReceived(stream_id, data[pos + 5 : stop], stop - pos - carried))
+            carried = 0
             pos = stop
         if pos < end:
             rest = data[pos:] if pos else data
             call.pending = [rest]
             call.pending_size = len(rest)
             call.need = need
+            self.h2_connection.acknowledge_received_data(stream_id, len(rest) - carried)
 
     def _headers(self, event: HeadersReceived, out: list[Event]) -> None:
         stream_id = event.stream_id
@@ -241,20 +240,21 @@ class Connection:
                 stream_id, encode_headers([(":status", "415")]), end_stream=True
             )
             self.h2_connection.reset_stream(stream_id, ErrorCode.NO_ERROR)
+            self.h2_connection.release_stream(stream_id)
             return
         if method != "POST":
-            self._refuse(stream_id, StatusCode.UNIMPLEMENTED, f"method {method} is not POST")
+            message = f"method {client_text(method)} is not POST"
+            self._refuse(stream_id, StatusCode.UNIMPLEMENTED, message)
             return
         if path is None or path.count("/") != 2 or path[0] != "/":
-            self._refuse(stream_id, StatusCode.UNIMPLEMENTED, f"malformed path {path}")
+            self._refuse(stream_id, StatusCode.UNIMPLEMENTED, f"malformed path {client_text(path)}")
             return
         timeout = None
         if timeout_text is not None:
             timeout = parse_timeout(timeout_text)
             if timeout is None:
-                self._refuse(
-                    stream_id, StatusCode.INTERNAL, f"malformed grpc-timeout {timeout_text}"
-                )
+                message = f"malformed grpc-timeout {client_text(timeout_text)}"
+                self._refuse(stream_id, StatusCode.INTERNAL, message)
                 return
         call = _Call()
         call.encoding = encoding
@@ -339,7 +339,7 @@ class Connection:
         call = self._calls.get(stream_id)
         if call is not None:
             call.discarding = True
-            self._release_pending(stream_id, call)
+            self._release_pending(call)
         self.h2_connection.reset_stream(
             stream_id, ErrorCode.CANCEL if self.client_side else ErrorCode.PROTOCOL_ERROR
         )
@@ -349,17 +349,18 @@ class Connection:
         """Server side: answer a request the application never sees."""
         self.respond_status(stream_id, status, message)
         self.h2_connection.reset_stream(stream_id, ErrorCode.NO_ERROR)
+        self.h2_connection.release_stream(stream_id)
 
-    def _release_pending(self, stream_id: int, call: _Call) -> None:
-        if call.pending_size:
-            self.h2_connection.acknowledge_received_data(stream_id, call.pending_size)
-            call.pending = []
-            call.pending_size = 0
+    @staticmethod
+    def _release_pending(call: _Call) -> None:
+        # Bytes in the message buffer were credited when they arrived.
+        call.pending = []
+        call.pending_size = 0
 
     def _drop(self, stream_id: int) -> None:
         call = self._calls.pop(stream_id, None)
         if call is not None:
-            self._release_pending(stream_id, call)
+            self._release_pending(call)
 
     # -- sending --------------------------------------------------------------------
     def start_request(
@@ -427,6 +428,7 @@ class Connection:
     def forget(self, stream_id: int) -> None:
         """The application is done with a stream: drop its state, reset it if still open."""
         self._drop(stream_id)
+        self.h2_connection.release_stream(stream_id)
         stream = self.h2_connection.streams.get(stream_id)
         if stream is not None:
             # Our side finished first (the peer is still sending): NO_ERROR tells it

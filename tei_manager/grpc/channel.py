@@ -18,6 +18,7 @@ from typing import Any, Generic
 import trio
 from google.protobuf.message import DecodeError
 
+from tei_manager.grpc.limits import DEFAULT_LIMITS, Limits
 from tei_manager.grpc.rpc import GrpcError, MethodSpec, Req, Resp, StatusCode
 from tei_manager.grpc.server import DEFAULT_MAX_MESSAGE_BYTES
 from tei_manager.grpc.transport import MESSAGE_PREFIX_BYTES, Stream, Transport
@@ -51,8 +52,11 @@ class Channel:
         server_hostname: str | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         connect_timeout: float = 5.0,
+        limits: Limits = DEFAULT_LIMITS,
     ) -> None:
         self.host = host
+        #: Our side's limits; ``keepalive_interval_secs`` turns on keepalive PINGs.
+        self.limits = limits
         self.port = port
         self.authority = f"{host}:{port}"
         self._ssl_context = ssl_context
@@ -97,7 +101,9 @@ class Channel:
             raise GrpcError(
                 StatusCode.UNAVAILABLE, f"cannot connect to {self.authority}: {reason}"
             ) from None
-        transport = Transport(sock, client_side=True, max_message_bytes=self._max_message_bytes)
+        transport = Transport(
+            sock, client_side=True, max_message_bytes=self._max_message_bytes, limits=self.limits
+        )
         self._transport = transport
         with trio.CancelScope() as self._scope:
             await transport.run(task_status=task_status)
@@ -304,6 +310,7 @@ async def open_channel(
     ssl_context: ssl.SSLContext | None = None,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     connect_timeout: float = 5.0,
+    limits: Limits = DEFAULT_LIMITS,
 ) -> AsyncIterator[Channel]:
     """Connect to ``host:port`` for the duration of the block."""
     channel = Channel(
@@ -312,6 +319,7 @@ async def open_channel(
         ssl_context=ssl_context,
         max_message_bytes=max_message_bytes,
         connect_timeout=connect_timeout,
+        limits=limits,
     )
     try:
         async with trio.open_nursery() as nursery:

@@ -100,6 +100,21 @@ def status_code(value: int) -> StatusCode:
         return StatusCode.UNKNOWN
 
 
+#: How much of a client's string a status message repeats (``client_text``).
+CLIENT_TEXT_CHARS = 64
+
+
+def client_text(value: str | None, limit: int = CLIENT_TEXT_CHARS) -> str:
+    """A client-controlled string fit to repeat in a status message: quoted, with
+    control and non-ASCII characters escaped, and cut to ``limit`` characters."""
+    if value is None:
+        return "(none)"
+    shown = ascii(value[:limit])
+    if len(value) > limit:
+        shown += f"... ({len(value)} characters)"
+    return shown
+
+
 def over_limit(size: int, limit: int) -> str:
     """Why a message of ``size`` bytes is refused (RESOURCE_EXHAUSTED), sent or received."""
     return f"message of {size} bytes is over the limit of {limit} bytes"

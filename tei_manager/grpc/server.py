@@ -22,12 +22,14 @@ import trio
 from google.protobuf.message import DecodeError, Message
 
 from tei_manager.grpc._grpc_events import MessageReceived, RequestReceived
+from tei_manager.grpc.limits import DEFAULT_LIMITS, Limits
 from tei_manager.grpc.rpc import (
     Cardinality,
     GrpcError,
     MethodSpec,
     Servicer,
     StatusCode,
+    client_text,
     over_limit,
 )
 from tei_manager.grpc.transport import Stream, Transport
@@ -242,12 +244,12 @@ class GrpcServer:
         port: int = 0,
         ssl_context: ssl.SSLContext | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        max_concurrent_streams: int | None = None,
+        limits: Limits = DEFAULT_LIMITS,
         on_call: CallObserver | None = None,
     ) -> None:
         self.host = host
-        #: Calls one connection may have open at once (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS).
-        self.max_concurrent_streams = max_concurrent_streams
+        #: What one peer may make a connection hold (streams, headers, windows, time).
+        self.limits = limits
         self._on_call = on_call
         self.port = port
         self.ssl_context = ssl_context
@@ -377,7 +379,7 @@ class GrpcServer:
                 stream,
                 client_side=False,
                 max_message_bytes=self.max_message_bytes,
-                max_concurrent_streams=self.max_concurrent_streams,
+                limits=self.limits,
                 on_request=on_request,
             )
             if self._accept_scope is not None and self._accept_scope.cancel_called:
@@ -399,7 +401,9 @@ class GrpcServer:
         transport = stream.transport
         if entry is None:
             stream.send_status(
-                StatusCode.UNIMPLEMENTED, f"method {path} is not implemented", headers_sent=False
+                StatusCode.UNIMPLEMENTED,
+                f"method {client_text(path)} is not implemented",
+                headers_sent=False,
             )
             self._finish(stream)
             return

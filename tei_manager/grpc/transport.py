@@ -32,6 +32,7 @@ from tei_manager.grpc._grpc_events import (
 from tei_manager.grpc._grpc_headers import Metadata
 from tei_manager.grpc._http2_frames import ErrorCode, ProtocolError, StreamClosedError
 from tei_manager.grpc._protocol import Connection
+from tei_manager.grpc.limits import DEFAULT_LIMITS, Limits
 from tei_manager.grpc.rpc import GrpcError, StatusCode, over_limit, status_code
 
 log = logging.getLogger(__name__)
@@ -269,14 +270,15 @@ class Transport:
         *,
         client_side: bool,
         max_message_bytes: int,
-        max_concurrent_streams: int | None = None,
+        limits: Limits = DEFAULT_LIMITS,
         on_request: Callable[[Stream], None] | None = None,
     ) -> None:
         self.socket = stream
+        self.limits = limits
         self.conn = Connection(
             client_side=client_side,
             max_message_bytes=max_message_bytes,
-            max_concurrent_streams=max_concurrent_streams,
+            limits=limits,
         )
         #: The HTTP/2 layer under ``conn``: data, flow control and resets go to it directly.
         self.h2 = self.conn.h2_connection

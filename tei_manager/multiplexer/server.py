@@ -15,6 +15,7 @@ from tei_manager.config import ManagerConfig
 from tei_manager.core.registry import Registry
 from tei_manager.core.routing import Router
 from tei_manager.grpc.health import NOT_SERVING, SERVING, HealthServicer
+from tei_manager.grpc.limits import Limits
 from tei_manager.grpc.reflection import reflection_servicers
 from tei_manager.grpc.server import GrpcServer
 from tei_manager.multiplexer.metrics import MultiplexerMetrics
@@ -54,7 +55,7 @@ class MultiplexerServer:
             host=config.api_host,
             port=config.grpc_port,
             max_message_bytes=max_message_bytes,
-            max_concurrent_streams=config.grpc_max_parallel_streams,
+            limits=Limits(max_concurrent_streams=config.grpc_max_parallel_streams),
         )
 
     async def run(
