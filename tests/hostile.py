@@ -327,17 +327,19 @@ class Attacker:
         self.stream_windows[stream_id] = self.stream_initial_window
 
     async def send_data_within_windows(
-        self, stream_ids: list[int], total: int, *, patience: float = 0.3
+        self, stream_ids: list[int], total: int, per_stream: int, *, patience: float = 0.3
     ) -> int:
         """DATA on ``stream_ids`` in turn, as much as the server's windows allow, up to
-        ``total`` bytes; stops once the windows stay shut for ``patience`` seconds."""
+        ``total`` bytes and ``per_stream`` on each stream; stops once the windows stay
+        shut for ``patience`` seconds."""
         chunk = bytes(16384)
         sent = 0
+        on_stream = dict.fromkeys(stream_ids, 0)
         while sent < total and not self.closed.is_set():
             progressed = False
             for sid in stream_ids:
                 room = min(self.send_window, self.stream_windows.get(sid, 0), total - sent)
-                room = min(room, len(chunk))
+                room = min(room, len(chunk), per_stream - on_stream[sid])
                 if room <= 0:
                     continue
                 self.send_window -= room
@@ -345,6 +347,7 @@ class Attacker:
                 if not await self.send(frame(DATA, 0, sid, chunk[:room])):
                     return sent
                 sent += room
+                on_stream[sid] += room
                 progressed = True
             if not progressed:
                 with trio.move_on_after(patience):
@@ -478,7 +481,8 @@ async def window_parking(
             attacker.stream_windows[sid] -= 5
             attacker.send_window -= 5
         await trio.sleep(0.05)  # the server's SETTINGS and window updates
-        accepted = await attacker.send_data_within_windows(ids, total)
+        # Each message stays one byte short of complete.
+        accepted = await attacker.send_data_within_windows(ids, total, message_bytes - 1)
         attacker.outcome.notes["data_accepted_mib"] = round(accepted / 2**20, 2)
         await attacker.wait_closed(0.2)
         return attacker.outcome
