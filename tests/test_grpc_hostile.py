@@ -108,11 +108,11 @@ EXPECTED = {
 
 #: Server and attack options where the defaults would make a test slow or blunt.
 SERVER_OPTIONS: dict[str, dict[str, Any]] = {
-    # Sixteen streams each announcing the largest message the server takes (4 MiB).
-    "window_parking": {"max_message_bytes": 4 * MIB},
+    # Sixteen streams each announcing the largest message the server takes (2 MiB).
+    "window_parking": {"max_message_bytes": 2 * MIB},
 }
 ATTACK_OPTIONS: dict[str, dict[str, Any]] = {
-    "window_parking": {"message_bytes": 4 * MIB - 1},
+    "window_parking": {"message_bytes": 2 * MIB - 1, "scale": 0.5},
 }
 
 
@@ -143,9 +143,9 @@ async def test_attack_is_bounded(name: str) -> None:
         assert memory.retained <= 2 * MIB, summary
     if name == "window_parking":
         # What one connection may park: its window (16 MiB) and one message being
-        # assembled (4 MiB here), not a message per stream (64 MiB here, 4 GB with
+        # assembled (2 MiB here), not a message per stream (32 MiB here, 4 GB with
         # the defaults) nor the 1 GiB window of old.
-        assert outcome.notes["data_accepted_mib"] <= 16 + 4, summary
+        assert outcome.notes["data_accepted_mib"] <= 16 + 2, summary
     if name == "stream_flood":
         # Streams beyond the advertised limit are refused.
         limit = outcome.max_concurrent_streams
