@@ -27,11 +27,13 @@ from tei_manager.errors import (
     from_msgspec_error,
     quote,
 )
+from tei_manager.grpc.limits import DEFAULT_LIMITS, Limits, validate_limits
 
 __all__ = [
     "ENV_OVERRIDES",
     "POOLING_MODES",
     "ConfigError",
+    "GrpcConfig",
     "InstanceConfig",
     "ManagerConfig",
     "Pooling",
@@ -109,6 +111,35 @@ def _default_log_dir() -> str:
     return os.path.join(default_state_dir(os.environ), "logs")
 
 
+class GrpcConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The ``[grpc]`` section: what one client may make the multiplexer's port hold.
+
+    The defaults are :class:`~tei_manager.grpc.limits.Limits`' (sources there); the
+    stream limit stays ``grpc_max_parallel_streams``, the original's name.
+    """
+
+    max_connections: int = DEFAULT_LIMITS.max_connections
+    handshake_timeout_secs: float = DEFAULT_LIMITS.handshake_timeout_secs
+    idle_timeout_secs: float = DEFAULT_LIMITS.idle_timeout_secs
+    max_header_list_bytes: int = DEFAULT_LIMITS.max_header_list_bytes
+    stream_receive_window_bytes: int = DEFAULT_LIMITS.stream_receive_window_bytes
+    connection_receive_window_bytes: int = DEFAULT_LIMITS.connection_receive_window_bytes
+    max_output_buffer_bytes: int = DEFAULT_LIMITS.max_output_buffer_bytes
+    min_ping_interval_secs: float = DEFAULT_LIMITS.min_ping_interval_secs
+    #: For the multiplexer's connections to instances: PING after this long without
+    #: news during a call (None: never).
+    keepalive_interval_secs: float | None = DEFAULT_LIMITS.keepalive_interval_secs
+    keepalive_timeout_secs: float = DEFAULT_LIMITS.keepalive_timeout_secs
+
+    def limits(self, *, max_concurrent_streams: int) -> Limits:
+        """These settings as the transport's ``Limits``."""
+        return msgspec.structs.replace(
+            DEFAULT_LIMITS,
+            max_concurrent_streams=max_concurrent_streams,
+            **msgspec.structs.asdict(self),
+        )
+
+
 class ManagerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Everything ``tei-manager serve`` is configured with; defaults work on a laptop."""
 
@@ -135,8 +166,10 @@ class ManagerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     smoke_load_timeout_secs: float = 600.0
     tei_binary_path: str | None = None
     grpc_max_message_size_mb: int = 40
-    grpc_max_parallel_streams: int = 1024
+    # HTTP/2 streams one client connection may have open (h2 and nginx: ~100).
+    grpc_max_parallel_streams: int = 100
     grpc_request_timeout_secs: float = 30.0
+    grpc: GrpcConfig = msgspec.field(default_factory=GrpcConfig)
 
     def manager_ports(self) -> frozenset[int]:
         """Ports the manager itself listens on, which no instance may take."""
@@ -332,6 +365,9 @@ def validate_manager_config(config: ManagerConfig) -> None:
         )
     _at_least(config.grpc_max_parallel_streams, 1, "grpc_max_parallel_streams")
     _positive(config.grpc_request_timeout_secs, "grpc_request_timeout_secs")
+    limits = config.grpc.limits(max_concurrent_streams=config.grpc_max_parallel_streams)
+    for field, rule in validate_limits(limits):
+        raise ValidationError(f"grpc.{field}", rule)
     _validate_seeds(config)
     _at_least(config.max_concurrent_downloads, 1, "max_concurrent_downloads")
     _at_least(config.download_max_retries, 0, "download_max_retries")
@@ -457,6 +493,11 @@ ENV_OVERRIDES: Final[tuple[tuple[str, str, Callable[[str], object]], ...]] = (
     ("TEI_MANAGER_STATE_FILE", "state_file", _env_str),
     ("TEI_MANAGER_LOG_DIR", "log_dir", _env_str),
     ("TEI_MANAGER_HEALTH_CHECK_INTERVAL", "health_check_interval_secs", _env_float),
+    ("TEI_MANAGER_GRPC_MAX_PARALLEL_STREAMS", "grpc_max_parallel_streams", _env_int),
+    ("TEI_MANAGER_GRPC_MAX_CONNECTIONS", "grpc.max_connections", _env_int),
+    ("TEI_MANAGER_GRPC_HANDSHAKE_TIMEOUT", "grpc.handshake_timeout_secs", _env_float),
+    ("TEI_MANAGER_GRPC_IDLE_TIMEOUT", "grpc.idle_timeout_secs", _env_float),
+    ("TEI_MANAGER_GRPC_KEEPALIVE_INTERVAL", "grpc.keepalive_interval_secs", _env_float),
     ("TEI_BINARY_PATH", "tei_binary_path", _env_str),
 )
 
@@ -470,9 +511,17 @@ def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str, str]:
         if not text:
             continue
         try:
-            raw[field] = parse(text)
+            value = parse(text)
         except ValueError as e:
             raise ConfigError(f"{var}: {e}") from None
+        section, _, key = field.rpartition(".")
+        if section:  # a field of a [section] table
+            table = raw.setdefault(section, {})
+            if not isinstance(table, dict):
+                raise ConfigError(f"{var}: [{section}] is not a table in the file")
+            table[key] = value
+        else:
+            raw[field] = value
         sources[field] = var
     state_dir = default_state_dir(env)
     raw.setdefault("state_file", os.path.join(state_dir, "state.toml"))
@@ -506,8 +555,10 @@ def parse_config(data: bytes | str, *, env: Mapping[str, str] | None = None) -> 
 def _with_source(error: ValidationError, sources: Mapping[str, str]) -> ValidationError:
     """Say which environment variable a bad value came from, if one did."""
     root = re.split(r"[.\[]", error.field, maxsplit=1)[0]
-    if root in sources:
-        return ValidationError(f"{error.field} (from {sources[root]})", error.rule, code=error.code)
+    for field in (error.field, root):
+        if field in sources:
+            source = sources[field]
+            return ValidationError(f"{error.field} (from {source})", error.rule, code=error.code)
     return error
 
 

@@ -8,6 +8,7 @@ import pytest
 from tei_manager.config import (
     ENV_OVERRIDES,
     ConfigError,
+    GrpcConfig,
     InstanceConfig,
     ManagerConfig,
     SeedInstance,
@@ -22,6 +23,7 @@ from tei_manager.config import (
     validate_port,
 )
 from tei_manager.errors import ErrorCode, ValidationError
+from tei_manager.grpc.limits import Limits
 
 ENV = {"HOME": "/home/u"}
 
@@ -59,7 +61,9 @@ def test_defaults() -> None:
     assert c.instances == () and c.models == ()
     assert c.tei_binary_path is None
     assert c.grpc_max_message_size_mb == 40
-    assert c.grpc_max_parallel_streams == 1024
+    assert c.grpc_max_parallel_streams == 100
+    assert c.grpc == GrpcConfig()
+    assert c.grpc.limits(max_concurrent_streams=100) == Limits()
     assert c.grpc_request_timeout_secs == 30
 
 
@@ -215,9 +219,47 @@ def test_every_documented_env_var_is_wired() -> None:
         "TEI_BINARY_PATH",
         "TEI_MANAGER_GRPC_ENABLED",
         "TEI_MANAGER_LOG_DIR",
+        "TEI_MANAGER_GRPC_MAX_PARALLEL_STREAMS",
+        "TEI_MANAGER_GRPC_MAX_CONNECTIONS",
+        "TEI_MANAGER_GRPC_HANDSHAKE_TIMEOUT",
+        "TEI_MANAGER_GRPC_IDLE_TIMEOUT",
+        "TEI_MANAGER_GRPC_KEEPALIVE_INTERVAL",
     }
     fields = set(ManagerConfig.__struct_fields__)
-    assert all(field in fields for _, field, _ in ENV_OVERRIDES)
+    grpc_fields = {f"grpc.{name}" for name in GrpcConfig.__struct_fields__}
+    assert all(field in fields | grpc_fields for _, field, _ in ENV_OVERRIDES)
+
+
+def test_grpc_section_and_its_env_overrides() -> None:
+    text = "grpc_max_parallel_streams = 64\n[grpc]\nmax_connections = 9\nidle_timeout_secs = 60"
+    c = parse(text, TEI_MANAGER_GRPC_KEEPALIVE_INTERVAL="15", TEI_MANAGER_GRPC_MAX_CONNECTIONS="7")
+    assert (c.grpc.max_connections, c.grpc.idle_timeout_secs) == (7, 60.0)
+    limits = c.grpc.limits(max_concurrent_streams=c.grpc_max_parallel_streams)
+    assert limits.max_concurrent_streams == 64
+    assert limits.keepalive_interval_secs == 15.0
+    assert limits.max_continuation_frames == Limits().max_continuation_frames  # not tunable
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "message"),
+    [
+        ("[grpc]\nmax_connections = 0", {}, "grpc.max_connections: 0 is invalid"),
+        ("[grpc]\nidle_timeout_secs = 0", {}, "grpc.idle_timeout_secs: 0.0 is invalid"),
+        ("[grpc]\nstream_receive_window_bytes = 10", {}, "grpc.stream_receive_window_bytes: 10"),
+        ("[grpc]\nmax_header_list_bytes = 10", {}, "grpc.max_header_list_bytes: 10 is invalid"),
+        ("[grpc]\nkeepalive_interval_secs = -1", {}, "grpc.keepalive_interval_secs: -1.0"),
+        ("[grpc]\nnope = 1", {}, 'grpc: unknown field "nope"'),
+        (
+            "",
+            {"TEI_MANAGER_GRPC_HANDSHAKE_TIMEOUT": "-2"},
+            "grpc.handshake_timeout_secs (from TEI_MANAGER_GRPC_HANDSHAKE_TIMEOUT): -2.0",
+        ),
+    ],
+)
+def test_invalid_grpc_section(text: str, env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse(text, **env)
+    assert str(info.value).startswith(message)
 
 
 def test_empty_env_var_means_unset() -> None:

@@ -62,7 +62,7 @@ async def _transport() -> AsyncIterator[tuple[Transport, Peer]]:
 
 def _request(transport: Transport, metadata: tuple[tuple[str, str], ...] = ()) -> Stream:
     stream = transport.open_stream()
-    transport.conn.start_request(stream.stream_id, "http", "/s/M", "host", None, metadata)
+    transport.start_request(stream, "http", "/s/M", "host", None, metadata)
     return stream
 
 
@@ -141,7 +141,7 @@ async def test_nothing_is_written_directly_once_the_connection_closed() -> None:
     reuse, reuse_peer = socket.socketpair()
     with reuse, reuse_peer:
         reuse_peer.setblocking(False)
-        transport.h2.close_connection()
+        _request(transport)  # queues a header block
         transport.push()
         with pytest.raises(BlockingIOError):
             reuse_peer.recv(1024)

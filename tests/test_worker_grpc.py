@@ -45,7 +45,7 @@ def _channel_call(port: int, spec: MethodSpec[Any, Any], requests: Sequence[Mess
 Client = Callable[[int, MethodSpec[Any, Any], Sequence[Message]], Reply]
 
 
-@pytest.fixture(params=["grpcio", "purerpc"])
+@pytest.fixture(params=["grpcio", "channel"])
 def client(request: pytest.FixtureRequest) -> Client:
     return grpcio_client.call if request.param == "grpcio" else _channel_call
 

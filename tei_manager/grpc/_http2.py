@@ -271,9 +271,16 @@ class H2Connection:
         return min(self.send_window, stream.send_window)
 
     def send_data(
-        self, stream_id: int, data: bytes, start: int = 0, *, end_stream: bool = False
+        self,
+        stream_id: int,
+        data: bytes,
+        start: int = 0,
+        *,
+        end_stream: bool = False,
+        max_count: int = MAX_WINDOW,
     ) -> int:
-        """Send ``data[start:]`` as far as the windows allow; returns the bytes sent.
+        """Send ``data[start:]`` as far as the windows (and ``max_count``) allow;
+        returns the bytes sent.
 
         With ``end_stream``, the last frame also half-closes the stream if all of the
         data went; otherwise the stream stays open.
@@ -281,7 +288,8 @@ class H2Connection:
         stream = self.streams.get(stream_id)
         if stream is None or stream.local_closed:
             raise StreamClosedError(f"stream {stream_id} is not open for sending")
-        count = min(len(data) - start, self.send_window, stream.send_window)
+        self._ping_strikes = 0
+        count = min(len(data) - start, self.send_window, stream.send_window, max_count)
         if count <= 0:
             return 0
         self.send_window -= count

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import binascii
 import struct
+import time
+from collections.abc import Callable
 from urllib.parse import unquote
 
 from tei_manager.grpc._grpc_events import (
@@ -83,10 +85,11 @@ class Connection:
         client_side: bool,
         max_message_bytes: int,
         limits: Limits = DEFAULT_LIMITS,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.client_side = client_side
         self.max_message_bytes = max_message_bytes
-        self.h2_connection = H2Connection(client_side=client_side, limits=limits)
+        self.h2_connection = H2Connection(client_side=client_side, limits=limits, clock=clock)
         self._calls: dict[int, _Call] = {}
         self._last_request_id = 0
         self._request_prefixes: dict[tuple[str, str, str], bytes] = {}

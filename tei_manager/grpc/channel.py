@@ -127,14 +127,25 @@ class Channel:
             # Sent rounded up, so the server never sees zero.
             timeout = deadline - trio.current_time()
         try:
-            transport.conn.start_request(
-                stream.stream_id, self._scheme, spec.path, self.authority, timeout, metadata
+            transport.start_request(
+                stream, self._scheme, spec.path, self.authority, timeout, metadata
             )
         except BaseException:
-            transport.release(stream)
+            stream.release()
             raise
         transport.flush()
         return stream
+
+    async def wait_for_stream_slot(self) -> None:
+        """Wait until the server's SETTINGS_MAX_CONCURRENT_STREAMS allows one more call.
+
+        Calls over the server's limit queue here instead of failing.
+        Raises ``GrpcError`` (UNAVAILABLE) when the connection is gone.
+        """
+        transport = self._transport
+        if transport is None:
+            raise GrpcError(StatusCode.UNAVAILABLE, f"no connection to {self.authority}")
+        await transport.wait_for_stream_slot()
 
     @asynccontextmanager
     async def open_call(
@@ -146,8 +157,10 @@ class Channel:
         """A call of any shape: ``send`` requests, ``done_writing``, then read replies.
 
         Leaving the block before the call ended resets its stream (the server's
-        handler is cancelled).
+        handler is cancelled). Over the server's stream limit, the call waits for a
+        free stream.
         """
+        await self.wait_for_stream_slot()
         call = self.start_call(spec, metadata=metadata)
         try:
             yield call
@@ -157,7 +170,11 @@ class Channel:
     def start_call(
         self, spec: MethodSpec[Req, Resp], *, metadata: Metadata = ()
     ) -> Call[Req, Resp]:
-        """``open_call`` without the context manager, for hot paths: ``close()`` it after."""
+        """``open_call`` without the context manager, for hot paths: ``close()`` it after.
+
+        Raises UNAVAILABLE over the server's stream limit: ``await
+        wait_for_stream_slot()`` first to queue instead.
+        """
         return Call(self._start(spec, metadata), spec)
 
     def relay(
@@ -175,31 +192,23 @@ class Channel:
         once (END_STREAM on its DATA frame), and ``watcher`` is called from the
         connection's reader for each reply event (see ``Stream.watcher``).
         ``deadline`` (trio clock) travels as ``grpc-timeout``. Returns the call's
-        stream, whose owner releases it (``Transport.release``) when done; None when
+        stream, whose owner releases it (``Stream.release``) when done; None when
         the call cannot start without waiting: no usable connection, no free
         stream, or a short window.
         """
         transport = self._transport
-        if transport is None or transport.closed or transport.goaway:
-            return None
-        h2 = transport.h2
-        needed = len(data) + MESSAGE_PREFIX_BYTES
         if (
-            not h2.can_open_stream()
+            transport is None
             or len(data) > self._max_message_bytes
-            or h2.send_window < needed
-            or h2.peer_initial_window < needed
+            or not transport.can_send_now(len(data) + MESSAGE_PREFIX_BYTES)
         ):
             return None
         stream = transport.open_stream()
         timeout = None if deadline == math.inf else deadline - trio.current_time()
-        conn = transport.conn
-        conn.start_request(
-            stream.stream_id, self._scheme, spec.path, self.authority, timeout, metadata
-        )
+        transport.start_request(stream, self._scheme, spec.path, self.authority, timeout, metadata)
         if not stream.send_message_now(data, last=True):  # the checks above rule this out
             stream.cancel()
-            transport.release(stream)
+            stream.release()
             return None
         stream.watcher = watcher
         return stream
@@ -248,7 +257,7 @@ class Call(Generic[Req, Resp]):
         stream = self._stream
         if stream.trailers is None and stream.error is None:
             stream.cancel()
-        stream.transport.release(stream)
+        stream.release()
 
     async def send(self, request: Req) -> None:
         await self._stream.send_message(request.SerializeToString())

@@ -11,6 +11,7 @@ cancellation at shutdown logs nothing.
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import ssl
@@ -37,7 +38,10 @@ from tei_manager.grpc.transport import Stream, Transport
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_MESSAGE_BYTES = 40 * 1024 * 1024
-TLS_HANDSHAKE_TIMEOUT = 10.0
+#: accept() errors that mean "out of a resource for now": back off and retry
+#: (trio's serve_listeners list); any other error ends the server.
+_ACCEPT_BACKOFF_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+ACCEPT_BACKOFF_SECS = 0.1
 
 Handler = Callable[..., Any]
 #: Called once per finished call with its method, duration in seconds and status.
@@ -194,7 +198,7 @@ class FastCall:
                 server._end_fast(self, StatusCode.CANCELLED)
                 return
             headers_sent = True
-            limit = stream.transport.max_message_bytes
+            limit = stream.max_message_bytes
             if len(data) > limit:
                 code = StatusCode.RESOURCE_EXHAUSTED
                 message = over_limit(len(data), limit)
@@ -225,7 +229,7 @@ class FastCall:
         # The stream's watcher once the call is taken: only its end matters.
         if stream.error is None or self.done:
             return
-        if stream.reset or stream.transport.closed:
+        if stream.reset or stream.connection_closed:
             self.done = True
             self._server._fast_calls.discard(self)
             self._server._end_fast(self, StatusCode.CANCELLED)
@@ -262,6 +266,8 @@ class GrpcServer:
         self._sweep_at = math.inf
         self._sweep_scope: trio.CancelScope | None = None
         self._transports: set[Transport] = set()
+        self._connections_refused = 0
+        self._accept_errors = 0
         self._accept_scope: trio.CancelScope | None = None
         self._active_calls = 0
         self._idle = trio.Event()
@@ -288,7 +294,12 @@ class GrpcServer:
         return sorted({spec.service for spec, _, _ in self._methods.values()})
 
     def statistics(self) -> dict[str, int]:
-        return {"connections": len(self._transports), "active_calls": self._active_calls}
+        return {
+            "connections": len(self._transports),
+            "active_calls": self._active_calls,
+            "connections_refused": self._connections_refused,
+            "accept_errors": self._accept_errors,
+        }
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen, hand the bound port to ``task_status``, serve until cancelled or shut down."""
@@ -330,16 +341,41 @@ class GrpcServer:
             self._accept_scope.cancel()
 
     async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        limit = self.limits.max_connections
+        count = _ListenerCount()
+        failing = False
         while True:
             try:
                 stream = await listener.accept()
-            except OSError as error:  # e.g. EMFILE: back off instead of spinning
-                log.warning("accept failed on gRPC port %d: %s", self.port, error)
-                await trio.sleep(0.1)
+            except OSError as error:
+                # Out of descriptors or memory: back off instead of spinning, as
+                # trio's serve_listeners does; anything else is a real failure.
+                if error.errno not in _ACCEPT_BACKOFF_ERRNOS:
+                    raise
+                self._accept_errors += 1
+                if not failing:
+                    failing = True
+                    log.warning("accept failed on gRPC port %d, backing off: %s", self.port, error)
+                await trio.sleep(ACCEPT_BACKOFF_SECS)
                 continue
-            nursery.start_soon(self._serve_connection, stream)
+            if failing:
+                failing = False
+                log.warning("accepting again on gRPC port %d", self.port)
+            if count.open >= limit:
+                # Over the limit: closed at once (no GOAWAY: no HTTP/2 yet), counted.
+                self._connections_refused += 1
+                await trio.aclose_forcefully(stream)
+                continue
+            count.open += 1
+            nursery.start_soon(self._serve_connection, stream, count)
 
-    async def _serve_connection(self, sock: trio.SocketStream) -> None:
+    async def _serve_connection(self, sock: trio.SocketStream, count: _ListenerCount) -> None:
+        try:
+            await self._serve_connection_counted(sock)
+        finally:
+            count.open -= 1
+
+    async def _serve_connection_counted(self, sock: trio.SocketStream) -> None:
         try:
             peer_host, peer_port = sock.socket.getpeername()[:2]
             peer: str | None = f"{peer_host}:{peer_port}"
@@ -350,7 +386,7 @@ class GrpcServer:
         if self.ssl_context is not None:
             tls = trio.SSLStream(sock, self.ssl_context, server_side=True)
             try:
-                with trio.fail_after(TLS_HANDSHAKE_TIMEOUT):
+                with trio.fail_after(self.limits.handshake_timeout_secs):
                     await tls.do_handshake()
             except (trio.TooSlowError, trio.BrokenResourceError, ssl.SSLError, OSError) as error:
                 log.info("TLS handshake with %s failed: %s", peer, error)
@@ -398,7 +434,6 @@ class GrpcServer:
         assert request is not None
         path = request.path
         entry = self._methods.get(path)
-        transport = stream.transport
         if entry is None:
             stream.send_status(
                 StatusCode.UNIMPLEMENTED,
@@ -442,7 +477,7 @@ class GrpcServer:
                     log.exception("unhandled error in gRPC handler %s", path)
                     code, message = StatusCode.INTERNAL, f"internal error while handling {path}"
             if scope.cancelled_caught:
-                if stream.reset or transport.closed:
+                if stream.reset or stream.connection_closed:
                     code = StatusCode.CANCELLED
                     return
                 code, message = StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"
@@ -458,19 +493,16 @@ class GrpcServer:
         self, stream: Stream, peer: str | None, certificate: bytes | None, nursery: trio.Nursery
     ) -> bool:
         """Offer the call to its fast handler; False leaves it to the ordinary path."""
-        events = stream._events
+        event = stream.peek_event()
         request = stream.request
-        if stream.error is not None or not events or request is None:
+        if stream.error is not None or type(event) is not MessageReceived or request is None:
             return False
-        event = events[0]
-        if type(event) is not MessageReceived:
-            return False
+        assert isinstance(event, MessageReceived)
         path = request.path
         context = _context(self._methods[path][0], request, peer, certificate)
         call = FastCall(self, stream, context, nursery)
         # Counted from here, as the handler may answer before it returns.
         self._call_started()
-        events.popleft()
         try:
             taken = self._fast[path](call, event.data)
         except Exception:
@@ -478,10 +510,11 @@ class GrpcServer:
             call.reply(None, StatusCode.INTERNAL, f"internal error while handling {path}")
             taken = True
         if not taken:
-            events.appendleft(event)
             self._call_ended()
             return False
-        stream.transport.acknowledge(stream.stream_id, event.flow_controlled_length)
+        # Consumed: its credit goes back (unless the call already ended and was
+        # released, which returned it).
+        stream.pop_event()
         if not call.done:
             stream.watcher = call._watch
             self._fast_calls.add(call)
@@ -532,10 +565,18 @@ class GrpcServer:
     @staticmethod
     def _finish(stream: Stream) -> None:
         # Releasing a stream the client is still sending on resets it (NO_ERROR after
-        # our answer): we answered before the client finished, so it should stop.
-        stream.transport.release(stream)
-        # The answer leaves only now, so the call is counted before its client sees it.
-        stream.transport.push()
+        # our answer): we answered before the client finished, so it should stop. The
+        # answer leaves only now, so the call is counted before its client sees it.
+        stream.release()
+
+
+class _ListenerCount:
+    """Connections one listener has open (``Limits.max_connections``)."""
+
+    __slots__ = ("open",)
+
+    def __init__(self) -> None:
+        self.open = 0
 
 
 def _context(

@@ -15,7 +15,6 @@ from tei_manager.config import ManagerConfig
 from tei_manager.core.registry import Registry
 from tei_manager.core.routing import Router
 from tei_manager.grpc.health import NOT_SERVING, SERVING, HealthServicer
-from tei_manager.grpc.limits import Limits
 from tei_manager.grpc.reflection import reflection_servicers
 from tei_manager.grpc.server import GrpcServer
 from tei_manager.multiplexer.metrics import MultiplexerMetrics
@@ -38,8 +37,11 @@ class MultiplexerServer:
     ) -> None:
         max_message_bytes = config.grpc_max_message_size_mb * _MIB
         self.router = Router(registry)
+        # The public port's limits; the pool's connections to instances use the
+        # same settings (keepalive pings included, when configured).
+        limits = config.grpc.limits(max_concurrent_streams=config.grpc_max_parallel_streams)
         self.pool = ConnectionPool(
-            INSTANCE_HOST, registry.find, max_message_bytes=max_message_bytes
+            INSTANCE_HOST, registry.find, max_message_bytes=max_message_bytes, limits=limits
         )
         self.service = Multiplexer(
             self.router,
@@ -55,7 +57,7 @@ class MultiplexerServer:
             host=config.api_host,
             port=config.grpc_port,
             max_message_bytes=max_message_bytes,
-            limits=Limits(max_concurrent_streams=config.grpc_max_parallel_streams),
+            limits=limits,
         )
 
     async def run(

@@ -40,11 +40,10 @@ from tei_manager._proto.tei_multiplexer.v1 import multiplexer_grpc, multiplexer_
 from tei_manager.core.registry import InstanceRecord
 from tei_manager.core.routing import Router
 from tei_manager.errors import TeiError, quote
-from tei_manager.grpc._grpc_events import MessageReceived, ResponseEnded
 from tei_manager.grpc.channel import Call, Channel, Metadata
 from tei_manager.grpc.rpc import GrpcError, MethodSpec, StatusCode, status_code
 from tei_manager.grpc.server import CallContext, FastCall, FastUnaryHandler, ServerCall
-from tei_manager.grpc.transport import Stream
+from tei_manager.grpc.transport import MessageReceived, ResponseEnded, Stream
 from tei_manager.multiplexer import arrow
 from tei_manager.multiplexer.metrics import UNROUTED, CallMetrics, MultiplexerMetrics
 from tei_manager.multiplexer.pool import ConnectionPool
@@ -226,6 +225,7 @@ class Multiplexer(multiplexer_grpc.TeiMultiplexerServicer):
         name = record.name
         try:
             channel = await self._pool.channel(record)
+            await channel.wait_for_stream_slot()  # over the instance's stream limit: queue
         except GrpcError as error:
             return None, error.code, _naming(error, name)
         relayed = channel.start_call(backend, metadata=metadata)
@@ -544,7 +544,7 @@ class _UnaryRelay:
             stream.watcher = None
             if stream.response_ended is None and stream.error is None:
                 stream.cancel()  # the client left or the deadline passed: stop the instance
-            stream.transport.release(stream)
+            stream.release()
         if self.scope is not None:
             self.scope.cancel()
         self._router.end(self._name)
