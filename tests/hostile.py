@@ -737,3 +737,37 @@ async def many_connections(port: int, count: int, hold: float) -> Outcome:
     outcome.notes.update(served=served, closed=closed)
     outcome.ended = f"{closed} of {count} closed"
     return outcome
+
+
+async def hpack_bomb(port: int, scale: float = 1.0, *, service: Service = WORKER) -> Outcome:
+    """A 4 KB header put in the peer's table once, then referenced by one-byte indexes:
+    a 16 KB header block that would decode to 64 MB."""
+    count = int(16_000 * scale)
+    async with Attacker.connect(port, "HPACK bomb") as attacker:
+        block = indexing_request_block(service.path) + hpack_literal(
+            "x-bomb", "b" * 3900, indexed=True
+        )
+        # The 4 KB entry is the newest in the table (index 62), referenced ``count`` times.
+        bomb = bytes((0x80 | 62,)) * count
+        await attacker.send(
+            opening()
+            + frame(HEADERS, END_HEADERS | END_STREAM, 1, block)
+            + frame(HEADERS, END_HEADERS | END_STREAM, 3, request_block(service.path) + bomb)
+        )
+        await attacker.wait_closed(1.0)
+        return attacker.outcome
+
+
+ATTACKS.append(Attack("hpack_bomb", hpack_bomb, None))
+
+
+async def pinging_idle_connection(port: int, every: float, during: float) -> Outcome:
+    """A connection that opens no stream and sends a PING every ``every`` seconds for
+    ``during`` seconds: is it closed anyway?"""
+    async with Attacker.connect(port, "idle, kept alive by PINGs") as attacker:
+        await attacker.send(opening())
+        with trio.move_on_after(during):
+            while await attacker.send(frame(PING, 0, 0, b"stillhere"[:8])):
+                with trio.move_on_after(every):
+                    await attacker.closed.wait()
+        return attacker.outcome

@@ -103,6 +103,8 @@ EXPECTED = {
     "settings_flood": Expect(None, peak_mib=8, cut_off=True),
     # One malformed request must not take the server down (it did: IndexError).
     "empty_header_name": Expect(None, peak_mib=4),
+    # Refused (the stream or the connection) before it is decoded in full.
+    "hpack_bomb": Expect(None, peak_mib=4),
 }
 
 
@@ -170,6 +172,14 @@ async def test_idle_connections_are_closed(autojump_clock: trio.testing.MockCloc
         async with open_channel("127.0.0.1", server.port) as channel:
             request = tei_pb2.EncodeRequest(inputs="still here")
             await channel.unary_unary(tei_grpc.Tokenize.Tokenize, request)
+
+
+async def test_pings_do_not_keep_an_idle_connection_open(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with serving() as server:
+        outcome = await hostile.pinging_idle_connection(server.port, every=30, during=3600)
+    assert outcome.cut_off, outcome
 
 
 async def test_connections_over_the_limit_are_closed() -> None:
