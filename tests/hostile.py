@@ -126,6 +126,8 @@ class Service:
 
     spec: MethodSpec[Any, Any]
     request: Message
+    #: A request whose answer is large (tens of KB): a long text to tokenize.
+    large_answer: Message
 
     @property
     def path(self) -> str:
@@ -137,17 +139,24 @@ class Service:
         return grpc_message(self.request.SerializeToString())
 
 
+#: Text whose tokens make a large Tokenize answer (tens of KB from 8 KB).
+LONG_TEXT = "a " * 4000
 #: A worker's Tokenize.
-WORKER = Service(tei_grpc.Tokenize.Tokenize, tei_pb2.EncodeRequest(inputs="hello"))
+WORKER = Service(
+    tei_grpc.Tokenize.Tokenize,
+    tei_pb2.EncodeRequest(inputs="hello"),
+    tei_pb2.EncodeRequest(inputs=LONG_TEXT),
+)
 
 
 def multiplexer_service(instance: str) -> Service:
     """The multiplexer's Tokenize, routed to ``instance``."""
+    target = multiplexer_pb2.Target(instance_name=instance)
     return Service(
         multiplexer_grpc.TeiMultiplexer.Tokenize,
+        multiplexer_pb2.EncodeRequest(target=target, request=tei_pb2.EncodeRequest(inputs="hello")),
         multiplexer_pb2.EncodeRequest(
-            target=multiplexer_pb2.Target(instance_name=instance),
-            request=tei_pb2.EncodeRequest(inputs="hello"),
+            target=target, request=tei_pb2.EncodeRequest(inputs=LONG_TEXT)
         ),
     )
 
@@ -548,6 +557,38 @@ async def unknown_method_echo(
         return attacker.outcome
 
 
+async def unread_answers(
+    port: int, scale: float = 1.0, *, service: Service = WORKER, at_once: int = 16
+) -> Outcome:
+    """A peer that grants the largest windows, asks for large answers, ``at_once`` at a
+    time, and never reads them: what the server queues for it."""
+    count = int(600 * scale)
+    request = grpc_message(service.large_answer.SerializeToString())
+    first = frame(HEADERS, END_HEADERS, 1, indexing_request_block(service.path))
+    first += frame(DATA, END_STREAM, 1, request)
+
+    def group(start: int) -> bytes:  # built as sent: this process holds little
+        return b"".join(
+            frame(HEADERS, END_HEADERS, 2 * i + 1, INDEXED_REQUEST)
+            + frame(DATA, END_STREAM, 2 * i + 1, request)
+            for i in range(start, min(count, start + at_once))
+        )
+
+    start = opening((SETTINGS_INITIAL_WINDOW_SIZE, 2**31 - 1))
+    start += frame(WINDOW_UPDATE, 0, 0, struct.pack(">L", 2**31 - 1 - 65535))
+    async with Attacker.connect(
+        port, "large answers, never read", read=False, receive_buffer=4096
+    ) as attacker:
+        await attacker.send(start + first)
+        for at in range(1, count, at_once):
+            if not await attacker.send(group(at)):
+                break
+            await trio.sleep(0.005)  # let the server answer: no stream is refused
+        attacker.outcome.notes["server_stopped_reading"] = attacker.outcome.ended == "not reading"
+        await attacker.drain(2.0)
+        return attacker.outcome
+
+
 async def longest_grpc_message(port: int, path_length: int = 6000) -> int:
     """The length of the grpc-message header of the answer to an unknown long path
     (its HPACK literal's length prefix, enough to see an echo)."""
@@ -692,6 +733,7 @@ ATTACKS = [
     Attack("window_parking", window_parking, None),
     Attack("rapid_reset", rapid_reset, ENHANCE_YOUR_CALM),
     Attack("unknown_method_echo", unknown_method_echo, None),
+    Attack("unread_answers", unread_answers, None),
     Attack("ping_flood", ping_flood, ENHANCE_YOUR_CALM),
     Attack("stream_flood", stream_flood, None),
     Attack("backwards_stream_id", backwards_stream_id, PROTOCOL_ERROR),

@@ -36,15 +36,26 @@ STALL = 0.75
 
 
 class Tokenizer(tei_grpc.TokenizeServicer):
-    """A cheap Tokenize: one token per word."""
+    """A cheap Tokenize: one token per word (the same answer for the same text)."""
+
+    def __init__(self) -> None:
+        self.answers: dict[str, tei_pb2.EncodeResponse] = {}
 
     async def Tokenize(
         self, request: tei_pb2.EncodeRequest, context: CallContext
     ) -> tei_pb2.EncodeResponse:
-        words = request.inputs.split()[:64]
-        return tei_pb2.EncodeResponse(
-            tokens=[tei_pb2.SimpleToken(id=i, text=word) for i, word in enumerate(words)]
-        )
+        answer = self.answers.get(request.inputs)
+        if answer is None:
+            words = request.inputs.split()[:4096]
+            answer = tei_pb2.EncodeResponse(
+                tokens=[
+                    tei_pb2.SimpleToken(id=i, text=word, start=i, stop=i + len(word))
+                    for i, word in enumerate(words)
+                ]
+            )
+            if len(self.answers) < 16:
+                self.answers[request.inputs] = answer
+        return answer
 
 
 @asynccontextmanager
@@ -96,6 +107,9 @@ EXPECTED = {
     "rapid_reset": Expect(ENHANCE_YOUR_CALM, peak_mib=16),
     "unknown_method_echo": Expect(None, peak_mib=8, cut_off=True),
     "ping_flood": Expect(None, peak_mib=8, cut_off=True),
+    # ~24 MB of answers: the server queues at most its output cap (4 MiB), then
+    # stops reading; the kernel's buffers take some of the rest (unguarded: +35 MiB).
+    "unread_answers": Expect(None, peak_mib=12),
     "stream_flood": Expect(None, peak_mib=16),
     "backwards_stream_id": Expect(PROTOCOL_ERROR, peak_mib=4),
     "empty_data_flood": Expect(ENHANCE_YOUR_CALM, peak_mib=4),
