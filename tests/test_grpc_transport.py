@@ -12,10 +12,12 @@ import pytest
 import trio
 import trio.lowlevel
 import trio.testing
+from hyperframe.frame import SettingsFrame
 
 from tei_manager.grpc._http2 import H2Connection
 from tei_manager.grpc._http2_frames import DataReceived, HeadersReceived
 from tei_manager.grpc.limits import Limits
+from tei_manager.grpc.rpc import GrpcError
 from tei_manager.grpc.transport import WRITE_INTERVAL, Stream, Transport
 
 
@@ -45,6 +47,7 @@ class Peer:
 async def _transport() -> AsyncIterator[tuple[Transport, Peer]]:
     ours, theirs = socket.socketpair()
     with theirs:
+        theirs.send(SettingsFrame(0).serialize())  # the server's side of the handshake
         transport = Transport(
             trio.SocketStream(trio.socket.from_stdlib_socket(ours)),
             client_side=True,
@@ -134,8 +137,8 @@ async def test_nothing_is_written_directly_once_the_connection_closed() -> None:
         client_side=True,
         max_message_bytes=1 << 20,
     )
-    with trio.fail_after(5):
-        await transport.run()  # ends at once: the peer is gone
+    with trio.fail_after(5), pytest.raises(GrpcError):
+        await transport.run()  # ends at once: the peer is gone before its SETTINGS
     assert transport.closed
     # The descriptor number is free again and likely reused: push must not write.
     reuse, reuse_peer = socket.socketpair()

@@ -161,6 +161,7 @@ class HeaderDecoder:
         # The caches are bounded in bytes (encoded plus decoded), only small entries
         # go in, and once full they take nothing more: a peer sending ever-new large
         # blocks pins at most ``cache_bytes``.
+        self._cache_limit = cache_bytes
         self._cache_room = cache_bytes
         self._cache_entry_max = cache_entry_max_bytes
         self._table_limit = max_table_size  # what our SETTINGS allow the peer
@@ -172,6 +173,11 @@ class HeaderDecoder:
         self._blocks: dict[bytes, tuple[list[Header], int]] = {}
         self._blocks_bytes = 0
         self._table_changes = 0
+
+    @property
+    def cached_bytes(self) -> int:
+        """What the caches hold now, in the bytes they are bounded by."""
+        return self._cache_limit - self._cache_room
 
     def decode(self, block: bytes) -> tuple[list[Header], int]:
         """The block's headers, in order, as text, and the header list's size.

@@ -190,7 +190,7 @@ class H2Connection:
 
     @property
     def preface_received(self) -> bool:
-        """True once the client preface and the peer's first SETTINGS arrived."""
+        """True once the peer's first SETTINGS (after the client preface) arrived."""
         return not self._settings_expected
 
     @property

@@ -21,9 +21,12 @@ from google.protobuf.message import DecodeError
 from tei_manager.grpc.limits import DEFAULT_LIMITS, Limits
 from tei_manager.grpc.rpc import GrpcError, MethodSpec, Req, Resp, StatusCode
 from tei_manager.grpc.server import DEFAULT_MAX_MESSAGE_BYTES
-from tei_manager.grpc.transport import MESSAGE_PREFIX_BYTES, Stream, Transport
+from tei_manager.grpc.transport import MESSAGE_PREFIX_BYTES, Stream, StreamRefused, Transport
 
 Metadata = tuple[tuple[str, str], ...]
+#: How often a unary call the server refused (REFUSED_STREAM) is made again.
+REFUSED_RETRIES = 3
+REFUSED_BACKOFF_SECS = 0.02
 
 
 def client_ssl_context(
@@ -220,10 +223,19 @@ class Channel:
         *,
         metadata: Metadata = (),
     ) -> Resp:
-        async with self.open_call(spec, metadata=metadata) as call:
-            await call.send(request)
-            await call.done_writing()
-            return await call.single()
+        for attempt in range(REFUSED_RETRIES + 1):
+            try:
+                async with self.open_call(spec, metadata=metadata) as call:
+                    await call.send(request)
+                    await call.done_writing()
+                    return await call.single()
+            except StreamRefused:
+                # The server's count of our streams can trail ours (a stream we
+                # reset counts there until its handler ends): try again.
+                if attempt == REFUSED_RETRIES:
+                    raise
+                await trio.sleep(REFUSED_BACKOFF_SECS * (attempt + 1))
+        raise AssertionError("unreachable")
 
     async def stream_unary(
         self,

@@ -315,7 +315,7 @@ class GrpcServer:
                 with trio.CancelScope() as self._accept_scope:
                     async with trio.open_nursery() as accept:
                         for listener in listeners:
-                            accept.start_soon(self._accept_loop, listener, connections)
+                            accept.start_soon(self.accept_connections, listener, connections)
                         self.listening.set()
                         task_status.started(self.port)
                 # Shutdown asked: refuse new calls, let running ones finish within the grace.
@@ -340,7 +340,12 @@ class GrpcServer:
         if self._accept_scope is not None:
             self._accept_scope.cancel()
 
-    async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+    async def accept_connections(
+        self, listener: trio.SocketListener, nursery: trio.Nursery
+    ) -> None:
+        """Serve the connections ``listener`` accepts, in ``nursery`` (``run`` calls
+        this per listener): at most ``max_connections`` at once, and back off while
+        the process is out of descriptors or memory."""
         limit = self.limits.max_connections
         count = _ListenerCount()
         failing = False

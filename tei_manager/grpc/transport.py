@@ -43,6 +43,7 @@ __all__ = [
     "ResponseReceived",
     "Stream",
     "StreamEvent",
+    "StreamRefused",
     "Transport",
 ]
 
@@ -72,6 +73,12 @@ _RESET_STATUS: dict[int, StatusCode] = {
     ErrorCode.ENHANCE_YOUR_CALM: StatusCode.RESOURCE_EXHAUSTED,
     ErrorCode.INADEQUATE_SECURITY: StatusCode.PERMISSION_DENIED,
 }
+
+
+class StreamRefused(GrpcError):
+    """The server refused the stream (REFUSED_STREAM): it did no work, so the call
+    may be made again (gRPC's transparent retry)."""
+
 
 #: Events queued on a call's stream, read by ``Stream.receive_message``.
 StreamEvent = MessageReceived | RequestEnded | ResponseReceived | ResponseEnded
@@ -355,25 +362,50 @@ class Transport:
 
     # -- driving -------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Run reader, writer and watchdog until the connection ends; then fail open streams."""
+        """Run reader, writer and watchdog until the connection ends; then fail open streams.
+
+        A client is started once the server's first SETTINGS arrived (so its stream
+        limit is known); none within ``handshake_timeout_secs`` raises ``GrpcError``
+        (UNAVAILABLE), as grpc-go's wait for the server preface does.
+        """
         self._conn.initiate_connection()
         self.flush()
         now = trio.current_time()
         self._idle_since = now
         self._last_receive = now
+        no_handshake = False
         try:
             async with trio.open_nursery() as nursery:
                 self._scope = nursery.cancel_scope
                 nursery.start_soon(self._writer)
                 if not self.client_side or self.limits.keepalive_interval_secs is not None:
                     nursery.start_soon(self._watchdog)
-                task_status.started()
-                await self._reader()
-                nursery.cancel_scope.cancel()
+                if not self.client_side:
+                    task_status.started()
+                    await self._reader()
+                    nursery.cancel_scope.cancel()
+                    return
+                nursery.start_soon(self._read_then_stop, nursery.cancel_scope)
+                with trio.move_on_after(self.limits.handshake_timeout_secs):
+                    await self._handshake_done.wait()
+                if self._h2.preface_received:
+                    task_status.started()
+                else:
+                    no_handshake = True
+                    nursery.cancel_scope.cancel()
         finally:
             self._mark_closed("connection closed")
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 await self.socket.aclose()
+        if no_handshake:
+            raise GrpcError(StatusCode.UNAVAILABLE, "no HTTP/2 SETTINGS from the server")
+
+    async def _read_then_stop(self, scope: trio.CancelScope) -> None:
+        try:
+            await self._reader()
+        finally:
+            self._handshake_done.set()  # wakes ``run`` if the server left first
+            scope.cancel()
 
     async def _reader(self) -> None:
         socket = self.socket
@@ -401,6 +433,8 @@ class Transport:
             self.flush()
             if not self._handshake_done.is_set() and h2.preface_received:
                 self._handshake_done.set()
+            if self._slot_lot and h2.can_open_stream():
+                self._slot_lot.unpark_all()  # the peer's SETTINGS may have made room
             # A peer that does not read what we answer gets no more of our attention
             # until it does (its requests stay unread in the socket).
             while self.output_size > room and not self.closed:
@@ -519,8 +553,11 @@ class Transport:
                 # HTTP/2): the call's outcome is the status already received.
                 self._window_lot.unpark_all()
                 return
-            code = _RESET_STATUS.get(event.error_code, StatusCode.INTERNAL)
-            found._fail(GrpcError(code, "stream reset by peer"))
+            if event.error_code == ErrorCode.REFUSED_STREAM:
+                found._fail(StreamRefused(StatusCode.UNAVAILABLE, "stream refused by peer"))
+            else:
+                code = _RESET_STATUS.get(event.error_code, StatusCode.INTERNAL)
+                found._fail(GrpcError(code, "stream reset by peer"))
             if found.handler_scope is not None:
                 found.handler_scope.cancel()
         else:
@@ -624,7 +661,9 @@ class Transport:
         """Client side: wait until the peer's SETTINGS_MAX_CONCURRENT_STREAMS allows one
         more stream. Raises ``GrpcError`` (UNAVAILABLE) once the connection cannot."""
         h2 = self._h2
-        while not h2.can_open_stream():
+        # Until the server's first SETTINGS arrive its stream limit is unknown: wait
+        # for them, as grpc-go does, rather than open streams it would refuse.
+        while not (h2.preface_received and h2.can_open_stream()):
             if self.closed or self.goaway or h2.goaway_received:
                 raise GrpcError(StatusCode.UNAVAILABLE, "no more calls allowed on this connection")
             await self._slot_lot.park()
@@ -635,6 +674,7 @@ class Transport:
         return (
             not self.closed
             and not self.goaway
+            and h2.preface_received
             and h2.can_open_stream()
             and h2.send_window >= size
             and h2.peer_initial_window >= size
