@@ -116,6 +116,12 @@ async def measure(
     }
 
 
+#: Attacks left to tests/test_grpc_hostile.py. unread_answers: a worker's large answer
+#: (Tokenize of a long text) costs far more CPU to compute, on the event loop, than
+#: the transport spends queueing it, so here it would measure Tokenize, not HTTP/2.
+NOT_HERE = ("unread_answers",)
+
+
 def attacks(target: Target, quick: bool) -> list[tuple[str, Callable[[], Any], int]]:
     """Each attack bound to ``target``, with the number of connections it opens."""
     scale = 0.1 if quick else 1.0
@@ -123,6 +129,8 @@ def attacks(target: Target, quick: bool) -> list[tuple[str, Callable[[], Any], i
     port = target.port
     chosen: list[tuple[str, Callable[[], Any], int]] = []
     for attack in hostile.ATTACKS:
+        if attack.name in NOT_HERE:
+            continue
 
         def bound(fn: Any = attack.run) -> Awaitable[hostile.Outcome]:
             return fn(port, scale, service=service)  # type: ignore[no-any-return]

@@ -24,6 +24,7 @@ import trio.testing
 
 from tei_manager._proto.tei.v1 import tei_grpc, tei_pb2
 from tei_manager.grpc.channel import open_channel
+from tei_manager.grpc.limits import Limits
 from tei_manager.grpc.server import CallContext, GrpcServer
 from tests import hostile
 from tests.hostile import ENHANCE_YOUR_CALM, PROTOCOL_ERROR, Outcome, probing
@@ -219,8 +220,6 @@ async def test_pings_do_not_keep_an_idle_connection_open(
 
 
 async def test_connections_over_the_limit_are_closed() -> None:
-    from tei_manager.grpc.limits import Limits
-
     async with serving(limits=Limits(max_connections=4)) as server:
         outcome = await hostile.many_connections(server.port, count=12, hold=0.5)
         assert server.statistics()["connections"] <= 4
