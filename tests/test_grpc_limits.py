@@ -13,6 +13,7 @@ from typing import Any
 
 import h2.config
 import h2.connection
+import h2.settings
 import pytest
 import trio
 import trio.testing
@@ -34,7 +35,14 @@ from tei_manager.grpc._http2_frames import PREFACE, ErrorCode, ProtocolError
 from tei_manager.grpc._protocol import Connection
 from tei_manager.grpc.channel import Channel, open_channel
 from tei_manager.grpc.limits import DEFAULT_LIMITS, Limits, validate_limits
-from tei_manager.grpc.rpc import CLIENT_TEXT_CHARS, GrpcError, StatusCode, client_text
+from tei_manager.grpc.rpc import (
+    CLIENT_TEXT_CHARS,
+    Cardinality,
+    GrpcError,
+    MethodSpec,
+    StatusCode,
+    client_text,
+)
 from tei_manager.grpc.server import CallContext, GrpcServer
 
 PATH = "/pkg.Service/Method"
@@ -543,3 +551,130 @@ async def test_a_refused_unary_call_is_made_again(nursery: trio.Nursery) -> None
             await channel.unary_unary(decode, tei_pb2.DecodeRequest(ids=[0]))
         reply = await channel.unary_unary(decode, tei_pb2.DecodeRequest(ids=[1]))
     assert reply.text == "ok"
+
+
+class Firehose(tei_grpc.TokenizeServicer):
+    """Answers a DecodeStream call with 1 MiB messages for as long as it may."""
+
+    def __init__(self) -> None:
+        self.sent = 0
+
+    async def DecodeStream(  # type: ignore[override]
+        self, requests: Any, context: CallContext
+    ) -> Any:
+        while True:
+            yield tei_pb2.DecodeResponse(text="x" * (1 << 20))
+            self.sent += 1
+
+
+async def test_a_peer_that_does_not_read_makes_the_sender_wait(nursery: trio.Nursery) -> None:
+    firehose = Firehose()
+    server = await _serve(nursery, Limits(max_output_buffer_bytes=1 << 20), firehose)
+    client = h2.connection.H2Connection(h2.config.H2Configuration(header_encoding="utf-8"))
+    client.initiate_connection()
+    client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 2**31 - 1})
+    client.increment_flow_control_window(2**31 - 1 - 65535)
+    client.send_headers(
+        1, [*REQUEST[:2], (":path", tei_grpc.Tokenize.DecodeStream.path), *REQUEST[3:]]
+    )
+    client.send_data(1, framed(tei_pb2.DecodeRequest(ids=[1]).SerializeToString()))
+    sock = trio.socket.socket()
+    sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 4096)
+    await sock.connect(("127.0.0.1", server.port))
+    async with trio.SocketStream(sock) as stream:
+        await stream.send_all(client.data_to_send())
+        await trio.sleep(1)  # and never read
+        # What the kernel buffers, plus our 1 MiB and the message being queued:
+        # a handful of messages, where without the bound it would be hundreds.
+        assert firehose.sent < 16
+        assert 0 < server.statistics()["queued_output_bytes"] <= 3 << 20
+
+
+def _h2_pair(limits: Limits) -> tuple[Connection, h2.connection.H2Connection]:
+    ours = Connection(client_side=False, max_message_bytes=1 << 20, limits=limits)
+    ours.initiate_connection()
+    peer = h2.connection.H2Connection(h2.config.H2Configuration(header_encoding="utf-8"))
+    peer.initiate_connection()
+    ours.receive_data(peer.data_to_send())
+    peer.receive_data(bytes(ours.data_to_send()))
+    return ours, peer
+
+
+def _pump(
+    ours: Connection, peer: h2.connection.H2Connection, messages: dict[int, bytes], *, end: bool
+) -> tuple[int, list[Any]]:
+    """Send each stream's bytes as the windows allow until nothing moves; bytes sent."""
+    sent = dict.fromkeys(messages, 0)
+    events: list[Any] = []
+    moved = True
+    while moved:
+        moved = False
+        for stream_id, message in messages.items():
+            room = min(
+                peer.local_flow_control_window(stream_id),
+                len(message) - sent[stream_id],
+                16384,
+            )
+            if room > 0:
+                done = end and sent[stream_id] + room == len(message)
+                peer.send_data(stream_id, message[sent[stream_id] :][:room], end_stream=done)
+                sent[stream_id] += room
+                moved = True
+        events += ours.receive_data(peer.data_to_send())
+        peer.receive_data(bytes(ours.data_to_send()))
+    return sum(sent.values()), events
+
+
+def test_large_messages_on_two_streams_take_turns() -> None:
+    ours, peer = _h2_pair(Limits(stream_receive_window_bytes=65535))
+    for stream_id in (1, 3):
+        peer.send_headers(stream_id, REQUEST)
+    big = {1: framed(b"a" * 500_000), 3: framed(b"b" * 500_000)}
+    _, events = _pump(ours, peer, big, end=True)
+    received = {e.stream_id: len(e.data) for e in events if isinstance(e, MessageReceived)}
+    assert received == {1: 500_000, 3: 500_000}
+
+
+def test_partial_messages_cannot_park_more_than_the_window_and_one_message() -> None:
+    window = 2 * 65535
+    limits = Limits(stream_receive_window_bytes=65535, connection_receive_window_bytes=window)
+    ours, peer = _h2_pair(limits)
+    streams = range(1, 21, 2)
+    for stream_id in streams:
+        peer.send_headers(stream_id, REQUEST)
+    # Ten streams, each the start of a 200 KB message that never ends.
+    partial = framed(b"p" * 200_000)[:150_000]
+    sent, events = _pump(ours, peer, dict.fromkeys(streams, partial), end=False)
+    assert not [e for e in events if isinstance(e, MessageReceived)]
+    assert sent <= window + 150_000  # crediting every partial would take 1.5 MB
+
+
+def test_trailers_for_closed_streams_count_as_empty_frames() -> None:
+    raw = Raw(Limits(max_empty_frames=3))
+    raw.send(raw.headers(9))
+    raw.ours.forget(9)
+    for stream_id in (1, 3, 5):
+        trailers = HeadersFrame(stream_id, data=raw.encoder.encode([("x", "y")]))
+        for flag in ("END_HEADERS", "END_STREAM"):
+            trailers.flags.add(flag)
+        raw.send(trailers.serialize())
+    trailers = HeadersFrame(7, data=raw.encoder.encode([("x", "y")]))
+    for flag in ("END_HEADERS", "END_STREAM"):
+        trailers.flags.add(flag)
+    fails_with(ErrorCode.ENHANCE_YOUR_CALM, raw, trailers.serialize())
+
+
+async def test_an_unknown_methods_long_path_is_not_echoed(nursery: trio.Nursery) -> None:
+    server = await _serve(nursery, DEFAULT_LIMITS)
+    spec = MethodSpec(
+        "pkg.Service",
+        "M" * 6000,
+        Cardinality.UNARY_UNARY,
+        tei_pb2.DecodeRequest,
+        tei_pb2.DecodeResponse,
+    )
+    async with open_channel("127.0.0.1", server.port) as channel:
+        with pytest.raises(GrpcError) as info:
+            await channel.unary_unary(spec, tei_pb2.DecodeRequest(ids=[1]))
+    assert info.value.code == StatusCode.UNIMPLEMENTED
+    assert len(info.value.message) < 2 * CLIENT_TEXT_CHARS + 60

@@ -4,15 +4,22 @@ Bytes go in through ``receive_data`` and come back as a list of events; what we
 send is queued as frames in ``data_to_send``. Frames are parsed and built with
 ``struct``; header blocks are HPACK (``_hpack``). The connection keeps the flow
 control windows in both directions, the peer's settings and the open streams; it
-refuses streams over our SETTINGS_MAX_CONCURRENT_STREAMS and header lists over our
-SETTINGS_MAX_HEADER_LIST_SIZE, answers PING and SETTINGS, ignores PRIORITY and
-unknown frame types, and turns a peer's protocol violation into a stream reset or,
-for the connection as a whole, a GOAWAY and ``ProtocolError``.
+answers PING and SETTINGS, ignores PRIORITY and unknown frame types, and turns a
+peer's protocol violation into a stream reset or, for the connection as a whole, a
+GOAWAY and ``ProtocolError``.
 
-Received data is credited back to the peer (WINDOW_UPDATE) only once the
-application acknowledges it, and then in batches of half a window, so small calls
-send no WINDOW_UPDATE at all. Frames for a stream that is gone (reset, or finished)
-are ignored, as RFC 9113 §5.1 asks; their data is credited to the connection at once.
+Every resource a peer can make us hold is bounded by ``Limits`` (``limits.py``):
+streams (a stream counts from its HEADERS until the application calls
+``release_stream``, reset or not), header blocks (running totals of bytes and
+CONTINUATION frames), queued control frames, empty frames, SETTINGS, PINGs (with the
+clock it is given) and resets before an answer; floods end with GOAWAY
+ENHANCE_YOUR_CALM. Every check is a counter compared on the frame that moves it.
+
+Received data is credited back (both windows) only as the application acknowledges
+its bytes (``acknowledge_received_data``), so the windows bound what a peer can make
+us hold; in batches of half a window, so small calls send no WINDOW_UPDATE at all.
+Frames for a stream that is gone (reset, or finished) are ignored, as RFC 9113 §5.1
+asks; their data is credited to the connection at once.
 """
 
 from __future__ import annotations
@@ -336,10 +343,13 @@ class H2Connection:
         return stream_id in self.streams
 
     def acknowledge_received_data(self, stream_id: int, length: int) -> None:
-        """``length`` bytes of the stream were consumed: credit its window, in batches.
-
-        The connection window is credited as data arrives (see ``Limits``).
-        """
+        """The application consumed ``length`` bytes: credit them back, in batches."""
+        credit = self._recv_credit + length
+        if credit >= self._connection_update_at:
+            self._frame(WINDOW_UPDATE, 0, 0, _U32.pack(credit))
+            self.recv_window += credit
+            credit = 0
+        self._recv_credit = credit
         stream = self.streams.get(stream_id)
         if stream is not None and not stream.remote_closed:
             credit = stream.recv_credit + length
@@ -443,6 +453,7 @@ class H2Connection:
         self._control(PING, ACK, 0, payload)
 
     def _empty_frame(self) -> None:
+        """A frame that does nothing for the peer (CVE-2019-9518): count it."""
         self.empty_frames += 1
         if self.empty_frames > self.limits.max_empty_frames:
             self._fail(ErrorCode.ENHANCE_YOUR_CALM, "too many empty frames")
@@ -488,21 +499,14 @@ class H2Connection:
         flow = len(payload)
         if flow > self.recv_window:
             self._fail(ErrorCode.FLOW_CONTROL_ERROR, "the peer overran the connection window")
-        if flow:
-            # The connection window is credited on receipt, in batches (grpc-go and
-            # grpc-core do the same): per-stream windows bound what we hold.
-            credit = self._recv_credit + flow
-            if credit >= self._connection_update_at:
-                self._frame(WINDOW_UPDATE, 0, 0, _U32.pack(credit))
-                self.recv_window += credit
-                credit = 0
-            self._recv_credit = credit
-            self.recv_window -= flow
-        elif not flags & END_STREAM:
+        self.recv_window -= flow
+        if not flow and not flags & END_STREAM:
             self._empty_frame()
         data = self._unpad(flags, payload)
         stream = self.streams.get(stream_id)
         if stream is None or stream.remote_closed or flow > stream.recv_window:
+            # Nobody will consume these bytes: credit the connection now.
+            self.acknowledge_received_data(0, flow)
             if stream is None:
                 if self._is_idle(stream_id):
                     self._fail(ErrorCode.PROTOCOL_ERROR, f"DATA on idle stream {stream_id}")
@@ -588,7 +592,10 @@ class H2Connection:
                     # Not trailers in flight for a stream we closed, but a new stream
                     # whose id went backwards (RFC 9113 §5.1.1).
                     self._fail(ErrorCode.PROTOCOL_ERROR, f"stream id {stream_id} went backwards")
-                return  # a stream we reset or finished
+                # Trailers for a stream we closed: legitimate once per stream at most,
+                # and gRPC clients send none; a stream of them is a flood.
+                self._empty_frame()
+                return
             self.highest_inbound_id = stream_id
             self.streams_opened += 1
             if self.goaway_sent or len(self._held) >= self.local_max_concurrent_streams:

@@ -65,11 +65,20 @@ _PREFIX = struct.Struct(">BL")
 class _Call:
     """Per-stream gRPC state: the partial message being read, and how the call stands."""
 
-    __slots__ = ("discarding", "encoding", "headers_received", "need", "pending", "pending_size")
+    __slots__ = (
+        "credited",
+        "discarding",
+        "encoding",
+        "headers_received",
+        "need",
+        "pending",
+        "pending_size",
+    )
 
     def __init__(self) -> None:
         self.pending: list[bytes] = []
         self.pending_size = 0
+        self.credited = 0  # bytes of ``pending`` already credited back (large message)
         self.need = 0
         self.discarding = False
         self.headers_received = False
@@ -90,6 +99,10 @@ class Connection:
         self.client_side = client_side
         self.max_message_bytes = max_message_bytes
         self.h2_connection = H2Connection(client_side=client_side, limits=limits, clock=clock)
+        # The one stream whose large message is credited as it is buffered (0: none),
+        # and the partial size from which a message counts as large.
+        self._large = 0
+        self._large_at = max(1, limits.stream_receive_window_bytes // 2)
         self._calls: dict[int, _Call] = {}
         self._last_request_id = 0
         self._request_prefixes: dict[tuple[str, str, str], bytes] = {}
@@ -141,22 +154,32 @@ class Connection:
                 out.append(RequestEnded(stream_id))
 
     def _messages(self, call: _Call, stream_id: int, data: bytes, out: list[Event]) -> None:
-        # Bytes of a partial message are credited back as soon as they are in the
-        # message buffer (bounded by ``max_message_bytes``), so a message larger than
-        # the stream window still streams at full speed; a complete message's credit
-        # returns when the application consumes it. ``carried``: bytes at the start
-        # of ``data`` already credited.
+        # A message's bytes are credited back when the application consumes it, so
+        # the windows bound what a peer can park. A message larger than a window
+        # would then never arrive: one stream per connection at a time (``_large``)
+        # has its partial message's bytes credited as they enter the message buffer
+        # (bounded by ``max_message_bytes``), so a 40 MiB message streams through a
+        # 4 MiB window at full speed. ``carried``: bytes at the start of ``data``
+        # already credited.
         carried = 0
         if call.pending:
             call.pending.append(data)
             call.pending_size += len(data)
             if call.pending_size < call.need:
-                self.h2_connection.acknowledge_received_data(stream_id, len(data))
+                if self._large == stream_id:
+                    self.h2_connection.acknowledge_received_data(stream_id, len(data))
+                    call.credited += len(data)
+                elif not self._large and call.pending_size >= self._large_at:
+                    self._make_large(stream_id, call)
                 return
-            carried = call.pending_size - len(data)
+            carried = call.credited
+            call.credited = 0
             data = b"".join(call.pending)
             call.pending = []
             call.pending_size = 0
+            if self._large == stream_id:
+                self._large = 0  # its message is complete: another may go next
+                self._next_large()
         pos = 0
         end = len(data)
         limit = self.max_message_bytes
@@ -174,6 +197,9 @@ class Connection:
                 call.discarding = True
                 self.h2_connection.acknowledge_received_data(stream_id, end - pos - carried)
                 out.append(MessageRejected(stream_id, status, message))
+                if self._large == stream_id:
+                    self._large = 0
+                    self._next_large()
                 return
             stop = pos + 5 + length
             if stop > end:
@@ -186,8 +212,25 @@ class Connection:
             rest = data[pos:] if pos else data
             call.pending = [rest]
             call.pending_size = len(rest)
+            call.credited = carried  # 0 once a message completed
             call.need = need
-            self.h2_connection.acknowledge_received_data(stream_id, len(rest) - carried)
+            if self._large == stream_id or (not self._large and len(rest) >= self._large_at):
+                self._make_large(stream_id, call)
+
+    def _make_large(self, stream_id: int, call: _Call) -> None:
+        """Let ``stream_id``'s partial message be credited as it is buffered."""
+        self._large = stream_id
+        owed = call.pending_size - call.credited
+        if owed:
+            self.h2_connection.acknowledge_received_data(stream_id, owed)
+            call.credited = call.pending_size
+
+    def _next_large(self) -> None:
+        """The large message is done: the next stream waiting with one goes on."""
+        for stream_id, call in self._calls.items():
+            if call.pending_size >= self._large_at and not call.discarding:
+                self._make_large(stream_id, call)
+                return
 
     def _headers(self, event: HeadersReceived, out: list[Event]) -> None:
         stream_id = event.stream_id
@@ -342,7 +385,7 @@ class Connection:
         call = self._calls.get(stream_id)
         if call is not None:
             call.discarding = True
-            self._release_pending(call)
+            self._release_pending(stream_id, call)
         self.h2_connection.reset_stream(
             stream_id, ErrorCode.CANCEL if self.client_side else ErrorCode.PROTOCOL_ERROR
         )
@@ -354,16 +397,21 @@ class Connection:
         self.h2_connection.reset_stream(stream_id, ErrorCode.NO_ERROR)
         self.h2_connection.release_stream(stream_id)
 
-    @staticmethod
-    def _release_pending(call: _Call) -> None:
-        # Bytes in the message buffer were credited when they arrived.
+    def _release_pending(self, stream_id: int, call: _Call) -> None:
+        owed = call.pending_size - call.credited
+        if owed:
+            self.h2_connection.acknowledge_received_data(stream_id, owed)
         call.pending = []
         call.pending_size = 0
+        call.credited = 0
+        if self._large == stream_id:
+            self._large = 0
+            self._next_large()
 
     def _drop(self, stream_id: int) -> None:
         call = self._calls.pop(stream_id, None)
         if call is not None:
-            self._release_pending(call)
+            self._release_pending(stream_id, call)
 
     # -- sending --------------------------------------------------------------------
     def start_request(

@@ -60,14 +60,15 @@ class Limits(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     #: parsing. Go's x/net/http2 server reads frames of up to 1 MiB
     #: (defaultMaxReadFrameSize).
     max_frame_bytes: int = _MIB
-    #: Our initial stream window. Credited back as the bytes are assembled into the
-    #: (message-size-bounded) message buffer or consumed, so a 40 MiB message still
-    #: streams at full speed. grpc-go's BDP estimator grows windows to at most 16 MiB;
-    #: x/net/http2 gives 1 MiB per stream (MaxUploadBufferPerStream).
+    #: Our initial stream window. Credited back as the application consumes the
+    #: bytes; one stream per connection at a time may have a message larger than
+    #: half of it credited as it is buffered (bounded by the message limit), so a
+    #: 40 MiB message still streams at full speed. grpc-go's BDP estimator grows
+    #: windows to at most 16 MiB; x/net/http2 gives 1 MiB (MaxUploadBufferPerStream).
     stream_receive_window_bytes: int = 4 * _MIB
-    #: Our connection window, credited as data arrives (grpc-go and grpc-core credit
-    #: the connection on receipt; per-stream windows bound what is held).
-    #: grpc-go's BDP limit is 16 MiB.
+    #: Our connection window, credited as the application consumes: with the one
+    #: large message above, what a peer can park on a connection. grpc-go's BDP
+    #: limit is 16 MiB; x/net/http2's MaxUploadBufferPerConnection is 1 MiB.
     connection_receive_window_bytes: int = 16 * _MIB
 
     # -- floods --------------------------------------------------------------------------

@@ -6,7 +6,9 @@ certificate reaches handlers; the message-size limit is configurable and an
 oversized message fails only its call with RESOURCE_EXHAUSTED; a client's
 RST_STREAM or connection loss cancels the handler and ``grpc-timeout`` bounds it
 (DEADLINE_EXCEEDED); handler exceptions become INTERNAL with a clean message;
-cancellation at shutdown logs nothing.
+cancellation at shutdown logs nothing. What one peer may make it hold is bounded by
+its ``Limits`` (connections per listener here; the rest in the transport and below,
+tested in tests/test_grpc_limits.py).
 """
 
 from __future__ import annotations
@@ -294,10 +296,13 @@ class GrpcServer:
         return sorted({spec.service for spec, _, _ in self._methods.values()})
 
     def statistics(self) -> dict[str, int]:
+        """Connections, running calls, refused connections, accept() failures and the
+        output queued for peers (at scrape time)."""
         return {
             "connections": len(self._transports),
             "active_calls": self._active_calls,
             "connections_refused": self._connections_refused,
+            "queued_output_bytes": sum(t.output_size for t in self._transports),
             "accept_errors": self._accept_errors,
         }
 
