@@ -146,11 +146,6 @@ async def run_attack(name: str) -> tuple[Outcome, float, Memory]:
 
 #: Attacks the server does not withstand yet: each reason says what harms it.
 NOT_YET = {
-    "window_parking": (
-        "a stream's window is credited as its bytes are buffered into an incomplete "
-        "message and the connection's on receipt, so one connection parks a message "
-        "per stream: 16 x 2 MiB here, 100 x 40 MiB with the defaults"
-    ),
     "empty_header_name": (
         "a header with an empty name raises IndexError out of Connection._request "
         "(name[0]), which ends the whole GrpcServer"
