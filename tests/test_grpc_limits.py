@@ -678,3 +678,31 @@ async def test_an_unknown_methods_long_path_is_not_echoed(nursery: trio.Nursery)
             await channel.unary_unary(spec, tei_pb2.DecodeRequest(ids=[1]))
     assert info.value.code == StatusCode.UNIMPLEMENTED
     assert len(info.value.message) < 2 * CLIENT_TEXT_CHARS + 60
+
+
+async def test_a_peer_that_does_not_read_its_answers_stops_being_read(
+    nursery: trio.Nursery,
+) -> None:
+    # PINGs answered with PING ACKs the client never reads (floods other than the
+    # backlog itself are let through here).
+    limits = Limits(
+        max_output_buffer_bytes=1 << 16,
+        max_ping_strikes=10**9,
+        max_queued_control_frames=10**9,
+    )
+    server = await _serve(nursery, limits)
+    sock = trio.socket.socket()
+    sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 4096)
+    await sock.connect(("127.0.0.1", server.port))
+    pings = PingFrame(0, opaque_data=b"12345678").serialize() * 4000  # 68 KB
+    sent = 0
+    async with trio.SocketStream(sock) as stream:
+        await stream.send_all(PREFACE + SettingsFrame(0).serialize())
+        with trio.move_on_after(2):
+            while sent < 200 << 20:
+                await stream.send_all(pings)
+                sent += len(pings)
+        # The server stopped reading: the client's writes stalled far short of
+        # 200 MB, and what waits for it is one read's answers over the bound.
+        assert sent < 100 << 20
+        assert server.statistics()["queued_output_bytes"] <= (1 << 16) + (1 << 18) + len(pings)

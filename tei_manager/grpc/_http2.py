@@ -154,6 +154,7 @@ class H2Connection:
         self.empty_frames = 0
         self.settings_frames = 0
         self._control_queued = 0
+        self._frame_bytes = 0
         self._clock = clock
         self._last_ping = -math.inf
         self._ping_strikes = 0
@@ -196,6 +197,12 @@ class H2Connection:
         return len(self._data_to_send)
 
     @property
+    def frame_bytes_queued(self) -> int:
+        """Bytes of frames other than DATA queued for ``data_to_send``: what answering
+        the peer costs (headers, resets, ACKs), unlike DATA, which its windows bound."""
+        return self._frame_bytes
+
+    @property
     def preface_received(self) -> bool:
         """True once the peer's first SETTINGS (after the client preface) arrived."""
         return not self._settings_expected
@@ -210,6 +217,7 @@ class H2Connection:
         data = self._data_to_send
         self._data_to_send = bytearray()
         self._control_queued = 0
+        self._frame_bytes = 0
         return data
 
     def send_ping(self, payload: bytes = bytes(8)) -> None:
@@ -230,6 +238,7 @@ class H2Connection:
     # -- sending --------------------------------------------------------------------
     def _frame(self, kind: int, flags: int, stream_id: int, payload: bytes = b"") -> None:
         length = len(payload)
+        self._frame_bytes += 9 + length
         self._data_to_send += _FRAME.pack(length >> 16, length & 0xFFFF, kind, flags, stream_id)
         self._data_to_send += payload
 

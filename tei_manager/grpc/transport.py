@@ -350,6 +350,7 @@ class Transport:
         # Direct writes (``push``) need the socket's descriptor: plain TCP only.
         self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
         self._writing = 0  # bytes inside the writer's send_all
+        self._writing_frames = 0  # of which not DATA (or not known to be)
         self._unsent = b""  # what a direct write left over, for the writer
         self._last_write = -math.inf
         self._last_receive = -math.inf
@@ -436,8 +437,10 @@ class Transport:
             if self._slot_lot and h2.can_open_stream():
                 self._slot_lot.unpark_all()  # the peer's SETTINGS may have made room
             # A peer that does not read what we answer gets no more of our attention
-            # until it does (its requests stay unread in the socket).
-            while self.output_size > room and not self.closed:
+            # until it does (its requests stay unread in the socket). Only answers
+            # count: DATA is bounded by the peer's windows, and two of our transports
+            # both sending large messages must keep reading each other.
+            while self._answer_backlog() > room and not self.closed:
                 await self._room_lot.park()
 
     async def _flush_and_stop(self) -> None:
@@ -571,12 +574,14 @@ class Transport:
         while True:
             await self._send_needed.wait()
             self._send_needed = trio.Event()
+            frames = h2.frame_bytes_queued + len(self._unsent)
             data = h2.data_to_send()
             if self._unsent:
                 data[:0] = self._unsent
                 self._unsent = b""
             if data:
                 self._writing = len(data)
+                self._writing_frames = frames
                 try:
                     await socket.send_all(data)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
@@ -585,6 +590,7 @@ class Transport:
                     return
                 finally:
                     self._writing = 0
+                    self._writing_frames = 0
                 self._last_write = trio.current_time()
                 if self._room_lot:
                     self._room_lot.unpark_all()
@@ -606,6 +612,10 @@ class Transport:
         self._slot_lot.unpark_all()
 
     # -- helpers for streams -------------------------------------------------
+    def _answer_backlog(self) -> int:
+        """Queued output that is not DATA (a direct write's leftover counted in full)."""
+        return self._h2.frame_bytes_queued + self._writing_frames + len(self._unsent)
+
     @property
     def output_size(self) -> int:
         """Bytes queued for the peer and not yet taken by the socket."""
