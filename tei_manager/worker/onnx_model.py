@@ -175,6 +175,7 @@ def load_onnx(options: WorkerOptions, path: Path) -> OnnxModel:
     if not isinstance(tokenizer_limit, int | float) or tokenizer_limit >= _NO_LIMIT:
         tokenizer_limit = None
     heads: tuple[Head, ...] = ()
+    outputs: tuple[str, ...]
     prompts: dict[str, str] = {}
     default_prompt_name = None
     labels: tuple[str, ...] = ()
@@ -198,7 +199,10 @@ def load_onnx(options: WorkerOptions, path: Path) -> OnnxModel:
         width = config.get("hidden_size")
         hidden_size = hidden_size or int(config["hidden_size"])
         st_config = read_json(path / "config_sentence_transformers.json")
-        prompts = {k: v for k, v in (st_config.get("prompts") or {}).items() if v is not None}
+        # sentence-transformers starts every model with blank query and document prompts.
+        prompts = {"query": "", "document": ""}
+        saved = st_config.get("prompts") or {}
+        prompts.update({name: "" if text is None else text for name, text in saved.items()})
         default_prompt_name = st_config.get("default_prompt_name")
         limit = read_json(path / "sentence_bert_config.json").get("max_seq_length")
         if limit is None and tokenizer_limit is not None:
