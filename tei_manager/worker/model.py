@@ -494,6 +494,8 @@ def _device_type(options: WorkerOptions) -> str:
     """The type of the device the model runs on ("cpu", "cuda"...), checked like torch does."""
     if options.device is None:
         return "cuda" if cuda_possible() else "cpu"
+    if options.device.partition(":")[0] == "cpu":
+        return "cpu"  # no need to import torch to know
     import torch
 
     try:
