@@ -265,3 +265,19 @@ def test_serving_from_a_cached_graph_never_imports_torch(tiny_models: TinyModels
         [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120
     )
     assert done.stdout.split() == ["float32", "[]"]
+
+
+def test_a_dense_module_without_safetensors_is_read_with_torch(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from safetensors.torch import load_file
+
+    folder = models.save_sentence_transformer(tmp_path / "dense-bin", dense_features=8)
+    weights = folder / "2_Dense" / "model.safetensors"
+    torch.save(load_file(str(weights)), folder / "2_Dense" / "pytorch_model.bin")
+    weights.unlink()
+    with caplog.at_level(logging.INFO, logger="tei_manager.worker.onnx_heads"):
+        model = load(folder)
+    assert model.engine == "onnx"
+    assert any("pytorch_model.bin" in record.getMessage() for record in caplog.records)
+    assert_same(model, load(folder, engine="torch"), rows(model, "pooled"))
