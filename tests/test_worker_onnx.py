@@ -180,3 +180,104 @@ def test_downloads_fetch_the_shipped_graph_only_for_the_onnx_engine() -> None:
     for onnx in (True, False):
         assert fetched("model.safetensors", onnx=onnx)
         assert not fetched("openvino/openvino_model.bin", onnx=onnx)
+
+
+def test_numpy_heads_equal_sentence_transformers_modules() -> None:
+    from sentence_transformers.base.modules.dense import Dense
+    from sentence_transformers.sentence_transformer.modules import LayerNorm, Pooling
+
+    from tei_manager.worker import onnx_heads
+
+    generator = torch.Generator().manual_seed(5)
+    tokens = torch.randn(3, 6, 8, generator=generator)
+    right = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0]])
+    for mask in (right, right.flip(1)):  # right and left padding
+        for mode in Pooling.POOLING_MODES:
+            module = Pooling(8, mode)
+            want = module({"token_embeddings": tokens, "attention_mask": mask})
+            got = onnx_heads.Pooling([mode])(tokens.numpy(), tokens.numpy(), mask.numpy())
+            assert got == pytest.approx(want["sentence_embedding"].numpy(), abs=1e-5), mode
+    pooled = torch.randn(3, 8, generator=generator)
+    for activation in (torch.nn.Tanh(), torch.nn.Identity(), torch.nn.ReLU(), torch.nn.Sigmoid()):
+        dense = Dense(8, 4, activation_function=activation)
+        name = type(activation).__name__
+        head = onnx_heads.Dense(
+            dense.linear.weight.detach().numpy(), dense.linear.bias.detach().numpy(), name, None
+        )
+        want = dense({"sentence_embedding": pooled})["sentence_embedding"].detach().numpy()
+        assert head(pooled.numpy(), tokens.numpy(), right.numpy()) == pytest.approx(want, abs=1e-6)
+    norm = LayerNorm(8)
+    torch.nn.init.normal_(norm.norm.weight, generator=generator)
+    torch.nn.init.normal_(norm.norm.bias, generator=generator)
+    want = norm({"sentence_embedding": pooled})["sentence_embedding"].detach().numpy()
+    head_norm = onnx_heads.LayerNorm(
+        norm.norm.weight.detach().numpy(), norm.norm.bias.detach().numpy()
+    )
+    assert head_norm(pooled.numpy(), tokens.numpy(), right.numpy()) == pytest.approx(want, abs=1e-5)
+
+
+def test_the_onnx_path_tokenizes_as_the_torch_path(
+    tiny_models: TinyModels, minilm_dir: Path
+) -> None:
+    long = "jumps over the lazy dog " * 40
+    for folder, options in [
+        (tiny_models.sentence_transformer, {}),
+        (tiny_models.reranker, {}),
+        (tiny_models.masked_lm, {"pooling": "splade"}),
+        (minilm_dir, {}),
+    ]:
+        model = load(folder, **options)
+        reference = load(folder, engine="torch", **options)
+        ours, theirs = model.tokenization, reference.tokenization
+        assert model.engine == "onnx"
+        assert (ours.max_input_length, ours.prompts, ours.default_prompt) == (
+            theirs.max_input_length,
+            theirs.prompts,
+            theirs.default_prompt,
+        )
+        for text in [*TEXTS, "Where IS the Bank?", long]:
+            for direction in ("right", "left"):
+                assert ours.encode(text, truncate=True, direction=direction) == theirs.encode(
+                    text, truncate=True, direction=direction
+                )
+        assert ours.encode_pair(long, "money", truncate=True) == theirs.encode_pair(
+            long, "money", truncate=True
+        )
+        assert model.hidden_size == reference.hidden_size
+        assert model.labels == reference.labels
+        assert model.model_type == reference.model_type
+
+
+def test_serving_from_a_cached_graph_never_imports_torch(tiny_models: TinyModels) -> None:
+    import subprocess
+    import sys
+
+    load(tiny_models.sentence_transformer)  # the graph is in the session's cache now
+    script = (
+        "import sys\n"
+        "from tei_manager.worker.engine import Engine\n"
+        "from tei_manager.worker.options import WorkerOptions\n"
+        f"engine = Engine.load(WorkerOptions(model_id={str(tiny_models.sentence_transformer)!r}))\n"
+        "print(engine.info.model_dtype, sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('torch', 'transformers', 'sentence_transformers')))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert done.stdout.split() == ["float32", "[]"]
+
+
+def test_a_dense_module_without_safetensors_is_read_with_torch(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from safetensors.torch import load_file
+
+    folder = models.save_sentence_transformer(tmp_path / "dense-bin", dense_features=8)
+    weights = folder / "2_Dense" / "model.safetensors"
+    torch.save(load_file(str(weights)), folder / "2_Dense" / "pytorch_model.bin")
+    weights.unlink()
+    with caplog.at_level(logging.INFO, logger="tei_manager.worker.onnx_heads"):
+        model = load(folder)
+    assert model.engine == "onnx"
+    assert any("pytorch_model.bin" in record.getMessage() for record in caplog.records)
+    assert_same(model, load(folder, engine="torch"), rows(model, "pooled"))

@@ -7,7 +7,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from typing import Literal, cast
+from typing import TYPE_CHECKING, Literal, cast
 
 import msgspec
 import trio
@@ -23,6 +23,9 @@ from tei_manager.worker.errors import (
 from tei_manager.worker.model import Model, ModelType, Row, RowOutput, Task, load_model
 from tei_manager.worker.options import WorkerOptions
 from tei_manager.worker.tokenization import Direction, Token
+
+if TYPE_CHECKING:
+    from tei_manager.worker.onnx_model import OnnxModel
 
 __all__ = [
     "Engine",
@@ -93,7 +96,7 @@ class EngineStatistics(msgspec.Struct, frozen=True):
 class Engine:
     """Tokenizes requests, queues them for the batcher and shapes the model's outputs."""
 
-    def __init__(self, model: Model, options: WorkerOptions) -> None:
+    def __init__(self, model: Model | OnnxModel, options: WorkerOptions) -> None:
         self._model = model
         self._tokens = model.tokenization
         self._auto_truncate = options.auto_truncate

@@ -15,11 +15,9 @@ packed end to end into a few sequences, each row's positions restart at zero and
 block-diagonal attention mask keeps the rows apart, so every row sees exactly what it
 would see alone. Other models run in length-sorted groups.
 
-On CPU the model runs on ONNX Runtime when it can (``--engine auto``, the default): the
-transformer is an ONNX graph (``onnx_load.py``, ``onnx_graph.py``), run in length-sorted
-groups (``onnx_session.py``), and the sentence-transformers modules after it (Pooling,
-Dense, LayerNorm) stay torch modules, so pooled outputs are computed exactly as
-sentence-transformers computes them.
+On CPU the model runs on ONNX Runtime when it can (``--engine auto``, the default):
+``onnx_model.py`` serves it without torch, which this module then never imports (torch
+is imported only where the torch engine needs it).
 """
 
 from __future__ import annotations
@@ -30,21 +28,20 @@ import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
-import torch
+from tokenizers import Tokenizer
 
 from tei_manager.worker.errors import ModelLoadError
-from tei_manager.worker.onnx_load import (
-    OnnxGraph,
-    load_graph,
-    onnx_blocker,
-    return_freed_memory,
-)
-from tei_manager.worker.onnx_session import GraphError
+from tei_manager.worker.onnx_load import cuda_possible, onnx_blocker, return_freed_memory
 from tei_manager.worker.options import WorkerOptions
 from tei_manager.worker.tokenization import Encoding, Tokenization
+
+if TYPE_CHECKING:
+    import torch
+
+    from tei_manager.worker.onnx_model import OnnxModel
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +49,10 @@ ModelType = Literal["embedding", "classifier", "reranker"]
 Task = Literal["pooled", "tokens", "sparse", "scores"]
 RowOutput = list[float] | list[list[float]] | list[tuple[int, float]]
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # The fixed cost of one forward pass on CPU, in tokens' worth of compute (measured for
 # a 6-layer MiniLM on 2 cores: ~5 ms against ~0.17 ms a token). It decides when a
 # mixed-length batch is cheaper run as several groups of similar length.
-_FORWARD_OVERHEAD_TOKENS = 32
+FORWARD_OVERHEAD_TOKENS = 32
 # Bounds the search for group boundaries, so that huge batches split in linear time.
 _MAX_GROUP_ROWS = 64
 # Packed rows are laid end to end in sequences this many tokens long (or as long as the
@@ -86,10 +82,6 @@ def ignored_files(*, onnx: bool) -> list[str]:
     return [*_IGNORED_FILES, *(_IGNORED_FOR_ONNX if onnx else _IGNORED_FOR_TORCH)]
 
 
-_FLOAT32 = torch.zeros(())
-_NO_NET = torch.nn.Identity()
-
-
 class Row(msgspec.Struct, frozen=True):
     """One sequence to run through the model, and what to bring back from it."""
 
@@ -117,7 +109,6 @@ class Model:
         pad_left: bool,
         uses_token_types: bool,
         packed: PackedEncoder | None = None,
-        onnx: OnnxGraph | None = None,
     ) -> None:
         self.model_type = model_type
         self.is_splade = is_splade
@@ -125,7 +116,9 @@ class Model:
         self.hidden_size = hidden_size
         self.labels = labels
         self.model_sha = model_sha
-        self.dtype = str(next(net.parameters(), _FLOAT32).dtype).removeprefix("torch.")
+        import torch
+
+        self.dtype = str(next(net.parameters(), torch.zeros(())).dtype).removeprefix("torch.")
         self.engine = "torch"
         self._net = net
         self._device = device
@@ -133,19 +126,16 @@ class Model:
         self._pad_left = pad_left
         self._uses_token_types = uses_token_types
         self._packed = packed
-        self._onnx = onnx
-        self.graph_path = None if onnx is None else onnx.runner.path  # the ONNX graph run
-        if onnx is not None:
-            self.engine = "onnx"
-            self.dtype = onnx.dtype
-            self._packed = None  # a 4-D mask gained nothing on ORT (see DESIGN.md)
+        self.graph_path: Path | None = None  # no ONNX graph runs
 
     def onnx_part(self) -> tuple[str, tuple[torch.nn.Module, ...], torch.nn.Module]:
         """What to run on ONNX Runtime: (its name, the torch modules after it, the part).
 
-        A sentence-transformers model exports its transformer; Pooling, Dense and
-        LayerNorm after it stay torch modules. A classifier or masked LM exports whole.
+        A sentence-transformers model exports its transformer (the modules after it run
+        in numpy, ``onnx_heads.py``). A classifier or masked LM exports whole.
         """
+        import torch
+
         if self.model_type != "embedding" or self.is_splade:
             return ("masked-lm" if self.is_splade else "classifier"), (), self._net
         from sentence_transformers.base.modules.transformer import Transformer
@@ -169,23 +159,6 @@ class Model:
         rows = [Row(encoding, "pooled"), Row(short, "pooled")]
         return self._padded(rows, len(encoding.ids))
 
-    def on_onnx(self, onnx: OnnxGraph) -> Model:
-        """This model with ``onnx`` in place of its torch network."""
-        return Model(
-            model_type=self.model_type,
-            is_splade=self.is_splade,
-            tokenization=self.tokenization,
-            hidden_size=self.hidden_size,
-            labels=self.labels,
-            model_sha=self.model_sha,
-            net=torch.nn.Sequential(*onnx.heads) if onnx.heads else _NO_NET,
-            device=self._device,
-            pad_id=self._pad_id,
-            pad_left=self._pad_left,
-            uses_token_types=self._uses_token_types,
-            onnx=onnx,
-        )
-
     @property
     def runs_packed(self) -> bool:
         """Whether batches run unpadded, packed into shared sequences."""
@@ -201,7 +174,7 @@ class Model:
         if self._packed is not None:
             return self._forward_packed(self._packed, rows)
         outputs: list[RowOutput] = [[] for _ in rows]
-        overhead = _FORWARD_OVERHEAD_TOKENS if self._device.type == "cpu" else None
+        overhead = FORWARD_OVERHEAD_TOKENS if self._device.type == "cpu" else None
         for group in length_groups([len(row.encoding.ids) for row in rows], overhead):
             members = [rows[i] for i in group]
             for i, output in zip(group, self._forward_padded(members), strict=True):
@@ -209,11 +182,11 @@ class Model:
         return outputs
 
     def _forward_padded(self, rows: Sequence[Row]) -> list[RowOutput]:
+        import torch
+
         width = max(len(row.encoding.ids) for row in rows)
         features = self._padded(rows, width)
         with torch.inference_mode():
-            if self._onnx is not None:
-                return self._forward_onnx(self._onnx, rows, features, width)
             if self.is_splade:
                 return self._splade(rows, features)
             if self.model_type != "embedding":
@@ -221,24 +194,10 @@ class Model:
                 return [scores.tolist() for scores in logits]
             return self._dense(rows, features, width)
 
-    def _forward_onnx(
-        self, onnx: OnnxGraph, rows: Sequence[Row], features: dict[str, Any], width: int
-    ) -> list[RowOutput]:
-        output = torch.from_numpy(onnx.runner.run({k: v.numpy() for k, v in features.items()}))
-        if self.is_splade:
-            return _splade_outputs(rows, output, features["attention_mask"])
-        if self.model_type != "embedding":
-            return [scores.tolist() for scores in output]
-        heads: dict[str, Any] = {
-            "token_embeddings": output,
-            "attention_mask": features["attention_mask"],
-        }
-        for module in onnx.heads:
-            heads = module(heads)
-        return _dense_outputs(rows, heads, width, pad_left=self._pad_left)
-
     def _padded(self, rows: Sequence[Row], width: int) -> dict[str, Any]:
         """Build the padded batch tensors in one go (no per-row torch work)."""
+        import torch
+
         ids, type_ids, mask = [], [], []
         for row in rows:
             length = len(row.encoding.ids)
@@ -266,6 +225,8 @@ class Model:
         return _dense_outputs(rows, self._net(features), width, pad_left=self._pad_left)
 
     def _forward_packed(self, packed: PackedEncoder, rows: Sequence[Row]) -> list[RowOutput]:
+        import torch
+
         lengths = [len(row.encoding.ids) for row in rows]
         longest = max(lengths)
         sequences = pack_rows(lengths, max(PACK_TOKENS, longest))
@@ -328,6 +289,8 @@ class Model:
 def _splade_outputs(
     rows: Sequence[Row], logits: torch.Tensor, mask: torch.Tensor
 ) -> list[RowOutput]:
+    import torch
+
     # SPLADE pooling: max over the sequence of log(1 + relu(logit)), padding masked out.
     weights = torch.log1p(torch.relu(logits.float())) * mask.unsqueeze(-1)
     pooled = weights.max(dim=1).values.cpu()
@@ -393,6 +356,7 @@ def _packed_encoder(st: Any, device: torch.device) -> PackedEncoder | None:
     the sdpa or eager attention. The modules after it must work on the token embeddings
     and attention mask alone. On a GPU padding is cheap, so batches run padded there.
     """
+    import torch
     from sentence_transformers.base.modules.transformer import Transformer
     from sentence_transformers.sentence_transformer.modules import Dense, LayerNorm, Pooling
 
@@ -449,6 +413,8 @@ def _vector(vector: torch.Tensor, row: Row) -> list[float]:
         # Matryoshka: keep the leading dimensions, then normalize what is left.
         vector = vector[: row.dimensions]
     if row.normalize:
+        import torch
+
         vector = torch.nn.functional.normalize(vector, p=2.0, dim=0)
     values: list[float] = vector.tolist()
     return values
@@ -484,13 +450,14 @@ def resolve_model_dir(options: WorkerOptions, *, onnx: bool = False) -> Path:
     return Path(folder)
 
 
-def load_model(options: WorkerOptions) -> Model:
-    """Resolve and load the model ``options`` name, on its engine, device and dtype."""
-    try:
-        device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError as exc:
-        raise ModelLoadError(f"--device {options.device!r}: {exc}") from exc
-    blocker = onnx_blocker(options, device)
+def load_model(options: WorkerOptions) -> Model | OnnxModel:
+    """Resolve and load the model ``options`` name, on its engine, device and dtype.
+
+    On ONNX Runtime torch is not imported (unless a graph must be exported, and then in
+    a child process); it is imported when the model runs on torch.
+    """
+    device_type = _device_type(options)
+    blocker = onnx_blocker(options, device_type)
     if options.engine == "onnx" and blocker is not None:
         raise ModelLoadError(f"--engine onnx: {blocker}")
     on_onnx = options.engine != "torch" and blocker is None
@@ -499,31 +466,54 @@ def load_model(options: WorkerOptions) -> Model:
     if options.engine == "auto" and blocker is not None:
         log.info("running the model on torch: %s", blocker)
     path = resolve_model_dir(options, onnx=on_onnx)
-    model = _load_torch(options, path, device)
-    if not on_onnx:
-        return model
+    if on_onnx:
+        from tei_manager.worker.onnx_model import load_onnx
+        from tei_manager.worker.onnx_session import GraphError
+
+        try:
+            model = load_onnx(options, path)
+        except (GraphError, ModelLoadError, OSError, RuntimeError, ValueError, KeyError) as exc:
+            if options.engine == "onnx":
+                raise ModelLoadError(f"--engine onnx: {exc}") from exc
+            log.warning("running the model on torch: it cannot run on ONNX Runtime: %s", exc)
+        else:
+            gc.collect()
+            return_freed_memory()
+            log.info("running the model on ONNX Runtime", extra={"graph": str(model.graph_path)})
+            return model
+    import torch
+
     try:
-        onnx = load_graph(model, options, path)
-    except (GraphError, ModelLoadError, OSError, RuntimeError, ValueError) as exc:
-        if options.engine == "onnx":
-            raise ModelLoadError(f"--engine onnx: {exc}") from exc
-        log.warning("running the model on torch: it cannot run on ONNX Runtime: %s", exc)
-        return model
-    # The torch weights of the exported part are no longer needed: drop them.
-    on_graph = model.on_onnx(onnx)
-    del model
-    gc.collect()
-    return_freed_memory()
-    log.info("running the model on ONNX Runtime", extra={"graph": str(onnx.runner.path)})
-    return on_graph
+        device = torch.device(options.device or device_type)
+    except RuntimeError as exc:
+        raise ModelLoadError(f"--device {options.device!r}: {exc}") from exc
+    return load_torch_model(options, path, device)
 
 
-def _load_torch(options: WorkerOptions, path: Path, device: torch.device) -> Model:
-    config = _read_json(path / "config.json")
+def _device_type(options: WorkerOptions) -> str:
+    """The type of the device the model runs on ("cpu", "cuda"...), checked like torch does."""
+    if options.device is None:
+        return "cuda" if cuda_possible() else "cpu"
+    if options.device.partition(":")[0] == "cpu":
+        return "cpu"  # no need to import torch to know
+    import torch
+
+    try:
+        return torch.device(options.device).type
+    except RuntimeError as exc:
+        raise ModelLoadError(f"--device {options.device!r}: {exc}") from exc
+
+
+def load_torch_model(options: WorkerOptions, path: Path, device: torch.device) -> Model:
+    """The model in ``path`` on torch (the torch engine, and the source of ONNX exports)."""
+    import torch
+
+    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    config = read_json(path / "config.json")
     architectures = config.get("architectures") or []
     try:
         default = "float16" if device.type == "cuda" else "float32"
-        dtype = _DTYPES.get(options.dtype or default, torch.float32)  # int8: from float32
+        dtype = dtypes.get(options.dtype or default, torch.float32)  # int8: from float32
         if options.pooling == "splade":
             if not any(name.endswith("ForMaskedLM") for name in architectures):
                 raise ModelLoadError(
@@ -575,14 +565,16 @@ def _load_sentence_transformer(
     hidden_size = st.get_embedding_dimension()
     if hidden_size is None:
         raise ModelLoadError("cannot tell the embedding dimension of this model")
-    max_length = _max_input_length(st.max_seq_length, config)
+    max_length = max_input_length(st.max_seq_length, config)
     return Model(
         model_type="embedding",
         is_splade=False,
-        tokenization=_tokenization(tokenizer, options, max_length, prompts, st.default_prompt_name),
+        tokenization=make_tokenization(
+            tokenizer, options, max_length, prompts, st.default_prompt_name
+        ),
         hidden_size=hidden_size,
         labels=(),
-        model_sha=_snapshot_sha(path),
+        model_sha=snapshot_sha(path),
         net=st,
         device=device,
         pad_id=tokenizer.pad_token_id or 0,
@@ -623,12 +615,12 @@ def _load_transformers(
     return Model(
         model_type=model_type,
         is_splade=splade,
-        tokenization=_tokenization(
-            tokenizer, options, _max_input_length(tokenizer.model_max_length, config), {}, None
+        tokenization=make_tokenization(
+            tokenizer, options, max_input_length(tokenizer.model_max_length, config), {}, None
         ),
         hidden_size=hidden_size,
         labels=labels,
-        model_sha=_snapshot_sha(path),
+        model_sha=snapshot_sha(path),
         net=net,
         device=device,
         pad_id=tokenizer.pad_token_id or 0,
@@ -637,14 +629,19 @@ def _load_transformers(
     )
 
 
-def _tokenization(
+def make_tokenization(
     tokenizer: Any,
     options: WorkerOptions,
     max_length: int,
     prompts: dict[str, str],
     model_default_prompt_name: str | None,
 ) -> Tokenization:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
+    # A transformers tokenizer wraps the fast one; the ONNX path reads it directly.
+    backend = (
+        tokenizer
+        if isinstance(tokenizer, Tokenizer)
+        else getattr(tokenizer, "backend_tokenizer", None)
+    )
     if backend is None:
         raise ModelLoadError("the model needs a fast tokenizer (tokenizer.json)")
     if options.max_batch_tokens < max_length:
@@ -669,7 +666,7 @@ def _tokenization(
     )
 
 
-def _max_input_length(tokenizer_limit: int | None, config: dict[str, Any]) -> int:
+def max_input_length(tokenizer_limit: int | None, config: dict[str, Any]) -> int:
     """The longest input in tokens: the tokenizer's limit, within the position embeddings."""
     positions = int(config.get("max_position_embeddings") or 512)
     if config.get("model_type") in ("roberta", "xlm-roberta", "camembert"):
@@ -680,12 +677,12 @@ def _max_input_length(tokenizer_limit: int | None, config: dict[str, Any]) -> in
     return min(int(tokenizer_limit), positions)
 
 
-def _snapshot_sha(path: Path) -> str | None:
+def snapshot_sha(path: Path) -> str | None:
     """The commit of an HF-cache snapshot folder (``.../snapshots/<sha>``); None otherwise."""
     return path.name if path.parent.name == "snapshots" else None
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:

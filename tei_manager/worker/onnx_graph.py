@@ -13,6 +13,7 @@ so a partial or corrupted file is never run: it is deleted and the graph exporte
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import logging
 import os
 import tempfile
@@ -59,10 +60,8 @@ def cache_key(model_dir: Path, revision: str | None, part: str) -> str:
     by its files' names, sizes and modification times (hashing gigabytes of weights on
     every start would cost more than it saves), plus its small JSON files in full.
     """
-    import torch
-
     digest = hashlib.sha256()
-    for item in (EXPORT_FORMAT, OPSET, part, torch.__version__, revision or ""):
+    for item in (EXPORT_FORMAT, OPSET, part, _torch_version(), revision or ""):
         digest.update(f"{item}\0".encode())
     if revision is None:
         for path in sorted(model_dir.rglob("*")):
@@ -75,6 +74,14 @@ def cache_key(model_dir: Path, revision: str | None, part: str) -> str:
                 digest.update(path.read_bytes())
     readable = "".join(c if c.isalnum() or c in "-_." else "-" for c in model_dir.name)[:48]
     return f"{readable}-{part}-{digest.hexdigest()[:20]}"
+
+
+def _torch_version() -> str:
+    """The installed torch's version, read without importing torch (absent: empty)."""
+    try:
+        return importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        return ""
 
 
 def cached_graph(entry: Path, dtype: OnnxDType, export: Callable[[Path], None]) -> Path:
