@@ -57,6 +57,7 @@ MODEL = str(packaged_model_dir())
 FAKE_TEI = Path(__file__).resolve().with_name("fake_tei.py")
 MARKER_FLAG = "--chaos-run"  # on every fake instance's command line: finds orphans
 INSTANCE_TIMEOUT = 60.0  # a fake instance is up in well under a second
+REPLICA_BACKOFF_MAX_SECS = 4.0
 CALL_TIMEOUT = 10.0  # a call slower than this through the multiplexer counts as hung
 POLL_SECS = 0.05
 GRACE_SECS = 5.0  # graceful_shutdown_timeout_secs of the managers started here
@@ -76,7 +77,14 @@ def fake_binary(workdir: Path) -> Path:
 class ChaosManager:
     """``tei-manager serve`` on fixed ports and one state folder, started again at will."""
 
-    def __init__(self, workdir: Path, *, ports: int = 16, grpc: bool = False) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        ports: int = 16,
+        grpc: bool = False,
+        restart_backoff_max_secs: float | None = None,
+    ) -> None:
         self.workdir = workdir
         self.api_port = cp.free_port()
         self.grpc_port = cp.free_port() if grpc else 0
@@ -92,6 +100,8 @@ class ChaosManager:
             "graceful_shutdown_timeout_secs": GRACE_SECS,
             "tei_binary_path": str(fake_binary(workdir)),
         }
+        if restart_backoff_max_secs is not None:
+            settings["restart_backoff_max_secs"] = restart_backoff_max_secs
         self.config_file = workdir / "config.toml"
         self.config_file.write_text(cp.config_toml(settings, []))
         self.state_home = workdir / "state"
@@ -323,7 +333,11 @@ def replica_kill(
     workdir: Path, kills: int, interval: float, concurrency: int, rng: random.Random
 ) -> Result:
     names = ["rk-0", "rk-1"]
-    manager = ChaosManager(workdir, grpc=True)
+    # A replica killed every few seconds is in a crash loop, whose backoff doubles to
+    # restart_backoff_max_secs (300 s by default, like Kubernetes' CrashLoopBackOff):
+    # capped at a few seconds here, so 20 kills fit in minutes. What this checks is
+    # that supervision never gives up and no call fails while the other replica runs.
+    manager = ChaosManager(workdir, grpc=True, restart_backoff_max_secs=REPLICA_BACKOFF_MAX_SECS)
     done = 0
     stuck: list[str] = []
     running_now = [2]
