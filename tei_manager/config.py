@@ -27,6 +27,7 @@ from tei_manager.auth.settings import (
     validate_cors_config,
     validate_rate_limit_config,
 )
+from tei_manager.core.ondemand import StartPolicy
 from tei_manager.core.ports import MAX_PORT, MIN_UNPRIVILEGED_PORT
 from tei_manager.errors import (
     ConfigError,
@@ -40,6 +41,7 @@ __all__ = [
     "ENV_OVERRIDES",
     "POOLING_MODES",
     "ConfigError",
+    "DevicesConfig",
     "InstanceConfig",
     "ManagerConfig",
     "Pooling",
@@ -71,7 +73,8 @@ class InstanceConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     name: str
     model_id: str
     port: int | None = None
-    gpu_id: int | None = None
+    # "auto": placed at each start on the GPU with the most memory left that fits.
+    gpu_id: int | Literal["auto"] | None = None
     max_batch_tokens: int = 16384
     max_concurrent_requests: int = 512
     pooling: Pooling | None = None
@@ -79,6 +82,17 @@ class InstanceConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     startup_timeout_secs: float | None = None  # None: the manager's startup_timeout_secs
     extra_args: tuple[str, ...] = ()
     revision: str | None = None
+    # "on_demand": started by its first request, unloaded after idle_timeout_secs.
+    start: StartPolicy = StartPolicy.ALWAYS
+    idle_timeout_secs: float | None = None  # None: the manager's; 0: never unloaded
+    pinned: bool = False  # never evicted to make room for another instance
+
+
+class DevicesConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``[devices]``: how much of each device's memory the manager's instances may take."""
+
+    gpu_memory_fraction: float = 0.9  # of each GPU's total, like vLLM's gpu_memory_utilization
+    cpu_memory_limit_bytes: int | None = None  # None: the host's available memory at start
 
 
 class SeedInstance(InstanceConfig, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -156,6 +170,9 @@ class ManagerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
     rate_limit: RateLimitConfig = msgspec.field(default_factory=RateLimitConfig)
     cors: CorsConfig = msgspec.field(default_factory=CorsConfig)
+    devices: DevicesConfig = msgspec.field(default_factory=DevicesConfig)
+    # For on-demand instances without their own idle_timeout_secs; 0: never unloaded.
+    idle_timeout_secs: float = 0.0
 
     def manager_ports(self) -> frozenset[int]:
         """Ports the manager itself listens on, which no instance may take."""
@@ -289,8 +306,8 @@ def validate_instance_config(config: InstanceConfig, *, gpu_count: int | None = 
                 f"{config.port} is also the instance's port: use another",
                 code=ErrorCode.INVALID_PORT,
             )
-    if config.gpu_id is not None:
-        if config.gpu_id < 0:
+    if isinstance(config.gpu_id, int):
+        if isinstance(config.gpu_id, bool) or config.gpu_id < 0:
             raise ValidationError(
                 "gpu_id", f"{config.gpu_id} is negative", code=ErrorCode.INVALID_GPU_ID
             )
@@ -305,6 +322,8 @@ def validate_instance_config(config: InstanceConfig, *, gpu_count: int | None = 
     _at_least(config.max_concurrent_requests, 1, "max_concurrent_requests")
     if config.startup_timeout_secs is not None:
         _positive(config.startup_timeout_secs, "startup_timeout_secs")
+    if config.idle_timeout_secs is not None:
+        _at_least(config.idle_timeout_secs, 0, "idle_timeout_secs")
     if config.revision is not None:
         _text(config.revision, "revision")
     for i, arg in enumerate(config.extra_args):
@@ -368,6 +387,12 @@ def validate_manager_config(config: ManagerConfig) -> None:
         if model_id in seen_models:
             raise ValidationError(f"models[{i}]", f"duplicate model {quote(model_id)}")
         seen_models.add(model_id)
+    _at_least(config.idle_timeout_secs, 0, "idle_timeout_secs")
+    fraction = config.devices.gpu_memory_fraction
+    if not 0 < fraction <= 1:
+        raise ValidationError("devices.gpu_memory_fraction", f"{fraction:g} is not in (0, 1]")
+    if config.devices.cpu_memory_limit_bytes is not None:
+        _at_least(config.devices.cpu_memory_limit_bytes, 1, "devices.cpu_memory_limit_bytes")
     validate_auth_config(config.auth)
     validate_rate_limit_config(config.rate_limit)
     validate_cors_config(config.cors)
