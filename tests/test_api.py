@@ -49,6 +49,11 @@ INSTANCE_FIELDS = [
     "max_concurrent_requests",
     "last_error",
     "next_restart_at",
+    "start",
+    "idle_timeout_secs",
+    "pinned",
+    "device",
+    "memory_bytes",
 ]
 RFC3339_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
 

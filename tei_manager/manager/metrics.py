@@ -11,7 +11,7 @@ exist) are read from their owner at scrape time through a callback.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Final, Literal
 
 import msgspec
@@ -22,9 +22,18 @@ from prometheus_client import (
     Histogram,
     disable_created_metrics,
 )
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import Collector
 
-__all__ = ["CONTENT_TYPE", "ManagerMetrics", "MetricsStatistics", "RestartReason"]
+__all__ = [
+    "CONTENT_TYPE",
+    "EvictionReason",
+    "ManagerMetrics",
+    "MemorySnapshot",
+    "MetricsStatistics",
+    "RestartReason",
+]
 
 # prometheus_client adds a `<name>_created` timestamp series to every counter and
 # histogram child: one more series per instance and label set that no dashboard
@@ -35,6 +44,7 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 CONTENT_TYPE: Final = CONTENT_TYPE_LATEST
 
 RestartReason = Literal["crash", "health", "manual"]
+EvictionReason = Literal["memory"]
 
 # Model loading takes from a second (tiny models) to minutes (large ones, first download).
 _STARTUP_BUCKETS: Final = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, float("inf"))
@@ -54,6 +64,42 @@ _HEALTH_BUCKETS: Final = (
     5,
     float("inf"),
 )
+
+
+class MemorySnapshot(msgspec.Struct, frozen=True, kw_only=True):
+    """Memory as the on-demand controller sees it, read at scrape time."""
+
+    instances: list[tuple[str, str, int]]  # (instance, device, bytes)
+    devices: list[tuple[str, int, int, int]]  # (device, total, free, reserved)
+
+
+class _MemoryCollector(Collector):
+    def __init__(self, read: Callable[[], MemorySnapshot]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[Metric]:
+        snapshot = self._read()
+        per_instance = GaugeMetricFamily(
+            "tei_manager_instance_memory_bytes",
+            "Memory an instance holds on its device: measured once it runs, estimated before",
+            labels=["instance", "device"],
+        )
+        for instance, device, count in snapshot.instances:
+            per_instance.add_metric([instance, device], count)
+        per_device = GaugeMetricFamily(
+            "tei_manager_device_memory_bytes",
+            "Each device's memory: total, free (as it reports), reserved by our instances",
+            labels=["device", "kind"],
+        )
+        for device, total, free, reserved in snapshot.devices:
+            per_device.add_metric([device, "total"], total)
+            per_device.add_metric([device, "free"], free)
+            per_device.add_metric([device, "reserved"], reserved)
+        yield per_instance
+        yield per_device
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
 
 
 class MetricsStatistics(msgspec.Struct, frozen=True, kw_only=True):
@@ -115,6 +161,29 @@ class ManagerMetrics:
             ["route", "method", "status"],
             registry=r,
         )
+        self.cold_starts = Counter(
+            "tei_manager_cold_starts",
+            "On-demand instances started by a request",
+            ["instance"],
+            registry=r,
+        )
+        self.cold_start_seconds = Histogram(
+            "tei_manager_cold_start_seconds",
+            "From the request that started an on-demand instance to the instance ready",
+            buckets=_STARTUP_BUCKETS,
+            registry=r,
+        )
+        self.evictions = Counter(
+            "tei_manager_evictions",
+            "On-demand instances stopped to make room for another",
+            ["instance", "reason"],
+            registry=r,
+        )
+        self.idle_unloads = Counter(
+            "tei_manager_idle_unloads",
+            "On-demand instances stopped after idle_timeout_secs without a request",
+            registry=r,
+        )
         self._created = 0
         self._deleted = 0
         self._restarts: dict[str, int] = {"crash": 0, "health": 0, "manual": 0}
@@ -126,6 +195,10 @@ class ManagerMetrics:
     def bind_instance_count(self, count: Callable[[], int]) -> None:
         """Read ``tei_manager_instances_count`` from ``count`` at every scrape."""
         self.instances_count.set_function(lambda: float(count()))
+
+    def bind_memory(self, read: Callable[[], MemorySnapshot]) -> None:
+        """Read the memory gauges from ``read`` at every scrape."""
+        self.prometheus.register(_MemoryCollector(read))
 
     # -- events -----------------------------------------------------------------------
     def instance_created(self, instance: str, model: str) -> None:

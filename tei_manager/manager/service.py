@@ -20,6 +20,7 @@ changing what is wanted running, and saves the state for the next start.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -50,11 +51,12 @@ from tei_manager.errors import (
     ValidationError,
     quote,
 )
-from tei_manager.hub.cache import local_model_problem
+from tei_manager.hub.cache import local_model_problem, locate
 from tei_manager.hub.registry import ModelRegistry, ModelWait
 from tei_manager.hub.settings import HubSettings, RegistrySettings
 from tei_manager.manager.hostports import check_host_ports, port_free_for_instance
 from tei_manager.manager.metrics import ManagerMetrics
+from tei_manager.manager.ondemand import DevicesReport, Estimator, MemoryReader, OnDemand
 from tei_manager.manager.runtime import RuntimeFileWriter
 from tei_manager.manager.startup import prepare
 from tei_manager.manager.state import (
@@ -64,6 +66,19 @@ from tei_manager.manager.state import (
     merge_seeds,
     save_state,
     state_from_instances,
+)
+from tei_manager.supervisor.devices import (
+    DeviceSource,
+    GpuProcessMemory,
+    gpu_process_memory,
+    host_devices,
+    process_tree_peak_rss,
+)
+from tei_manager.supervisor.footprint import (
+    CPU_RUNTIME_BYTES,
+    GPU_RUNTIME_BYTES,
+    FootprintError,
+    estimate_footprint,
 )
 from tei_manager.supervisor.instance import (
     BlockingRunner,
@@ -115,6 +130,10 @@ class Manager:
         settings: RunnerSettings | None = None,
         run_blocking: BlockingRunner = trio.to_thread.run_sync,
         hub: HubSettings | None = None,
+        read_devices: DeviceSource = host_devices,
+        estimate: Estimator | None = None,
+        read_memory: MemoryReader = process_tree_peak_rss,
+        gpu_memory: GpuProcessMemory = gpu_process_memory,
     ) -> None:
         self.config = config
         self.metrics = ManagerMetrics()
@@ -174,6 +193,21 @@ class Manager:
         self.state_save_failures = 0
         # What start-up found in the state file; /health reports it.
         self.state_file_report = StateFileReport(status="ok")
+        # Models on demand: admission and placement for every start, cold starts and
+        # idle unloads for on-demand instances.
+        self.ondemand = OnDemand(
+            self.instances,
+            self._runners.get,
+            devices=config.devices,
+            read_devices=read_devices,
+            estimate=estimate or self._estimate_footprint,
+            read_memory=read_memory,
+            gpu_memory=gpu_memory,
+            metrics=self.metrics,
+            default_idle_timeout_secs=config.idle_timeout_secs,
+            startup_timeout_secs=config.startup_timeout_secs,
+            run_blocking=run_blocking,
+        )
 
     # -- readiness -----------------------------------------------------------------
     @property
@@ -241,9 +275,19 @@ class Manager:
                 "starting": stats.starting,
                 "failed": stats.failed,
                 "stopped": stats.stopped + stats.stopping,
+                "idle": stats.idle,
             },
             "state": msgspec.to_builtins(self.state_file_report),
+            "devices": msgspec.to_builtins(self.ondemand.devices_report().devices),
         }
+
+    def devices_report(self) -> DevicesReport:
+        """The body of ``GET /devices``."""
+        return self.ondemand.devices_report()
+
+    async def ensure_running(self, record: InstanceRecord, deadline: float = math.inf) -> None:
+        """The front doors' hook: see :meth:`OnDemand.ensure_running`."""
+        await self.ondemand.ensure_running(record, deadline)
 
     # -- changing -------------------------------------------------------------------------
     async def create_instance(self, cfg: InstanceConfig) -> InstanceInfo:
@@ -277,6 +321,12 @@ class Manager:
             )
         check_host_ports(cfg, taken=self.instances.used_ports(), probe=self._explicit_port_probe)
         record = self.instances.add(cfg, created_at=_utcnow())
+        if record.status is InstanceStatus.STARTING:
+            try:
+                await self._admit(record)
+            except BaseException:
+                self.instances.remove(record.name)
+                raise
         # A new instance's log starts empty, whatever an earlier instance of that name
         # left (its log is removed on delete, but a crash may have come first). One
         # unlink, synchronous like the spawn, so no other request can interleave.
@@ -308,6 +358,7 @@ class Manager:
         info = record.info(_utcnow())
         self.instances.remove(name)
         self.metrics.instance_deleted(name)
+        self.ondemand.activity.forget(name)
         runner = self._runners.get(name)
         if runner is not None:
             runner.cancel()
@@ -322,9 +373,14 @@ class Manager:
         return info
 
     async def start_instance(self, name: str) -> InstanceInfo:
-        """Start a stopped or failed instance; raises ALREADY_RUNNING."""
+        """Start a stopped, idle or failed instance; raises ALREADY_RUNNING, or
+        INSUFFICIENT_MEMORY when it fits no device even by evicting idle on-demand ones."""
         self._require_supervisor()
+        record = self.instances.get(name)
+        if record.status not in (InstanceStatus.STARTING, InstanceStatus.RUNNING):
+            await self._admit(record)
         record = self.instances.request_start(name)
+        self.ondemand.activity.touch(name)
         self._runners[name].request_start()
         info = record.info(_utcnow())
         await self._save_state()
@@ -372,9 +428,13 @@ class Manager:
             async with trio.open_nursery() as service:
                 service.start_soon(self._runtime.run)
                 await service.start(self.models.run)
+                await service.start(self.ondemand.run)
                 async with trio.open_nursery() as supervisor:
                     self._supervisor = supervisor
                     for runner in runners:
+                        if runner.record.status is InstanceStatus.STARTING:
+                            await self.ondemand.place_anyway(runner.record)
+                            self.ondemand.activity.touch(runner.name)
                         await supervisor.start(self._run_runner, runner)
                     await self._save_state()
                     self._restored = True
@@ -443,7 +503,7 @@ class Manager:
             settings=self._settings,
             policy=self._policy,
             metrics=self.metrics,
-            on_change=self._runtime.note_change,
+            on_change=self._note_change,
             log_path=self.log_path(record.name),
             run_blocking=self._run_blocking,
         )
@@ -463,6 +523,40 @@ class Manager:
                 with trio.CancelScope(shield=True):
                     await self._run_blocking(partial(_remove_log, self.log_path(runner.name)))
             self._release(runner)
+
+    def _note_change(self) -> None:
+        self._runtime.note_change()
+        self.ondemand.note_change()
+
+    async def _admit(self, record: InstanceRecord) -> None:
+        """Place ``record`` for a start asked for by hand (or create), evicting idle
+        on-demand instances if that makes room; raises INSUFFICIENT_MEMORY."""
+        admission = await self.ondemand.admit(record, may_evict=True)
+        for victim in admission.evict:
+            runner = self._runners.get(victim)
+            if runner is not None:
+                log.info("instance %s: evicted to make room for %s", victim, record.name)
+                self.metrics.evictions.labels(instance=victim, reason="memory").inc()
+                runner.request_unload()
+
+    def _estimate_footprint(self, cfg: InstanceConfig, gpu: bool) -> int:
+        """Blocking: the memory an instance of ``cfg`` needs, from its model's files.
+
+        A model not on disk yet (being downloaded) or that cannot be sized counts
+        for its runtime alone until it has run once and been measured.
+        """
+        folder: str | None = cfg.model_id
+        if not cfg.model_id.startswith("/"):
+            snapshot = locate(self.models.cache_dir, cfg.model_id, cfg.revision)
+            folder = None if snapshot is None else snapshot.path
+        if folder is not None:
+            try:
+                return estimate_footprint(
+                    folder, max_batch_tokens=cfg.max_batch_tokens, gpu=gpu
+                ).total_bytes
+            except FootprintError as e:
+                log.warning("instance %s: cannot estimate its memory: %s", cfg.name, e)
+        return GPU_RUNTIME_BYTES if gpu else CPU_RUNTIME_BYTES
 
     def _release(self, runner: InstanceRunner) -> None:
         if self._runners.get(runner.name) is runner:

@@ -25,10 +25,12 @@ __all__ = [
     "DeviceReading",
     "DeviceSource",
     "GpuProcessMemory",
+    "gpu_process_memory",
     "host_devices",
     "parse_meminfo",
     "parse_nvidia_smi_apps",
     "parse_nvidia_smi_memory",
+    "process_tree_peak_rss",
     "process_tree_rss",
 ]
 
@@ -193,11 +195,11 @@ def gpu_process_memory(pids: Iterable[int], *, run: Runner = _run) -> dict[int, 
     return {pid: b for pid, b in parse_nvidia_smi_apps(out).items() if pid in wanted}
 
 
-def _rss(pid: int, proc: str) -> int:
+def _rss(pid: int, proc: str, field: str = "VmRSS:") -> int:
     try:
         with open(f"{proc}/{pid}/status", encoding="ascii", errors="replace") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field):
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
@@ -219,8 +221,10 @@ def _children(pid: int, proc: str) -> list[int]:
     return found
 
 
-def process_tree_rss(pid: int, *, proc: str = "/proc") -> int:
-    """Resident memory of ``pid`` and its descendants (a launcher's children count), bytes."""
+def process_tree_rss(pid: int, *, proc: str = "/proc", peak: bool = False) -> int:
+    """Resident memory of ``pid`` and its descendants (a launcher's children count), bytes;
+    with ``peak``, the most each ever held (``VmHWM``): what a batch at its largest took."""
+    field = "VmHWM:" if peak else "VmRSS:"
     total = 0
     todo = [pid]
     seen: set[int] = set()
@@ -229,6 +233,11 @@ def process_tree_rss(pid: int, *, proc: str = "/proc") -> int:
         if current in seen:
             continue
         seen.add(current)
-        total += _rss(current, proc)
+        total += _rss(current, proc, field)
         todo.extend(_children(current, proc))
     return total
+
+
+def process_tree_peak_rss(pid: int) -> int:
+    """:func:`process_tree_rss` with ``peak``: the figure admission remembers."""
+    return process_tree_rss(pid, peak=True)
