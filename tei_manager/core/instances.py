@@ -160,7 +160,7 @@ class InstanceRecord(msgspec.Struct, kw_only=True):
 
     @property
     def on_demand(self) -> bool:
-        return self.config.start is StartPolicy.ON_DEMAND
+        return self.config.start == StartPolicy.ON_DEMAND
 
     def launch_config(self) -> InstanceConfig:
         """The config its process is spawned with: ``gpu_id = "auto"`` resolved to
@@ -346,7 +346,7 @@ class InstanceTable:
         config = msgspec.structs.replace(config, port=port, prometheus_port=metrics_port)
         status = InstanceStatus.STOPPED
         if desired is DesiredState.RUNNING:
-            on_demand = config.start is StartPolicy.ON_DEMAND
+            on_demand = config.start == StartPolicy.ON_DEMAND
             status = InstanceStatus.IDLE if on_demand else InstanceStatus.STARTING
         record = InstanceRecord(
             config=config, desired=desired, created_at=created_at, status=status
