@@ -473,7 +473,7 @@ def _refuse_if_not_startable(record: InstanceRecord) -> None:
     ):
         raise TeiError(
             ErrorCode.BACKEND_UNAVAILABLE,
-            f"instance {name} was stopped by an operator: start it with POST /instances/"
+            f"instance {name} is stopped by an operator: start it with POST /instances/"
             f"{record.name}/start",
         )
     if status is InstanceStatus.FAILED:

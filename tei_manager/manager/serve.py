@@ -88,6 +88,8 @@ async def serve(manager: Manager, security: Security | None = None) -> None:
                         shutdown=manager.shutdown_requested,
                         drain_timeout_secs=config.graceful_shutdown_timeout_secs * _DRAIN_SHARE,
                         security=security,
+                        activity=manager.ondemand.activity,
+                        starter=manager.ensure_running,
                         task_status=task_status,
                     )
 

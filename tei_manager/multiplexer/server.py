@@ -13,10 +13,13 @@ import trio
 
 from tei_manager.auth.security import Security, build_security
 from tei_manager.config import ManagerConfig
-from tei_manager.core.instances import InstanceTable
-from tei_manager.core.routing import Router
+from tei_manager.core.instances import InstanceRecord, InstanceTable
+from tei_manager.core.ondemand import Activity
+from tei_manager.core.routing import Router, Starter
+from tei_manager.errors import TeiError
 from tei_manager.grpc.health import NOT_SERVING, SERVING, HealthServicer
 from tei_manager.grpc.reflection import reflection_servicers
+from tei_manager.grpc.rpc import GrpcError
 from tei_manager.grpc.server import GrpcServer
 from tei_manager.multiplexer.auth import grpc_authorizer
 from tei_manager.multiplexer.metrics import MultiplexerMetrics
@@ -40,11 +43,16 @@ class MultiplexerServer:
         instances: InstanceTable,
         metrics: MultiplexerMetrics,
         security: Security | None = None,
+        *,
+        activity: Activity | None = None,
+        starter: Starter | None = None,
     ) -> None:
         if security is None:  # counters on no registry: serve() passes the shared one
             security = build_security(config, None)
         max_message_bytes = config.grpc_max_message_size_mb * _MIB
-        self.router = Router(instances, clock=trio.current_time)
+        # activity and starter: the manager's, for models on demand (its idle timers
+        # and eviction see the calls in flight here).
+        self.router = Router(instances, clock=trio.current_time, activity=activity, starter=starter)
         # A connection that fails makes the router pass its replica over at once.
         self.pool = ConnectionPool(
             INSTANCE_HOST,
@@ -52,6 +60,7 @@ class MultiplexerServer:
             max_message_bytes=max_message_bytes,
             on_lost=self.router.suspect,
             on_connected=self.router.cleared,
+            before_connect=self._ensure_running,
         )
         self.service = Multiplexer(
             self.router,
@@ -71,6 +80,13 @@ class MultiplexerServer:
             ssl_context=security.tls.grpc_context if security.tls is not None else None,
             authorize=grpc_authorizer(security),
         )
+
+    async def _ensure_running(self, record: InstanceRecord) -> None:
+        """Start an on-demand instance within the calling request's deadline."""
+        try:
+            await self.router.ensure_running(record, trio.current_effective_deadline())
+        except TeiError as error:
+            raise GrpcError(error.grpc_status, error.message) from None
 
     async def run(
         self,
@@ -107,10 +123,14 @@ async def serve_multiplexer(
     shutdown: trio.Event | None = None,
     drain_timeout_secs: float = 0.0,
     security: Security | None = None,
+    activity: Activity | None = None,
+    starter: Starter | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the multiplexer on ``config.grpc_port``; hands back the bound port."""
-    server = MultiplexerServer(config, instances, metrics, security)
+    server = MultiplexerServer(
+        config, instances, metrics, security, activity=activity, starter=starter
+    )
     await server.run(
         shutdown=shutdown, drain_timeout_secs=drain_timeout_secs, task_status=task_status
     )
