@@ -15,6 +15,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
+import msgspec
 import trio
 
 from tei_manager import __version__
@@ -25,6 +26,7 @@ from tei_manager.core.ports import PortAllocator
 from tei_manager.hub.registry import ModelRegistry
 from tei_manager.hub.settings import HubSettings, RegistrySettings
 from tei_manager.manager.metrics import ManagerMetrics
+from tei_manager.manager.ondemand import DevicesReport, DeviceView
 
 __all__ = ["FakeManager", "http_count"]
 
@@ -147,9 +149,28 @@ class FakeManager:
                 "starting": stats.starting,
                 "failed": stats.failed,
                 "stopped": stats.stopped,
+                "idle": stats.idle,
             },
             "state": {"status": "ok", "moved_aside_to": None, "error": None},
+            "devices": msgspec.to_builtins(self.devices_report().devices),
         }
+
+    def devices_report(self) -> DevicesReport:
+        """One CPU device of 64 GiB, with every instance starting or running."""
+        live = (InstanceStatus.STARTING, InstanceStatus.RUNNING)
+        alive = [r.name for r in self._registry if r.status in live]
+        return DevicesReport(
+            devices=[
+                DeviceView(
+                    device="cpu",
+                    total_bytes=64 << 30,
+                    free_bytes=32 << 30,
+                    cap_bytes=32 << 30,
+                    reserved_bytes=0,
+                    instances=alive,
+                )
+            ]
+        )
 
     def set_status(self, name: str, status: InstanceStatus) -> None:
         """Move an instance as the supervisor would."""

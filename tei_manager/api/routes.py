@@ -9,6 +9,7 @@ from typing import Final, NamedTuple
 
 from tei_manager.api.dto import (
     AddModelRequest,
+    DevicesReport,
     HealthResponse,
     InstanceConfig,
     InstanceInfo,
@@ -90,6 +91,7 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
             ErrorCode.MAX_INSTANCES_REACHED,
             ErrorCode.PORT_ALLOCATION_FAILED,
             ErrorCode.MODEL_NOT_FOUND,
+            ErrorCode.INSUFFICIENT_MEMORY,
         ),
     ),
     Operation(
@@ -102,8 +104,10 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
         200, InstanceInfo, errors=_NOT_FOUND,
     ),
     Operation(
-        "start_instance", "POST", "/instances/{name}/start", "Start a stopped or failed instance",
-        200, InstanceInfo, errors=(*_NOT_FOUND, ErrorCode.ALREADY_RUNNING),
+        "start_instance", "POST", "/instances/{name}/start",
+        "Start a stopped, idle or failed instance; evicts idle on-demand ones if memory is short",
+        200, InstanceInfo,
+        errors=(*_NOT_FOUND, ErrorCode.ALREADY_RUNNING, ErrorCode.INSUFFICIENT_MEMORY),
     ),
     Operation(
         "stop_instance", "POST", "/instances/{name}/stop", "Stop an instance",
@@ -157,6 +161,11 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
         "Cancel its download or smoke load, forget it and remove it from the cache",
         200, ModelInfo,
         errors=(*_MODEL_NOT_FOUND, ErrorCode.MODEL_IN_USE, ErrorCode.IO_ERROR),
+    ),
+    Operation(
+        "devices", "GET", "/devices",
+        "Each device's memory: total, free, our cap, reserved by our instances, and who is there",
+        200, DevicesReport,
     ),
     Operation(
         "health", "GET", "/health", "Manager, instance and storage health (always 200)",
