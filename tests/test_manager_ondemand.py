@@ -199,6 +199,18 @@ async def test_eviction_stops_the_least_recently_used_idle_instance(
         with pytest.raises(TeiError, match=r"cpu has 50\.0 MiB left; .* busy: c$|evicted: c$"):
             await manager.ensure_running(r["a"])
         assert r["pinned"].status is S.RUNNING
+        text = manager.metrics.render().decode()
+        for line in (
+            'tei_manager_cold_starts_total{instance="b"} 2.0',
+            'tei_manager_evictions_total{instance="b",reason="memory"} 1.0',
+            'tei_manager_evictions_total{instance="a",reason="memory"} 1.0',
+            "tei_manager_cold_start_seconds_count 5.0",
+            "tei_manager_idle_unloads_total 0.0",
+            'tei_manager_instance_memory_bytes{device="cpu",instance="pinned"} 1.048576e+08',
+            'tei_manager_device_memory_bytes{device="cpu",kind="reserved"} 2.097152e+08',
+            'tei_manager_device_memory_bytes{device="cpu",kind="total"} 6.8719476736e+10',
+        ):
+            assert line in text, line
 
 
 async def test_always_instances_are_admitted_and_refused_with_insufficient_memory(
