@@ -115,7 +115,7 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
     ),
     Operation(
         "restart_instance", "POST", "/instances/{name}/restart", "Restart an instance",
-        200, InstanceInfo, errors=_NOT_FOUND,
+        200, InstanceInfo, errors=(*_NOT_FOUND, ErrorCode.INSUFFICIENT_MEMORY),
     ),
     Operation(
         "instance_logs", "GET", "/instances/{name}/logs",

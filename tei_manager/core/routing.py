@@ -101,10 +101,12 @@ class Router:
         (an on-demand start, shared with every other request waiting for it)."""
         if record.status is InstanceStatus.RUNNING:
             return
-        if self._starter is None:
-            _running(record)  # raises
-        else:
-            await self._starter(record, deadline)
+        if not self._startable(record):
+            # Not ours to start (an always instance restarting, say): fail now, so a
+            # call by model_id fails over rather than waiting.
+            _running(record)
+        assert self._starter is not None
+        await self._starter(record, deadline)
 
     def _startable(self, record: InstanceRecord) -> bool:
         """True for an on-demand instance traffic may start (or is starting)."""

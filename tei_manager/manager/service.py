@@ -377,7 +377,8 @@ class Manager:
         INSUFFICIENT_MEMORY when it fits no device even by evicting idle on-demand ones."""
         self._require_supervisor()
         record = self.instances.get(name)
-        if record.status not in (InstanceStatus.STARTING, InstanceStatus.RUNNING):
+        live = (InstanceStatus.STARTING, InstanceStatus.RUNNING)
+        if record.status not in live and record.device is None:  # no memory held yet
             await self._admit(record)
         record = self.instances.request_start(name)
         self.ondemand.activity.touch(name)
@@ -397,9 +398,13 @@ class Manager:
         return info
 
     async def restart_instance(self, name: str) -> InstanceInfo:
-        """End the process (if any) and start a new one, whatever the status."""
+        """End the process (if any) and start a new one, whatever the status; raises
+        INSUFFICIENT_MEMORY for one holding no memory that fits nowhere."""
         self._require_supervisor()
+        if self.instances.get(name).device is None:
+            await self._admit(self.instances.get(name))
         record = self.instances.request_restart(name)
+        self.ondemand.activity.touch(name)
         self._runners[name].request_restart()
         info = record.info(_utcnow())
         await self._save_state()

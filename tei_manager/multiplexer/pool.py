@@ -151,7 +151,10 @@ class ConnectionPool:
     def ready(self, record: InstanceRecord) -> Channel | None:
         """The pooled connection to the instance ``record`` describes, if one is usable now."""
         entry = self._entries.get(record.name)
-        if entry is None or not _serves(entry, record):
+        # Not running: stopping (an on-demand unload), or not started yet.
+        if entry is None or record.status is not InstanceStatus.RUNNING:
+            return None
+        if not _serves(entry, record):
             return None
         entry.last_used = trio.current_time()
         return entry.channel
