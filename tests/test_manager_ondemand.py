@@ -284,3 +284,28 @@ async def test_gpu_auto_placement_takes_the_gpu_with_the_most_memory_left(
         )
         assert info.device == "gpu:0"  # 4.2 GiB left now, and 3 GiB is what it takes
         assert info.memory_bytes == 3 * GIB
+
+
+async def test_a_measured_footprint_is_used_next_time_and_survives_a_restart(
+    clock: trio.testing.MockClock, nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    host = FakeHost(nursery)
+    devices = FakeDevices()
+    config = _config(tmp_path, devices=DevicesConfig(cpu_memory_limit_bytes=1 * GIB))
+    async with _running(config, host, devices) as manager:
+        await manager.create_instance(_od("a"))
+        record = manager.instances.get("a")
+        await manager.ensure_running(record)
+        assert manager.get_instance("a").memory_bytes == 100 * MIB  # the estimate
+        devices.rss[record.pid or 0] = 300 * MIB
+        await trio.sleep(6)  # a refresh measures it
+        assert manager.get_instance("a").memory_bytes == 300 * MIB
+        await manager.stop_instance("a")
+        await trio.sleep(1)
+        await manager.create_instance(_od("b"))  # the same model and configuration
+        await manager.ensure_running(manager.instances.get("b"))
+        assert manager.get_instance("b").memory_bytes == 300 * MIB
+    async with _running(config, FakeHost(nursery), devices) as manager:
+        assert manager.get_instance("b").status is S.IDLE
+        await manager.ensure_running(manager.instances.get("b"))
+        assert manager.get_instance("b").memory_bytes == 300 * MIB

@@ -25,14 +25,14 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Final
 
 import msgspec
 import trio
 
-from tei_manager.config import DevicesConfig, InstanceConfig
+from tei_manager.config import DevicesConfig, InstanceConfig, Pooling
 from tei_manager.core.instances import DesiredState, InstanceRecord, InstanceStatus, InstanceTable
 from tei_manager.core.ondemand import (
     CPU_DEVICE,
@@ -48,6 +48,7 @@ from tei_manager.core.ondemand import (
 )
 from tei_manager.errors import ConflictError, ErrorCode, TeiError, quote
 from tei_manager.manager.metrics import ManagerMetrics, MemorySnapshot
+from tei_manager.manager.state import MeasuredFootprint
 from tei_manager.supervisor.devices import DeviceReading, DeviceSource, GpuProcessMemory
 from tei_manager.supervisor.instance import BlockingRunner, InstanceRunner
 
@@ -65,7 +66,7 @@ _HOLDING = frozenset({InstanceStatus.STARTING, InstanceStatus.RUNNING, InstanceS
 _UNACCOUNTED: Final = 1 << 62
 _AT_REST = frozenset({InstanceStatus.IDLE, InstanceStatus.STOPPED, InstanceStatus.FAILED})
 
-FootprintKey = tuple[str, str | None, int, str | None, tuple[str, ...], bool]
+FootprintKey = tuple[str, str | None, int, Pooling | None, tuple[str, ...], bool]
 Estimator = Callable[[InstanceConfig, bool], int]
 """The estimated bytes of an instance of ``config`` (on a GPU if the flag says so); blocking."""
 MemoryReader = Callable[[int], int]
@@ -199,6 +200,27 @@ class OnDemand:
             peak = max(used, self._measured.get(key, 0))
             self._measured[key] = peak
             record.place(record.device or CPU_DEVICE, used)
+
+    def measured(self) -> list[MeasuredFootprint]:
+        """Every measured footprint, for the state file."""
+        return [
+            MeasuredFootprint(
+                model_id=model_id,
+                revision=revision,
+                max_batch_tokens=tokens,
+                pooling=pooling,
+                extra_args=extra,
+                gpu=gpu,
+                bytes=size,
+            )
+            for (model_id, revision, tokens, pooling, extra, gpu), size in self._measured.items()
+        ]
+
+    def remember(self, footprints: Iterable[MeasuredFootprint]) -> None:
+        """Take footprints measured by an earlier run (from the state file)."""
+        for f in footprints:
+            key = (f.model_id, f.revision, f.max_batch_tokens, f.pooling, f.extra_args, f.gpu)
+            self._measured[key] = max(f.bytes, self._measured.get(key, 0))
 
     # -- the hook -----------------------------------------------------------------------
     async def ensure_running(self, record: InstanceRecord, deadline: float = math.inf) -> None:

@@ -466,6 +466,7 @@ class Manager:
     # -- internals --------------------------------------------------------------------------
     def _restore(self, state: PersistedState) -> list[InstanceRunner]:
         """Register the persisted instances, then the seeds new to the state."""
+        self.ondemand.remember(state.footprints)
         merged, added = merge_seeds(state, self.config.instances, now=_utcnow())
         if added:
             log.info("seed instances added: %s", ", ".join(added))
@@ -616,7 +617,7 @@ class Manager:
         with trio.CancelScope(shield=True):
             async with self._state_lock:
                 # Taken under the lock, so the last write holds the latest state.
-                state = state_from_instances(self.instances)
+                state = state_from_instances(self.instances, self.ondemand.measured())
                 try:
                     await self._run_blocking(partial(save_state, self.config.state_file, state))
                 except TeiError as e:
