@@ -222,6 +222,9 @@ async def test_always_instances_are_admitted_and_refused_with_insufficient_memor
     config = _config(tmp_path, devices=DevicesConfig(cpu_memory_limit_bytes=250 * MIB))
     async with _running(config, host, devices) as manager:
         await manager.create_instance(InstanceConfig(name="a", model_id="org/model"))
+        # Traffic never waits for an always instance that is not running.
+        with pytest.raises(TeiError, match='"a" is starting, not running'):
+            await manager.ensure_running(manager.instances.get("a"))
         with pytest.raises(TeiError) as e:
             await manager.create_instance(InstanceConfig(name="big", model_id="org/big"))
         assert e.value.code is ErrorCode.INSUFFICIENT_MEMORY and e.value.http_status == 409

@@ -503,5 +503,9 @@ def _refuse_if_not_startable(record: InstanceRecord) -> None:
             ErrorCode.BACKEND_UNAVAILABLE,
             f"instance {name} failed: {record.last_error or 'see its logs'}",
         )
-    if status is InstanceStatus.IDLE and not record.on_demand:  # pragma: no cover - by design
-        raise TeiError(ErrorCode.BACKEND_UNAVAILABLE, f"instance {name} is idle")
+    if not record.on_demand:
+        # Traffic never waits for an always instance (restarting, say): a call by
+        # model_id fails over to another replica instead.
+        raise TeiError(
+            ErrorCode.BACKEND_UNAVAILABLE, f"instance {name} is {status.value}, not running"
+        )
