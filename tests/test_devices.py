@@ -6,6 +6,8 @@ import json
 import os
 import struct
 import subprocess
+import sys
+import types
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import pytest
 
 from tei_manager.supervisor.devices import (
     DeviceReading,
+    gpu_process_memory,
     gpu_readings,
     host_devices,
     parse_meminfo,
@@ -141,3 +144,46 @@ def test_files_that_cannot_be_sized_say_why(tmp_path: Path) -> None:
         estimate_footprint(tmp_path, max_batch_tokens=1, gpu=False)
     with pytest.raises(FootprintError, match="tensor 'a'"):
         safetensors_parameters(b'{"a": {"dtype": "X9", "shape": [1]}}')
+
+
+class FakeNvml(types.ModuleType):
+    """The part of ``pynvml`` the device reader calls, for a host with two GPUs."""
+
+    class NVMLError(Exception):
+        pass
+
+    def __init__(self) -> None:
+        super().__init__("pynvml")
+        self.memory = [(80 << 30, 70 << 30), (16 << 30, 1 << 30)]
+        self.processes = {0: [(4242, 3 << 30), (99, 1 << 30)], 1: [(4242, 1 << 30)]}
+
+    def nvmlInit(self) -> None:
+        pass
+
+    def nvmlDeviceGetCount(self) -> int:
+        return len(self.memory)
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> int:
+        return index
+
+    def nvmlDeviceGetMemoryInfo(self, handle: int) -> types.SimpleNamespace:
+        total, free = self.memory[handle]
+        return types.SimpleNamespace(total=total, free=free, used=total - free)
+
+    def nvmlDeviceGetComputeRunningProcesses(self, handle: int) -> list[types.SimpleNamespace]:
+        return [
+            types.SimpleNamespace(pid=pid, usedGpuMemory=used)
+            for pid, used in self.processes[handle]
+        ]
+
+
+def test_nvml_is_asked_first_for_gpus_and_per_process_memory(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "pynvml", FakeNvml())
+    assert gpu_readings(run=_no_nvidia_smi) == [
+        DeviceReading(device="gpu:0", total_bytes=80 << 30, free_bytes=70 << 30),
+        DeviceReading(device="gpu:1", total_bytes=16 << 30, free_bytes=1 << 30),
+    ]
+    # Summed over the GPUs a process uses; processes not asked about are left out.
+    assert gpu_process_memory([4242, 7], run=_no_nvidia_smi) == {4242: 4 << 30}

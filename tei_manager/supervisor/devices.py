@@ -45,12 +45,6 @@ class DeviceReading(msgspec.Struct, frozen=True, kw_only=True):
     total_bytes: int
     free_bytes: int
 
-    @property
-    def gpu_index(self) -> int | None:
-        if self.device == CPU_DEVICE:
-            return None
-        return int(self.device.removeprefix("gpu:"))
-
 
 DeviceSource = Callable[[], list[DeviceReading]]
 """Reads every device (blocking); :func:`host_devices` or a fake table in tests."""
