@@ -595,7 +595,7 @@ class Manager:
             # The manager stops before the runner ever ran: no process exists.
             self._release(runner)
             if record.status is not InstanceStatus.FAILED:
-                record.mark_stopped()
+                record.mark_at_rest()
             runner.done.set()
             raise
         finally:
