@@ -20,7 +20,7 @@ from tei_manager.core.ondemand import StartPolicy
 from tei_manager.errors import ErrorCode, TeiError
 from tei_manager.manager.service import Manager
 from tests.fake_devices import GIB, MIB, FakeDevices
-from tests.fake_processes import FakeHost, run_inline
+from tests.fake_processes import FakeHost, FakeProcess, run_inline
 
 
 @pytest.fixture
@@ -259,6 +259,14 @@ async def test_gpu_auto_placement_takes_the_gpu_with_the_most_memory_left(
     devices = FakeDevices(gpus=[8 * GIB, 16 * GIB])
     devices.sizes["org/big"] = 12 * GIB
     devices.sizes["org/mid"] = 5 * GIB
+    spawned_on: dict[str, int | str | None] = {}
+    spawn = host.spawn
+
+    def spawn_recording(config: InstanceConfig) -> FakeProcess:
+        spawned_on[config.name] = config.gpu_id
+        return spawn(config)
+
+    host.spawn = spawn_recording  # type: ignore[method-assign]
     async with _running(_config(tmp_path), host, devices, gpu_count=2) as manager:
         # Caps: 0.9 of each, 7.2 and 14.4 GiB.
         big = await manager.create_instance(
@@ -276,8 +284,8 @@ async def test_gpu_auto_placement_takes_the_gpu_with_the_most_memory_left(
         assert e.value.code is ErrorCode.INSUFFICIENT_MEMORY
         assert "gpu:0 has 2.2 GiB left, gpu:1 has 2.4 GiB left" in e.value.message
         await trio.sleep(2)
-        # The process got the GPU admission chose.
-        assert [p.pid for p in host.alive("big")] == [manager.instances.get("big").pid]
+        # Each process was spawned on the GPU admission chose.
+        assert spawned_on == {"big": 1, "mid": 0}
         # Measured GPU memory replaces the estimate once it runs.
         devices.gpu[manager.instances.get("mid").pid or 0] = 3 * GIB
         await manager.ondemand.refresh()
