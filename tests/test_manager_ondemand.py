@@ -320,3 +320,19 @@ async def test_a_measured_footprint_is_used_next_time_and_survives_a_restart(
         assert manager.get_instance("b").status is S.IDLE
         await manager.ensure_running(manager.instances.get("b"))
         assert manager.get_instance("b").memory_bytes == 300 * MIB
+
+
+async def test_the_new_instance_starts_once_the_evicted_process_is_gone(
+    clock: trio.testing.MockClock, nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    host = FakeHost(nursery, sigterm_exit_secs=3.0)  # drains for 3 s after SIGTERM
+    config = _config(tmp_path, devices=DevicesConfig(cpu_memory_limit_bytes=150 * MIB))
+    async with _running(config, host, FakeDevices()) as manager:
+        await manager.create_instance(_od("a"))
+        await manager.create_instance(_od("b"))
+        await manager.ensure_running(manager.instances.get("a"))
+        await manager.ensure_running(manager.instances.get("b"))
+        (evicted,) = host.processes["a"]
+        (started,) = host.processes["b"]
+        assert evicted.exited_at is not None and started.spawned_at >= evicted.exited_at
+        assert host.overlaps == 0

@@ -64,7 +64,6 @@ REFRESH_SECS: Final = 5.0
 _HOLDING = frozenset({InstanceStatus.STARTING, InstanceStatus.RUNNING, InstanceStatus.STOPPING})
 # The cap of a device we cannot read: larger than any sum of reservations.
 _UNACCOUNTED: Final = 1 << 62
-_AT_REST = frozenset({InstanceStatus.IDLE, InstanceStatus.STOPPED, InstanceStatus.FAILED})
 
 FootprintKey = tuple[str, str | None, int, Pooling | None, tuple[str, ...], bool]
 Estimator = Callable[[InstanceConfig, bool], int]
@@ -279,8 +278,10 @@ class OnDemand:
                 )
                 log.warning("instance %s: not started on demand: %s", name, e.message)
                 return
-            victims = self._evict(admission.evict, record)
-            while any(v.status not in _AT_REST for v in victims):
+            # Start once the evicted processes are gone (their memory is free): a
+            # victim's pid changes then, even if a request has started it again.
+            victims = [(v, v.pid) for v in self._evict(admission.evict, record)]
+            while any(v.pid is not None and v.pid == pid for v, pid in victims):
                 await self._changed.wait()
             runner = self._runners(name)
             if (
