@@ -10,9 +10,13 @@ calls, ``--concurrency`` at a time, over loopback; the median round is the resul
   the backend (under a deadline, so ``grpc-timeout`` is sent) and sends the reply's
   bytes back. The figure is the relay process's own CPU per relayed call: one server
   side and one client side of a call, plus the relaying.
+- direct on h2 (``--stack h2``): the direct measurement with client and server written
+  on h2 4.x (``benches/h2_baseline.py``), the stack purerpc used, so the trade-off
+  behind our own layer can be re-checked.
 
     python benches/grpc_transport.py [--calls 20000] [--concurrency 16] [--rounds 3]
-                                     [--mode direct|relay|both] [--json F]
+                                     [--mode direct|relay|both] [--stack ours|h2|both]
+                                     [--json F]
 """
 
 from __future__ import annotations
@@ -23,11 +27,13 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import trio
+from h2_baseline import H2Client, serve_h2
 
 from tei_manager._proto.tei.v1 import tei_grpc, tei_pb2
 from tei_manager.grpc.channel import Channel, open_channel
@@ -79,14 +85,31 @@ async def _drive(channel: Channel, calls: int, concurrency: int) -> None:
             nursery.start_soon(worker, calls // concurrency + (i < calls % concurrency))
 
 
+async def _drive_h2(client: H2Client, calls: int, concurrency: int) -> None:
+    request = tei_pb2.DecodeRequest(ids=[101, 7592, 2088, 102]).SerializeToString()
+    path = f"/{METHOD.service}/{METHOD.name}"
+
+    async def worker(count: int) -> None:
+        for _ in range(count):
+            tei_pb2.DecodeResponse.FromString(await client.unary(path, request))
+
+    async with trio.open_nursery() as nursery:
+        for i in range(concurrency):
+            nursery.start_soon(worker, calls // concurrency + (i < calls % concurrency))
+
+
 async def _rounds(
-    channel: Channel, calls: int, concurrency: int, rounds: int, cpu: Callable[[], float]
+    drive: Callable[[int, int], Awaitable[None]],
+    calls: int,
+    concurrency: int,
+    rounds: int,
+    cpu: Callable[[], float],
 ) -> list[dict[str, float]]:
-    await _drive(channel, min(calls, 2000), concurrency)  # warm-up
+    await drive(min(calls, 2000), concurrency)  # warm-up
     results = []
     for _ in range(rounds):
         start_cpu, start = cpu(), time.perf_counter()
-        await _drive(channel, calls, concurrency)
+        await drive(calls, concurrency)
         used, wall = cpu() - start_cpu, time.perf_counter() - start
         results.append({"calls_per_s": calls / wall, "cpu_us_per_call": used / calls * 1e6})
         print(
@@ -101,7 +124,25 @@ async def measure_direct(calls: int, concurrency: int, rounds: int) -> list[dict
     async with trio.open_nursery() as nursery:
         port = await nursery.start(GrpcServer([Echo()]).run)
         async with open_channel("127.0.0.1", port) as channel:
-            results = await _rounds(channel, calls, concurrency, rounds, time.process_time)
+            results = await _rounds(
+                partial(_drive, channel), calls, concurrency, rounds, time.process_time
+            )
+        nursery.cancel_scope.cancel()
+    return results
+
+
+def _decode_ok(request: bytes) -> bytes:
+    tei_pb2.DecodeRequest.FromString(request)
+    return tei_pb2.DecodeResponse(text="ok").SerializeToString()
+
+
+async def measure_direct_h2(calls: int, concurrency: int, rounds: int) -> list[dict[str, float]]:
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(serve_h2, f"/{METHOD.service}/{METHOD.name}", _decode_ok)
+        async with H2Client(port) as client:
+            results = await _rounds(
+                partial(_drive_h2, client), calls, concurrency, rounds, time.process_time
+            )
         nursery.cancel_scope.cancel()
     return results
 
@@ -123,7 +164,7 @@ async def measure_relay(
             return float(stdout.readline())
 
         async with open_channel("127.0.0.1", relay_port) as channel:
-            results = await _rounds(channel, calls, concurrency, rounds, relay_cpu)
+            results = await _rounds(partial(_drive, channel), calls, concurrency, rounds, relay_cpu)
         nursery.cancel_scope.cancel()
     return results
 
@@ -147,6 +188,12 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--mode", choices=["direct", "relay", "both"], default="both")
+    parser.add_argument(
+        "--stack",
+        choices=["ours", "h2", "both"],
+        default="both",
+        help="direct mode: our Channel/GrpcServer, the h2 4.x baseline, or both",
+    )
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--relay-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -154,11 +201,19 @@ def main() -> None:
         trio.run(_relay_child)
         return
     summary: dict[str, Any] = {"calls": args.calls, "concurrency": args.concurrency}
-    for mode in ("direct", "relay") if args.mode == "both" else (args.mode,):
+    modes = ["direct", "relay"] if args.mode == "both" else [args.mode]
+    if "direct" in modes and args.stack != "ours":
+        modes.insert(modes.index("direct") + 1, "direct_h2")
+        if args.stack == "h2":
+            modes.remove("direct")
+    for mode in modes:
         counts = (args.calls, args.concurrency, args.rounds)
         if mode == "direct":
             print("direct: client and server together, one process")
             results = trio.run(measure_direct, *counts)
+        elif mode == "direct_h2":
+            print("direct_h2: the same on h2 4.x (the baseline), one process")
+            results = trio.run(measure_direct_h2, *counts)
         else:
             print("relay: the relay process alone, per relayed call")
             child = subprocess.Popen(

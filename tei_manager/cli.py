@@ -67,6 +67,17 @@ def build_parser() -> argparse.ArgumentParser:
         "instances use: pull a model (checked, with a progress bar) or list the cached ones.",
     )
     models_actions(models)
+
+    from tei_manager.manager.state_cli import add_arguments as state_actions
+
+    state = commands.add_parser(
+        "state",
+        help="export or import the desired state of a stopped manager (backup and restore)",
+        description="Back up the state file of the configuration to a TOML file, or "
+        "restore one (checked whole first). With a manager running use GET /state/export "
+        "and POST /state/import.",
+    )
+    state_actions(state)
     return parser
 
 
@@ -90,6 +101,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from tei_manager.hub.cli import main as models_main
 
         return models_main(args)
+    if args.command == "state":
+        from tei_manager.manager.state_cli import main as state_main
+
+        return state_main(args)
     raise AssertionError(f"unhandled command {args.command}")
 
 

@@ -15,7 +15,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Mapping
-from typing import Any, Final, Literal
+from typing import Annotated, Any, Final, Literal
 
 import msgspec
 
@@ -36,12 +36,20 @@ from tei_manager.errors import (
     from_msgspec_error,
     quote,
 )
+from tei_manager.grpc.limits import DEFAULT_LIMITS, Limits, validate_limits
 
 __all__ = [
+    "ENGINES",
     "ENV_OVERRIDES",
+    "HUB_ID_SCHEMA",
+    "MAX_COUNT",
+    "MODEL_ID_SCHEMA",
+    "NAME_SCHEMA",
     "POOLING_MODES",
     "ConfigError",
     "DevicesConfig",
+    "Engine",
+    "GrpcConfig",
     "InstanceConfig",
     "ManagerConfig",
     "Pooling",
@@ -60,6 +68,53 @@ __all__ = [
 
 Pooling = Literal["cls", "mean", "splade", "last-token"]
 POOLING_MODES: Final[tuple[str, ...]] = ("cls", "mean", "splade", "last-token")
+Engine = Literal["auto", "torch", "onnx"]
+ENGINES: Final[tuple[str, ...]] = ("auto", "torch", "onnx")
+
+
+# --- the rules, as the OpenAPI document states them -------------------------------
+# JSON Schema for what the validators below enforce. msgspec puts ``extra_json_schema``
+# into the schema and never enforces it, so decoding stays lenient and the validators
+# keep their error codes (INVALID_NAME, ...); tests/test_api_schema.py checks that the
+# server and these agree. ECMA-262 patterns: "$" is the end of the text.
+
+# Counts and GPU ids are at most this: every consumer (TEI, CUDA) reads them as int32.
+MAX_COUNT: Final = 2**31 - 1
+_HF_PART: Final = r"[A-Za-z0-9_](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9_])?"
+_HUB_ID: Final = rf"(?!.*(?:--|\.\.)){_HF_PART}(?:/{_HF_PART})?"
+NAME_SCHEMA: Final = {"minLength": 1, "maxLength": 63, "pattern": r"^[A-Za-z0-9][A-Za-z0-9._-]*$"}
+# A Hub id ("org/name" or "name", no "--" or ".." anywhere), as the model registry takes it.
+HUB_ID_SCHEMA: Final = {"minLength": 1, "maxLength": 193, "pattern": rf"^{_HUB_ID}$"}
+# A Hub id, or an absolute path: not only slashes, no ".." component, no control
+# character or backslash.
+MODEL_ID_SCHEMA: Final = {
+    "minLength": 1,
+    "maxLength": 4096,
+    "pattern": rf"^(?:{_HUB_ID}|/(?!/*$)(?!(?:.*/)?\.\.(?:/|$))[^\x00-\x1f\x7f\\]*)$",
+}
+TEXT_SCHEMA: Final = {"minLength": 1, "maxLength": 255, "pattern": r"^[^\x00-\x1f\x7f]*$"}
+# TEXT_SCHEMA, and no leading or trailing whitespace.
+_SERVED_NAME_SCHEMA: Final = {
+    "minLength": 1,
+    "maxLength": 255,
+    "pattern": r"^[^\s\x00-\x1f\x7f](?:[^\x00-\x1f\x7f]*[^\s\x00-\x1f\x7f])?$",
+}
+_PORT_SCHEMA: Final = {
+    "anyOf": [
+        {"type": "integer", "const": 0},
+        {"type": "integer", "minimum": 1024, "maximum": 65535},
+    ]
+}
+_COUNT_SCHEMA: Final = {"minimum": 1, "maximum": MAX_COUNT}
+_EXTRA_ARG_SCHEMA: Final = {
+    "pattern": r"^(?!(?:--model-id|--revision|--port|-p|--prometheus-port|--pooling"
+    r"|--max-batch-tokens|--max-concurrent-requests|--json-output|--uds-path)(?:=|$))"
+    r"[^\x00]*$"
+}
+
+
+def _documented(description: str | None = None, **schema: object) -> msgspec.Meta:
+    return msgspec.Meta(description=description, extra_json_schema=schema)
 
 
 class InstanceConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -67,24 +122,48 @@ class InstanceConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
 
     ``port`` and ``prometheus_port`` of 0 mean "allocate from the range"; the
     registry stores the config with the ports it chose filled in. ``None`` for
-    ``prometheus_port`` means the instance exposes no metrics port.
+    ``prometheus_port`` means the instance exposes no metrics port. ``engine`` is the
+    built-in worker's ``--engine`` (None: its default, ``auto``); TEI has no such flag and
+    is started without it.
     """
 
-    name: str
-    model_id: str
-    port: int | None = None
+    name: Annotated[str, _documented(**NAME_SCHEMA)]
+    model_id: Annotated[str, _documented(**MODEL_ID_SCHEMA)]
+    port: Annotated[int, _documented(**_PORT_SCHEMA)] | None = None
     # "auto": placed at each start on the GPU with the most memory left that fits.
-    gpu_id: int | Literal["auto"] | None = None
-    max_batch_tokens: int = 16384
-    max_concurrent_requests: int = 512
+    gpu_id: (
+        Annotated[
+            int,
+            _documented(
+                "also below this host's GPU count (else INVALID_GPU_ID)",
+                minimum=0,
+                maximum=MAX_COUNT,
+            ),
+        ]
+        | Literal["auto"]
+        | None
+    ) = None
+    # "auto": from the GPU's free memory at launch (auto_max_batch_tokens_per_gib).
+    max_batch_tokens: Annotated[int, _documented(**_COUNT_SCHEMA)] | Literal["auto"] = 16384
+    max_concurrent_requests: Annotated[int, _documented(**_COUNT_SCHEMA)] = 512
     pooling: Pooling | None = None
-    prometheus_port: int | None = None
-    startup_timeout_secs: float | None = None  # None: the manager's startup_timeout_secs
-    extra_args: tuple[str, ...] = ()
-    revision: str | None = None
+    prometheus_port: (
+        Annotated[int, _documented("never the instance's port (else INVALID_PORT)", **_PORT_SCHEMA)]
+        | None
+    ) = None
+    # None: the manager's startup_timeout_secs
+    startup_timeout_secs: Annotated[float, _documented(exclusiveMinimum=0)] | None = None
+    extra_args: tuple[Annotated[str, _documented(**_EXTRA_ARG_SCHEMA)], ...] = ()
+    revision: Annotated[str, _documented(**TEXT_SCHEMA)] | None = None
+    # The built-in worker's engine (None: its default, "auto"); TEI ignores it.
+    engine: Engine | None = None
+    # Another name clients may give as ``model`` on the inference routes (OpenAI's
+    # ``model``, TEI's ``served_model_name``); replicas sharing one are balanced.
+    served_model_name: Annotated[str, _documented(**_SERVED_NAME_SCHEMA)] | None = None
     # "on_demand": started by its first request, unloaded after idle_timeout_secs.
     start: StartPolicy = StartPolicy.ALWAYS
-    idle_timeout_secs: float | None = None  # None: the manager's; 0: never unloaded
+    # None: the manager's; 0: never unloaded
+    idle_timeout_secs: Annotated[float, _documented(minimum=0)] | None = None
     pinned: bool = False  # never evicted to make room for another instance
 
 
@@ -131,11 +210,42 @@ def _default_log_dir() -> str:
     return os.path.join(default_state_dir(os.environ), "logs")
 
 
+class GrpcConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The ``[grpc]`` section: what one client may make the multiplexer's port hold.
+
+    The defaults are :class:`~tei_manager.grpc.limits.Limits`' (sources there); the
+    stream limit stays ``grpc_max_parallel_streams``, the original's name.
+    """
+
+    max_connections: int = DEFAULT_LIMITS.max_connections
+    handshake_timeout_secs: float = DEFAULT_LIMITS.handshake_timeout_secs
+    idle_timeout_secs: float = DEFAULT_LIMITS.idle_timeout_secs
+    max_header_list_bytes: int = DEFAULT_LIMITS.max_header_list_bytes
+    stream_receive_window_bytes: int = DEFAULT_LIMITS.stream_receive_window_bytes
+    connection_receive_window_bytes: int = DEFAULT_LIMITS.connection_receive_window_bytes
+    max_output_buffer_bytes: int = DEFAULT_LIMITS.max_output_buffer_bytes
+    min_ping_interval_secs: float = DEFAULT_LIMITS.min_ping_interval_secs
+    #: For the multiplexer's connections to instances: PING after this long without
+    #: news during a call (None: never).
+    keepalive_interval_secs: float | None = DEFAULT_LIMITS.keepalive_interval_secs
+    keepalive_timeout_secs: float = DEFAULT_LIMITS.keepalive_timeout_secs
+
+    def limits(self, *, max_concurrent_streams: int) -> Limits:
+        """These settings as the transport's ``Limits``."""
+        return msgspec.structs.replace(
+            DEFAULT_LIMITS,
+            max_concurrent_streams=max_concurrent_streams,
+            **msgspec.structs.asdict(self),
+        )
+
+
 class ManagerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Everything ``tei-manager serve`` is configured with; defaults work on a laptop."""
 
     api_host: str = "0.0.0.0"
     api_port: int = 9000  # 0: the OS picks (tests)
+    # An idle keep-alive connection to the REST port is closed after this (Hypercorn's default).
+    api_keep_alive_timeout_secs: float = 5.0
     grpc_port: int = 9001  # 0: the OS picks (tests)
     grpc_enabled: bool = True
     state_file: str = msgspec.field(default_factory=_default_state_file)
@@ -157,8 +267,14 @@ class ManagerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     smoke_load_timeout_secs: float = 600.0
     tei_binary_path: str | None = None
     grpc_max_message_size_mb: int = 40
-    grpc_max_parallel_streams: int = 1024
+    # HTTP/2 streams one client connection may have open (h2 and nginx: ~100).
+    grpc_max_parallel_streams: int = 100
     grpc_request_timeout_secs: float = 30.0
+    # Inference admission, per instance, on every front door: beyond its
+    # max_concurrent_requests in flight, up to this many requests wait (FIFO) for
+    # at most queue_timeout_secs; the rest are refused with 429 OVERLOADED.
+    max_queued_requests: int = 1024
+    queue_timeout_secs: float = 10.0
     # Restarts after a crash (see DESIGN "Restart policy"): like Kubernetes'
     # CrashLoopBackOff, the delay doubles from the initial value up to the cap, and
     # the instance is retried for ever unless crash_loop_restarts is set: then that
@@ -173,6 +289,11 @@ class ManagerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     devices: DevicesConfig = msgspec.field(default_factory=DevicesConfig)
     # For on-demand instances without their own idle_timeout_secs; 0: never unloaded.
     idle_timeout_secs: float = 0.0
+    grpc: GrpcConfig = msgspec.field(default_factory=GrpcConfig)
+    # GPU sanity (tei_manager/core/gpu.py): start-up checks, CPU fallback, "auto" batches.
+    gpu_preflight: Literal["warn", "fail", "off"] = "warn"
+    gpu_fallback: Literal["warn", "fail", "ignore"] = "warn"
+    auto_max_batch_tokens_per_gib: int = 2048
 
     def manager_ports(self) -> frozenset[int]:
         """Ports the manager itself listens on, which no instance may take."""
@@ -274,6 +395,11 @@ def _at_least(value: float, minimum: float, field: str) -> None:
         raise ValidationError(field, f"{value} is invalid: use a number >= {minimum:g}")
 
 
+def _count(value: int, field: str) -> None:
+    if not 1 <= value <= MAX_COUNT:
+        raise ValidationError(field, f"{value} is invalid: use 1-{MAX_COUNT}")
+
+
 def _positive(value: float, field: str) -> None:
     if not math.isfinite(value) or value <= 0:
         raise ValidationError(field, f"{value} is invalid: use a number > 0")
@@ -311,6 +437,10 @@ def validate_instance_config(config: InstanceConfig, *, gpu_count: int | None = 
             raise ValidationError(
                 "gpu_id", f"{config.gpu_id} is negative", code=ErrorCode.INVALID_GPU_ID
             )
+        if config.gpu_id > MAX_COUNT:
+            raise ValidationError(
+                "gpu_id", f"{config.gpu_id} is over {MAX_COUNT}", code=ErrorCode.INVALID_GPU_ID
+            )
         if gpu_count is not None and config.gpu_id >= gpu_count:
             have = f"GPUs 0-{gpu_count - 1}" if gpu_count else "no GPU"
             raise ValidationError(
@@ -318,14 +448,21 @@ def validate_instance_config(config: InstanceConfig, *, gpu_count: int | None = 
                 f"{config.gpu_id} does not exist: this host has {have}",
                 code=ErrorCode.INVALID_GPU_ID,
             )
-    _at_least(config.max_batch_tokens, 1, "max_batch_tokens")
-    _at_least(config.max_concurrent_requests, 1, "max_concurrent_requests")
+    if config.max_batch_tokens != "auto":
+        _count(config.max_batch_tokens, "max_batch_tokens")
+    _count(config.max_concurrent_requests, "max_concurrent_requests")
     if config.startup_timeout_secs is not None:
         _positive(config.startup_timeout_secs, "startup_timeout_secs")
     if config.idle_timeout_secs is not None:
         _at_least(config.idle_timeout_secs, 0, "idle_timeout_secs")
     if config.revision is not None:
         _text(config.revision, "revision")
+    if config.served_model_name is not None:
+        _text(config.served_model_name, "served_model_name")
+        if config.served_model_name != config.served_model_name.strip():
+            raise ValidationError(
+                "served_model_name", "has leading or trailing whitespace: remove it"
+            )
     for i, arg in enumerate(config.extra_args):
         if "\x00" in arg:
             raise ValidationError(f"extra_args[{i}]", "contains a NUL byte")
@@ -340,6 +477,7 @@ def validate_manager_config(config: ManagerConfig) -> None:
     """Check ``config`` as a whole, seeds included; raises :class:`ValidationError`."""
     _text(config.api_host, "api_host")
     validate_port(config.api_port, "api_port", allow_zero=True)
+    _positive(config.api_keep_alive_timeout_secs, "api_keep_alive_timeout_secs")
     validate_port(config.grpc_port, "grpc_port", allow_zero=True)
     if config.grpc_enabled and config.api_port != 0 and config.api_port == config.grpc_port:
         raise ValidationError("grpc_port", f"{config.grpc_port} is also api_port: use another")
@@ -370,6 +508,11 @@ def validate_manager_config(config: ManagerConfig) -> None:
         )
     _at_least(config.grpc_max_parallel_streams, 1, "grpc_max_parallel_streams")
     _positive(config.grpc_request_timeout_secs, "grpc_request_timeout_secs")
+    _at_least(config.max_queued_requests, 0, "max_queued_requests")
+    _positive(config.queue_timeout_secs, "queue_timeout_secs")
+    limits = config.grpc.limits(max_concurrent_streams=config.grpc_max_parallel_streams)
+    for field, rule in validate_limits(limits):
+        raise ValidationError(f"grpc.{field}", rule)
     _validate_seeds(config)
     _validate_restarts(config)
     _at_least(config.max_concurrent_downloads, 1, "max_concurrent_downloads")
@@ -393,6 +536,7 @@ def validate_manager_config(config: ManagerConfig) -> None:
         raise ValidationError("devices.gpu_memory_fraction", f"{fraction:g} is not in (0, 1]")
     if config.devices.cpu_memory_limit_bytes is not None:
         _at_least(config.devices.cpu_memory_limit_bytes, 1, "devices.cpu_memory_limit_bytes")
+    _at_least(config.auto_max_batch_tokens_per_gib, 1, "auto_max_batch_tokens_per_gib")
     validate_auth_config(config.auth)
     validate_rate_limit_config(config.rate_limit)
     validate_cors_config(config.cors)
@@ -449,9 +593,10 @@ def _validate_seeds(config: ManagerConfig) -> None:
 
 def _from_msgspec(error: msgspec.ValidationError) -> ValidationError:
     translated = from_msgspec_error(error)
-    if translated.field.rsplit(".", 1)[-1] == "pooling":
-        # msgspec cannot say which values it would have accepted; we can.
-        rule = f"{translated.rule}: use {'|'.join(POOLING_MODES)}"
+    # msgspec cannot say which values it would have accepted; we can.
+    allowed = {"pooling": POOLING_MODES, "engine": ENGINES}.get(translated.field.rsplit(".", 1)[-1])
+    if allowed is not None:
+        rule = f"{translated.rule}: use {'|'.join(allowed)}"
         return ValidationError(translated.field, rule, code=translated.code)
     return translated
 
@@ -466,10 +611,20 @@ def parse_instance_config(obj: object, *, gpu_count: int | None = None) -> Insta
     return config
 
 
+def _integral_as_int(value: object) -> object:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 def decode_instance_config(body: bytes, *, gpu_count: int | None = None) -> InstanceConfig:
     """Decode a ``POST /instances`` body; bad JSON raises ``MALFORMED_JSON``."""
     try:
-        config = msgspec.json.decode(body, type=InstanceConfig)
+        raw = msgspec.json.decode(body)
+        if isinstance(raw, dict):
+            # JSON (and the OpenAPI schema's "integer") does not tell 512.0 from 512.
+            raw = {k: _integral_as_int(v) for k, v in raw.items()}
+        config = msgspec.convert(raw, InstanceConfig)
     except msgspec.ValidationError as e:
         raise _from_msgspec(e) from None
     except msgspec.DecodeError as e:
@@ -513,11 +668,17 @@ def _env_str(text: str) -> str:
 # it overrides, and how its text becomes the field's type. Env beats file beats default.
 ENV_OVERRIDES: Final[tuple[tuple[str, str, Callable[[str], object]], ...]] = (
     ("TEI_MANAGER_API_PORT", "api_port", _env_int),
+    ("TEI_MANAGER_API_KEEP_ALIVE_TIMEOUT", "api_keep_alive_timeout_secs", _env_float),
     ("TEI_MANAGER_GRPC_PORT", "grpc_port", _env_int),
     ("TEI_MANAGER_GRPC_ENABLED", "grpc_enabled", _env_bool),
     ("TEI_MANAGER_STATE_FILE", "state_file", _env_str),
     ("TEI_MANAGER_LOG_DIR", "log_dir", _env_str),
     ("TEI_MANAGER_HEALTH_CHECK_INTERVAL", "health_check_interval_secs", _env_float),
+    ("TEI_MANAGER_GRPC_MAX_PARALLEL_STREAMS", "grpc_max_parallel_streams", _env_int),
+    ("TEI_MANAGER_GRPC_MAX_CONNECTIONS", "grpc.max_connections", _env_int),
+    ("TEI_MANAGER_GRPC_HANDSHAKE_TIMEOUT", "grpc.handshake_timeout_secs", _env_float),
+    ("TEI_MANAGER_GRPC_IDLE_TIMEOUT", "grpc.idle_timeout_secs", _env_float),
+    ("TEI_MANAGER_GRPC_KEEPALIVE_INTERVAL", "grpc.keepalive_interval_secs", _env_float),
     ("TEI_BINARY_PATH", "tei_binary_path", _env_str),
     ("TEI_MANAGER_RESTART_BACKOFF_INITIAL", "restart_backoff_initial_secs", _env_float),
     ("TEI_MANAGER_RESTART_BACKOFF_MAX", "restart_backoff_max_secs", _env_float),
@@ -535,9 +696,17 @@ def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str, str]:
         if not text:
             continue
         try:
-            raw[field] = parse(text)
+            value = parse(text)
         except ValueError as e:
             raise ConfigError(f"{var}: {e}") from None
+        section, _, key = field.rpartition(".")
+        if section:  # a field of a [section] table
+            table = raw.setdefault(section, {})
+            if not isinstance(table, dict):
+                raise ConfigError(f"{var}: [{section}] is not a table in the file")
+            table[key] = value
+        else:
+            raw[field] = value
         sources[field] = var
     state_dir = default_state_dir(env)
     raw.setdefault("state_file", os.path.join(state_dir, "state.toml"))
@@ -571,8 +740,10 @@ def parse_config(data: bytes | str, *, env: Mapping[str, str] | None = None) -> 
 def _with_source(error: ValidationError, sources: Mapping[str, str]) -> ValidationError:
     """Say which environment variable a bad value came from, if one did."""
     root = re.split(r"[.\[]", error.field, maxsplit=1)[0]
-    if root in sources:
-        return ValidationError(f"{error.field} (from {sources[root]})", error.rule, code=error.code)
+    for field in (error.field, root):
+        if field in sources:
+            source = sources[field]
+            return ValidationError(f"{error.field} (from {source})", error.rule, code=error.code)
     return error
 
 

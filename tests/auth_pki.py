@@ -169,3 +169,17 @@ def make_pki(directory: Path) -> Pki:
         client.key_path.write_bytes(key_pem(key))
         pki.clients[kind] = client
     return pki
+
+
+def proxy_toml(pki: Pki, trusted: str = "127.0.0.1") -> str:
+    """An ``[auth]`` section for proxy mode: certificates only through ``trusted``."""
+    return f"""
+[auth]
+enabled = true
+providers = ["mtls"]
+require_cert_headers = true
+trusted_proxies = ["{trusted}"]
+[auth.mtls]
+ca_cert = "{pki.ca_path}"
+allowed_subjects = ["CN=client1"]
+"""

@@ -17,6 +17,17 @@ if TYPE_CHECKING:
 # --- worker engine: real models, loaded once per session -------------------------------
 
 
+@pytest.fixture(scope="session", autouse=True)
+def onnx_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Exported ONNX graphs go to a folder of this session (worker processes inherit it)."""
+    from tei_manager.worker.onnx_graph import CACHE_ENV
+
+    folder = tmp_path_factory.mktemp("onnx-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(CACHE_ENV, str(folder))
+        yield folder
+
+
 class TinyModels(NamedTuple):
     """Folders of the tiny random models written by ``tests/models.py``."""
 
@@ -57,6 +68,23 @@ def _load(model_dir: Path, **options: object) -> Model:
 @pytest.fixture(scope="session")
 def minilm_model(minilm_dir: Path) -> Model:
     return _load(minilm_dir)
+
+
+@pytest.fixture(scope="session")
+def onnx_graphs(
+    minilm_model: Model, reranker_model: Model, classifier_model: Model, splade_model: Model
+) -> None:
+    """Every test model exported to the session's ONNX cache, one after another.
+
+    Worker processes started after this read their graphs from the cache instead of
+    all exporting at once, which on a small machine can outlast their start-up timeout.
+    """
+
+
+@pytest.fixture(scope="session")
+def minilm_torch_model(minilm_dir: Path) -> Model:
+    """The packaged model on the torch engine, which runs batches packed."""
+    return _load(minilm_dir, engine="torch")
 
 
 @pytest.fixture(scope="session")
@@ -112,7 +140,10 @@ class Workers:
 
 @pytest.fixture(scope="session")
 def workers(
-    minilm_dir: Path, tiny_models: TinyModels, tmp_path_factory: pytest.TempPathFactory
+    minilm_dir: Path,
+    tiny_models: TinyModels,
+    tmp_path_factory: pytest.TempPathFactory,
+    onnx_graphs: None,
 ) -> Iterator[Workers]:
     """One real worker process per model kind, shared by every test of the session."""
     logs = tmp_path_factory.mktemp("worker-logs")

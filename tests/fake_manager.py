@@ -25,8 +25,15 @@ from tei_manager.core.logslice import LogSlice, resolve_slice
 from tei_manager.core.ports import PortAllocator
 from tei_manager.hub.registry import ModelRegistry
 from tei_manager.hub.settings import HubSettings, RegistrySettings
+from tei_manager.manager.backup import Backup, BackupModel
 from tei_manager.manager.metrics import ManagerMetrics
 from tei_manager.manager.ondemand import DevicesReport, DeviceView
+from tei_manager.manager.state import (
+    PersistedInstance,
+    PersistedState,
+    merge_seeds,
+    state_from_instances,
+)
 
 __all__ = ["FakeManager", "http_count"]
 
@@ -171,6 +178,35 @@ class FakeManager:
                 )
             ]
         )
+
+    async def reset_state(self) -> list[InstanceInfo]:
+        await self._operation()
+        seeded, _ = merge_seeds(PersistedState(), self.config.instances, now=_now())
+        self._replace(seeded.instances)
+        return self.list_instances()
+
+    def export_state(self) -> Backup:
+        state = state_from_instances(self._registry)
+        models = tuple(
+            BackupModel(model_id=m.model_id, revision=m.revision) for m in self.models.list_models()
+        )
+        return Backup(exported_at=_now(), instances=state.instances, models=models)
+
+    async def import_state(self, backup: Backup) -> list[InstanceInfo]:
+        await self._operation()
+        self._replace(backup.instances)
+        return self.list_instances()
+
+    def _replace(self, instances: tuple[PersistedInstance, ...]) -> None:
+        """Every instance gone, then ``instances`` registered (no processes to stop)."""
+        for info in self.list_instances():
+            self._registry.remove(info.name)
+            self.logs.pop(info.name, None)
+        for persisted in instances:
+            self._registry.add(
+                persisted.config, created_at=persisted.created_at, desired=persisted.desired_state
+            )
+            self.logs.setdefault(persisted.config.name, [])
 
     def set_status(self, name: str, status: InstanceStatus) -> None:
         """Move an instance as the supervisor would."""

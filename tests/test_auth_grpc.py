@@ -36,7 +36,7 @@ from tei_manager.core.ports import PortAllocator
 from tei_manager.grpc.server import CallContext, GrpcServer
 from tei_manager.multiplexer.metrics import MultiplexerMetrics
 from tei_manager.multiplexer.server import MultiplexerServer
-from tests.auth_pki import Pki, make_pki, pem
+from tests.auth_pki import Pki, make_pki, pem, proxy_toml
 from tests.grpcio_client import stub
 from tests.jwt_tokens import jwk, sign
 
@@ -265,19 +265,6 @@ jwks_file = "{tmp_path / "jwks.json"}"
     assert no_scope.code == grpc.StatusCode.PERMISSION_DENIED
 
 
-def proxy_toml(pki: Pki, trusted: str) -> str:
-    return f"""
-[auth]
-enabled = true
-providers = ["mtls"]
-require_cert_headers = true
-trusted_proxies = ["{trusted}"]
-[auth.mtls]
-ca_cert = "{pki.ca_path}"
-allowed_subjects = ["CN=client1"]
-"""
-
-
 async def test_proxy_mode_from_the_trusted_proxy(nursery: trio.Nursery, pki: Pki) -> None:
     mux, _ = await start_mux(nursery, pki, proxy_toml(pki, "127.0.0.1"))
 
@@ -290,6 +277,10 @@ async def test_proxy_mode_from_the_trusted_proxy(nursery: trio.Nursery, pki: Pki
     assert (await mux.embed(metadata=header("other_cn"))).code == grpc.StatusCode.PERMISSION_DENIED
     # No header: what a client bypassing the proxy sends.
     assert (await mux.embed()).code == grpc.StatusCode.UNAUTHENTICATED
+    # A forged header first and the proxy's own after it: never the first alone.
+    twice = await mux.embed(metadata=header("allowed") + header("other_cn"))
+    assert twice.code == grpc.StatusCode.UNAUTHENTICATED
+    assert "more than one certificate header" in twice.details
 
 
 async def test_proxy_mode_from_an_untrusted_peer(nursery: trio.Nursery, pki: Pki) -> None:

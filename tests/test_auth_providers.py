@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import ipaddress
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.x509.oid import ExtensionOID
 
 from tei_manager.auth.apikeys import ApiKeyStore, StoredKey
 from tei_manager.auth.build import build_authenticator
@@ -61,6 +67,35 @@ def test_certificate_checks(pki: Pki, kind: str, code: ErrorCode | None, words: 
         assert isinstance(verdict, Refusal)
         assert verdict.code is code
         assert words in verdict.message
+
+
+def test_unparsable_extension_is_refused(pki: Pki) -> None:
+    # A proxy may forward a certificate it did not verify; one whose extensions
+    # cannot be parsed is a refusal, never an exception that reaches the server.
+    now = datetime.datetime.now(datetime.UTC)
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(pki.ca.cert.subject)
+        .issuer_name(pki.ca.cert.subject)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.UnrecognizedExtension(ExtensionOID.BASIC_CONSTRAINTS, b"\x04\x01z"), False
+        )
+        .sign(key, hashes.SHA256())
+    )
+    header = quote(cert.public_bytes(serialization.Encoding.PEM).decode(), safe="")
+    verdict = verifier(pki).verify(parse_cert_header(header), now.timestamp())
+    assert isinstance(verdict, Refusal) and verdict.code is ErrorCode.UNAUTHENTICATED
+    assert "cannot be parsed" in verdict.message
+    der = cert.public_bytes(serialization.Encoding.DER)
+    assert verifier(pki).verify_der(der).code is ErrorCode.UNAUTHENTICATED
+    auth = authenticator(pki)
+    refused = auth.check(AuthRequest(peer=LOCAL, cert_header=header), Scope.READ, time.time())
+    assert refused.code is ErrorCode.UNAUTHENTICATED
 
 
 def test_san_allowlist(pki: Pki) -> None:
@@ -183,6 +218,10 @@ def test_jwt_accepted(keys: dict[str, Any], key: str, kid: str | None) -> None:
         ({"iss": "https://evil"}, "another issuer"),
         ({"aud": ["other"]}, "another audience"),
         ({"exp": None}, "no expiry"),
+        ({"exp": math.inf}, "no expiry"),
+        ({"exp": math.nan}, "no expiry"),
+        ({"exp": 10**400}, "no expiry"),
+        ({"nbf": math.nan}, "nbf is not a number"),
         ({"sub": None}, "no 'sub' claim"),
     ],
 )
@@ -334,6 +373,23 @@ def test_admin_cidrs(pki: Pki) -> None:
     assert refused.code is ErrorCode.FORBIDDEN and "192.0.2.7" in refused.message
     inside = AuthRequest(peer=LOCAL, cert_header=header, forwarded_for="192.0.2.7, 10.1.1.1")
     assert isinstance(auth.check(inside, Scope.ADMIN, now), Identity)
+
+
+def test_ipv4_mapped_peers_match_ipv4_networks(pki: Pki) -> None:
+    # A dual-stack listener reports IPv4 clients as ::ffff:a.b.c.d.
+    auth = authenticator(pki)
+    now = time.time()
+    mapped = parse_peer(("::ffff:127.0.0.1", 5))
+    assert mapped == LOCAL
+    header = pki["allowed"].header
+    raw = ipaddress.ip_address("::ffff:127.0.0.1")
+    assert isinstance(auth.check(AuthRequest(peer=raw, cert_header=header), Scope.ADMIN, now),
+                      Identity)  # fmt: skip
+    inside = AuthRequest(peer=LOCAL, cert_header=header, forwarded_for="::ffff:10.1.1.1")
+    assert isinstance(auth.check(inside, Scope.ADMIN, now), Identity)
+    outside = AuthRequest(peer=LOCAL, cert_header=header, forwarded_for="::ffff:192.0.2.7")
+    refused = auth.check(outside, Scope.ADMIN, now)
+    assert refused.code is ErrorCode.FORBIDDEN and "from 192.0.2.7" in refused.message
 
 
 def test_rate_limit_per_identity_and_address(pki: Pki) -> None:

@@ -27,12 +27,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from tei_manager.api import serve_api
 from tei_manager.auth.security import Security, build_security
 from tei_manager.config import parse_config
-from tests.auth_pki import Pki, make_pki
+from tests.auth_pki import Pki, make_pki, proxy_toml
 from tests.fake_manager import FakeManager
 from tests.jwt_tokens import public_pem, sign
 
 KEYS = {"ci": "ci-secret", "ops": "ops-secret", "reader": "reader-secret"}
 SCOPES = {"ci": ["inference"], "ops": ["admin", "read"], "reader": ["read"]}
+
+PORTS = "api_port = 0\ngrpc_port = 0\n"
 
 
 def keys_toml() -> str:
@@ -59,21 +61,6 @@ server_key = "{pki.server_key}"
 allowed_subjects = ["CN=client1"]
 {keys_toml()}
 {extra}
-"""
-
-
-def proxy_toml(pki: Pki) -> str:
-    return f"""
-api_port = 0
-grpc_port = 0
-[auth]
-enabled = true
-providers = ["mtls"]
-require_cert_headers = true
-trusted_proxies = ["127.0.0.1"]
-[auth.mtls]
-ca_cert = "{pki.ca_path}"
-allowed_subjects = ["CN=client1"]
 """
 
 
@@ -171,6 +158,11 @@ async def test_native_certificate_accepted(
     )
     assert created.status_code == 201
     assert any("identity=CN=client1" in r.getMessage() for r in caplog.records)
+    # The path arrives percent-decoded: a newline in it must not forge a log line.
+    caplog.clear()
+    await client("GET", "/x%0A127.0.0.9%20GET%20/instances%20200", cert="allowed")
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "tei_manager.access"]
+    assert "\n" not in line and "/x\\x0a127.0.0.9" in line
 
 
 async def test_native_rejections(native: tuple[Client, FakeManager]) -> None:
@@ -253,7 +245,7 @@ async def test_metrics_made_public(nursery: trio.Nursery, tmp_path: Path, pki: P
 
 
 async def test_proxy_mode(nursery: trio.Nursery, tmp_path: Path, pki: Pki) -> None:
-    manager, security = manager_for(tmp_path, proxy_toml(pki))
+    manager, security = manager_for(tmp_path, PORTS + proxy_toml(pki))
     client = Client(await serve(nursery, manager, security), pki, tls=False)
 
     def header(kind: str) -> dict[str, str]:
@@ -279,6 +271,33 @@ async def test_proxy_mode(nursery: trio.Nursery, tmp_path: Path, pki: Pki) -> No
     forged = {"X-SSL-Client-Cert": pki["allowed"].header.replace("MII", "MIJ", 1)}
     assert_error(await client("GET", "/instances", headers=forged), 401, "UNAUTHENTICATED")
     assert (await client("GET", "/health/live", source="127.0.0.2")).status_code == 200
+
+
+async def test_repeated_proxy_headers_are_read_whole(
+    nursery: trio.Nursery, tmp_path: Path, pki: Pki
+) -> None:
+    # A proxy that appends its own header line (HAProxy's add-header, say) leaves
+    # the client's forged one first: reading only the first would believe it.
+    toml = (PORTS + proxy_toml(pki)).replace(
+        'trusted_proxies = ["127.0.0.1"]',
+        'trusted_proxies = ["127.0.0.1"]\nadmin_allowed_cidrs = ["10.0.0.0/8"]',
+    )
+    manager, security = manager_for(tmp_path, toml)
+    port = await serve(nursery, manager, security)
+    allowed = ("X-SSL-Client-Cert", pki["allowed"].header)
+
+    async def get(method: str, headers: list[tuple[str, str]]) -> httpx2.Response:
+        async with httpx2.AsyncClient() as client:
+            return await client.request(
+                method, f"http://127.0.0.1:{port}/instances", headers=headers, json={}
+            )
+
+    forwarded = [allowed, ("X-Forwarded-For", "10.9.9.9"), ("X-Forwarded-For", "192.0.2.7")]
+    body = assert_error(await get("POST", forwarded), 403, "FORBIDDEN")
+    assert "192.0.2.7" in body["error"]
+    two_certs = [allowed, ("X-SSL-Client-Cert", pki["other_cn"].header)]
+    body = assert_error(await get("GET", two_certs), 401, "UNAUTHENTICATED")
+    assert "more than one certificate header" in body["error"]
 
 
 async def test_cors(nursery: trio.Nursery, tmp_path: Path, pki: Pki) -> None:

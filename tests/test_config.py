@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import msgspec
@@ -8,6 +9,7 @@ import pytest
 from tei_manager.config import (
     ENV_OVERRIDES,
     ConfigError,
+    GrpcConfig,
     InstanceConfig,
     ManagerConfig,
     SeedInstance,
@@ -22,6 +24,7 @@ from tei_manager.config import (
     validate_port,
 )
 from tei_manager.errors import ErrorCode, ValidationError
+from tei_manager.grpc.limits import Limits
 
 ENV = {"HOME": "/home/u"}
 
@@ -59,7 +62,9 @@ def test_defaults() -> None:
     assert c.instances == () and c.models == ()
     assert c.tei_binary_path is None
     assert c.grpc_max_message_size_mb == 40
-    assert c.grpc_max_parallel_streams == 1024
+    assert c.grpc_max_parallel_streams == 100
+    assert c.grpc == GrpcConfig()
+    assert c.grpc.limits(max_concurrent_streams=100) == Limits()
     assert c.grpc_request_timeout_secs == 30
     assert (c.restart_backoff_initial_secs, c.restart_backoff_max_secs) == (1, 300)
     assert (c.crash_loop_restarts, c.crash_loop_window_secs) == (0, 300)
@@ -203,6 +208,7 @@ def test_load_config_missing_file(tmp_path: Path) -> None:
         ("TEI_MANAGER_GRPC_ENABLED", "0", "grpc_enabled", False),
         ("TEI_MANAGER_GRPC_ENABLED", "Yes", "grpc_enabled", True),
         ("TEI_MANAGER_LOG_DIR", "/data/logs", "log_dir", "/data/logs"),
+        ("TEI_MANAGER_API_KEEP_ALIVE_TIMEOUT", "2.5", "api_keep_alive_timeout_secs", 2.5),
         ("TEI_MANAGER_RESTART_BACKOFF_INITIAL", "0.5", "restart_backoff_initial_secs", 0.5),
         ("TEI_MANAGER_RESTART_BACKOFF_MAX", "60", "restart_backoff_max_secs", 60.0),
         ("TEI_MANAGER_CRASH_LOOP_RESTARTS", "5", "crash_loop_restarts", 5),
@@ -227,13 +233,52 @@ def test_every_documented_env_var_is_wired() -> None:
         "TEI_BINARY_PATH",
         "TEI_MANAGER_GRPC_ENABLED",
         "TEI_MANAGER_LOG_DIR",
+        "TEI_MANAGER_API_KEEP_ALIVE_TIMEOUT",
         "TEI_MANAGER_RESTART_BACKOFF_INITIAL",
         "TEI_MANAGER_RESTART_BACKOFF_MAX",
         "TEI_MANAGER_CRASH_LOOP_RESTARTS",
         "TEI_MANAGER_CRASH_LOOP_WINDOW",
+        "TEI_MANAGER_GRPC_MAX_PARALLEL_STREAMS",
+        "TEI_MANAGER_GRPC_MAX_CONNECTIONS",
+        "TEI_MANAGER_GRPC_HANDSHAKE_TIMEOUT",
+        "TEI_MANAGER_GRPC_IDLE_TIMEOUT",
+        "TEI_MANAGER_GRPC_KEEPALIVE_INTERVAL",
     }
     fields = set(ManagerConfig.__struct_fields__)
-    assert all(field in fields for _, field, _ in ENV_OVERRIDES)
+    grpc_fields = {f"grpc.{name}" for name in GrpcConfig.__struct_fields__}
+    assert all(field in fields | grpc_fields for _, field, _ in ENV_OVERRIDES)
+
+
+def test_grpc_section_and_its_env_overrides() -> None:
+    text = "grpc_max_parallel_streams = 64\n[grpc]\nmax_connections = 9\nidle_timeout_secs = 60"
+    c = parse(text, TEI_MANAGER_GRPC_KEEPALIVE_INTERVAL="15", TEI_MANAGER_GRPC_MAX_CONNECTIONS="7")
+    assert (c.grpc.max_connections, c.grpc.idle_timeout_secs) == (7, 60.0)
+    limits = c.grpc.limits(max_concurrent_streams=c.grpc_max_parallel_streams)
+    assert limits.max_concurrent_streams == 64
+    assert limits.keepalive_interval_secs == 15.0
+    assert limits.max_continuation_frames == Limits().max_continuation_frames  # not tunable
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "message"),
+    [
+        ("[grpc]\nmax_connections = 0", {}, "grpc.max_connections: 0 is invalid"),
+        ("[grpc]\nidle_timeout_secs = 0", {}, "grpc.idle_timeout_secs: 0.0 is invalid"),
+        ("[grpc]\nstream_receive_window_bytes = 10", {}, "grpc.stream_receive_window_bytes: 10"),
+        ("[grpc]\nmax_header_list_bytes = 10", {}, "grpc.max_header_list_bytes: 10 is invalid"),
+        ("[grpc]\nkeepalive_interval_secs = -1", {}, "grpc.keepalive_interval_secs: -1.0"),
+        ("[grpc]\nnope = 1", {}, 'grpc: unknown field "nope"'),
+        (
+            "",
+            {"TEI_MANAGER_GRPC_HANDSHAKE_TIMEOUT": "-2"},
+            "grpc.handshake_timeout_secs (from TEI_MANAGER_GRPC_HANDSHAKE_TIMEOUT): -2.0",
+        ),
+    ],
+)
+def test_invalid_grpc_section(text: str, env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse(text, **env)
+    assert str(info.value).startswith(message)
 
 
 def test_empty_env_var_means_unset() -> None:
@@ -251,6 +296,11 @@ def test_empty_env_var_means_unset() -> None:
             "TEI_MANAGER_HEALTH_CHECK_INTERVAL",
             "-1",
             "health_check_interval_secs (from TEI_MANAGER_HEALTH_CHECK_INTERVAL): -1.0 is invalid",
+        ),
+        (
+            "TEI_MANAGER_API_KEEP_ALIVE_TIMEOUT",
+            "0",
+            "api_keep_alive_timeout_secs (from TEI_MANAGER_API_KEEP_ALIVE_TIMEOUT): 0.0 is invalid",
         ),
         (
             "TEI_MANAGER_CRASH_LOOP_RESTARTS",
@@ -280,6 +330,8 @@ def test_bad_env_values_name_the_variable(var: str, text: str, message: str) -> 
         ('state_file = ""', "state_file: must not be empty"),
         ("health_check_interval_secs = 0", "health_check_interval_secs: 0.0 is invalid: use a"),
         ("health_check_interval_secs = nan", "health_check_interval_secs: nan is invalid"),
+        ("api_keep_alive_timeout_secs = -1", "api_keep_alive_timeout_secs: -1.0 is invalid"),
+        ("api_keep_alive_timeout_secs = inf", "api_keep_alive_timeout_secs: inf is invalid"),
         ("health_check_initial_delay_secs = -1", "health_check_initial_delay_secs: -1.0 is inv"),
         ("startup_timeout_secs = inf", "startup_timeout_secs: inf is invalid"),
         ("max_failures_before_restart = -1", "max_failures_before_restart: -1 is invalid"),
@@ -295,6 +347,8 @@ def test_bad_env_values_name_the_variable(var: str, text: str, message: str) -> 
         ("grpc_max_message_size_mb = 4096", "grpc_max_message_size_mb: 4096 is too large"),
         ("grpc_max_parallel_streams = 0", "grpc_max_parallel_streams: 0 is invalid"),
         ("grpc_request_timeout_secs = 0", "grpc_request_timeout_secs: 0.0 is invalid"),
+        ("max_queued_requests = -1", "max_queued_requests: -1 is invalid"),
+        ("queue_timeout_secs = 0", "queue_timeout_secs: 0.0 is invalid"),
         ('tei_binary_path = ""', "tei_binary_path: must not be empty"),
         ("restart_backoff_initial_secs = 0", "restart_backoff_initial_secs: 0.0 is invalid"),
         ("restart_backoff_max_secs = inf", "restart_backoff_max_secs: inf is invalid"),
@@ -329,6 +383,8 @@ def seeds(*bodies: str, head: str = "") -> str:
          "instances[0].port: 80 is privileged: use 1024-65535"),
         (seeds('name = "a"\nmodel_id = "x"\npooling = "max"'),
          'instances[0].pooling: "max" is not allowed: use cls|mean|splade|last-token'),
+        (seeds('name = "a"\nmodel_id = "x"\nengine = "tensorrt"'),
+         'instances[0].engine: "tensorrt" is not allowed: use auto|torch|onnx'),
         (seeds('name = "a"\nmodel_id = "x"\nport = 9000'),
          "instances[0].port: 9000 is already used by api_port"),
         (seeds('name = "a"\nmodel_id = "x"\nport = 8100',
@@ -471,6 +527,12 @@ def instance(**fields: object) -> InstanceConfig:
          "startup_timeout_secs: 0.0 is invalid"),
         ({"revision": ""}, ErrorCode.VALIDATION_ERROR, "revision: must not be empty"),
         ({"revision": "a\nb"}, ErrorCode.VALIDATION_ERROR, "revision: contains a control"),
+        ({"served_model_name": ""}, ErrorCode.VALIDATION_ERROR,
+         "served_model_name: must not be empty"),
+        ({"served_model_name": " x"}, ErrorCode.VALIDATION_ERROR,
+         "served_model_name: has leading or trailing whitespace"),
+        ({"served_model_name": "x" * 256}, ErrorCode.VALIDATION_ERROR,
+         "served_model_name: is 256 characters"),
         ({"extra_args": ("ok", "a\x00b")}, ErrorCode.VALIDATION_ERROR,
          "extra_args[1]: contains a NUL byte"),
         ({"extra_args": ("--port", "1")}, ErrorCode.VALIDATION_ERROR,
@@ -496,6 +558,7 @@ def test_valid_instance_with_every_field() -> None:
             startup_timeout_secs=5.0,
             extra_args=("--dtype", "float16", "--hostname", "127.0.0.1"),
             revision="refs/pr/1",
+            served_model_name="text-embedding-3-small",
         ),
         gpu_count=1,
     )
@@ -511,6 +574,31 @@ def test_gpu_id_must_exist_when_gpu_count_is_known() -> None:
 
 
 # --- decoding the REST create request ----------------------------------------
+
+
+def test_integral_numbers_are_integers_as_in_json_schema() -> None:
+    body = b'{"name": "b", "model_id": "m", "max_concurrent_requests": 64.0, "gpu_id": 0.0}'
+    config = decode_instance_config(body, gpu_count=1)
+    assert (config.max_concurrent_requests, config.gpu_id) == (64, 0)
+    assert isinstance(config.max_concurrent_requests, int)
+    with pytest.raises(ValidationError, match="max_concurrent_requests"):
+        decode_instance_config(b'{"name": "b", "model_id": "m", "max_concurrent_requests": 6.5}')
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "code"),
+    [
+        ("max_batch_tokens", 2**31, ErrorCode.VALIDATION_ERROR),
+        ("max_concurrent_requests", 2**63, ErrorCode.VALIDATION_ERROR),
+        ("gpu_id", 2**31, ErrorCode.INVALID_GPU_ID),
+    ],
+)
+def test_counts_are_bounded_as_documented(field: str, value: int, code: ErrorCode) -> None:
+    body = json.dumps({"name": "b", "model_id": "m", field: value}).encode()
+    with pytest.raises(ValidationError) as info:
+        decode_instance_config(body)
+    assert info.value.code is code
+    assert field in str(info.value)
 
 
 def test_decode_instance_config() -> None:

@@ -13,14 +13,16 @@ from pathlib import Path
 
 import pytest
 
+from tei_manager.core.gpu import GpuDevice, GpuProcess, StaticDevices
 from tei_manager.supervisor.devices import (
     DeviceReading,
+    NoDevices,
+    NvidiaSmiDevices,
+    NvmlDevices,
+    detect_devices,
     gpu_process_memory,
-    gpu_readings,
     host_devices,
     parse_meminfo,
-    parse_nvidia_smi_apps,
-    parse_nvidia_smi_memory,
     process_tree_rss,
 )
 from tei_manager.supervisor.footprint import (
@@ -48,42 +50,57 @@ def test_meminfo_gives_total_and_available() -> None:
 
 
 def test_the_host_ram_is_read_from_proc() -> None:
-    ram = host_devices(run=_no_nvidia_smi)[0]
+    ram, *gpus = host_devices(NoDevices())
     assert ram.device == "cpu"
     assert 0 < ram.free_bytes <= ram.total_bytes
+    assert gpus == []
 
 
 def _no_nvidia_smi(argv: Sequence[str]) -> str:
     raise FileNotFoundError(argv[0])
 
 
-def test_nvidia_smi_is_the_fallback_and_no_driver_means_no_gpu() -> None:
-    out = "0, 81559, 80000\n1, 81559, 1000\n"
-
-    def smi(argv: Sequence[str]) -> str:
-        assert argv[1] == "--query-gpu=index,memory.total,memory.free"
-        return out
-
-    assert parse_nvidia_smi_memory(out)[1] == DeviceReading(
-        device="gpu:1", total_bytes=81559 << 20, free_bytes=1000 << 20
+def _gpu(index: int, total_mib: int, free_mib: int) -> GpuDevice:
+    return GpuDevice(
+        index=index,
+        name="NVIDIA H100",
+        memory_total_bytes=total_mib << 20,
+        memory_free_bytes=free_mib << 20,
     )
-    try:
-        import pynvml  # type: ignore[import-not-found, unused-ignore]  # noqa: F401
-    except ImportError:
-        assert [g.device for g in gpu_readings(run=smi)] == ["gpu:0", "gpu:1"]
-
-    def broken(argv: Sequence[str]) -> str:
-        raise subprocess.CalledProcessError(9, argv)
-
-    assert parse_nvidia_smi_memory("No devices were found\n") == []
-    assert isinstance(gpu_readings(run=broken), list)
 
 
-def test_nvidia_smi_apps_sum_per_pid() -> None:
-    assert parse_nvidia_smi_apps("12, 300\n12, 100\n13, 5\n[N/A], 7\n") == {
-        12: 400 << 20,
-        13: 5 << 20,
-    }
+def test_placement_reads_the_gpus_of_the_one_device_table(tmp_path: Path) -> None:
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text(MEMINFO)
+    table = StaticDevices([_gpu(1, 81559, 1000), _gpu(0, 81559, 80000)])
+    assert host_devices(table, meminfo=str(meminfo)) == [
+        DeviceReading(device="cpu", total_bytes=16318264 * 1024, free_bytes=8000000 * 1024),
+        DeviceReading(device="gpu:0", total_bytes=81559 << 20, free_bytes=80000 << 20),
+        DeviceReading(device="gpu:1", total_bytes=81559 << 20, free_bytes=1000 << 20),
+    ]
+    # nvidia-smi's table, the fallback without NVML, gives the same readings.
+    outputs = {"--query-gpu=index,name,memory.total,memory.free": "0, H100, 81559, 80000\n"}
+    smi = NvidiaSmiDevices(lambda argv: outputs[argv[1]])
+    assert host_devices(smi, meminfo=str(meminfo))[1:] == [
+        DeviceReading(device="gpu:0", total_bytes=81559 << 20, free_bytes=80000 << 20)
+    ]
+    # No memory file: the host's RAM is unknown (0), never an error.
+    assert host_devices(table, meminfo=str(tmp_path / "none"))[0].total_bytes == 0
+
+
+def test_gpu_process_memory_sums_each_pids_gpus() -> None:
+    table = StaticDevices(
+        [_gpu(0, 100, 50), _gpu(1, 100, 50)],
+        [
+            GpuProcess(pid=12, gpu_index=0, used_bytes=300 << 20),
+            GpuProcess(pid=12, gpu_index=1, used_bytes=100 << 20),
+            GpuProcess(pid=13, gpu_index=0, used_bytes=5 << 20),
+            GpuProcess(pid=14, gpu_index=0, used_bytes=0),
+        ],
+    )
+    assert gpu_process_memory([12, 14, 99], table) == {12: 400 << 20}
+    # A table that cannot tell (nvidia-smi failing): nobody uses any.
+    assert gpu_process_memory([12], StaticDevices([], None)) == {}
 
 
 def test_rss_of_a_process_tree_counts_its_children() -> None:
@@ -166,6 +183,9 @@ class FakeNvml(types.ModuleType):
     def nvmlDeviceGetHandleByIndex(self, index: int) -> int:
         return index
 
+    def nvmlDeviceGetName(self, handle: int) -> bytes:
+        return b"NVIDIA H100"
+
     def nvmlDeviceGetMemoryInfo(self, handle: int) -> types.SimpleNamespace:
         total, free = self.memory[handle]
         return types.SimpleNamespace(total=total, free=free, used=total - free)
@@ -181,9 +201,11 @@ def test_nvml_is_asked_first_for_gpus_and_per_process_memory(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setitem(sys.modules, "pynvml", FakeNvml())
-    assert gpu_readings(run=_no_nvidia_smi) == [
+    table = detect_devices(run=_no_nvidia_smi)
+    assert isinstance(table, NvmlDevices)
+    assert host_devices(table)[1:] == [
         DeviceReading(device="gpu:0", total_bytes=80 << 30, free_bytes=70 << 30),
         DeviceReading(device="gpu:1", total_bytes=16 << 30, free_bytes=1 << 30),
     ]
     # Summed over the GPUs a process uses; processes not asked about are left out.
-    assert gpu_process_memory([4242, 7], run=_no_nvidia_smi) == {4242: 4 << 30}
+    assert gpu_process_memory([4242, 7], table) == {4242: 4 << 30}

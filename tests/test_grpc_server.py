@@ -1,4 +1,4 @@
-"""The purerpc compatibility layer: one test per trap listed in ARCHITECTURE.md.
+"""Our gRPC server's guarantees (see its module docstring): one test per trap.
 
 Each test drives the real server over real sockets, mostly with the official
 grpcio client (run in a thread) so the behaviour is what grpcio users see.
@@ -10,6 +10,7 @@ import hashlib
 import logging
 import socket
 import ssl
+import struct
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -17,6 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import h2.config
+import h2.connection
+import h2.events
 import pytest
 import trio
 from hyperframe.frame import WindowUpdateFrame
@@ -30,6 +34,7 @@ from tests.tls import make_pki
 SLEEP_FOREVER = 777
 CRASH = 666
 SLOW = 555
+PUSH_BACK = 444
 
 
 class Probe(tei_grpc.TokenizeServicer):
@@ -46,6 +51,8 @@ class Probe(tei_grpc.TokenizeServicer):
         self.deadlines.append(context.time_remaining())
         if list(request.ids) == [CRASH]:
             raise RuntimeError("secret internal detail")
+        if list(request.ids) == [PUSH_BACK]:
+            raise GrpcError(StatusCode.RESOURCE_EXHAUSTED, "full", retry_pushback_ms=1500)
         if list(request.ids) == [SLOW]:
             self.started.set()
             await trio.sleep(0.3)
@@ -118,6 +125,22 @@ async def test_grpcio_unary_and_stream(nursery: trio.Nursery) -> None:
     one, many = await _grpcio(server.port, calls)
     assert one == "1 2"
     assert many == ["0", "1", "2", "3", "4"]
+
+
+async def test_a_handler_can_ask_the_client_to_retry_later(nursery: trio.Nursery) -> None:
+    server, _ = await _serve(nursery)
+
+    def call(ch: grpc.Channel) -> tuple[grpc.StatusCode, dict[str, str]]:
+        try:
+            _decode_stub(ch)(tei_pb2.DecodeRequest(ids=[PUSH_BACK]), timeout=10)
+        except grpc.RpcError as error:
+            trailers = dict(error.trailing_metadata() or ())  # type: ignore[attr-defined]
+            return error.code(), trailers  # type: ignore[attr-defined]
+        return grpc.StatusCode.OK, {}
+
+    code, trailers = await _grpcio(server.port, call)
+    assert code is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert trailers["grpc-retry-pushback-ms"] == "1500"
 
 
 async def test_unknown_method_is_unimplemented(nursery: trio.Nursery) -> None:
@@ -215,19 +238,40 @@ async def test_trio_deadline_propagates_as_grpc_timeout(nursery: trio.Nursery) -
 
 
 async def test_window_update_on_closed_stream_keeps_connection(nursery: trio.Nursery) -> None:
-    """RFC 7540 §5.1: WINDOW_UPDATE after END_STREAM is ignored, not a connection error."""
+    """RFC 9113 §5.1: WINDOW_UPDATE after END_STREAM is ignored, not a connection error."""
     server, _ = await _serve(nursery)
-    async with open_channel("127.0.0.1", server.port) as channel:
-        method = tei_grpc.Tokenize.Decode
-        await channel.unary_unary(method, tei_pb2.DecodeRequest(ids=[1]))  # stream 1
-        await channel.unary_unary(method, tei_pb2.DecodeRequest(ids=[2]))  # stream 3
-        transport = channel._transport
-        assert transport is not None
-        frame = WindowUpdateFrame(1, window_increment=1000).serialize()
-        transport.conn.h2_connection._data_to_send += frame
-        transport.flush()
-        reply = await channel.unary_unary(method, tei_pb2.DecodeRequest(ids=[3]))
-    assert reply.text == "3"
+    client = h2.connection.H2Connection(
+        h2.config.H2Configuration(client_side=True, header_encoding="utf-8")
+    )
+    client.initiate_connection()
+    request = [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":path", tei_grpc.Tokenize.Decode.path),
+        (":authority", "test"),
+        ("te", "trailers"),
+        ("content-type", "application/grpc"),
+    ]
+    body = tei_pb2.DecodeRequest(ids=[1]).SerializeToString()
+    message = struct.pack(">BL", 0, len(body)) + body
+    seen: list[Any] = []
+    sock = await trio.open_tcp_stream("127.0.0.1", server.port)
+    async with sock:
+        for stream_id in (1, 3):
+            client.send_headers(stream_id, request)
+            client.send_data(stream_id, message, end_stream=True)
+            await sock.send_all(client.data_to_send())
+            ended = False
+            with trio.fail_after(5):
+                while not ended:
+                    events = client.receive_data(await sock.receive_some())
+                    seen += events
+                    ended = any(isinstance(e, h2.events.StreamEnded) for e in events)
+            await sock.send_all(client.data_to_send())
+            if stream_id == 1:  # the stream is closed: a late WINDOW_UPDATE for it
+                await sock.send_all(WindowUpdateFrame(1, window_increment=1000).serialize())
+    # Stream 3 was answered on the same connection, and no GOAWAY came.
+    assert not any(isinstance(e, h2.events.ConnectionTerminated) for e in seen)
 
 
 async def test_handler_exception_is_internal_with_clean_message(nursery: trio.Nursery) -> None:
@@ -288,7 +332,7 @@ async def test_port_is_not_shared_with_reuse_port(nursery: trio.Nursery) -> None
     second = GrpcServer([Probe()], port=server.port)
     with pytest.raises(OSError):
         await nursery.start(second.run)
-    # And the stock purerpc behaviour we avoid: a SO_REUSEPORT socket could bind it.
+    # And what SO_REUSEPORT on our listener would allow: a second socket binding it.
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     with pytest.raises(OSError):
@@ -313,3 +357,26 @@ async def test_a_call_is_counted_before_its_client_sees_the_answer(
         return observed.is_set()
 
     assert await _grpcio(server.port, call)
+
+
+async def test_an_authorizer_that_raises_fails_only_that_call(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    def authorize(context: CallContext) -> None:
+        if context.metadata_value("x-crash") is not None:
+            raise ValueError("secret detail")
+
+    server, _ = await _serve(nursery, authorize=authorize)
+    async with open_channel("127.0.0.1", server.port) as channel:
+        with pytest.raises(GrpcError) as info:
+            await channel.unary_unary(
+                tei_grpc.Tokenize.Decode,
+                tei_pb2.DecodeRequest(ids=[1]),
+                metadata=[("x-crash", "1")],
+            )
+        assert info.value.code == StatusCode.INTERNAL
+        assert "secret" not in info.value.message
+        # The connection and the server live on.
+        reply = await channel.unary_unary(tei_grpc.Tokenize.Decode, tei_pb2.DecodeRequest(ids=[2]))
+    assert reply.text == "2"
+    assert "secret detail" in caplog.text

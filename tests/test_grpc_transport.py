@@ -12,9 +12,12 @@ import pytest
 import trio
 import trio.lowlevel
 import trio.testing
+from hyperframe.frame import SettingsFrame
 
 from tei_manager.grpc._http2 import H2Connection
 from tei_manager.grpc._http2_frames import DataReceived, HeadersReceived
+from tei_manager.grpc.limits import Limits
+from tei_manager.grpc.rpc import GrpcError
 from tei_manager.grpc.transport import WRITE_INTERVAL, Stream, Transport
 
 
@@ -44,6 +47,7 @@ class Peer:
 async def _transport() -> AsyncIterator[tuple[Transport, Peer]]:
     ours, theirs = socket.socketpair()
     with theirs:
+        theirs.send(SettingsFrame(0).serialize())  # the server's side of the handshake
         transport = Transport(
             trio.SocketStream(trio.socket.from_stdlib_socket(ours)),
             client_side=True,
@@ -61,7 +65,7 @@ async def _transport() -> AsyncIterator[tuple[Transport, Peer]]:
 
 def _request(transport: Transport, metadata: tuple[tuple[str, str], ...] = ()) -> Stream:
     stream = transport.open_stream()
-    transport.conn.start_request(stream.stream_id, "http", "/s/M", "host", None, metadata)
+    transport.start_request(stream, "http", "/s/M", "host", None, metadata)
     return stream
 
 
@@ -112,7 +116,7 @@ async def test_what_the_socket_cannot_take_is_sent_first_by_the_writer(
             stream.end_request()
         first = peer.read_now()
         assert 0 < len(first) < 2_000_000
-        server = H2Connection(client_side=False)
+        server = H2Connection(client_side=False, limits=Limits(max_concurrent_streams=300))
         events = server.receive_data(peer.opening + first)
         ended: list[int] = []
         while len(ended) < 300:
@@ -133,14 +137,14 @@ async def test_nothing_is_written_directly_once_the_connection_closed() -> None:
         client_side=True,
         max_message_bytes=1 << 20,
     )
-    with trio.fail_after(5):
-        await transport.run()  # ends at once: the peer is gone
+    with trio.fail_after(5), pytest.raises(GrpcError):
+        await transport.run()  # ends at once: the peer is gone before its SETTINGS
     assert transport.closed
     # The descriptor number is free again and likely reused: push must not write.
     reuse, reuse_peer = socket.socketpair()
     with reuse, reuse_peer:
         reuse_peer.setblocking(False)
-        transport.h2.close_connection()
+        _request(transport)  # queues a header block
         transport.push()
         with pytest.raises(BlockingIOError):
             reuse_peer.recv(1024)

@@ -47,6 +47,7 @@ from tei_manager.grpc._hpack import HeaderDecodeError, HeaderDecoder, encode_hea
 from tei_manager.grpc._http2_frames import PREFACE, ErrorCode, ProtocolError, StreamClosedError
 from tei_manager.grpc._protocol import Connection
 from tei_manager.grpc.channel import open_channel
+from tei_manager.grpc.limits import DEFAULT_LIMITS, Limits
 from tei_manager.grpc.rpc import GrpcError, StatusCode
 from tei_manager.grpc.server import CallContext, GrpcServer
 
@@ -85,7 +86,11 @@ def of(kind: type, events: list[Any]) -> list[Any]:
 
 
 def server_pair(**kwargs: Any) -> tuple[Connection, h2.connection.H2Connection]:
-    ours = Connection(client_side=False, max_message_bytes=kwargs.pop("max_message_bytes", 4096))
+    ours = Connection(
+        client_side=False,
+        max_message_bytes=kwargs.pop("max_message_bytes", 4096),
+        limits=kwargs.pop("limits", DEFAULT_LIMITS),
+    )
     ours.initiate_connection()
     peer = h2.connection.H2Connection(
         h2.config.H2Configuration(client_side=True, header_encoding="utf-8", **kwargs)
@@ -198,8 +203,8 @@ def test_messages_split_across_frames_and_many_per_frame() -> None:
 
 
 def test_padding_is_removed_and_credited_at_once() -> None:
-    # A stream window of 100 (twice the message limit): credit goes back in batches of 50.
-    ours, peer = server_pair(max_message_bytes=50)
+    # A stream window of 100: credit goes back in batches of 50.
+    ours, peer = server_pair(max_message_bytes=50, limits=Limits(stream_receive_window_bytes=100))
     peer.send_headers(1, REQUEST)
     assert peer.local_flow_control_window(1) == 100
     peer.send_data(1, framed(b"padded"), pad_length=60)  # 11 + 1 + 60 flow-controlled
@@ -363,7 +368,7 @@ def test_oversized_message_fails_only_its_stream_and_returns_credit() -> None:
     assert events == []  # the rest is discarded, the end of the request too
     # All of it was credited back to the connection (in one batch, once large enough).
     h2c = ours.h2_connection
-    assert h2c.recv_window + h2c._recv_credit == 2**30
+    assert h2c.recv_window + h2c._recv_credit == DEFAULT_LIMITS.connection_receive_window_bytes
     ours.respond_status(1, StatusCode.RESOURCE_EXHAUSTED, rejected.message)
     ours.forget(1)
     # The next call on the connection is fine.
@@ -385,13 +390,13 @@ def test_compressed_message_is_unimplemented() -> None:
 
 
 def test_max_concurrent_streams_refuses_the_extra_stream() -> None:
-    raw = RawClient(max_concurrent_streams=1)
+    raw = RawClient(limits=Limits(max_concurrent_streams=1))
     assert raw.send(raw.headers(1, REQUEST))
     assert raw.send(raw.headers(3, REQUEST)) == []
     frames = raw.sent_frames()
     assert frames[3] == 0x3 and struct.unpack(">L", frames[9:13])[0] == ErrorCode.REFUSED_STREAM
-    # Once the first stream closes, a new one is accepted.
-    raw.ours.h2_connection.reset_stream(1)
+    # Once the application is done with the first stream, a new one is accepted.
+    raw.ours.forget(1)
     assert of(RequestReceived, raw.send(raw.headers(5, REQUEST)))
 
 
@@ -478,7 +483,7 @@ def test_frame_over_our_max_frame_size_and_flow_control_violation() -> None:
 
 
 def test_stream_flow_control_violation_resets_only_the_stream() -> None:
-    raw = RawClient(max_message_bytes=1024)  # stream window 2048
+    raw = RawClient(max_message_bytes=1024, limits=Limits(stream_receive_window_bytes=2048))
     raw.send(raw.headers(1, REQUEST))
     events = raw.send(DataFrame(1, data=b"y" * 3000).serialize())
     (reset,) = of(StreamReset, events)
@@ -488,7 +493,9 @@ def test_stream_flow_control_violation_resets_only_the_stream() -> None:
 
 def test_a_smaller_stream_window_applies_once_our_settings_are_acknowledged() -> None:
     # RFC 9113 §6.9.3: until then the peer may still use the default 65535.
-    raw = RawClient(acknowledge=False, max_message_bytes=1024)  # we advertise 2048
+    raw = RawClient(
+        acknowledge=False, max_message_bytes=1024, limits=Limits(stream_receive_window_bytes=2048)
+    )
     raw.send(raw.headers(1, REQUEST))
     three = DataFrame(1, data=framed(b"m" * 1000) * 3).serialize()  # 3015 bytes, unread
     assert len(of(MessageReceived, raw.send(three))) == 3

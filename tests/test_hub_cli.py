@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -9,10 +10,14 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import huggingface_hub.utils as hf_utils
 import pytest
+import trio
 
 from tei_manager.cli import main
 from tei_manager.hub.cache import locate
+from tei_manager.hub.cli import show_progress
+from tei_manager.hub.state import TransferProgress
 from tests.conftest import TinyModels
 from tests.hubserver import HubServer
 
@@ -111,3 +116,31 @@ def test_the_command_runs_without_a_manager(cache: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str(locate(str(cache), TINY, None).path)  # type: ignore[union-attr]
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+async def test_the_progress_bar_ends_where_the_pull_did(
+    monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    # Loading a model elsewhere in the run switches huggingface_hub's bars off globally.
+    if hf_utils.are_progress_bars_disabled():
+        hf_utils.enable_progress_bars()
+        request.addfinalizer(hf_utils.disable_progress_bars)
+    progress, err = TransferProgress(), Terminal()
+    progress.files_total, progress.bytes_total = 10, 1000
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(show_progress, progress, TINY, err)
+        await trio.sleep(0.25)  # a few redraws
+        progress.files_done, progress.bytes_done = 8, 800
+        await trio.sleep(0.25)
+        # The last two files finish between two redraws, and the pull ends at once.
+        progress.files_done, progress.bytes_done = 10, 1000
+        nursery.cancel_scope.cancel()
+    last = err.getvalue().rstrip().split("\r")[-1]
+    assert "files 10/10]" in last, last
+    assert "1000/1000" in last or "100%" in last, last

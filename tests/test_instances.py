@@ -243,6 +243,7 @@ def test_info_snapshot(registry: InstanceTable) -> None:
         "restarts", "health_check_failures", "last_health_check", "prometheus_port", "pooling",
         "max_batch_tokens", "max_concurrent_requests", "last_error", "next_restart_at",
         "start", "idle_timeout_secs", "pinned", "device", "memory_bytes",
+        "served_model_name",
     ]  # fmt: skip
     assert encoded["status"] == "running"
     assert encoded["created_at"] == "2025-01-15T10:30:00Z"

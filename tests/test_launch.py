@@ -110,6 +110,15 @@ def test_optional_flags_then_extra_args_last() -> None:
     ]
 
 
+def test_engine_goes_to_the_worker_only() -> None:
+    config = _config(engine="onnx")
+    argv = build_command(config, WORKER)
+    assert argv[argv.index("--engine") + 1] == "onnx"
+    assert parse_options(argv[len(WORKER.argv) :]).engine == "onnx"
+    assert "--engine" not in build_command(config, TEI)
+    assert "--engine" not in build_command(_config(), WORKER)
+
+
 def test_tei_gets_its_own_unix_socket_per_instance() -> None:
     first = build_command(_config(port=8081), TEI)
     second = build_command(_config(port=8082), TEI)

@@ -54,6 +54,7 @@ class Backend(tei_grpc.EmbedServicer):
     async def EmbedStream(
         self, requests: AsyncIterator[tei_pb2.EmbedRequest], context: CallContext
     ) -> AsyncIterator[tei_pb2.EmbedResponse]:
+        self.metadata.append(context.metadata)
         try:
             async for request in requests:
                 if request.inputs == "hang":
@@ -174,11 +175,29 @@ async def test_client_deadline_and_metadata_reach_the_backend(warm: bool) -> Non
             await _warm_up(setup, channel, warm)
             with trio.move_on_after(5):
                 await channel.unary_unary(
-                    M.Embed, setup.embed("abc"), metadata=(("x-request-id", "r-1"),)
+                    M.Embed,
+                    setup.embed("abc"),
+                    metadata=(
+                        ("x-request-id", "r-1"),
+                        ("authorization", "Bearer secret"),
+                        ("x-ssl-client-cert", "-----BEGIN%20CERTIFICATE-----"),
+                    ),
                 )
             timeout = setup.backend.timeouts[-1]
             assert timeout is not None and 0 < timeout <= 5
-            assert ("x-request-id", "r-1") in setup.backend.metadata[-1]
+            relayed = setup.backend.metadata[-1]
+            assert ("x-request-id", "r-1") in relayed
+            # The client's credentials are ours to check, never the instance's to see.
+            assert not {"authorization", "x-ssl-client-cert"} & {key for key, _ in relayed}
+            calls = len(setup.backend.metadata)
+            with trio.move_on_after(5):
+                async with channel.open_call(
+                    M.EmbedStream, metadata=(("authorization", "Bearer secret"),)
+                ) as call:
+                    await call.send(setup.embed("x"))
+                    assert await call.receive() is not None
+            assert len(setup.backend.metadata) == calls + 1
+            assert "authorization" not in {key for key, _ in setup.backend.metadata[-1]}
         nursery.cancel_scope.cancel()
 
 

@@ -54,6 +54,7 @@ FULL = PersistedState(
             startup_timeout_secs=12.5,
             extra_args=("--dtype", "float16"),
             revision="main",
+            served_model_name="text-embedding-3-small",
         ),
     )
 )

@@ -45,7 +45,7 @@ def _channel_call(port: int, spec: MethodSpec[Any, Any], requests: Sequence[Mess
 Client = Callable[[int, MethodSpec[Any, Any], Sequence[Message]], Reply]
 
 
-@pytest.fixture(params=["grpcio", "purerpc"])
+@pytest.fixture(params=["grpcio", "channel"])
 def client(request: pytest.FixtureRequest) -> Client:
     return grpcio_client.call if request.param == "grpcio" else _channel_call
 
@@ -237,10 +237,24 @@ def test_embed_sparse(workers: Workers, client: Client) -> None:
 
 
 def test_overload_is_resource_exhausted_at_once(workers: Workers) -> None:
-    """The classifier worker runs with --max-concurrent-requests 2."""
-    with grpc.insecure_channel(f"127.0.0.1:{workers.classifier.port}") as channel:
+    """The classifier worker runs with --max-concurrent-requests 2, which is also the
+    stream limit it advertises: one connection's calls queue in the client, and only
+    calls from several connections at once overload the engine."""
+    request = tei_pb2.PredictRequest(inputs="alpha " * 30)
+    target = f"127.0.0.1:{workers.classifier.port}"
+    with grpc.insecure_channel(target) as channel:
         predict = grpcio_client.stub(channel, P.Predict)
-        futures = [predict.future(tei_pb2.PredictRequest(inputs="alpha " * 30)) for _ in range(64)]
+        futures = [predict.future(request) for _ in range(16)]
+        assert all(future.code() == grpc.StatusCode.OK for future in futures)
+    # A channel of its own each (not grpcio's shared subchannel): 8 connections.
+    options = [("grpc.use_local_subchannel_pool", 1)]
+    channels = [grpc.insecure_channel(target, options=options) for _ in range(8)]
+    try:
+        futures = [
+            grpcio_client.stub(channel, P.Predict).future(request)
+            for channel in channels
+            for _ in range(8)
+        ]
         codes = []
         for future in futures:
             try:
@@ -250,6 +264,9 @@ def test_overload_is_resource_exhausted_at_once(workers: Workers) -> None:
                 codes.append(error.code())
                 if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                     assert "overloaded" in (error.details() or "")
+    finally:
+        for channel in channels:
+            channel.close()
     assert grpc.StatusCode.OK in codes
     assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes
     assert set(codes) == {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}

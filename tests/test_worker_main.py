@@ -31,7 +31,7 @@ def _free_port() -> int:
 
 
 async def test_health_is_not_serving_until_the_model_is_loaded(
-    tiny_models: TinyModels, monkeypatch: pytest.MonkeyPatch
+    tiny_models: TinyModels, monkeypatch: pytest.MonkeyPatch, onnx_graphs: None
 ) -> None:
     release = threading.Event()
     real_load = Engine.load
@@ -67,7 +67,9 @@ async def test_health_is_not_serving_until_the_model_is_loaded(
         worker.shutdown(grace=1)
 
 
-def test_sigterm_exits_zero_with_json_logs(tiny_models: TinyModels, tmp_path: Path) -> None:
+def test_sigterm_exits_zero_with_json_logs(
+    tiny_models: TinyModels, tmp_path: Path, onnx_graphs: None
+) -> None:
     with run_worker_process(tiny_models.reranker, tmp_path / "worker.log") as worker:
         worker.process.send_signal(signal.SIGTERM)
         assert worker.process.wait(30) == 0

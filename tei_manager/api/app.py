@@ -13,16 +13,18 @@ from collections.abc import MutableMapping
 from typing import Any, Final, cast
 
 import trio
-from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, ASGISendEvent, Scope
+from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
 from prometheus_client import generate_latest
 from quart import Response, request
 from quart_trio import QuartTrio
-from quart_trio.asgi import TrioASGILifespan
 from werkzeug.exceptions import HTTPException
 
 from tei_manager.api.auth import install_auth
 from tei_manager.api.dto import ProbeStatus
+from tei_manager.api.exchange import Exchange
 from tei_manager.api.facade import ManagerFacade
+from tei_manager.api.inference import register_inference_routes
+from tei_manager.api.inference_doors import inference_doors
 from tei_manager.api.models_routes import ModelHandlers, ModelIdConverter
 from tei_manager.api.openapi import openapi_json
 from tei_manager.api.responses import (
@@ -32,10 +34,12 @@ from tei_manager.api.responses import (
     unexpected_error_response,
 )
 from tei_manager.api.routes import MAX_BODY_BYTES, OPERATIONS, PROMETHEUS_TEXT, quart_rule
+from tei_manager.api.state_routes import StateHandlers
 from tei_manager.api.storage import check_storage
 from tei_manager.auth.security import Security, build_security
 from tei_manager.config import decode_instance_config
 from tei_manager.errors import ErrorCode, TeiError, ValidationError, quote
+from tei_manager.gateway.relay import Gateway
 
 __all__ = ["NO_RESPONSE_STATUS", "UNMATCHED_ROUTE", "ApiApp", "create_app"]
 
@@ -60,34 +64,8 @@ def _scope_extras(scope: Scope) -> MutableMapping[str, Any]:
     return cast(MutableMapping[str, Any], scope)
 
 
-def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    first = group.exceptions[0]
-    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
-
-
-class _Lifespan(TrioASGILifespan):
-    """Quart-Trio's lifespan handler, with a cancellation left a plain ``Cancelled``.
-
-    Quart-Trio runs the lifespan inside a nursery, so cancelling the server makes
-    it raise a group of ``Cancelled``. Hypercorn 0.17 takes any group from the
-    lifespan for a broken app: it logs an error with a traceback and swallows the
-    cancellation. A group holding nothing but ``Cancelled`` is re-raised bare.
-    """
-
-    async def __call__(self, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
-        try:
-            await super().__call__(receive, send)
-        except BaseExceptionGroup as group:
-            cancelled, rest = group.split(trio.Cancelled)
-            if cancelled is not None and rest is None:
-                raise _first_leaf(cancelled) from None
-            raise
-
-
 class ApiApp(QuartTrio):
     """A QuartTrio app bound to one manager, timing every HTTP request it answers."""
-
-    asgi_lifespan_class = _Lifespan
 
     def __init__(self, manager: ManagerFacade) -> None:
         super().__init__(__name__, static_folder=None)
@@ -96,30 +74,26 @@ class ApiApp(QuartTrio):
     async def asgi_app(
         self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
     ) -> None:
-        """Serve one ASGI connection; HTTP requests are timed around the whole exchange."""
+        """Serve one ASGI connection; HTTP requests are timed around the whole exchange
+        and kept safe for the connection that carries them (:mod:`.exchange`)."""
         if scope["type"] != "http":
             await super().asgi_app(scope, receive, send)
             return
-        status = 0
-
-        async def send_noting_status(message: ASGISendEvent) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
+        exchange = Exchange(scope, receive, send, max_body_bytes=MAX_BODY_BYTES)
         started = time.perf_counter()
         try:
-            await super().asgi_app(scope, receive, send_noting_status)
+            await super().asgi_app(scope, exchange.receive, exchange.send)
+            await exchange.read_off_body()
         except Exception:
-            status = status or 500  # the server answers 500 for what escapes the app
+            # The server answers 500 for what escapes the app.
+            exchange.status = exchange.status or 500
             raise
         finally:
             # Also on cancellation: a request cut off at shutdown still took time.
             self.manager.metrics.observe_http(
                 _scope_extras(scope).get(_ROUTE_KEY, UNMATCHED_ROUTE),
                 scope["method"],
-                status or NO_RESPONSE_STATUS,
+                exchange.status or NO_RESPONSE_STATUS,
                 time.perf_counter() - started,
             )
 
@@ -233,23 +207,34 @@ async def _on_exception(error: Exception) -> Response:
     return unexpected_error_response(error, request.method, request.path)
 
 
-def create_app(manager: ManagerFacade, security: Security | None = None) -> ApiApp:
+def create_app(
+    manager: ManagerFacade, security: Security | None = None, gateway: Gateway | None = None
+) -> ApiApp:
     """The REST API for ``manager``: every route in :data:`OPERATIONS`, behind
-    ``security`` (default: built from ``manager.config``)."""
+    ``security`` (default: built from ``manager.config``), and the inference routes
+    (scope ``inference``) when a ``gateway`` serves them."""
     app = ApiApp(manager)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.url_map.converters["model_id"] = ModelIdConverter
     handlers = _Handlers(manager)
     model_handlers = ModelHandlers(manager)
+    state_handlers = StateHandlers(manager)
     for op in OPERATIONS:
+        handler = (
+            getattr(handlers, op.endpoint, None)
+            or getattr(model_handlers, op.endpoint, None)
+            or getattr(state_handlers, op.endpoint)
+        )
         app.add_url_rule(
             quart_rule(op.path),
             op.endpoint,
-            getattr(handlers, op.endpoint, None) or getattr(model_handlers, op.endpoint),
+            handler,
             methods=[op.method],
             # A model id is never rewritten: "//etc" stays a (refused) model id.
             merge_slashes="{model_id}" not in op.path,
         )
+    if gateway is not None:
+        register_inference_routes(app, inference_doors(gateway))
     app.before_request(_note_route)
     install_auth(app, security or build_security(manager.config, manager.metrics.prometheus))
     app.register_error_handler(TeiError, _on_tei_error)

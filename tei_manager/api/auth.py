@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import math
+import re
 import ssl
 import time
 from collections.abc import MutableMapping
@@ -33,7 +34,14 @@ from typing import Any, Final, cast
 from quart import Quart, Response, request
 
 from tei_manager.api.responses import error_response
-from tei_manager.auth.identity import AuthRequest, Identity, Refusal, Scope, parse_peer
+from tei_manager.auth.identity import (
+    AuthRequest,
+    Identity,
+    Refusal,
+    Scope,
+    field_value,
+    parse_peer,
+)
 from tei_manager.auth.security import Security
 from tei_manager.errors import ErrorCode, TeiError
 
@@ -47,6 +55,10 @@ _REALM: Final = 'Bearer realm="tei-manager"'
 # Inference routes (OpenAI- and TEI-compatible) live under these prefixes.
 _INFERENCE_PREFIXES: Final = ("/v1/", "/tei/")
 _READ_METHODS: Final = frozenset({"GET", "HEAD"})
+_MAX_LOGGED_CHARS: Final = 200
+_CONTROL_RE: Final = re.compile(r"[\x00-\x1f\x7f]")
+# Reset, export and import of the desired state.
+_STATE_PREFIX: Final = "/state"
 
 _peer_certificate: contextvars.ContextVar[bytes | None] = contextvars.ContextVar(
     "tei_manager_peer_certificate", default=None
@@ -68,12 +80,26 @@ def capture_peer_certificates(context: ssl.SSLContext) -> ssl.SSLContext:
 
 
 def scope_for(method: str, path: str) -> Scope:
-    """The scope a REST call needs: inference routes, reads, or administration."""
+    """The scope a REST call needs: inference routes, reads, or administration.
+
+    ``/state/...`` is administration whatever the method: an export holds every
+    instance's configuration.
+    """
     if path.startswith(_INFERENCE_PREFIXES):
         return Scope.INFERENCE
+    if path == _STATE_PREFIX or path.startswith(_STATE_PREFIX + "/"):
+        return Scope.ADMIN
     if method in _READ_METHODS:
         return Scope.READ
     return Scope.ADMIN
+
+
+def _loggable(text: str) -> str:
+    """``text`` cut short, with control characters escaped: the path arrives
+    percent-decoded, and ``%0A`` must not start a forged access-log line."""
+    if len(text) > _MAX_LOGGED_CHARS:
+        text = text[:_MAX_LOGGED_CHARS] + "..."
+    return _CONTROL_RE.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 def _extras(scope: object) -> MutableMapping[str, Any]:
@@ -110,8 +136,8 @@ class _RestAuth:
                 peer=parse_peer(request.scope.get("client")),
                 authorization=headers.get("Authorization"),
                 peer_certificate=_peer_certificate.get(),
-                cert_header=headers.get("X-SSL-Client-Cert"),
-                forwarded_for=headers.get("X-Forwarded-For"),
+                cert_header=field_value(headers.getlist("X-SSL-Client-Cert")),
+                forwarded_for=field_value(headers.getlist("X-Forwarded-For")),
             ),
             scope_for(request.method, path),
             time.time(),
@@ -147,9 +173,9 @@ class _RestAuth:
                 "%s %s %s %d identity=%s",
                 client[0] if client else "-",
                 request.method,
-                request.path if len(request.path) <= 200 else request.path[:200] + "...",
+                _loggable(request.path),
                 response.status_code,
-                identity,
+                _loggable(identity),
                 extra={"identity": identity, "status": response.status_code},
             )
         return response

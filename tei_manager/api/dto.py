@@ -8,14 +8,15 @@ window is :class:`LogSlice`, and every error is :class:`ErrorBody`.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 
-from tei_manager.config import InstanceConfig
+from tei_manager.config import HUB_ID_SCHEMA, InstanceConfig
 from tei_manager.core.instances import InstanceInfo
 from tei_manager.core.logslice import LogSlice
 from tei_manager.errors import ErrorBody
+from tei_manager.hub.paths import REVISION_SCHEMA
 from tei_manager.hub.state import ModelInfo
 from tei_manager.manager.ondemand import DevicesReport, DeviceView
 from tei_manager.manager.state import StateFileReport
@@ -87,8 +88,8 @@ class HealthResponse(msgspec.Struct, frozen=True, kw_only=True):
 class AddModelRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """``POST /models``: a Hugging Face model to register, at a revision (default: main)."""
 
-    model_id: str
-    revision: str | None = None
+    model_id: Annotated[str, msgspec.Meta(extra_json_schema=HUB_ID_SCHEMA)]
+    revision: Annotated[str, msgspec.Meta(extra_json_schema=REVISION_SCHEMA)] | None = None
 
 
 class ProbeStatus(msgspec.Struct, frozen=True, kw_only=True):

@@ -15,6 +15,7 @@ from tei_manager.config import InstanceConfig, ManagerConfig
 from tei_manager.core.instances import InstanceInfo
 from tei_manager.core.logslice import LogSlice
 from tei_manager.hub.state import ModelInfo
+from tei_manager.manager.backup import Backup
 from tei_manager.manager.ondemand import DevicesReport
 
 __all__ = ["HttpMetrics", "ManagerFacade", "ModelsFacade"]
@@ -118,3 +119,15 @@ class ManagerFacade(Protocol):
     def mark_listening(self) -> None:
         """The REST listener accepts connections (one of the readiness conditions)."""
         ...
+
+    # -- /state: reset, backup and restore --
+    @property
+    def gpu_count(self) -> int | None:
+        """GPUs on this host once counted (None before), for checking ``gpu_id``."""
+        ...
+
+    async def reset_state(self) -> list[InstanceInfo]: ...
+
+    def export_state(self) -> Backup: ...
+
+    async def import_state(self, backup: Backup) -> list[InstanceInfo]: ...

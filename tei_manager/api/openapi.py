@@ -13,7 +13,10 @@ from typing import Any, Final
 import msgspec
 
 from tei_manager import __version__
+from tei_manager.api.inference import inference_openapi
+from tei_manager.api.inference_doors import DOOR_ROUTES
 from tei_manager.api.routes import JSON, OPERATIONS, Operation
+from tei_manager.config import HUB_ID_SCHEMA, NAME_SCHEMA
 from tei_manager.errors import ERROR_TABLE, ErrorBody, ErrorCode
 
 __all__ = ["build_openapi", "openapi_json"]
@@ -35,10 +38,16 @@ _STATUS_TEXT: Final = {
 }
 
 
+# Path parameters: description and schema, the rules the server checks.
 _PATH_PARAMETERS: Final = {
-    "name": "instance name",
-    "model_id": "Hugging Face model id (org/name); its '/' may be sent raw or as %2F",
+    "name": ("instance name", {"type": "string", **NAME_SCHEMA}),
+    "model_id": (
+        "Hugging Face model id (org/name); its '/' may be sent raw or as %2F",
+        {"type": "string", **HUB_ID_SCHEMA},
+    ),
 }
+# Log slice bounds: an optional sign and at most 18 digits (app.py's _INT_RE).
+_SLICE_BOUND: Final = 10**18 - 1
 
 
 def _error_responses(codes: Iterable[ErrorCode]) -> dict[str, Any]:
@@ -64,10 +73,13 @@ def _operation(op: Operation, schemas: dict[object, Any]) -> dict[str, Any]:
         success["content"] = {JSON: {"schema": {"type": "object"}}}
     else:
         success["content"] = {op.content_type: {"schema": {"type": "string"}}}
+    responses = {str(op.status): success}
+    for status, description in op.also:
+        responses[str(status)] = {**success, "description": description}
     doc: dict[str, Any] = {
         "operationId": op.endpoint,
         "summary": op.summary,
-        "responses": {str(op.status): success, **_error_responses(op.errors)},
+        "responses": {**responses, **_error_responses(op.errors)},
     }
     parameters: list[dict[str, Any]] = [
         {
@@ -75,9 +87,9 @@ def _operation(op: Operation, schemas: dict[object, Any]) -> dict[str, Any]:
             "in": "path",
             "required": True,
             "description": description,
-            "schema": {"type": "string"},
+            "schema": schema,
         }
-        for name, description in _PATH_PARAMETERS.items()
+        for name, (description, schema) in _PATH_PARAMETERS.items()
         if f"{{{name}}}" in op.path
     ]
     parameters.extend(
@@ -86,7 +98,7 @@ def _operation(op: Operation, schemas: dict[object, Any]) -> dict[str, Any]:
             "in": "query",
             "required": False,
             "description": q.description,
-            "schema": {"type": "integer"},
+            "schema": {"type": "integer", "minimum": -_SLICE_BOUND, "maximum": _SLICE_BOUND},
         }
         for q in op.query
     )
@@ -95,7 +107,7 @@ def _operation(op: Operation, schemas: dict[object, Any]) -> dict[str, Any]:
     if op.request is not None:
         doc["requestBody"] = {
             "required": True,
-            "content": {JSON: {"schema": schemas[op.request]}},
+            "content": {op.request_content_type: {"schema": schemas[op.request]}},
         }
     return doc
 
@@ -108,18 +120,23 @@ def build_openapi(operations: Iterable[Operation] = OPERATIONS) -> dict[str, Any
         for t in (op.response, op.request):
             if t is not None and t not in types:
                 types.append(t)
+    # The inference routes: their own bodies and error shapes (OpenAI's, TEI's).
+    inference_types, inference_paths = inference_openapi(DOOR_ROUTES)
+    types.extend(t for t in inference_types if t not in types)
     generated, components = msgspec.json.schema_components(types, ref_template=_REF)
     schemas = dict(zip(types, generated, strict=True))
     paths: dict[str, dict[str, Any]] = {}
     for op in operations:
         paths.setdefault(op.path, {})[op.method.lower()] = _operation(op, schemas)
+    paths.update(inference_paths(schemas))
     return {
         "openapi": "3.1.0",
         "info": {
             "title": "tei-manager",
             "version": __version__,
             "description": "Management API: run many text-embedding model servers on one "
-            'host. Every error is {"error", "code", "timestamp"}.',
+            'host. Every error is {"error", "code", "timestamp"}, except on the inference '
+            "routes (tag inference, scope inference), which answer OpenAI's or TEI's shape.",
         },
         "paths": paths,
         "components": {"schemas": components},

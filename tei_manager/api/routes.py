@@ -18,6 +18,7 @@ from tei_manager.api.dto import (
     ProbeStatus,
 )
 from tei_manager.errors import ErrorCode
+from tei_manager.manager.backup import Backup
 
 __all__ = [
     "BODY_ERRORS",
@@ -63,9 +64,11 @@ class Operation(NamedTuple):
     status: int  # success status
     response: object  # msgspec-typed body of the success answer; None for non-JSON
     content_type: str = JSON
-    request: object = None  # msgspec type of the JSON request body, if any
+    request: object = None  # msgspec type of the request body, if any
+    request_content_type: str = JSON
     errors: tuple[ErrorCode, ...] = ()
     query: tuple[QueryParam, ...] = ()
+    also: tuple[tuple[int, str], ...] = ()  # other success statuses, same body
 
 
 _NOT_FOUND = (ErrorCode.INSTANCE_NOT_FOUND,)
@@ -139,6 +142,7 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
         201, ModelInfo,
         request=AddModelRequest,
         errors=(*BODY_ERRORS, ErrorCode.INVALID_MODEL_ID, ErrorCode.MODEL_BUSY),
+        also=((200, "Already known: the model as it is"),),
     ),
     Operation(
         "get_model", "GET", "/models/{model_id}", "Get one model, with its download progress",
@@ -161,6 +165,25 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
         "Cancel its download or smoke load, forget it and remove it from the cache",
         200, ModelInfo,
         errors=(*_MODEL_NOT_FOUND, ErrorCode.MODEL_IN_USE, ErrorCode.IO_ERROR),
+    ),
+    # Reset, backup and restore (scope admin, GET included: an export holds every config).
+    Operation(
+        "reset_state", "POST", "/state/reset",
+        "Stop and delete every instance, clear the state file, re-create the config's seeds",
+        200, list[InstanceInfo], errors=(ErrorCode.NOT_READY,),
+    ),
+    Operation(
+        "export_state", "GET", "/state/export",
+        "The desired state (instances, run states, models) as TOML, for state import",
+        200, Backup, content_type="application/toml",
+    ),
+    Operation(
+        "import_state", "POST", "/state/import",
+        "Replace every instance with those of an exported state; checked whole first",
+        200, list[InstanceInfo], request=Backup, request_content_type="application/toml",
+        errors=(ErrorCode.VALIDATION_ERROR, ErrorCode.INVALID_NAME, ErrorCode.INVALID_MODEL_ID,
+                ErrorCode.INVALID_PORT, ErrorCode.INVALID_GPU_ID, ErrorCode.PAYLOAD_TOO_LARGE,
+                ErrorCode.NOT_READY),
     ),
     Operation(
         "devices", "GET", "/devices",

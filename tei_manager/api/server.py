@@ -6,9 +6,12 @@ before anything else starts, and the socket options are ours (SO_REUSEADDR so a
 restart need not wait out TIME_WAIT; never SO_REUSEPORT, so a second manager
 cannot silently share the port).
 
-Shutdown is Hypercorn's: once ``shutdown`` is set the listener closes (new
-connections are refused), idle keep-alive connections close, and requests in
-flight get ``drain_timeout_secs`` to finish before they are cancelled.
+Connections are Hypercorn's: ``Connection: close`` and HTTP/1.0 are honoured, and
+an idle keep-alive connection closes after ``api_keep_alive_timeout_secs``
+(:mod:`tei_manager.api.exchange` keeps Quart-Trio from cutting either short).
+Shutdown is Hypercorn's too: once ``shutdown`` is set the listener closes (new
+connections are refused), idle keep-alive connections close at once, and requests
+in flight get ``drain_timeout_secs`` to finish before they are cancelled.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from tei_manager.api.app import create_app
 from tei_manager.api.auth import capture_peer_certificates
 from tei_manager.api.facade import ManagerFacade
 from tei_manager.auth.security import Security, build_security
+from tei_manager.gateway.relay import Gateway
 
 __all__ = ["serve_api"]
 
@@ -80,6 +84,7 @@ async def serve_api(
     *,
     shutdown: trio.Event | None = None,
     drain_timeout_secs: float | None = None,
+    gateway: Gateway | None = None,
     security: Security | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -93,7 +98,8 @@ async def serve_api(
     the socket accepts connections. It serves until cancelled, or until
     ``shutdown`` is set: then it stops accepting, lets requests in flight finish
     for up to ``drain_timeout_secs`` (default: the manager's
-    ``graceful_shutdown_timeout_secs``), and returns.
+    ``graceful_shutdown_timeout_secs``), and returns. With a ``gateway`` it also
+    serves the HTTP inference routes (OpenAI's ``/v1/*``, TEI's ``/tei/{model}/*``).
     """
     if security is None:
         security = build_security(manager.config, manager.metrics.prometheus)
@@ -112,10 +118,12 @@ async def serve_api(
             else drain_timeout_secs
         )
         # Through our logging setup (text or JSON lines), not Hypercorn's own stderr handler.
+        # Idle keep-alive connections close after this, and at once on shutdown.
+        config.keep_alive_timeout = manager.config.api_keep_alive_timeout_secs
         config.errorlog = logging.getLogger("hypercorn.error")
         config.accesslog = None
         config.include_server_header = False
-        app = create_app(manager, security)
+        app = create_app(manager, security, gateway)
         async with trio.open_nursery() as nursery:
             await nursery.start(
                 partial(

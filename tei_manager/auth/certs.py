@@ -57,6 +57,8 @@ def parse_cert_header(value: str) -> x509.Certificate:
     (``$ssl_client_escaped_cert``), or PEM whose lines were folded with tabs."""
     if len(value) > MAX_CERT_HEADER_BYTES:
         raise ValueError(f"the certificate header is over {MAX_CERT_HEADER_BYTES} bytes")
+    if "," in value:  # never in PEM, escaped or not: the header came more than once
+        raise ValueError("more than one certificate header was sent")
     text = unquote(value) if "%" in value else value
     lines = [line.strip() for line in text.replace("\t", "\n").splitlines()]
     pem = "\n".join(line for line in lines if line).encode("ascii", "replace")
@@ -167,11 +169,17 @@ class CertificateVerifier:
     ) -> Identity | Refusal:
         """The identity ``cert`` proves, or why it proves none."""
         moment = datetime.datetime.fromtimestamp(time.time() if now is None else now, datetime.UTC)
-        problem = self._problem(cert, moment, intermediates)
+        # cryptography parses names and extensions when they are first read; a
+        # certificate a proxy forwarded unverified may hold ones that do not parse.
+        try:
+            problem = self._problem(cert, moment, intermediates)
+            if problem is None:
+                name = _identity_name(cert)
+                not_allowed = self._policy.allows(cert)
+        except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType):
+            problem = "its names or extensions cannot be parsed"
         if problem is not None:
             return Refusal(ErrorCode.UNAUTHENTICATED, f"client certificate refused: {problem}")
-        name = _identity_name(cert)
-        not_allowed = self._policy.allows(cert)
         if not_allowed is not None:
             return Refusal(
                 ErrorCode.FORBIDDEN, f"client certificate {name} refused: {not_allowed}", name

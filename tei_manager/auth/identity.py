@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import functools
 import ipaddress
+from collections.abc import Iterable
 from typing import Final
 
 import msgspec
@@ -23,7 +24,9 @@ __all__ = [
     "Identity",
     "Refusal",
     "Scope",
+    "field_value",
     "parse_peer",
+    "unmapped",
 ]
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -77,6 +80,25 @@ class Refusal(msgspec.Struct, frozen=True):
     bearer_error: str | None = None  # RFC 6750 error for WWW-Authenticate ("invalid_token")
 
 
+def field_value(values: Iterable[str]) -> str | None:
+    """One header (or metadata key) sent several times, as the single comma-separated
+    value it stands for (RFC 9110 5.3); None when it was not sent.
+
+    Never just the first: a proxy that appends its own ``X-Forwarded-For`` or
+    certificate header line leaves the client's forged one first.
+    """
+    joined = ",".join(values)
+    return joined if joined else None
+
+
+def unmapped(address: Address) -> Address:
+    """An IPv4-mapped IPv6 address (``::ffff:10.0.0.1``, what a dual-stack socket
+    reports for an IPv4 client) as the IPv4 address it is; others unchanged."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
 def parse_peer(peer: object) -> Address | None:
     """The address of an ASGI ``client`` tuple ``(host, port)``, or of a ``host:port``
     string (``[v6]:port`` or the bare ``v6:port`` a plain join makes)."""
@@ -103,6 +125,6 @@ def _parse_peer(peer: object) -> Address | None:
     if not isinstance(host, str):
         return None
     try:
-        return ipaddress.ip_address(host.split("%", 1)[0])
+        return unmapped(ipaddress.ip_address(host.split("%", 1)[0]))
     except ValueError:
         return None

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Final
 
@@ -149,6 +150,18 @@ def _verify_signature(key: PublicKey, alg: str, signature: bytes, signed: bytes)
     return True
 
 
+def _seconds(value: object) -> float | None:
+    """A NumericDate claim as a finite float; None for anything else. Python's json
+    reads ``NaN`` and ``Infinity``, which compare as never expired."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return None
+    try:
+        seconds = float(value)
+    except OverflowError:  # an int past any float
+        return None
+    return seconds if math.isfinite(seconds) else None
+
+
 class JwtVerifier:
     """Verifies bearer JWTs and maps a claim to our scopes."""
 
@@ -225,14 +238,14 @@ class JwtVerifier:
         audiences = audience if isinstance(audience, list) else [audience]
         if self._audience not in audiences:
             raise JwtError("the token is for another audience")
-        expires = claims.get("exp")
-        if not isinstance(expires, int | float) or isinstance(expires, bool):
+        expires = _seconds(claims.get("exp"))
+        if expires is None:
             raise JwtError("the token has no expiry (exp)")
         if now > expires + self._leeway:
             raise JwtError("the token has expired")
-        not_before = claims.get("nbf")
-        if not_before is not None:
-            if not isinstance(not_before, int | float) or isinstance(not_before, bool):
+        if "nbf" in claims:
+            not_before = _seconds(claims["nbf"])
+            if not_before is None:
                 raise JwtError("the token's nbf is not a number")
             if now + self._leeway < not_before:
                 raise JwtError("the token is not valid yet")

@@ -19,7 +19,15 @@ from collections.abc import Iterable, Sequence
 
 from tei_manager.auth.apikeys import ApiKeyStore
 from tei_manager.auth.certs import CertificateVerifier, parse_cert_header
-from tei_manager.auth.identity import ANONYMOUS, Address, AuthRequest, Identity, Refusal, Scope
+from tei_manager.auth.identity import (
+    ANONYMOUS,
+    Address,
+    AuthRequest,
+    Identity,
+    Refusal,
+    Scope,
+    unmapped,
+)
 from tei_manager.auth.jwt import JwtError, JwtVerifier, looks_like_jwt
 from tei_manager.auth.ratelimit import RateLimiter
 from tei_manager.errors import ErrorCode
@@ -42,7 +50,8 @@ def bearer_token(authorization: str | None) -> str | None:
 
 
 def _within(address: Address | None, networks: Sequence[Network]) -> bool:
-    return address is not None and any(address in network for network in networks)
+    # An IPv4 network never contains an IPv6 address: compare the mapped form as IPv4.
+    return address is not None and any(unmapped(address) in network for network in networks)
 
 
 class Authenticator:
@@ -93,7 +102,7 @@ class Authenticator:
         hops = request.forwarded_for.split(",")[-_FORWARDED_MAX_HOPS:]
         for hop in reversed(hops):
             try:
-                address = ipaddress.ip_address(hop.strip())
+                address = unmapped(ipaddress.ip_address(hop.strip()))
             except ValueError:
                 return peer
             if not _within(address, self.trusted_proxies):

@@ -76,7 +76,7 @@ class InstanceInfo(msgspec.Struct, frozen=True, kw_only=True):
     last_health_check: datetime | None
     prometheus_port: int | None
     pooling: str | None
-    max_batch_tokens: int
+    max_batch_tokens: int | Literal["auto"]
     max_concurrent_requests: int
     last_error: str | None
     # When the supervisor spawns the process again (a crash loop's backoff), else null.
@@ -88,6 +88,7 @@ class InstanceInfo(msgspec.Struct, frozen=True, kw_only=True):
     # (measured once it runs, estimated before); null while it has no place.
     device: str | None = None
     memory_bytes: int | None = None
+    served_model_name: str | None = None
 
 
 class InstanceRecord(msgspec.Struct, kw_only=True):
@@ -156,6 +157,7 @@ class InstanceRecord(msgspec.Struct, kw_only=True):
             pinned=c.pinned,
             device=self.device,
             memory_bytes=self.reserved_bytes,
+            served_model_name=c.served_model_name,
         )
 
     @property
@@ -385,6 +387,10 @@ class InstanceTable:
     def by_model(self, model_id: str) -> list[InstanceRecord]:
         """Instances serving ``model_id``, in creation order."""
         return [r for r in self._records.values() if r.config.model_id == model_id]
+
+    def by_served_name(self, served_name: str) -> list[InstanceRecord]:
+        """Instances whose ``served_model_name`` is ``served_name``, in creation order."""
+        return [r for r in self._records.values() if r.config.served_model_name == served_name]
 
     def used_ports(self) -> set[int]:
         """Ports held by instances plus the manager's own."""

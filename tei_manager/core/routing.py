@@ -122,15 +122,39 @@ class Router:
             return record
         return _running(record)
 
-    def _balance(self, model_id: str) -> InstanceRecord:
+    def choose_model(self, model: str, *, exclude: frozenset[str] = frozenset()) -> InstanceRecord:
+        """The instance for an inference front door's ``model`` string.
+
+        In this order: an instance name; a ``served_model_name`` (balanced over its
+        running replicas); a model id (likewise). ``exclude`` names replicas not to
+        pick (one that just failed, for a retry elsewhere).
+        """
+        if not model:
+            raise ValidationError("model", "must not be empty")
+        record = self._instances.find(model)
+        if record is not None and record.name not in exclude:
+            return self._routable(record)
+        aliased = self._instances.by_served_name(model)
+        if aliased:
+            return self._pick(model, aliased, exclude)
+        return self._balance(model, exclude)
+
+    def _balance(self, model_id: str, exclude: frozenset[str] = frozenset()) -> InstanceRecord:
         replicas = self._instances.by_model(model_id)
         if not replicas:
             raise NotFoundError(
                 ErrorCode.MODEL_NOT_FOUND, f"no instance serves model {quote(model_id)}"
             )
-        running = [r for r in replicas if r.status is InstanceStatus.RUNNING]
+        return self._pick(model_id, replicas, exclude)
+
+    def _pick(
+        self, key: str, replicas: list[InstanceRecord], exclude: frozenset[str]
+    ) -> InstanceRecord:
+        running = [
+            r for r in replicas if r.status is InstanceStatus.RUNNING and r.name not in exclude
+        ]
         if not running and self._starter is not None:
-            startable = [r for r in replicas if self._startable(r)]
+            startable = [r for r in replicas if self._startable(r) and r.name not in exclude]
             starting = [r for r in startable if r.status is not InstanceStatus.IDLE]
             if starting or startable:
                 return (starting or startable)[0]
@@ -138,7 +162,7 @@ class Router:
             states = ", ".join(f"{quote(r.name)} is {r.status.value}" for r in replicas)
             raise TeiError(
                 ErrorCode.BACKEND_UNAVAILABLE,
-                f"no running instance of model {quote(model_id)}: {states}",
+                f"no running instance of model {quote(key)}: {states}",
             )
         if len(running) == 1:
             return running[0]
@@ -147,7 +171,7 @@ class Router:
             running = trusted or running  # all suspect: better try one than refuse
             if len(running) == 1:
                 return running[0]
-        return self._least_busy(model_id, running)
+        return self._least_busy(key, running)
 
     def alternative(self, model_id: str, failed: str) -> InstanceRecord | None:
         """Another running replica of ``model_id`` than ``failed``, for a retry; None if none."""

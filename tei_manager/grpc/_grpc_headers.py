@@ -74,9 +74,16 @@ def outgoing_metadata(metadata: Metadata) -> list[tuple[str, str]]:
     return headers
 
 
+#: The longest ``grpc-message`` we send (in characters, before percent-encoding):
+#: a status message says why, it is not a channel for data.
+MAX_STATUS_MESSAGE_CHARS = 1024
+
+
 def status_headers(status: int, message: str) -> list[tuple[str, str]]:
     headers = [("grpc-status", str(status))]
     if message:
+        if len(message) > MAX_STATUS_MESSAGE_CHARS:
+            message = message[: MAX_STATUS_MESSAGE_CHARS - 3] + "..."
         if not (message.isascii() and message.isprintable()) or "%" in message:
             message = quote(message, safe=_MESSAGE_SAFE)
         headers.append(("grpc-message", message))

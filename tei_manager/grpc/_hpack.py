@@ -22,9 +22,9 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable
 
-import hpack  # type: ignore[import-untyped]
-from hpack.huffman_table import decode_huffman  # type: ignore[import-untyped]
-from hpack.table import HeaderTable  # type: ignore[import-untyped]
+import hpack
+from hpack.huffman_table import decode_huffman
+from hpack.table import HeaderTable
 
 Header = tuple[str, str]
 
@@ -49,7 +49,10 @@ for _index, (_name, _value) in enumerate(_STATIC, start=1):
 
 #: Headers whose values change from call to call: caching them would only churn.
 _VOLATILE = frozenset({"grpc-timeout", "grpc-message"})
-_CACHE_LIMIT = 4096
+#: The encoder's cache is shared by the process and filled from values a peer may
+#: choose (relayed metadata): only small headers, and a bounded number of bytes.
+_ENCODE_CACHE_ENTRY_MAX_BYTES = 256
+_ENCODE_CACHE_BYTES = 256 * 1024
 #: SETTINGS_HEADER_TABLE_SIZE's initial value (RFC 9113 §6.5.2); we never change ours.
 DEFAULT_TABLE_SIZE = 4096
 
@@ -89,18 +92,27 @@ def encode_header(name: str, value: str) -> bytes:
 
 
 _encoded: dict[Header, bytes] = {}
+_encoded_bytes = 0
 
 
 def encode_headers(headers: Iterable[Header]) -> bytes:
     """A header block for ``headers``; constant headers come from a cache."""
+    global _encoded_bytes
     parts = []
     cache = _encoded
     for header in headers:
         data = cache.get(header)
         if data is None:
             data = encode_header(*header)
-            if header[0] not in _VOLATILE and len(cache) < _CACHE_LIMIT:
+            size = len(data)
+            if (
+                size <= _ENCODE_CACHE_ENTRY_MAX_BYTES
+                and _encoded_bytes + size <= _ENCODE_CACHE_BYTES
+                and header[0] not in _VOLATILE
+            ):
                 cache[header] = data
+                # The header's strings are held too: count them as well.
+                _encoded_bytes += 2 * size
         parts.append(data)
     return b"".join(parts)
 
@@ -135,10 +147,23 @@ def _read_string(data: bytes, pos: int) -> tuple[bytes, int]:
 class HeaderDecoder:
     """Decodes the header blocks of one connection, following the peer's dynamic table."""
 
-    def __init__(self, max_block_list_size: int, max_table_size: int = DEFAULT_TABLE_SIZE) -> None:
+    def __init__(
+        self,
+        max_block_list_size: int,
+        max_table_size: int = DEFAULT_TABLE_SIZE,
+        *,
+        cache_bytes: int = 64 * 1024,
+        cache_entry_max_bytes: int = 512,
+    ) -> None:
         # A guard against HPACK bombs, set above the limit that refuses a single stream:
         # a block decoding to more than this fails the connection.
         self._max_block_list_size = max_block_list_size
+        # The caches are bounded in bytes (encoded plus decoded), only small entries
+        # go in, and once full they take nothing more: a peer sending ever-new large
+        # blocks pins at most ``cache_bytes``.
+        self._cache_limit = cache_bytes
+        self._cache_room = cache_bytes
+        self._cache_entry_max = cache_entry_max_bytes
         self._table_limit = max_table_size  # what our SETTINGS allow the peer
         self._table_max = max_table_size  # the size the peer last chose, <= the limit
         self._table: deque[Entry] = deque()  # newest first: index 62 is [0]
@@ -146,7 +171,13 @@ class HeaderDecoder:
         self._literals: dict[bytes, Entry] = {}
         # Blocks that left the table as it was, by their bytes; emptied when it changes.
         self._blocks: dict[bytes, tuple[list[Header], int]] = {}
+        self._blocks_bytes = 0
         self._table_changes = 0
+
+    @property
+    def cached_bytes(self) -> int:
+        """What the caches hold now, in the bytes they are bounded by."""
+        return self._cache_limit - self._cache_room
 
     def decode(self, block: bytes) -> tuple[list[Header], int]:
         """The block's headers, in order, as text, and the header list's size.
@@ -163,11 +194,16 @@ class HeaderDecoder:
             raise HeaderDecodeError(f"cannot decode a header block: {error}") from None
         if self._table_changes != changes:
             # Cached blocks may index entries that have moved or gone.
-            self._blocks.clear()
-        elif len(self._blocks) < _CACHE_LIMIT and not any(
-            name in _VOLATILE for name, _ in decoded[0]
-        ):
-            self._blocks[block] = decoded
+            if self._blocks:
+                self._cache_room += self._blocks_bytes
+                self._blocks_bytes = 0
+                self._blocks.clear()
+        elif len(block) <= self._cache_entry_max:
+            cost = len(block) + decoded[1]
+            if cost <= self._cache_room and not any(name in _VOLATILE for name, _ in decoded[0]):
+                self._blocks[block] = decoded
+                self._blocks_bytes += cost
+                self._cache_room -= cost
         return decoded
 
     def _decode(self, block: bytes) -> tuple[list[Header], int]:
@@ -240,8 +276,11 @@ class HeaderDecoder:
         entry = self._literals.get(representation)
         if entry is None:
             entry = _sized(_literal_text(representation, mask))
-            if entry[0][0] not in _VOLATILE and len(self._literals) < _CACHE_LIMIT:
-                self._literals[representation] = entry
+            if len(representation) <= self._cache_entry_max:
+                cost = len(representation) + entry[1]
+                if cost <= self._cache_room and entry[0][0] not in _VOLATILE:
+                    self._literals[representation] = entry
+                    self._cache_room -= cost
         return entry, pos
 
     def _insert(self, entry: Entry) -> None:

@@ -4,20 +4,30 @@ Bytes go in through ``receive_data`` and come back as a list of events; what we
 send is queued as frames in ``data_to_send``. Frames are parsed and built with
 ``struct``; header blocks are HPACK (``_hpack``). The connection keeps the flow
 control windows in both directions, the peer's settings and the open streams; it
-refuses streams over our SETTINGS_MAX_CONCURRENT_STREAMS and header lists over our
-SETTINGS_MAX_HEADER_LIST_SIZE, answers PING and SETTINGS, ignores PRIORITY and
-unknown frame types, and turns a peer's protocol violation into a stream reset or,
-for the connection as a whole, a GOAWAY and ``ProtocolError``.
+answers PING and SETTINGS, ignores PRIORITY and unknown frame types, and turns a
+peer's protocol violation into a stream reset or, for the connection as a whole, a
+GOAWAY and ``ProtocolError``.
 
-Received data is credited back to the peer (WINDOW_UPDATE) only once the
-application acknowledges it, and then in batches of half a window, so small calls
-send no WINDOW_UPDATE at all. Frames for a stream that is gone (reset, or finished)
-are ignored, as RFC 9113 §5.1 asks; their data is credited to the connection at once.
+Every resource a peer can make us hold is bounded by ``Limits`` (``limits.py``):
+streams (a stream counts from its HEADERS until the application calls
+``release_stream``, reset or not), header blocks (running totals of bytes and
+CONTINUATION frames), queued control frames, empty frames, SETTINGS, PINGs (with the
+clock it is given) and resets before an answer; floods end with GOAWAY
+ENHANCE_YOUR_CALM. Every check is a counter compared on the frame that moves it.
+
+Received data is credited back (both windows) only as the application acknowledges
+its bytes (``acknowledge_received_data``), so the windows bound what a peer can make
+us hold; in batches of half a window, so small calls send no WINDOW_UPDATE at all.
+Frames for a stream that is gone (reset, or finished) are ignored, as RFC 9113 §5.1
+asks; their data is credited to the connection at once.
 """
 
 from __future__ import annotations
 
+import math
 import struct
+import time
+from collections.abc import Callable
 from typing import NoReturn
 
 from tei_manager.grpc._hpack import HeaderDecodeError, HeaderDecoder
@@ -57,6 +67,7 @@ from tei_manager.grpc._http2_frames import (
     StreamReset,
     WindowUpdated,
 )
+from tei_manager.grpc.limits import DEFAULT_LIMITS, Limits
 
 _FRAME = struct.Struct(">BHBBL")  # length (24 bits as 8 + 16), type, flags, stream id
 _U32 = struct.Struct(">L")
@@ -82,25 +93,23 @@ class H2Connection:
         self,
         *,
         client_side: bool,
-        initial_window_size: int = DEFAULT_WINDOW,
-        connection_window_size: int = DEFAULT_WINDOW,
-        max_concurrent_streams: int = 2**31 - 1,
-        max_header_list_size: int = 8192,
-        max_frame_size: int = MAX_FRAME_SIZE_LIMIT,
+        limits: Limits = DEFAULT_LIMITS,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.client_side = client_side
+        self.limits = limits
         #: Open streams (not yet closed in both directions, not reset).
         self.streams: dict[int, _Stream] = {}
         self._data_to_send = bytearray()
         # What we told the peer.
-        self.local_initial_window = initial_window_size
-        self.local_max_frame_size = max_frame_size
-        self.local_max_concurrent_streams = max_concurrent_streams
-        self.max_header_list_size = max_header_list_size
-        self._connection_window_target = connection_window_size
+        self.local_initial_window = limits.stream_receive_window_bytes
+        self.local_max_frame_size = limits.max_frame_bytes
+        self.local_max_concurrent_streams = limits.max_concurrent_streams
+        self.max_header_list_size = limits.max_header_list_bytes
+        self._connection_window_target = limits.connection_receive_window_bytes
         # Until the peer acknowledges our SETTINGS it may still use the default stream
         # window (RFC 9113 §6.9.3): new streams get the larger of the two till then.
-        self._stream_recv_initial = max(DEFAULT_WINDOW, initial_window_size)
+        self._stream_recv_initial = max(DEFAULT_WINDOW, self.local_initial_window)
         self._settings_acknowledged = False
         # What the peer told us.
         self.peer_initial_window = DEFAULT_WINDOW
@@ -110,9 +119,13 @@ class H2Connection:
         self.send_window = DEFAULT_WINDOW
         self.recv_window = DEFAULT_WINDOW
         self._recv_credit = 0
-        self._stream_update_at = max(1, initial_window_size // 2)
-        self._connection_update_at = max(1, connection_window_size // 2)
-        self._decoder = HeaderDecoder(max_block_list_size=max(65536, 4 * max_header_list_size))
+        self._stream_update_at = max(1, self.local_initial_window // 2)
+        self._connection_update_at = max(1, self._connection_window_target // 2)
+        self._decoder = HeaderDecoder(
+            max_block_list_size=max(65536, 4 * self.max_header_list_size),
+            cache_bytes=limits.hpack_cache_bytes,
+            cache_entry_max_bytes=limits.hpack_cache_entry_max_bytes,
+        )
         self._first_header_block = True
         self.highest_inbound_id = 0
         self.next_outbound_id = 1 if client_side else 2
@@ -124,8 +137,27 @@ class H2Connection:
         self._pending_need = 0
         self._preface_left = 0 if client_side else len(PREFACE)
         self._settings_expected = True
-        # A header block waiting for CONTINUATION frames: stream id, END_STREAM, parts.
-        self._continued: tuple[int, bool, list[bytes]] | None = None
+        # A header block waiting for CONTINUATION frames: stream id (0: none), its
+        # END_STREAM, the parts, and running totals of their bytes and frames.
+        self._block_stream = 0
+        self._block_end_stream = False
+        self._block_parts: list[bytes] = []
+        self._block_bytes = 0
+        self._block_frames = 0
+        # Server side: streams the peer opened that the application has not released
+        # (``release_stream``), reset ones included: they count against
+        # MAX_CONCURRENT_STREAMS until their handlers finish (CVE-2023-44487).
+        self._held: set[int] = set()
+        #: Flood counters (see ``Limits``).
+        self.streams_opened = 0
+        self.premature_resets = 0
+        self.empty_frames = 0
+        self.settings_frames = 0
+        self._control_queued = 0
+        self._frame_bytes = 0
+        self._clock = clock
+        self._last_ping = -math.inf
+        self._ping_strikes = 0
 
     # -- starting and stopping ------------------------------------------------------
     def initiate_connection(self) -> None:
@@ -159,15 +191,54 @@ class H2Connection:
         """True when frames are queued for ``data_to_send``."""
         return bool(self._data_to_send)
 
+    @property
+    def output_size(self) -> int:
+        """Bytes queued for ``data_to_send``."""
+        return len(self._data_to_send)
+
+    @property
+    def frame_bytes_queued(self) -> int:
+        """Bytes of frames other than DATA queued for ``data_to_send``: what answering
+        the peer costs (headers, resets, ACKs), unlike DATA, which its windows bound."""
+        return self._frame_bytes
+
+    @property
+    def preface_received(self) -> bool:
+        """True once the peer's first SETTINGS (after the client preface) arrived."""
+        return not self._settings_expected
+
+    @property
+    def held_streams(self) -> int:
+        """Server side: streams opened by the peer and not yet released, reset ones too."""
+        return len(self._held)
+
     def data_to_send(self) -> bytearray:
         """Everything queued since the last call (the caller owns the buffer)."""
         data = self._data_to_send
         self._data_to_send = bytearray()
+        self._control_queued = 0
+        self._frame_bytes = 0
         return data
+
+    def send_ping(self, payload: bytes = bytes(8)) -> None:
+        """Queue a PING (keepalive); the peer's ACK is just more bytes received."""
+        self._frame(PING, 0, 0, payload)
+
+    def release_stream(self, stream_id: int) -> None:
+        """Server side: the application is done with a stream the peer opened."""
+        self._held.discard(stream_id)
+
+    def _control(self, kind: int, flags: int, stream_id: int, payload: bytes = b"") -> None:
+        """Queue a frame we send in answer to the peer's; too many unsent is a flood."""
+        self._control_queued += 1
+        if self._control_queued > self.limits.max_queued_control_frames:
+            self._fail(ErrorCode.ENHANCE_YOUR_CALM, "too many control frames queued")
+        self._frame(kind, flags, stream_id, payload)
 
     # -- sending --------------------------------------------------------------------
     def _frame(self, kind: int, flags: int, stream_id: int, payload: bytes = b"") -> None:
         length = len(payload)
+        self._frame_bytes += 9 + length
         self._data_to_send += _FRAME.pack(length >> 16, length & 0xFFFF, kind, flags, stream_id)
         self._data_to_send += payload
 
@@ -189,6 +260,7 @@ class H2Connection:
             self.next_outbound_id = stream_id + 2
         elif stream.local_closed:
             raise StreamClosedError(f"stream {stream_id} is closed for sending")
+        self._ping_strikes = 0  # we are doing work for the peer: its PINGs are fair
         if self._first_header_block:
             # A dynamic table size update to 0: our encoder never uses the table,
             # and the peer's table size settings can then never require an update.
@@ -215,9 +287,16 @@ class H2Connection:
         return min(self.send_window, stream.send_window)
 
     def send_data(
-        self, stream_id: int, data: bytes, start: int = 0, *, end_stream: bool = False
+        self,
+        stream_id: int,
+        data: bytes,
+        start: int = 0,
+        *,
+        end_stream: bool = False,
+        max_count: int = MAX_WINDOW,
     ) -> int:
-        """Send ``data[start:]`` as far as the windows allow; returns the bytes sent.
+        """Send ``data[start:]`` as far as the windows (and ``max_count``) allow;
+        returns the bytes sent.
 
         With ``end_stream``, the last frame also half-closes the stream if all of the
         data went; otherwise the stream stays open.
@@ -225,7 +304,8 @@ class H2Connection:
         stream = self.streams.get(stream_id)
         if stream is None or stream.local_closed:
             raise StreamClosedError(f"stream {stream_id} is not open for sending")
-        count = min(len(data) - start, self.send_window, stream.send_window)
+        self._ping_strikes = 0
+        count = min(len(data) - start, self.send_window, stream.send_window, max_count)
         if count <= 0:
             return 0
         self.send_window -= count
@@ -320,7 +400,7 @@ class H2Connection:
             payload = data[pos + 9 : pos + 9 + length]
             pos += 9 + length
             stream_id &= 0x7FFFFFFF
-            if self._continued is not None and kind != CONTINUATION:
+            if self._block_stream and kind != CONTINUATION:
                 self._fail(ErrorCode.PROTOCOL_ERROR, "header block interrupted")
             if self._settings_expected:
                 if kind != SETTINGS or flags & ACK:
@@ -342,7 +422,7 @@ class H2Connection:
                 if length != 8:
                     self._fail(ErrorCode.FRAME_SIZE_ERROR, "PING payload must be 8 bytes")
                 if not flags & ACK:
-                    self._frame(PING, ACK, 0, payload)
+                    self._receive_ping(payload)
             elif kind == CONTINUATION:
                 self._receive_continuation(stream_id, flags, payload, events)
             elif kind == GOAWAY:
@@ -369,6 +449,34 @@ class H2Connection:
         self._pending_need = need
         return [] if events is None else events
 
+    def _receive_ping(self, payload: bytes) -> None:
+        if not self.client_side:
+            # grpc-go's and grpc-core's keepalive enforcement: PINGs closer together
+            # than the minimum interval are strikes, until we next send headers.
+            now = self._clock()
+            if now - self._last_ping < self.limits.min_ping_interval_secs:
+                self._ping_strikes += 1
+                if self._ping_strikes > self.limits.max_ping_strikes:
+                    self._fail(ErrorCode.ENHANCE_YOUR_CALM, "too many pings")
+            self._last_ping = now
+        self._control(PING, ACK, 0, payload)
+
+    def _empty_frame(self) -> None:
+        """A frame that does nothing for the peer (CVE-2019-9518): count it."""
+        self.empty_frames += 1
+        if self.empty_frames > self.limits.max_empty_frames:
+            self._fail(ErrorCode.ENHANCE_YOUR_CALM, "too many empty frames")
+
+    def _premature_reset(self) -> None:
+        """A stream the peer reset before we answered, or one we refused."""
+        self.premature_resets += 1
+        limits = self.limits
+        if (
+            self.streams_opened >= limits.rapid_reset_min_streams
+            and self.premature_resets > limits.rapid_reset_max_ratio * self.streams_opened
+        ):
+            self._fail(ErrorCode.ENHANCE_YOUR_CALM, "too many streams reset")
+
     def _fail(self, code: ErrorCode, message: str) -> NoReturn:
         self.close_connection(code)
         raise ProtocolError(code, message)
@@ -377,7 +485,7 @@ class H2Connection:
         """Reset a stream for the peer's error; tell the application if it knew the stream."""
         if self.streams.pop(stream_id, None) is not None:
             events.append(StreamReset(stream_id, code))
-        self._frame(RST_STREAM, 0, stream_id, _U32.pack(code))
+        self._control(RST_STREAM, 0, stream_id, _U32.pack(code))
 
     def _is_idle(self, stream_id: int) -> bool:
         """True for a stream id no one has used yet."""
@@ -401,6 +509,8 @@ class H2Connection:
         if flow > self.recv_window:
             self._fail(ErrorCode.FLOW_CONTROL_ERROR, "the peer overran the connection window")
         self.recv_window -= flow
+        if not flow and not flags & END_STREAM:
+            self._empty_frame()
         data = self._unpad(flags, payload)
         stream = self.streams.get(stream_id)
         if stream is None or stream.remote_closed or flow > stream.recv_window:
@@ -434,24 +544,42 @@ class H2Connection:
                 self._fail(ErrorCode.FRAME_SIZE_ERROR, "HEADERS too short for its priority")
             block = block[5:]
         end_stream = bool(flags & END_STREAM)
+        if len(block) > self.limits.max_header_block_bytes:
+            self._fail(ErrorCode.ENHANCE_YOUR_CALM, "header block too large")
         if flags & END_HEADERS:
             self._header_block(stream_id, block, end_stream, events)
-        else:
-            self._continued = (stream_id, end_stream, [block])
+            return
+        if not block:
+            self._empty_frame()
+        self._block_stream = stream_id
+        self._block_end_stream = end_stream
+        self._block_parts = [block]
+        self._block_bytes = len(block)
+        self._block_frames = 0
 
     def _receive_continuation(
         self, stream_id: int, flags: int, payload: bytes, events: list[Event]
     ) -> None:
-        continued = self._continued
-        if continued is None or continued[0] != stream_id:
+        if not self._block_stream or self._block_stream != stream_id:
             self._fail(ErrorCode.PROTOCOL_ERROR, "CONTINUATION without its HEADERS")
-        parts = continued[2]
-        parts.append(payload)
-        if sum(map(len, parts)) > 4 * self.max_header_list_size + 65536:
+        # Running totals, checked as each frame arrives (CVE-2024-27316).
+        self._block_frames += 1
+        self._block_bytes += len(payload)
+        limits = self.limits
+        if self._block_frames > limits.max_continuation_frames:
+            self._fail(ErrorCode.ENHANCE_YOUR_CALM, "too many CONTINUATION frames")
+        if self._block_bytes > limits.max_header_block_bytes:
             self._fail(ErrorCode.ENHANCE_YOUR_CALM, "header block too large")
+        if payload:
+            self._block_parts.append(payload)
+        elif not flags & END_HEADERS:
+            self._empty_frame()
         if flags & END_HEADERS:
-            self._continued = None
-            self._header_block(stream_id, b"".join(parts), continued[1], events)
+            parts = self._block_parts
+            self._block_stream = 0
+            self._block_parts = []
+            block = parts[0] if len(parts) == 1 else b"".join(parts)
+            self._header_block(stream_id, block, self._block_end_stream, events)
 
     def _header_block(
         self, stream_id: int, block: bytes, end_stream: bool, events: list[Event]
@@ -469,16 +597,28 @@ class H2Connection:
                     self._fail(ErrorCode.PROTOCOL_ERROR, f"HEADERS on idle stream {stream_id}")
                 return  # a stream we reset or finished
             if stream_id <= self.highest_inbound_id:
-                return  # a stream we reset or finished
+                if not end_stream:
+                    # Not trailers in flight for a stream we closed, but a new stream
+                    # whose id went backwards (RFC 9113 §5.1.1).
+                    self._fail(ErrorCode.PROTOCOL_ERROR, f"stream id {stream_id} went backwards")
+                # Trailers for a stream we closed: legitimate once per stream at most,
+                # and gRPC clients send none; a stream of them is a flood.
+                self._empty_frame()
+                return
             self.highest_inbound_id = stream_id
-            if self.goaway_sent or len(self.streams) >= self.local_max_concurrent_streams:
-                self._frame(RST_STREAM, 0, stream_id, _U32.pack(ErrorCode.REFUSED_STREAM))
+            self.streams_opened += 1
+            if self.goaway_sent or len(self._held) >= self.local_max_concurrent_streams:
+                # Reset streams whose handlers still run count too (CVE-2023-44487).
+                self._control(RST_STREAM, 0, stream_id, _U32.pack(ErrorCode.REFUSED_STREAM))
+                if not self.goaway_sent:
+                    self._premature_reset()
                 return
             if oversized:
-                self._frame(RST_STREAM, 0, stream_id, _U32.pack(ErrorCode.ENHANCE_YOUR_CALM))
+                self._control(RST_STREAM, 0, stream_id, _U32.pack(ErrorCode.ENHANCE_YOUR_CALM))
                 return
             stream = _Stream(self.peer_initial_window, self._stream_recv_initial)
             self.streams[stream_id] = stream
+            self._held.add(stream_id)
         elif stream.remote_closed:
             self._stream_error(stream_id, ErrorCode.STREAM_CLOSED, events)
             return
@@ -523,7 +663,10 @@ class H2Connection:
             self._fail(ErrorCode.FRAME_SIZE_ERROR, "RST_STREAM payload must be 4 bytes")
         if stream_id == 0 or (stream_id not in self.streams and self._is_idle(stream_id)):
             self._fail(ErrorCode.PROTOCOL_ERROR, f"RST_STREAM on idle stream {stream_id}")
-        if self.streams.pop(stream_id, None) is not None:
+        stream = self.streams.pop(stream_id, None)
+        if stream is not None:
+            if not stream.local_closed and not self.client_side:
+                self._premature_reset()
             events.append(StreamReset(stream_id, _U32.unpack(payload)[0]))
 
     def _receive_settings(
@@ -545,6 +688,11 @@ class H2Connection:
             return
         if len(payload) % 6:
             self._fail(ErrorCode.FRAME_SIZE_ERROR, "SETTINGS payload not a multiple of 6")
+        self.settings_frames += 1
+        if self.settings_frames > self.limits.max_settings_frames:
+            self._fail(ErrorCode.ENHANCE_YOUR_CALM, "too many SETTINGS frames")
+        if len(payload) // 6 > self.limits.max_settings_entries:
+            self._fail(ErrorCode.ENHANCE_YOUR_CALM, "too many settings in one frame")
         for offset in range(0, len(payload), 6):
             key, value = _SETTING.unpack_from(payload, offset)
             if key == SETTINGS_INITIAL_WINDOW_SIZE:
@@ -568,7 +716,7 @@ class H2Connection:
                 self._fail(ErrorCode.PROTOCOL_ERROR, f"invalid ENABLE_PUSH {value}")
             # HEADER_TABLE_SIZE: our encoder never uses the table; MAX_HEADER_LIST_SIZE
             # is advisory; unknown settings are ignored.
-        self._frame(SETTINGS, ACK, 0)
+        self._control(SETTINGS, ACK, 0)
 
     def _receive_goaway(self, stream_id: int, payload: bytes, events: list[Event]) -> None:
         if stream_id != 0:

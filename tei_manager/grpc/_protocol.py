@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import binascii
 import struct
+import time
+from collections.abc import Callable
 from urllib.parse import unquote
 
 from tei_manager.grpc._grpc_events import (
@@ -49,17 +51,13 @@ from tei_manager.grpc._grpc_headers import (
 from tei_manager.grpc._hpack import encode_header, encode_headers
 from tei_manager.grpc._http2 import H2Connection
 from tei_manager.grpc._http2_frames import (
-    MAX_WINDOW,
     DataReceived,
     ErrorCode,
     HeadersReceived,
     StreamReset,
 )
-from tei_manager.grpc.rpc import StatusCode, over_limit
-
-MAX_HEADER_LIST_SIZE = 8192
-CONNECTION_WINDOW = 2**30
-DEFAULT_MAX_CONCURRENT_STREAMS = 2**16
+from tei_manager.grpc.limits import DEFAULT_LIMITS, Limits
+from tei_manager.grpc.rpc import StatusCode, client_text, over_limit
 
 _PREFIX = struct.Struct(">BL")
 
@@ -67,11 +65,20 @@ _PREFIX = struct.Struct(">BL")
 class _Call:
     """Per-stream gRPC state: the partial message being read, and how the call stands."""
 
-    __slots__ = ("discarding", "encoding", "headers_received", "need", "pending", "pending_size")
+    __slots__ = (
+        "credited",
+        "discarding",
+        "encoding",
+        "headers_received",
+        "need",
+        "pending",
+        "pending_size",
+    )
 
     def __init__(self) -> None:
         self.pending: list[bytes] = []
         self.pending_size = 0
+        self.credited = 0  # bytes of ``pending`` already credited back (large message)
         self.need = 0
         self.discarding = False
         self.headers_received = False
@@ -86,18 +93,16 @@ class Connection:
         *,
         client_side: bool,
         max_message_bytes: int,
-        max_concurrent_streams: int | None = None,
+        limits: Limits = DEFAULT_LIMITS,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.client_side = client_side
         self.max_message_bytes = max_message_bytes
-        self.h2_connection = H2Connection(
-            client_side=client_side,
-            # Room for two whole messages per stream, as purerpc had.
-            initial_window_size=min(2 * max_message_bytes, MAX_WINDOW),
-            connection_window_size=CONNECTION_WINDOW,
-            max_concurrent_streams=max_concurrent_streams or DEFAULT_MAX_CONCURRENT_STREAMS,
-            max_header_list_size=MAX_HEADER_LIST_SIZE,
-        )
+        self.h2_connection = H2Connection(client_side=client_side, limits=limits, clock=clock)
+        # The one stream whose large message is credited as it is buffered (0: none),
+        # and the partial size from which a message counts as large.
+        self._large = 0
+        self._large_at = max(1, limits.stream_receive_window_bytes // 2)
         self._calls: dict[int, _Call] = {}
         self._last_request_id = 0
         self._request_prefixes: dict[tuple[str, str, str], bytes] = {}
@@ -149,14 +154,32 @@ class Connection:
                 out.append(RequestEnded(stream_id))
 
     def _messages(self, call: _Call, stream_id: int, data: bytes, out: list[Event]) -> None:
+        # A message's bytes are credited back when the application consumes it, so
+        # the windows bound what a peer can park. A message larger than a window
+        # would then never arrive: one stream per connection at a time (``_large``)
+        # has its partial message's bytes credited as they enter the message buffer
+        # (bounded by ``max_message_bytes``), so a 40 MiB message streams through a
+        # 4 MiB window at full speed. ``carried``: bytes at the start of ``data``
+        # already credited.
+        carried = 0
         if call.pending:
             call.pending.append(data)
             call.pending_size += len(data)
             if call.pending_size < call.need:
+                if self._large == stream_id:
+                    self.h2_connection.acknowledge_received_data(stream_id, len(data))
+                    call.credited += len(data)
+                elif not self._large and call.pending_size >= self._large_at:
+                    self._make_large(stream_id, call)
                 return
+            carried = call.credited
+            call.credited = 0
             data = b"".join(call.pending)
             call.pending = []
             call.pending_size = 0
+            if self._large == stream_id:
+                self._large = 0  # its message is complete: another may go next
+                self._next_large()
         pos = 0
         end = len(data)
         limit = self.max_message_bytes
@@ -172,20 +195,42 @@ class Connection:
                     message = over_limit(length, limit)
                     status = StatusCode.RESOURCE_EXHAUSTED
                 call.discarding = True
-                self.h2_connection.acknowledge_received_data(stream_id, end - pos)
+                self.h2_connection.acknowledge_received_data(stream_id, end - pos - carried)
                 out.append(MessageRejected(stream_id, status, message))
+                if self._large == stream_id:
+                    self._large = 0
+                    self._next_large()
                 return
             stop = pos + 5 + length
             if stop > end:
                 need = 5 + length
                 break
-            out.append(MessageReceived(stream_id, data[pos + 5 : stop], stop - pos))
+            out.append(MessageReceived(stream_id, data[pos + 5 : stop], stop - pos - carried))
+            carried = 0
             pos = stop
         if pos < end:
             rest = data[pos:] if pos else data
             call.pending = [rest]
             call.pending_size = len(rest)
+            call.credited = carried  # 0 once a message completed
             call.need = need
+            if self._large == stream_id or (not self._large and len(rest) >= self._large_at):
+                self._make_large(stream_id, call)
+
+    def _make_large(self, stream_id: int, call: _Call) -> None:
+        """Let ``stream_id``'s partial message be credited as it is buffered."""
+        self._large = stream_id
+        owed = call.pending_size - call.credited
+        if owed:
+            self.h2_connection.acknowledge_received_data(stream_id, owed)
+            call.credited = call.pending_size
+
+    def _next_large(self) -> None:
+        """The large message is done: the next stream waiting with one goes on."""
+        for stream_id, call in self._calls.items():
+            if call.pending_size >= self._large_at and not call.discarding:
+                self._make_large(stream_id, call)
+                return
 
     def _headers(self, event: HeadersReceived, out: list[Event]) -> None:
         stream_id = event.stream_id
@@ -241,20 +286,21 @@ class Connection:
                 stream_id, encode_headers([(":status", "415")]), end_stream=True
             )
             self.h2_connection.reset_stream(stream_id, ErrorCode.NO_ERROR)
+            self.h2_connection.release_stream(stream_id)
             return
         if method != "POST":
-            self._refuse(stream_id, StatusCode.UNIMPLEMENTED, f"method {method} is not POST")
+            message = f"method {client_text(method)} is not POST"
+            self._refuse(stream_id, StatusCode.UNIMPLEMENTED, message)
             return
         if path is None or path.count("/") != 2 or path[0] != "/":
-            self._refuse(stream_id, StatusCode.UNIMPLEMENTED, f"malformed path {path}")
+            self._refuse(stream_id, StatusCode.UNIMPLEMENTED, f"malformed path {client_text(path)}")
             return
         timeout = None
         if timeout_text is not None:
             timeout = parse_timeout(timeout_text)
             if timeout is None:
-                self._refuse(
-                    stream_id, StatusCode.INTERNAL, f"malformed grpc-timeout {timeout_text}"
-                )
+                message = f"malformed grpc-timeout {client_text(timeout_text)}"
+                self._refuse(stream_id, StatusCode.INTERNAL, message)
                 return
         call = _Call()
         call.encoding = encoding
@@ -349,12 +395,18 @@ class Connection:
         """Server side: answer a request the application never sees."""
         self.respond_status(stream_id, status, message)
         self.h2_connection.reset_stream(stream_id, ErrorCode.NO_ERROR)
+        self.h2_connection.release_stream(stream_id)
 
     def _release_pending(self, stream_id: int, call: _Call) -> None:
-        if call.pending_size:
-            self.h2_connection.acknowledge_received_data(stream_id, call.pending_size)
-            call.pending = []
-            call.pending_size = 0
+        owed = call.pending_size - call.credited
+        if owed:
+            self.h2_connection.acknowledge_received_data(stream_id, owed)
+        call.pending = []
+        call.pending_size = 0
+        call.credited = 0
+        if self._large == stream_id:
+            self._large = 0
+            self._next_large()
 
     def _drop(self, stream_id: int) -> None:
         call = self._calls.pop(stream_id, None)
@@ -439,6 +491,7 @@ class Connection:
     def forget(self, stream_id: int) -> None:
         """The application is done with a stream: drop its state, reset it if still open."""
         self._drop(stream_id)
+        self.h2_connection.release_stream(stream_id)
         stream = self.h2_connection.streams.get(stream_id)
         if stream is not None:
             # Our side finished first (the peer is still sending): NO_ERROR tells it

@@ -18,11 +18,15 @@ from typing import Any, Generic
 import trio
 from google.protobuf.message import DecodeError
 
+from tei_manager.grpc.limits import DEFAULT_LIMITS, Limits
 from tei_manager.grpc.rpc import GrpcError, MethodSpec, Req, Resp, StatusCode
 from tei_manager.grpc.server import DEFAULT_MAX_MESSAGE_BYTES
-from tei_manager.grpc.transport import MESSAGE_PREFIX_BYTES, Stream, Transport
+from tei_manager.grpc.transport import MESSAGE_PREFIX_BYTES, Stream, StreamRefused, Transport
 
 Metadata = tuple[tuple[str, str], ...]
+#: How often a unary call the server refused (REFUSED_STREAM) is made again.
+REFUSED_RETRIES = 3
+REFUSED_BACKOFF_SECS = 0.02
 
 
 def client_ssl_context(
@@ -51,8 +55,11 @@ class Channel:
         server_hostname: str | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         connect_timeout: float = 5.0,
+        limits: Limits = DEFAULT_LIMITS,
     ) -> None:
         self.host = host
+        #: Our side's limits; ``keepalive_interval_secs`` turns on keepalive PINGs.
+        self.limits = limits
         self.port = port
         self.authority = f"{host}:{port}"
         self._ssl_context = ssl_context
@@ -97,7 +104,9 @@ class Channel:
             raise GrpcError(
                 StatusCode.UNAVAILABLE, f"cannot connect to {self.authority}: {reason}"
             ) from None
-        transport = Transport(sock, client_side=True, max_message_bytes=self._max_message_bytes)
+        transport = Transport(
+            sock, client_side=True, max_message_bytes=self._max_message_bytes, limits=self.limits
+        )
         self._transport = transport
         with trio.CancelScope() as self._scope:
             await transport.run(task_status=task_status)
@@ -121,14 +130,25 @@ class Channel:
             # Sent rounded up, so the server never sees zero.
             timeout = deadline - trio.current_time()
         try:
-            transport.conn.start_request(
-                stream.stream_id, self._scheme, spec.path, self.authority, timeout, metadata
+            transport.start_request(
+                stream, self._scheme, spec.path, self.authority, timeout, metadata
             )
         except BaseException:
-            transport.release(stream)
+            stream.release()
             raise
         transport.flush()
         return stream
+
+    async def wait_for_stream_slot(self) -> None:
+        """Wait until the server's SETTINGS_MAX_CONCURRENT_STREAMS allows one more call.
+
+        Calls over the server's limit queue here instead of failing.
+        Raises ``GrpcError`` (UNAVAILABLE) when the connection is gone.
+        """
+        transport = self._transport
+        if transport is None:
+            raise GrpcError(StatusCode.UNAVAILABLE, f"no connection to {self.authority}")
+        await transport.wait_for_stream_slot()
 
     @asynccontextmanager
     async def open_call(
@@ -140,8 +160,10 @@ class Channel:
         """A call of any shape: ``send`` requests, ``done_writing``, then read replies.
 
         Leaving the block before the call ended resets its stream (the server's
-        handler is cancelled).
+        handler is cancelled). Over the server's stream limit, the call waits for a
+        free stream.
         """
+        await self.wait_for_stream_slot()
         call = self.start_call(spec, metadata=metadata)
         try:
             yield call
@@ -151,7 +173,11 @@ class Channel:
     def start_call(
         self, spec: MethodSpec[Req, Resp], *, metadata: Metadata = ()
     ) -> Call[Req, Resp]:
-        """``open_call`` without the context manager, for hot paths: ``close()`` it after."""
+        """``open_call`` without the context manager, for hot paths: ``close()`` it after.
+
+        Raises UNAVAILABLE over the server's stream limit: ``await
+        wait_for_stream_slot()`` first to queue instead.
+        """
         return Call(self._start(spec, metadata), spec)
 
     def relay(
@@ -169,31 +195,23 @@ class Channel:
         once (END_STREAM on its DATA frame), and ``watcher`` is called from the
         connection's reader for each reply event (see ``Stream.watcher``).
         ``deadline`` (trio clock) travels as ``grpc-timeout``. Returns the call's
-        stream, whose owner releases it (``Transport.release``) when done; None when
+        stream, whose owner releases it (``Stream.release``) when done; None when
         the call cannot start without waiting: no usable connection, no free
         stream, or a short window.
         """
         transport = self._transport
-        if transport is None or transport.closed or transport.goaway:
-            return None
-        h2 = transport.h2
-        needed = len(data) + MESSAGE_PREFIX_BYTES
         if (
-            not h2.can_open_stream()
+            transport is None
             or len(data) > self._max_message_bytes
-            or h2.send_window < needed
-            or h2.peer_initial_window < needed
+            or not transport.can_send_now(len(data) + MESSAGE_PREFIX_BYTES)
         ):
             return None
         stream = transport.open_stream()
         timeout = None if deadline == math.inf else deadline - trio.current_time()
-        conn = transport.conn
-        conn.start_request(
-            stream.stream_id, self._scheme, spec.path, self.authority, timeout, metadata
-        )
+        transport.start_request(stream, self._scheme, spec.path, self.authority, timeout, metadata)
         if not stream.send_message_now(data, last=True):  # the checks above rule this out
             stream.cancel()
-            transport.release(stream)
+            stream.release()
             return None
         stream.watcher = watcher
         return stream
@@ -205,10 +223,19 @@ class Channel:
         *,
         metadata: Metadata = (),
     ) -> Resp:
-        async with self.open_call(spec, metadata=metadata) as call:
-            await call.send(request)
-            await call.done_writing()
-            return await call.single()
+        for attempt in range(REFUSED_RETRIES + 1):
+            try:
+                async with self.open_call(spec, metadata=metadata) as call:
+                    await call.send(request)
+                    await call.done_writing()
+                    return await call.single()
+            except StreamRefused:
+                # The server's count of our streams can trail ours (a stream we
+                # reset counts there until its handler ends): try again.
+                if attempt == REFUSED_RETRIES:
+                    raise
+                await trio.sleep(REFUSED_BACKOFF_SECS * (attempt + 1))
+        raise AssertionError("unreachable")
 
     async def stream_unary(
         self,
@@ -242,7 +269,7 @@ class Call(Generic[Req, Resp]):
         stream = self._stream
         if stream.trailers is None and stream.error is None:
             stream.cancel()
-        stream.transport.release(stream)
+        stream.release()
 
     async def send(self, request: Req) -> None:
         await self._stream.send_message(request.SerializeToString())
@@ -304,6 +331,7 @@ async def open_channel(
     ssl_context: ssl.SSLContext | None = None,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     connect_timeout: float = 5.0,
+    limits: Limits = DEFAULT_LIMITS,
 ) -> AsyncIterator[Channel]:
     """Connect to ``host:port`` for the duration of the block."""
     channel = Channel(
@@ -312,6 +340,7 @@ async def open_channel(
         ssl_context=ssl_context,
         max_message_bytes=max_message_bytes,
         connect_timeout=connect_timeout,
+        limits=limits,
     )
     try:
         async with trio.open_nursery() as nursery:

@@ -100,6 +100,21 @@ def status_code(value: int) -> StatusCode:
         return StatusCode.UNKNOWN
 
 
+#: How much of a client's string a status message repeats (``client_text``).
+CLIENT_TEXT_CHARS = 64
+
+
+def client_text(value: str | None, limit: int = CLIENT_TEXT_CHARS) -> str:
+    """A client-controlled string fit to repeat in a status message: quoted, with
+    control and non-ASCII characters escaped, and cut to ``limit`` characters."""
+    if value is None:
+        return "(none)"
+    shown = ascii(value[:limit])
+    if len(value) > limit:
+        shown += f"... ({len(value)} characters)"
+    return shown
+
+
 def over_limit(size: int, limit: int) -> str:
     """Why a message of ``size`` bytes is refused (RESOURCE_EXHAUSTED), sent or received."""
     return f"message of {size} bytes is over the limit of {limit} bytes"
@@ -108,10 +123,15 @@ def over_limit(size: int, limit: int) -> str:
 class GrpcError(Exception):
     """A call that ends with a non-OK status: raised by handlers, and by the client."""
 
-    def __init__(self, code: StatusCode, message: str = "") -> None:
+    def __init__(
+        self, code: StatusCode, message: str = "", *, retry_pushback_ms: int | None = None
+    ) -> None:
         super().__init__(f"{code.name}: {message}" if message else code.name)
         self.code = code
         self.message = message
+        #: Raised by a handler before any response: sent as ``grpc-retry-pushback-ms``
+        #: (when the client may retry: gRPC's retry throttling reads it).
+        self.retry_pushback_ms = retry_pushback_ms
 
 
 def unimplemented(service: str, method: str) -> GrpcError:

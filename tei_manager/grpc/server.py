@@ -6,11 +6,14 @@ certificate reaches handlers; the message-size limit is configurable and an
 oversized message fails only its call with RESOURCE_EXHAUSTED; a client's
 RST_STREAM or connection loss cancels the handler and ``grpc-timeout`` bounds it
 (DEADLINE_EXCEEDED); handler exceptions become INTERNAL with a clean message;
-cancellation at shutdown logs nothing.
+cancellation at shutdown logs nothing. What one peer may make it hold is bounded by
+its ``Limits`` (connections per listener here; the rest in the transport and below,
+tested in tests/test_grpc_limits.py).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import ssl
@@ -22,12 +25,14 @@ import trio
 from google.protobuf.message import DecodeError, Message
 
 from tei_manager.grpc._grpc_events import MessageReceived, RequestReceived
+from tei_manager.grpc.limits import DEFAULT_LIMITS, Limits
 from tei_manager.grpc.rpc import (
     Cardinality,
     GrpcError,
     MethodSpec,
     Servicer,
     StatusCode,
+    client_text,
     over_limit,
 )
 from tei_manager.grpc.transport import Stream, Transport
@@ -35,7 +40,10 @@ from tei_manager.grpc.transport import Stream, Transport
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_MESSAGE_BYTES = 40 * 1024 * 1024
-TLS_HANDSHAKE_TIMEOUT = 10.0
+#: accept() errors that mean "out of a resource for now": back off and retry
+#: (trio's serve_listeners list); any other error ends the server.
+_ACCEPT_BACKOFF_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+ACCEPT_BACKOFF_SECS = 0.1
 
 Handler = Callable[..., Any]
 #: Called once per finished call with its method, duration in seconds and status.
@@ -90,6 +98,10 @@ class CallContext:
             if name == key:
                 return value
         return None
+
+    def metadata_values(self, key: str) -> list[str]:
+        """Every value sent for ``key``, in order."""
+        return [value for name, value in self.metadata if name == key]
 
 
 def server_ssl_context(
@@ -187,9 +199,17 @@ class FastCall:
         self._nursery.start_soon(async_fn, *args)
 
     def reply(
-        self, data: bytes | None, code: StatusCode = StatusCode.OK, message: str = ""
+        self,
+        data: bytes | None,
+        code: StatusCode = StatusCode.OK,
+        message: str = "",
+        *,
+        retry_pushback_ms: int | None = None,
     ) -> None:
-        """Answer with the response ``data`` (None: none), then the status; later calls are moot."""
+        """Answer with the response ``data`` (None: none), then the status; later calls are moot.
+
+        ``retry_pushback_ms`` (with no ``data``) trails as ``grpc-retry-pushback-ms``:
+        when the client may try again (a RESOURCE_EXHAUSTED refusal, say)."""
         if self.done:
             return
         self.done = True
@@ -204,7 +224,7 @@ class FastCall:
                 server._end_fast(self, StatusCode.CANCELLED)
                 return
             headers_sent = True
-            limit = stream.transport.max_message_bytes
+            limit = stream.max_message_bytes
             if len(data) > limit:
                 code = StatusCode.RESOURCE_EXHAUSTED
                 message = over_limit(len(data), limit)
@@ -212,7 +232,12 @@ class FastCall:
                 # The client's window is short: a task waits for it.
                 self._nursery.start_soon(self._reply_slowly, data, code, message)
                 return
-        stream.send_status(code, message, headers_sent=headers_sent)
+        stream.send_status(
+            code,
+            message,
+            headers_sent=headers_sent,
+            retry_pushback_ms=None if headers_sent else retry_pushback_ms,
+        )
         server._end_fast(self, code)
 
     async def _reply_slowly(self, data: bytes, code: StatusCode, message: str) -> None:
@@ -235,7 +260,7 @@ class FastCall:
         # The stream's watcher once the call is taken: only its end matters.
         if stream.error is None or self.done:
             return
-        if stream.reset or stream.transport.closed:
+        if stream.reset or stream.connection_closed:
             self.done = True
             self._server._fast_calls.discard(self)
             self._server._end_fast(self, StatusCode.CANCELLED)
@@ -254,13 +279,13 @@ class GrpcServer:
         port: int = 0,
         ssl_context: ssl.SSLContext | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        max_concurrent_streams: int | None = None,
+        limits: Limits = DEFAULT_LIMITS,
         on_call: CallObserver | None = None,
         authorize: Authorizer | None = None,
     ) -> None:
         self.host = host
-        #: Calls one connection may have open at once (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS).
-        self.max_concurrent_streams = max_concurrent_streams
+        #: What one peer may make a connection hold (streams, headers, windows, time).
+        self.limits = limits
         self._on_call = on_call
         self.port = port
         self.ssl_context = ssl_context
@@ -273,6 +298,8 @@ class GrpcServer:
         self._sweep_at = math.inf
         self._sweep_scope: trio.CancelScope | None = None
         self._transports: set[Transport] = set()
+        self._connections_refused = 0
+        self._accept_errors = 0
         self._accept_scope: trio.CancelScope | None = None
         self._active_calls = 0
         self._idle = trio.Event()
@@ -302,7 +329,15 @@ class GrpcServer:
         return sorted({spec.service for spec, _, _ in self._methods.values()})
 
     def statistics(self) -> dict[str, int]:
-        return {"connections": len(self._transports), "active_calls": self._active_calls}
+        """Connections, running calls, refused connections, accept() failures and the
+        output queued for peers (at scrape time)."""
+        return {
+            "connections": len(self._transports),
+            "active_calls": self._active_calls,
+            "connections_refused": self._connections_refused,
+            "queued_output_bytes": sum(t.output_size for t in self._transports),
+            "accept_errors": self._accept_errors,
+        }
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen, hand the bound port to ``task_status``, serve until cancelled or shut down."""
@@ -318,7 +353,7 @@ class GrpcServer:
                 with trio.CancelScope() as self._accept_scope:
                     async with trio.open_nursery() as accept:
                         for listener in listeners:
-                            accept.start_soon(self._accept_loop, listener, connections)
+                            accept.start_soon(self.accept_connections, listener, connections)
                         self.listening.set()
                         task_status.started(self.port)
                 # Shutdown asked: refuse new calls, let running ones finish within the grace.
@@ -343,17 +378,47 @@ class GrpcServer:
         if self._accept_scope is not None:
             self._accept_scope.cancel()
 
-    async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+    async def accept_connections(
+        self, listener: trio.SocketListener, nursery: trio.Nursery
+    ) -> None:
+        """Serve the connections ``listener`` accepts, in ``nursery`` (``run`` calls
+        this per listener): at most ``max_connections`` at once, and back off while
+        the process is out of descriptors or memory."""
+        limit = self.limits.max_connections
+        count = _ListenerCount()
+        failing = False
         while True:
             try:
                 stream = await listener.accept()
-            except OSError as error:  # e.g. EMFILE: back off instead of spinning
-                log.warning("accept failed on gRPC port %d: %s", self.port, error)
-                await trio.sleep(0.1)
+            except OSError as error:
+                # Out of descriptors or memory: back off instead of spinning, as
+                # trio's serve_listeners does; anything else is a real failure.
+                if error.errno not in _ACCEPT_BACKOFF_ERRNOS:
+                    raise
+                self._accept_errors += 1
+                if not failing:
+                    failing = True
+                    log.warning("accept failed on gRPC port %d, backing off: %s", self.port, error)
+                await trio.sleep(ACCEPT_BACKOFF_SECS)
                 continue
-            nursery.start_soon(self._serve_connection, stream)
+            if failing:
+                failing = False
+                log.warning("accepting again on gRPC port %d", self.port)
+            if count.open >= limit:
+                # Over the limit: closed at once (no GOAWAY: no HTTP/2 yet), counted.
+                self._connections_refused += 1
+                await trio.aclose_forcefully(stream)
+                continue
+            count.open += 1
+            nursery.start_soon(self._serve_connection, stream, count)
 
-    async def _serve_connection(self, sock: trio.SocketStream) -> None:
+    async def _serve_connection(self, sock: trio.SocketStream, count: _ListenerCount) -> None:
+        try:
+            await self._serve_connection_counted(sock)
+        finally:
+            count.open -= 1
+
+    async def _serve_connection_counted(self, sock: trio.SocketStream) -> None:
         try:
             peer_host, peer_port = sock.socket.getpeername()[:2]
             peer: str | None = f"{peer_host}:{peer_port}"
@@ -364,7 +429,7 @@ class GrpcServer:
         if self.ssl_context is not None:
             tls = trio.SSLStream(sock, self.ssl_context, server_side=True)
             try:
-                with trio.fail_after(TLS_HANDSHAKE_TIMEOUT):
+                with trio.fail_after(self.limits.handshake_timeout_secs):
                     await tls.do_handshake()
             except (trio.TooSlowError, trio.BrokenResourceError, ssl.SSLError, OSError) as error:
                 log.info("TLS handshake with %s failed: %s", peer, error)
@@ -395,7 +460,7 @@ class GrpcServer:
                 stream,
                 client_side=False,
                 max_message_bytes=self.max_message_bytes,
-                max_concurrent_streams=self.max_concurrent_streams,
+                limits=self.limits,
                 on_request=on_request,
             )
             if self._accept_scope is not None and self._accept_scope.cancel_called:
@@ -414,10 +479,11 @@ class GrpcServer:
         assert request is not None
         path = request.path
         entry = self._methods.get(path)
-        transport = stream.transport
         if entry is None:
             stream.send_status(
-                StatusCode.UNIMPLEMENTED, f"method {path} is not implemented", headers_sent=False
+                StatusCode.UNIMPLEMENTED,
+                f"method {client_text(path)} is not implemented",
+                headers_sent=False,
             )
             self._finish(stream)
             return
@@ -426,6 +492,7 @@ class GrpcServer:
         context = _context(spec, request, peer, certificate)
         responder = _Responder(stream)
         code, message = StatusCode.CANCELLED, "cancelled"
+        pushback: int | None = None
         started = trio.current_time()
         try:
             limit = context.deadline if context.deadline is not None else math.inf
@@ -452,15 +519,21 @@ class GrpcServer:
                         await _dispatch(spec, handler, stream, context, responder)
                 except GrpcError as error:
                     code, message = error.code, error.message
+                    pushback = error.retry_pushback_ms
                 except Exception:
                     log.exception("unhandled error in gRPC handler %s", path)
                     code, message = StatusCode.INTERNAL, f"internal error while handling {path}"
             if scope.cancelled_caught:
-                if stream.reset or transport.closed:
+                if stream.reset or stream.connection_closed:
                     code = StatusCode.CANCELLED
                     return
                 code, message = StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"
-            stream.send_status(code, message, headers_sent=responder.headers_sent)
+            stream.send_status(
+                code,
+                message,
+                headers_sent=responder.headers_sent,
+                retry_pushback_ms=None if responder.headers_sent else pushback,
+            )
         finally:
             if self._on_call is not None:
                 self._on_call(spec, trio.current_time() - started, code)
@@ -474,7 +547,15 @@ class GrpcServer:
         entry = self._methods.get(request.path)
         if entry is None:  # answered UNIMPLEMENTED as usual
             return False
-        refusal = self.authorize(_context(entry[0], request, peer, certificate))
+        try:
+            refusal = self.authorize(_context(entry[0], request, peer, certificate))
+        except Exception:
+            # It runs in the connection's reader (no await, so no Cancelled to
+            # swallow): a bug there must fail this call, not the whole server.
+            log.exception("authorizing %s from %s failed", request.path, peer)
+            refusal = CallRefusal(
+                StatusCode.INTERNAL, f"internal error while authorizing {request.path}"
+            )
         if refusal is None:
             return False
         stream.send_status(
@@ -491,19 +572,16 @@ class GrpcServer:
         self, stream: Stream, peer: str | None, certificate: bytes | None, nursery: trio.Nursery
     ) -> bool:
         """Offer the call to its fast handler; False leaves it to the ordinary path."""
-        events = stream._events
+        event = stream.peek_event()
         request = stream.request
-        if stream.error is not None or not events or request is None:
+        if stream.error is not None or type(event) is not MessageReceived or request is None:
             return False
-        event = events[0]
-        if type(event) is not MessageReceived:
-            return False
+        assert isinstance(event, MessageReceived)
         path = request.path
         context = _context(self._methods[path][0], request, peer, certificate)
         call = FastCall(self, stream, context, nursery)
         # Counted from here, as the handler may answer before it returns.
         self._call_started()
-        events.popleft()
         try:
             taken = self._fast[path](call, event.data)
         except Exception:
@@ -511,10 +589,11 @@ class GrpcServer:
             call.reply(None, StatusCode.INTERNAL, f"internal error while handling {path}")
             taken = True
         if not taken:
-            events.appendleft(event)
             self._call_ended()
             return False
-        stream.transport.acknowledge(stream.stream_id, event.flow_controlled_length)
+        # Consumed: its credit goes back (unless the call already ended and was
+        # released, which returned it).
+        stream.pop_event()
         if not call.done:
             stream.watcher = call._watch
             self._fast_calls.add(call)
@@ -565,10 +644,18 @@ class GrpcServer:
     @staticmethod
     def _finish(stream: Stream) -> None:
         # Releasing a stream the client is still sending on resets it (NO_ERROR after
-        # our answer): we answered before the client finished, so it should stop.
-        stream.transport.release(stream)
-        # The answer leaves only now, so the call is counted before its client sees it.
-        stream.transport.push()
+        # our answer): we answered before the client finished, so it should stop. The
+        # answer leaves only now, so the call is counted before its client sees it.
+        stream.release()
+
+
+class _ListenerCount:
+    """Connections one listener has open (``Limits.max_connections``)."""
+
+    __slots__ = ("open",)
+
+    def __init__(self) -> None:
+        self.open = 0
 
 
 def _context(

@@ -102,7 +102,7 @@ async def _pull(
     err: TextIO,
 ) -> CachedSnapshot | DownloadError:
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_show_progress, progress, model_id, err)
+        nursery.start_soon(show_progress, progress, model_id, err)
         try:
             result: CachedSnapshot | DownloadError = await downloader.download(
                 model_id, revision, progress
@@ -113,8 +113,11 @@ async def _pull(
     return result
 
 
-async def _show_progress(progress: TransferProgress, model_id: str, err: TextIO) -> None:
-    """A tqdm bar (huggingface_hub's: HF_HUB_DISABLE_PROGRESS_BARS turns it off)."""
+async def show_progress(progress: TransferProgress, model_id: str, err: TextIO) -> None:
+    """Draw ``progress`` on ``err`` as a tqdm bar until cancelled, then once more, final.
+
+    huggingface_hub's tqdm: HF_HUB_DISABLE_PROGRESS_BARS turns it off.
+    """
     # Public (documented) API; the package's lazy __init__ hides it from mypy.
     from huggingface_hub.utils import tqdm  # type: ignore[attr-defined]
 
@@ -122,15 +125,20 @@ async def _show_progress(progress: TransferProgress, model_id: str, err: TextIO)
     bar = progress_bar(desc=model_id, unit="B", unit_scale=True, unit_divisor=1024, file=err)
     try:
         while True:
-            if progress.bytes_total and bar.total != progress.bytes_total:
-                bar.total = progress.bytes_total
-            bar.set_postfix_str(f"files {progress.files_done}/{progress.files_total}")
-            bar.update(progress.bytes_done - bar.n)
+            _draw(bar, progress)
             # Redraw the bar: a display refresh, nothing waits on it.
             await trio.sleep(_REFRESH_SECS)
     finally:
-        bar.update(progress.bytes_done - bar.n)
+        # The last files may finish between two redraws: the bar ends where the pull did.
+        _draw(bar, progress)
         bar.close()
+
+
+def _draw(bar: Any, progress: TransferProgress) -> None:
+    if progress.bytes_total and bar.total != progress.bytes_total:
+        bar.total = progress.bytes_total
+    bar.set_postfix_str(f"files {progress.files_done}/{progress.files_total}", refresh=False)
+    bar.update(progress.bytes_done - bar.n)
 
 
 def list_models(hub: HubSettings, *, as_json: bool = False, out: TextIO | None = None) -> int:

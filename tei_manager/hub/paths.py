@@ -19,6 +19,7 @@ from tei_manager.errors import ErrorCode, ValidationError, quote
 
 __all__ = [
     "REPO_PREFIX",
+    "REVISION_SCHEMA",
     "hub_cache_dir",
     "is_commit_hash",
     "model_id_from_folder",
@@ -32,6 +33,10 @@ REPO_PREFIX: Final = "models--"
 _COMMIT_RE: Final = re.compile(r"[0-9a-f]{40}")
 # Branch and tag names as git allows them, less what could climb out of refs/.
 _REVISION_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,254}")
+# The same rule as JSON Schema for the OpenAPI document: no empty, "." or ".." part.
+REVISION_SCHEMA: Final = {
+    "pattern": r"^(?!.*//)(?!.*/$)(?!(?:.*/)?\.\.?(?:/|$))[A-Za-z0-9][A-Za-z0-9._/-]{0,254}$"
+}
 _MAX_REPO_PATH: Final = 1024
 
 

@@ -11,7 +11,9 @@ exist) are read from their owner at scrape time through a callback.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import os
+import shutil
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Final, Literal
 
 import msgspec
@@ -28,6 +30,7 @@ from prometheus_client.registry import Collector
 
 __all__ = [
     "CONTENT_TYPE",
+    "INSTANCE_STATUSES",
     "EvictionReason",
     "ManagerMetrics",
     "MemorySnapshot",
@@ -45,6 +48,9 @@ CONTENT_TYPE: Final = CONTENT_TYPE_LATEST
 
 RestartReason = Literal["crash", "health", "manual"]
 EvictionReason = Literal["memory"]
+
+#: Every value of the ``status`` label of ``tei_manager_instance_status``.
+INSTANCE_STATUSES: Final = ("idle", "starting", "running", "stopping", "stopped", "failed")
 
 # Model loading takes from a second (tiny models) to minutes (large ones, first download).
 _STARTUP_BUCKETS: Final = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, float("inf"))
@@ -184,6 +190,12 @@ class ManagerMetrics:
             "On-demand instances stopped after idle_timeout_secs without a request",
             registry=r,
         )
+        self.gpu_fallbacks = Counter(
+            "tei_manager_gpu_fallbacks",
+            "Instances found running on the CPU although they asked for a GPU",
+            ["instance"],
+            registry=r,
+        )
         self._created = 0
         self._deleted = 0
         self._restarts: dict[str, int] = {"crash": 0, "health": 0, "manual": 0}
@@ -199,6 +211,18 @@ class ManagerMetrics:
     def bind_memory(self, read: Callable[[], MemorySnapshot]) -> None:
         """Read the memory gauges from ``read`` at every scrape."""
         self.prometheus.register(_MemoryCollector(read))
+
+    def bind_instance_statuses(self, statuses: Callable[[], Iterable[tuple[str, str]]]) -> None:
+        """Read ``tei_manager_instance_status`` from ``(name, status)`` pairs at every scrape."""
+        self.prometheus.register(_InstanceStatusCollector(statuses))
+
+    def bind_gpus(self, gpus: Callable[[], Iterable[tuple[int, str, int, int]]]) -> None:
+        """Export ``(index, name, free, total)`` of each GPU at every scrape."""
+        self.prometheus.register(_GpuCollector(gpus))
+
+    def bind_storage(self, volumes: Mapping[str, str]) -> None:
+        """Export free and total bytes of each ``{volume: path}`` at every scrape."""
+        self.prometheus.register(_StorageCollector(dict(volumes)))
 
     # -- events -----------------------------------------------------------------------
     def instance_created(self, instance: str, model: str) -> None:
@@ -245,3 +269,80 @@ class ManagerMetrics:
     def render(self) -> bytes:
         """The Prometheus text exposition; blocking, so run it in a worker thread."""
         return generate_latest(self.prometheus)
+
+
+class _InstanceStatusCollector(Collector):
+    """``tei_manager_instance_status{instance, status}``: 1 for the instance's status,
+    0 for the others (as kube-state-metrics does for pod phases), so an alert on a
+    status holds its ``for`` clause across scrapes."""
+
+    def __init__(self, statuses: Callable[[], Iterable[tuple[str, str]]]) -> None:
+        self._statuses = statuses
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "tei_manager_instance_status",
+            "1 for the status each instance is in, 0 for the other statuses",
+            labels=["instance", "status"],
+        )
+        for name, current in self._statuses():
+            for status in INSTANCE_STATUSES:
+                family.add_metric([name, status], 1.0 if status == current else 0.0)
+        yield family
+
+
+def _existing_ancestor(path: str) -> str:
+    current = os.path.abspath(path)
+    while not os.path.exists(current) and os.path.dirname(current) != current:
+        current = os.path.dirname(current)
+    return current
+
+
+class _StorageCollector(Collector):
+    """``tei_manager_storage_{free,total}_bytes{volume}`` of the log folder and the
+    model cache, read at scrape time (``/metrics`` renders in a worker thread)."""
+
+    def __init__(self, volumes: dict[str, str]) -> None:
+        self._volumes = volumes
+
+    def collect(self) -> Iterator[Metric]:
+        free = GaugeMetricFamily(
+            "tei_manager_storage_free_bytes",
+            "Bytes free on the file system of each volume (logs, model_cache)",
+            labels=["volume"],
+        )
+        total = GaugeMetricFamily(
+            "tei_manager_storage_total_bytes",
+            "Size of the file system of each volume (logs, model_cache)",
+            labels=["volume"],
+        )
+        for volume, path in self._volumes.items():
+            try:
+                usage = shutil.disk_usage(_existing_ancestor(path))
+            except OSError:
+                continue  # no sample: the series going absent is the signal
+            free.add_metric([volume], float(usage.free))
+            total.add_metric([volume], float(usage.total))
+        yield free
+        yield total
+
+
+class _GpuCollector(Collector):
+    """``tei_manager_gpu_memory_{free,total}_bytes{gpu, name}``, read from the device
+    table at scrape time (no GPU, no samples)."""
+
+    def __init__(self, gpus: Callable[[], Iterable[tuple[int, str, int, int]]]) -> None:
+        self._gpus = gpus
+
+    def collect(self) -> Iterator[Metric]:
+        free = GaugeMetricFamily(
+            "tei_manager_gpu_memory_free_bytes", "GPU memory free", labels=["gpu", "name"]
+        )
+        total = GaugeMetricFamily(
+            "tei_manager_gpu_memory_total_bytes", "GPU memory in total", labels=["gpu", "name"]
+        )
+        for index, name, free_bytes, total_bytes in self._gpus():
+            free.add_metric([str(index), name], float(free_bytes))
+            total.add_metric([str(index), name], float(total_bytes))
+        yield free
+        yield total

@@ -27,7 +27,7 @@ import logging
 import math
 from collections.abc import Callable, Iterable
 from functools import partial
-from typing import Final
+from typing import Final, Literal
 
 import msgspec
 import trio
@@ -65,7 +65,7 @@ _HOLDING = frozenset({InstanceStatus.STARTING, InstanceStatus.RUNNING, InstanceS
 # The cap of a device we cannot read: larger than any sum of reservations.
 _UNACCOUNTED: Final = 1 << 62
 
-FootprintKey = tuple[str, str | None, int, Pooling | None, tuple[str, ...], bool]
+FootprintKey = tuple[str, str | None, int | Literal["auto"], Pooling | None, tuple[str, ...], bool]
 Estimator = Callable[[InstanceConfig, bool], int]
 """The estimated bytes of an instance of ``config`` (on a GPU if the flag says so); blocking."""
 MemoryReader = Callable[[int], int]

@@ -6,7 +6,8 @@ The root of the nursery tree::
     └── root nursery            (SIGTERM/SIGINT: graceful shutdown; a second one forces)
         ├── Manager.run         supervisor: instance processes, state file
         ├── ServerTls.run       TLS certificate reload on SIGHUP or file change (with TLS)
-        ├── serve_api           REST API
+        ├── ConnectionPool.run  HTTP/2 connections to the instances, shared by the two below
+        ├── serve_api           REST API, with the HTTP inference routes (gateway)
         └── serve_multiplexer   gRPC multiplexer (when grpc_enabled), stopped with the API
 
 Both listeners share one :class:`~tei_manager.auth.security.Security` (authenticator,
@@ -51,16 +52,36 @@ _DRAIN_SHARE: Final = 0.5
 async def serve(manager: Manager, security: Security | None = None) -> None:
     """Run the manager and its listeners until a signal, then shut down gracefully."""
     from tei_manager.api.server import serve_api
+    from tei_manager.gateway.relay import create_gateway
+    from tei_manager.multiplexer.server import shared_routing
 
     config = manager.config
     if security is None:
         security = build_security(config, manager.metrics.prometheus)
+    # One router (in-flight counts, failover suspects), one connection per instance
+    # and one admission (limit, queue) per instance for both doors; a call on either
+    # to an idle on-demand instance starts it (the manager's activity and starter).
+    shared = shared_routing(
+        config,
+        manager.instances,
+        activity=manager.ondemand.activity,
+        starter=manager.ensure_running,
+    )
+    gateway = create_gateway(
+        config,
+        manager.instances,
+        manager.metrics.prometheus,
+        router=shared.router,
+        pool=shared.pool,
+        admission=shared.admission,
+    )
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as root:
             manager_task = _Service(manager.run)
             await root.start(manager_task.run)
             if security.tls is not None:
                 await root.start(security.tls.run)
+            await root.start(shared.pool.run)
 
             async def api(*, task_status: trio.TaskStatus[int]) -> None:
                 await serve_api(
@@ -69,6 +90,7 @@ async def serve(manager: Manager, security: Security | None = None) -> None:
                     config.api_port,
                     shutdown=manager.shutdown_requested,
                     drain_timeout_secs=config.graceful_shutdown_timeout_secs * _DRAIN_SHARE,
+                    gateway=gateway,
                     security=security,
                     task_status=task_status,
                 )
@@ -85,11 +107,10 @@ async def serve(manager: Manager, security: Security | None = None) -> None:
                         config,
                         manager.instances,
                         metrics,
+                        shared=shared,
                         shutdown=manager.shutdown_requested,
                         drain_timeout_secs=config.graceful_shutdown_timeout_secs * _DRAIN_SHARE,
                         security=security,
-                        activity=manager.ondemand.activity,
-                        starter=manager.ensure_running,
                         task_status=task_status,
                     )
 

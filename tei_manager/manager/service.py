@@ -34,6 +34,13 @@ import trio
 
 from tei_manager import __version__
 from tei_manager.config import InstanceConfig, ManagerConfig, validate_instance_config
+from tei_manager.core.gpu import (
+    DEFAULT_MAX_BATCH_TOKENS,
+    DeviceTable,
+    auto_max_batch_tokens,
+    fallen_back,
+    preflight_problems,
+)
 from tei_manager.core.instances import (
     InstanceInfo,
     InstanceRecord,
@@ -44,6 +51,7 @@ from tei_manager.core.logslice import LogSlice, read_log_slice
 from tei_manager.core.ports import PortAllocator, PortProbe, probe_bindable
 from tei_manager.core.restart import RestartPolicy
 from tei_manager.errors import (
+    ConfigError,
     ConflictError,
     ErrorCode,
     NotFoundError,
@@ -54,6 +62,7 @@ from tei_manager.errors import (
 from tei_manager.hub.cache import local_model_problem, locate
 from tei_manager.hub.registry import ModelRegistry, ModelWait
 from tei_manager.hub.settings import HubSettings, RegistrySettings
+from tei_manager.manager.backup import Backup, BackupModel
 from tei_manager.manager.hostports import check_host_ports, port_free_for_instance
 from tei_manager.manager.metrics import ManagerMetrics
 from tei_manager.manager.ondemand import DevicesReport, Estimator, MemoryReader, OnDemand
@@ -70,6 +79,9 @@ from tei_manager.manager.state import (
 from tei_manager.supervisor.devices import (
     DeviceSource,
     GpuProcessMemory,
+    NoDevices,
+    detect_devices,
+    engine_gpu_build,
     gpu_process_memory,
     host_devices,
     process_tree_peak_rss,
@@ -87,10 +99,17 @@ from tei_manager.supervisor.instance import (
     RunnerSettings,
     Spawner,
 )
-from tei_manager.supervisor.launch import Program, instance_log_path, launch_spec, resolve_program
+from tei_manager.supervisor.launch import (
+    Program,
+    instance_log_path,
+    launch_spec,
+    resolve_program,
+    worker_program,
+)
 from tei_manager.supervisor.orphans import runtime_path
 from tei_manager.supervisor.probe import Prober, info_probe
 from tei_manager.supervisor.process import spawn
+from tei_manager.supervisor.procfs import read_stat
 
 __all__ = ["Manager"]
 
@@ -109,12 +128,22 @@ def _remove_log(path: Path) -> None:
         log.warning("cannot remove %s: %s", path, e.strerror or e)
 
 
+def _on_gpu(record: InstanceRecord) -> bool:
+    """The instance asked for a GPU: by index, or "auto" placed on one."""
+    gpu_id = record.config.gpu_id
+    if isinstance(gpu_id, int):
+        return True
+    return gpu_id == "auto" and (record.device or "").startswith("gpu:")
+
+
 class Manager:
     """Instances, their processes and their persisted state; see the module notes.
 
-    ``spawner``, ``prober``, ``gpu_count``, the port probes and ``run_blocking``
-    replace the real process spawning, Info calls, GPU detection, socket probing
-    and worker threads (tests).
+    ``spawner``, ``prober``, ``gpu_count``, the port probes, ``run_blocking`` and
+    ``devices`` replace the real process spawning, Info calls, GPU detection, socket
+    probing, worker threads and GPU table (tests). Without a real spawner the
+    default device table is empty. ``read_devices`` and ``gpu_memory`` (models on
+    demand) default to reading that same table plus the host's RAM.
     """
 
     def __init__(
@@ -130,10 +159,11 @@ class Manager:
         settings: RunnerSettings | None = None,
         run_blocking: BlockingRunner = trio.to_thread.run_sync,
         hub: HubSettings | None = None,
-        read_devices: DeviceSource = host_devices,
+        devices: DeviceTable | None = None,
+        read_devices: DeviceSource | None = None,
         estimate: Estimator | None = None,
         read_memory: MemoryReader = process_tree_peak_rss,
-        gpu_memory: GpuProcessMemory = gpu_process_memory,
+        gpu_memory: GpuProcessMemory | None = None,
     ) -> None:
         self.config = config
         self.metrics = ManagerMetrics()
@@ -161,6 +191,11 @@ class Manager:
             instance_downloads=spawner is None,
             run_blocking=run_blocking,
         )
+        # Scrape-time series for dashboards and alerts (deploy/grafana, deploy/prometheus).
+        self.metrics.bind_instance_statuses(
+            lambda: [(record.name, str(record.status)) for record in self.instances]
+        )
+        self.metrics.bind_storage({"logs": config.log_dir, "model_cache": self.models.cache_dir})
         # None until run() counted the GPUs; the REST layer passes it to validation.
         self.gpu_count: int | None = gpu_count
         self.started_at: float = time.time()
@@ -168,7 +203,17 @@ class Manager:
         # Set when a graceful shutdown begins: the REST server stops accepting,
         # drains in-flight requests and returns.
         self.shutdown_requested = trio.Event()
-        self._spawner: Spawner = spawner or self._spawn_process
+        # What GPUs exist (NVML, nvidia-smi, or none): preflight, "auto" batch sizes,
+        # CPU fallback, and the GPU memory series of /metrics.
+        self.devices: DeviceTable = devices or (NoDevices() if spawner else detect_devices())
+        self.metrics.bind_gpus(
+            lambda: [
+                (g.index, g.name, g.memory_free_bytes, g.memory_total_bytes)
+                for g in self.devices.gpus()
+            ]
+        )
+        self._spawn_raw: Spawner = spawner or self._spawn_process
+        self._spawner: Spawner = self._spawn_with_batch_tokens
         self._prober: Prober = prober or info_probe
         self._explicit_port_probe = explicit_port_probe
         self._policy = policy or RestartPolicy.from_config(config)
@@ -185,6 +230,8 @@ class Manager:
         self._awaiting_model: dict[str, trio.CancelScope] = {}
         self._supervisor: trio.Nursery | None = None
         self._state_lock = trio.Lock()
+        # One reset or import at a time.
+        self._bulk_lock = trio.Lock()
         self._runtime = RuntimeFileWriter(
             runtime_path(config.state_file),
             lambda: self._runners.values(),
@@ -199,10 +246,11 @@ class Manager:
             self.instances,
             self._runners.get,
             devices=config.devices,
-            read_devices=read_devices,
+            # One reading of the GPUs: the same table as preflight and /metrics.
+            read_devices=read_devices or (lambda: host_devices(self.devices)),
             estimate=estimate or self._estimate_footprint,
             read_memory=read_memory,
-            gpu_memory=gpu_memory,
+            gpu_memory=gpu_memory or (lambda pids: gpu_process_memory(pids, self.devices)),
             metrics=self.metrics,
             default_idle_timeout_secs=config.idle_timeout_secs,
             startup_timeout_secs=config.startup_timeout_secs,
@@ -410,6 +458,160 @@ class Manager:
         await self._save_state()
         return info
 
+    # -- reset, backup and restore (POST /state/reset, /state/export, /state/import) ----------
+    async def reset_state(self) -> list[InstanceInfo]:
+        """Stop and delete every instance, clear the state file, then create the
+        configuration's ``[[instances]]`` afresh (``auto_start`` decides each one's run
+        state), as the original's ``POST /state/reset`` does."""
+        self._require_supervisor()
+        async with self._bulk_lock:
+            await self._delete_every_instance()
+            seeded, added = merge_seeds(PersistedState(), self.config.instances, now=_utcnow())
+            await self._register_and_launch(seeded.instances)
+            log.info("state reset; seed instances: %s", ", ".join(added) or "none")
+        return self.list_instances()
+
+    def export_state(self) -> Backup:
+        """The desired state: every instance as the state file has it, and the models."""
+        state = state_from_instances(self.instances)
+        models = tuple(
+            BackupModel(model_id=m.model_id, revision=m.revision) for m in self.models.list_models()
+        )
+        return Backup(exported_at=_utcnow(), instances=state.instances, models=models)
+
+    async def import_state(self, backup: Backup) -> list[InstanceInfo]:
+        """Replace every instance with those of ``backup`` (checked by
+        :func:`~tei_manager.manager.backup.decode_backup` before this is called) and
+        register its models; instances keep their run state and creation time."""
+        self._require_supervisor()
+        async with self._bulk_lock:
+            await self._delete_every_instance()
+            for model in backup.models:
+                await self.models.add_model(model.model_id, model.revision)
+            await self._register_and_launch(backup.instances)
+            log.info("state imported: %d instance(s)", len(backup.instances))
+        return self.list_instances()
+
+    async def _delete_every_instance(self) -> None:
+        """Delete all instances concurrently; returns once every process is gone."""
+
+        async def delete(name: str) -> None:
+            try:
+                await self.delete_instance(name)
+            except TeiError as e:
+                if e.code is not ErrorCode.INSTANCE_NOT_FOUND:  # deleted meanwhile: fine
+                    raise
+
+        async with trio.open_nursery() as nursery:
+            for record in self.instances:
+                nursery.start_soon(delete, record.name)
+
+    async def _register_and_launch(self, instances: tuple[PersistedInstance, ...]) -> None:
+        supervisor = self._require_supervisor()
+        with trio.CancelScope(shield=True):  # registered instances must get their runner
+            for persisted in instances:
+                record = self._register_restored(persisted)
+                if record is not None:
+                    await supervisor.start(self._run_runner, self._new_runner(record))
+            await self._save_state()
+
+    # -- GPU sanity: preflight, "auto" batch tokens, CPU fallback (core/gpu.py) ----------
+    async def _gpu_preflight(self, state: PersistedState) -> None:
+        """``gpu_preflight``: the GPUs instances ask for exist, the engine is a GPU build."""
+        mode = self.config.gpu_preflight
+        requested = {i.config.name: i.config.gpu_id for i in state.instances}
+        for seed in self.config.instances:
+            requested.setdefault(seed.name, seed.gpu_id)
+        # "auto" names no GPU: admission places it on one that exists, else the CPU.
+        wanted = {name: gpu for name, gpu in requested.items() if isinstance(gpu, int)}
+        if mode == "off" or not wanted:
+            return
+        program = self.program or worker_program()
+        gpus = await self._run_blocking(self.devices.gpus)
+        build = await self._run_blocking(partial(engine_gpu_build, program))
+        engine = program.argv[0] if program.is_tei else "the built-in worker's torch"
+        problems = preflight_problems(wanted, gpus, engine=engine, engine_gpu_build=build)
+        if problems and mode == "fail":
+            raise ConfigError(f"gpu_preflight: {'; '.join(problems)}")
+        for problem in problems:
+            log.warning("gpu_preflight: %s", problem)
+
+    def _spawn_with_batch_tokens(self, cfg: InstanceConfig) -> ProcessHandle:
+        """Spawn with ``max_batch_tokens = "auto"`` resolved from the instance's GPU.
+
+        Asks the device table synchronously: NVML answers in microseconds;
+        nvidia-smi takes tens of milliseconds, once per spawn of such an instance.
+        """
+        if cfg.max_batch_tokens == "auto":
+            device = None
+            if isinstance(cfg.gpu_id, int):  # "auto" is placed on one before the spawn
+                device = next((g for g in self.devices.gpus() if g.index == cfg.gpu_id), None)
+            tokens = auto_max_batch_tokens(
+                device, per_gib=self.config.auto_max_batch_tokens_per_gib
+            )
+            free = (
+                "no GPU known" if device is None else f"{device.memory_free_bytes >> 20} MiB free"
+            )
+            log.info(
+                "instance %s: max_batch_tokens auto = %d (%s)",
+                cfg.name,
+                tokens,
+                free,
+                extra={"instance": cfg.name},
+            )
+            cfg = msgspec.structs.replace(cfg, max_batch_tokens=tokens)
+        return self._spawn_raw(cfg)
+
+    def _gpu_process_groups(self) -> set[int] | None:
+        """Process groups holding GPU memory; None when the device table cannot tell."""
+        processes = self.devices.gpu_processes()
+        if processes is None:
+            return None
+        groups = set()
+        for process in processes:
+            groups.add(process.pid)  # a group leader: the instance's own process
+            stat = read_stat(process.pid)
+            if stat is not None:  # a child of it (TEI's Python backend, say)
+                groups.add(stat.pgid)
+        return groups
+
+    async def _watch_gpu_fallback(self) -> None:
+        """``gpu_fallback``: once per process, a running instance with a ``gpu_id`` must
+        hold GPU memory (its process group, which is its pid); else warn or fail it."""
+        checked: set[int] = set()
+        while True:
+            await trio.sleep(self.config.health_check_interval_secs)
+            running = {
+                r.name: r.pid
+                for r in self.instances
+                if r.status is InstanceStatus.RUNNING
+                and _on_gpu(r)
+                and r.pid is not None
+                and r.pid not in checked
+            }
+            if not running:
+                continue
+            groups = await self._run_blocking(self._gpu_process_groups)
+            if groups is None:
+                continue
+            for name in fallen_back(running, groups):
+                self._gpu_fell_back(name)
+            checked.update(running.values())
+
+    def _gpu_fell_back(self, name: str) -> None:
+        runner = self._runners.get(name)
+        if runner is None:
+            return
+        record = runner.record
+        gpu = record.config.gpu_id if isinstance(record.config.gpu_id, int) else record.device
+        message = f"asked for GPU {gpu} but holds no GPU memory: it runs on the CPU"
+        self.metrics.gpu_fallbacks.labels(instance=name).inc()
+        if self.config.gpu_fallback == "fail":
+            log.error("instance %s: %s; stopping it (gpu_fallback = fail)", name, message)
+            runner.request_fail(message)
+        else:
+            log.warning("instance %s: %s", name, message, extra={"instance": name})
+
     # -- the service ------------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Restore the state, launch the instances, then supervise until cancelled.
@@ -426,12 +628,15 @@ class Manager:
             partial(prepare, self.config, runtime_file=self._runtime.path, gpu_count=self.gpu_count)
         )
         self.gpu_count = prepared.gpu_count
+        await self._gpu_preflight(prepared.loaded.state)
         self._runtime.start_ticks = prepared.start_ticks
         self.state_file_report = prepared.loaded.report()
         runners = self._restore(prepared.loaded.state)
         try:
             async with trio.open_nursery() as service:
                 service.start_soon(self._runtime.run)
+                if self.config.gpu_fallback != "ignore":
+                    service.start_soon(self._watch_gpu_fallback)
                 await service.start(self.models.run)
                 await service.start(self.ondemand.run)
                 async with trio.open_nursery() as supervisor:
@@ -557,9 +762,14 @@ class Manager:
             folder = None if snapshot is None else snapshot.path
         if folder is not None:
             try:
-                return estimate_footprint(
-                    folder, max_batch_tokens=cfg.max_batch_tokens, gpu=gpu
-                ).total_bytes
+                # "auto" is sized at launch from the GPU's free memory: estimated
+                # at TEI's default here, then measured once it runs.
+                tokens = (
+                    DEFAULT_MAX_BATCH_TOKENS
+                    if cfg.max_batch_tokens == "auto"
+                    else cfg.max_batch_tokens
+                )
+                return estimate_footprint(folder, max_batch_tokens=tokens, gpu=gpu).total_bytes
             except FootprintError as e:
                 log.warning("instance %s: cannot estimate its memory: %s", cfg.name, e)
         return GPU_RUNTIME_BYTES if gpu else CPU_RUNTIME_BYTES

@@ -66,7 +66,7 @@ class MeasuredFootprint(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
 
     model_id: str
     revision: str | None = None
-    max_batch_tokens: int
+    max_batch_tokens: int | Literal["auto"]
     pooling: Pooling | None = None
     extra_args: tuple[str, ...] = ()
     gpu: bool

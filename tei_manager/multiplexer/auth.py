@@ -18,7 +18,7 @@ import math
 import time
 from typing import Final
 
-from tei_manager.auth.identity import AuthRequest, Identity, Scope, parse_peer
+from tei_manager.auth.identity import AuthRequest, Identity, Scope, field_value, parse_peer
 from tei_manager.auth.security import Security
 from tei_manager.errors import ERROR_TABLE, ErrorCode
 from tei_manager.grpc.server import Authorizer, CallContext, CallRefusal
@@ -51,8 +51,8 @@ def grpc_authorizer(security: Security) -> Authorizer | None:
                 peer=parse_peer(context.peer),
                 authorization=context.metadata_value("authorization"),
                 peer_certificate=context.peer_certificate,
-                cert_header=context.metadata_value("x-ssl-client-cert"),
-                forwarded_for=context.metadata_value("x-forwarded-for"),
+                cert_header=field_value(context.metadata_values("x-ssl-client-cert")),
+                forwarded_for=field_value(context.metadata_values("x-forwarded-for")),
             ),
             scope_for_method(path),
             time.time(),

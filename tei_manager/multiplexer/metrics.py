@@ -21,6 +21,7 @@ UNROUTED: Final = ""
 
 # A relayed call: a tokenization takes well under a millisecond, a large batch
 # on a busy CPU instance seconds.
+_QUEUE_BUCKETS: Final = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, float("inf"))
 _LATENCY_BUCKETS: Final = (
     0.0005,
     0.001,
@@ -96,6 +97,14 @@ class MultiplexerMetrics:
             "Calls sent again to another replica after the first one never answered, "
             "by method and why (connect, refused, lost)",
             ["method", "reason"],
+            registry=registry,
+        )
+        self.queued = Histogram(
+            "tei_manager_grpc_queued_seconds",
+            "Time calls that found their instance full waited in its admission queue"
+            " (shared with the HTTP inference routes), by method",
+            ["method"],
+            buckets=_QUEUE_BUCKETS,
             registry=registry,
         )
         self._children: dict[tuple[str, str], CallMetrics] = {}

@@ -25,6 +25,7 @@ import trio
 from tei_manager.core.instances import InstanceRecord, InstanceStatus
 from tei_manager.errors import quote
 from tei_manager.grpc.channel import Channel
+from tei_manager.grpc.limits import DEFAULT_LIMITS, Limits
 from tei_manager.grpc.rpc import GrpcError, StatusCode
 
 __all__ = ["ConnectionPool"]
@@ -91,6 +92,7 @@ class ConnectionPool:
         lookup: Lookup,
         *,
         max_message_bytes: int,
+        limits: Limits = DEFAULT_LIMITS,
         idle_timeout: float = 300.0,
         connect_timeout: float = 5.0,
         sweep_interval: float = 5.0,
@@ -101,6 +103,7 @@ class ConnectionPool:
         self._host = host
         self._lookup = lookup
         self._max_message_bytes = max_message_bytes
+        self._limits = limits
         self._idle_timeout = idle_timeout
         self._connect_timeout = connect_timeout
         self._sweep_interval = sweep_interval
@@ -196,6 +199,7 @@ class ConnectionPool:
             record.port,
             max_message_bytes=self._max_message_bytes,
             connect_timeout=self._connect_timeout,
+            limits=self._limits,
         )
         entry = _Entry(channel, record.port, record.pid)
         try:

@@ -7,7 +7,7 @@ limits, and TLS when configured) apply to every service on the port alike.
 from __future__ import annotations
 
 import logging
-from typing import Final
+from typing import Final, NamedTuple
 
 import trio
 
@@ -17,6 +17,7 @@ from tei_manager.core.instances import InstanceRecord, InstanceTable
 from tei_manager.core.ondemand import Activity
 from tei_manager.core.routing import Router, Starter
 from tei_manager.errors import TeiError
+from tei_manager.gateway.admission import Admission
 from tei_manager.grpc.health import NOT_SERVING, SERVING, HealthServicer
 from tei_manager.grpc.reflection import reflection_servicers
 from tei_manager.grpc.rpc import GrpcError
@@ -27,7 +28,7 @@ from tei_manager.multiplexer.pool import ConnectionPool
 from tei_manager.multiplexer.service import Multiplexer
 from tei_manager.supervisor.launch import INSTANCE_HOST
 
-__all__ = ["MultiplexerServer", "serve_multiplexer"]
+__all__ = ["MultiplexerServer", "SharedRouting", "serve_multiplexer", "shared_routing"]
 
 log = logging.getLogger(__name__)
 
@@ -44,28 +45,29 @@ class MultiplexerServer:
         metrics: MultiplexerMetrics,
         security: Security | None = None,
         *,
+        shared: SharedRouting | None = None,
         activity: Activity | None = None,
         starter: Starter | None = None,
     ) -> None:
+        """``shared`` (router, pool and admission), when given, is shared with the
+        HTTP inference routes (see :func:`shared_routing`); a given pool is run by its
+        owner, one made here by :meth:`run`. Without it, ``activity`` and ``starter``
+        (models on demand) go to the one made here."""
         if security is None:  # counters on no registry: serve() passes the shared one
             security = build_security(config, None)
         max_message_bytes = config.grpc_max_message_size_mb * _MIB
-        # activity and starter: the manager's, for models on demand (its idle timers
-        # and eviction see the calls in flight here).
-        self.router = Router(instances, clock=trio.current_time, activity=activity, starter=starter)
-        # A connection that fails makes the router pass its replica over at once.
-        self.pool = ConnectionPool(
-            INSTANCE_HOST,
-            instances.find,
-            max_message_bytes=max_message_bytes,
-            on_lost=self.router.suspect,
-            on_connected=self.router.cleared,
-            before_connect=self._ensure_running,
-        )
+        limits = config.grpc.limits(max_concurrent_streams=config.grpc_max_parallel_streams)
+        self._owns_pool = shared is None
+        if shared is None:
+            shared = shared_routing(config, instances, activity=activity, starter=starter)
+        self.router = shared.router
+        self.pool = shared.pool
+        self.admission = shared.admission
         self.service = Multiplexer(
             self.router,
             self.pool,
             metrics,
+            admission=self.admission,
             request_timeout=config.grpc_request_timeout_secs,
             stream_idle_timeout=config.grpc_request_timeout_secs,
         )
@@ -76,17 +78,10 @@ class MultiplexerServer:
             host=config.api_host,
             port=config.grpc_port,
             max_message_bytes=max_message_bytes,
-            max_concurrent_streams=config.grpc_max_parallel_streams,
+            limits=limits,
             ssl_context=security.tls.grpc_context if security.tls is not None else None,
             authorize=grpc_authorizer(security),
         )
-
-    async def _ensure_running(self, record: InstanceRecord) -> None:
-        """Start an on-demand instance within the calling request's deadline."""
-        try:
-            await self.router.ensure_running(record, trio.current_effective_deadline())
-        except TeiError as error:
-            raise GrpcError(error.grpc_status, error.message) from None
 
     async def run(
         self,
@@ -97,7 +92,8 @@ class MultiplexerServer:
     ) -> None:
         """Serve until cancelled, or until ``shutdown``: then drain for up to the timeout."""
         async with trio.open_nursery() as nursery:
-            await nursery.start(self.pool.run)
+            if self._owns_pool:
+                await nursery.start(self.pool.run)
             async with trio.open_nursery() as serving:
                 port: int = await serving.start(self.server.run)
                 self.health.set_all(SERVING)
@@ -115,11 +111,64 @@ class MultiplexerServer:
             nursery.cancel_scope.cancel()
 
 
+class SharedRouting(NamedTuple):
+    """What every front door shares: the router (in-flight counts, suspects), the
+    pool of HTTP/2 connections to the instances (one per instance process) and the
+    per-instance admission (limit, queue)."""
+
+    router: Router
+    pool: ConnectionPool
+    admission: Admission
+
+
+def shared_routing(
+    config: ManagerConfig,
+    instances: InstanceTable,
+    *,
+    activity: Activity | None = None,
+    starter: Starter | None = None,
+) -> SharedRouting:
+    """The :class:`SharedRouting` of ``instances``, set up from ``config``.
+
+    ``activity`` and ``starter``: the manager's, for models on demand (its idle
+    timers and eviction see the calls in flight on every door; a call to an idle
+    on-demand instance starts it through :meth:`Router.ensure_running`, which the
+    pool awaits before it connects).
+    """
+    router = Router(instances, clock=trio.current_time, activity=activity, starter=starter)
+
+    async def ensure_running(record: InstanceRecord) -> None:
+        # Within the calling request's deadline; the refusal as a gRPC status.
+        try:
+            await router.ensure_running(record, trio.current_effective_deadline())
+        except TeiError as error:
+            raise GrpcError(error.grpc_status, error.message) from None
+
+    # The public port's limits; the pool's connections to instances use the
+    # same settings (keepalive pings included, when configured).
+    limits = config.grpc.limits(max_concurrent_streams=config.grpc_max_parallel_streams)
+    # A connection that fails makes the router pass its replica over at once.
+    pool = ConnectionPool(
+        INSTANCE_HOST,
+        instances.find,
+        max_message_bytes=config.grpc_max_message_size_mb * _MIB,
+        limits=limits,
+        on_lost=router.suspect,
+        on_connected=router.cleared,
+        before_connect=ensure_running,
+    )
+    admission = Admission(
+        max_queued=config.max_queued_requests, queue_timeout=config.queue_timeout_secs
+    )
+    return SharedRouting(router, pool, admission)
+
+
 async def serve_multiplexer(
     config: ManagerConfig,
     instances: InstanceTable,
     metrics: MultiplexerMetrics,
     *,
+    shared: SharedRouting | None = None,
     shutdown: trio.Event | None = None,
     drain_timeout_secs: float = 0.0,
     security: Security | None = None,
@@ -129,7 +178,7 @@ async def serve_multiplexer(
 ) -> None:
     """Serve the multiplexer on ``config.grpc_port``; hands back the bound port."""
     server = MultiplexerServer(
-        config, instances, metrics, security, activity=activity, starter=starter
+        config, instances, metrics, security, shared=shared, activity=activity, starter=starter
     )
     await server.run(
         shutdown=shutdown, drain_timeout_secs=drain_timeout_secs, task_status=task_status

@@ -35,7 +35,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
 
@@ -47,11 +48,12 @@ from tei_manager._proto.tei_multiplexer.v1 import multiplexer_grpc, multiplexer_
 from tei_manager.core.instances import InstanceRecord
 from tei_manager.core.routing import Router
 from tei_manager.errors import TeiError, quote
-from tei_manager.grpc._grpc_events import MessageReceived, ResponseEnded
+from tei_manager.gateway.admission import Admission
+from tei_manager.gateway.errors import InferenceError
 from tei_manager.grpc.channel import Call, Channel, Metadata
 from tei_manager.grpc.rpc import GrpcError, MethodSpec, StatusCode, status_code
 from tei_manager.grpc.server import CallContext, FastCall, FastUnaryHandler, ServerCall
-from tei_manager.grpc.transport import Stream
+from tei_manager.grpc.transport import MessageReceived, ResponseEnded, Stream
 from tei_manager.multiplexer import arrow
 from tei_manager.multiplexer.failover import (
     CLOSED,
@@ -66,7 +68,18 @@ from tei_manager.multiplexer.metrics import UNROUTED, CallMetrics, MultiplexerMe
 from tei_manager.multiplexer.pool import ConnectionPool, Pacer
 from tei_manager.multiplexer.wire import Target, WireError, parse_target, split_request
 
-__all__ = ["Multiplexer"]
+__all__ = ["Multiplexer", "relayed_metadata"]
+
+#: Client metadata that authenticates the client to us, never passed on to an instance.
+_CREDENTIALS = frozenset({"authorization", "x-ssl-client-cert"})
+
+
+def relayed_metadata(metadata: Metadata) -> Metadata:
+    """``metadata`` without the client's credentials (its API key, JWT or certificate)."""
+    if not any(key in _CREDENTIALS for key, _ in metadata):
+        return metadata
+    return tuple(item for item in metadata if item[0] not in _CREDENTIALS)
+
 
 log = logging.getLogger(__name__)
 
@@ -123,10 +136,12 @@ class Multiplexer(multiplexer_grpc.TeiMultiplexerServicer):
         pool: ConnectionPool,
         metrics: MultiplexerMetrics,
         *,
+        admission: Admission,
         request_timeout: float,
         stream_idle_timeout: float,
     ) -> None:
         self._router = router
+        self._admission = admission
         self._pool = pool
         self._metrics = metrics
         self._request_timeout = request_timeout
@@ -187,13 +202,77 @@ class Multiplexer(multiplexer_grpc.TeiMultiplexerServicer):
             return True
         name = record.name
         call.limit(call.started + self._request_timeout, self._timed_out(name))
-        relay = _UnaryRelay(call, record, self._router, self._metrics.call(name, backend.name))
+        relay = _UnaryRelay(
+            call, record, self._router, self._admission, self._metrics.call(name, backend.name)
+        )
         relay.start()
         relay.model = retry_model(target)
         if relay.model is not None:
             relay.retry = partial(self._fail_over, backend, inner)
-        self._dispatch(relay, backend, record, inner)
+        limit = record.config.max_concurrent_requests
+        if self._admission.try_enter(name, limit):
+            relay.admitted = name
+            self._dispatch(relay, backend, record, inner)
+            return True
+        refusal = self._admission.refusal(name, limit)
+        if refusal is not None:  # not even a place in the queue: no task for it
+            call.reply(
+                None,
+                StatusCode.RESOURCE_EXHAUSTED,
+                refusal.message,
+                retry_pushback_ms=_pushback_ms(refusal),
+            )
+            return True
+        call.spawn(self._admit_later, relay, backend, record, inner)
         return True
+
+    async def _admit_later(
+        self, relay: _UnaryRelay, backend: Spec, record: InstanceRecord, inner: bytes
+    ) -> None:
+        """Wait in the instance's admission queue, then send the call on."""
+        call = relay.call
+        if call.done:  # the client left before the task began
+            return
+        name = record.name
+        with trio.CancelScope() as scope:  # cancelled when the call ends
+            relay.scope = scope
+            try:
+                waited = await self._admission.enter(name, record.config.max_concurrent_requests)
+            except InferenceError as error:
+                call.reply(
+                    None,
+                    StatusCode.RESOURCE_EXHAUSTED,
+                    error.message,
+                    retry_pushback_ms=_pushback_ms(error),
+                )
+                return
+            if call.done:  # it ended as the slot came
+                self._admission.leave(name)
+                return
+            relay.admitted = name
+            self._metrics.queued.labels(method=backend.name).observe(waited)
+        relay.scope = None
+        if scope.cancelled_caught or relay.admitted is None:
+            return
+        self._dispatch(relay, backend, record, inner)
+
+    @asynccontextmanager
+    async def _admitted(self, record: InstanceRecord, method: str) -> AsyncIterator[None]:
+        """Hold an admission slot on ``record`` (waiting in its queue) for the block."""
+        name = record.name
+        limit = record.config.max_concurrent_requests
+        try:
+            if not self._admission.try_enter(name, limit):
+                waited = await self._admission.enter(name, limit)
+                self._metrics.queued.labels(method=method).observe(waited)
+        except InferenceError as error:
+            raise GrpcError(
+                StatusCode.RESOURCE_EXHAUSTED, error.message, retry_pushback_ms=_pushback_ms(error)
+            ) from None
+        try:
+            yield
+        finally:
+            self._admission.leave(name)
 
     def _dispatch(
         self, relay: _UnaryRelay, backend: Spec, record: InstanceRecord, inner: bytes
@@ -208,7 +287,7 @@ class Multiplexer(multiplexer_grpc.TeiMultiplexerServicer):
                 inner,
                 deadline=call.deadline,
                 watcher=relay.on_reply,
-                metadata=call.context.metadata,
+                metadata=relayed_metadata(call.context.metadata),
             )
         if stream is not None:
             relay.stream = stream
@@ -248,7 +327,9 @@ class Multiplexer(multiplexer_grpc.TeiMultiplexerServicer):
         with trio.CancelScope(deadline=call.deadline) as scope:
             relay.scope = scope
             while True:
-                outcome = await self._exchange(backend, record, inner, call.context.metadata)
+                outcome = await self._exchange(
+                    backend, record, inner, relayed_metadata(call.context.metadata)
+                )
                 if outcome.retry is not None:
                     moved = self._reroute(relay, backend, outcome.retry)
                     if moved is not None:
@@ -264,20 +345,26 @@ class Multiplexer(multiplexer_grpc.TeiMultiplexerServicer):
         with _Observed(self._metrics, backend.name) as observed:
             record, inner, model = self._resolve(await self._first_request(call))
             observed.routed(record.name)
-            with trio.move_on_after(self._request_timeout) as timer:
-                while True:
-                    with self._router.track(record.name):
-                        outcome = await self._exchange(backend, record, inner, context.metadata)
-                    if outcome.retry is not None and model is not None:
-                        moved = self._failover.reroute(model, record, backend.name, outcome.retry)
-                        model = None  # once only
-                        if moved is not None:
-                            record = moved
-                            observed.routed(record.name)
-                            continue
-                    break
-                if outcome.reply is not None:
-                    await call.send(outcome.reply)
+            # The slot stays with the first replica if the call fails over.
+            async with self._admitted(record, backend.name):
+                with trio.move_on_after(self._request_timeout) as timer:
+                    while True:
+                        with self._router.track(record.name):
+                            outcome = await self._exchange(
+                                backend, record, inner, relayed_metadata(context.metadata)
+                            )
+                        if outcome.retry is not None and model is not None:
+                            moved = self._failover.reroute(
+                                model, record, backend.name, outcome.retry
+                            )
+                            model = None  # once only
+                            if moved is not None:
+                                record = moved
+                                observed.routed(record.name)
+                                continue
+                        break
+                    if outcome.reply is not None:
+                        await call.send(outcome.reply)
             if timer.cancelled_caught:
                 raise GrpcError(StatusCode.DEADLINE_EXCEEDED, self._timed_out(record.name))
             if outcome.code is not StatusCode.OK:
@@ -291,6 +378,7 @@ class Multiplexer(multiplexer_grpc.TeiMultiplexerServicer):
         name = record.name
         try:
             channel = await self._pool.channel(record)
+            await channel.wait_for_stream_slot()  # over the instance's stream limit: queue
         except GrpcError as error:
             return Outcome(None, error.code, _naming(error, name), CONNECT)
         try:
@@ -330,9 +418,10 @@ class Multiplexer(multiplexer_grpc.TeiMultiplexerServicer):
             record, inner, _ = self._resolve(await self._first_request(call))
             name = record.name
             observed.routed(name)
-            with self._router.track(name):
-                channel = await self._pool.channel(record)
-                await self._relay_stream(call, context, backend, channel, name, inner)
+            async with self._admitted(record, backend.name):
+                with self._router.track(name):
+                    channel = await self._pool.channel(record)
+                    await self._relay_stream(call, context, backend, channel, name, inner)
 
     async def _relay_stream(
         self,
@@ -345,7 +434,9 @@ class Multiplexer(multiplexer_grpc.TeiMultiplexerServicer):
     ) -> None:
         idle_timeout = self._stream_idle_timeout
         failures: list[GrpcError] = []
-        async with channel.open_call(backend, metadata=context.metadata) as relayed:
+        async with channel.open_call(
+            backend, metadata=relayed_metadata(context.metadata)
+        ) as relayed:
             with trio.CancelScope(deadline=trio.current_time() + idle_timeout) as idle:
 
                 def active() -> None:
@@ -484,7 +575,9 @@ class Multiplexer(multiplexer_grpc.TeiMultiplexerServicer):
         failures: list[GrpcError] = []
         held = 0  # places of the pacer this call holds
         try:
-            async with channel.open_call(backend, metadata=context.metadata) as relayed:
+            async with channel.open_call(
+                backend, metadata=relayed_metadata(context.metadata)
+            ) as relayed:
                 with trio.CancelScope(deadline=trio.current_time() + idle_timeout) as idle:
                     async with trio.open_nursery() as nursery:
 
@@ -605,9 +698,11 @@ class _UnaryRelay:
     """
 
     __slots__ = (
+        "_admission",
         "_reply",
         "_router",
         "_series",
+        "admitted",
         "call",
         "model",
         "record",
@@ -617,11 +712,19 @@ class _UnaryRelay:
     )
 
     def __init__(
-        self, call: FastCall, record: InstanceRecord, router: Router, series: CallMetrics
+        self,
+        call: FastCall,
+        record: InstanceRecord,
+        router: Router,
+        admission: Admission,
+        series: CallMetrics,
     ) -> None:
         self.call = call
         self.record = record
         self._router = router
+        self._admission = admission
+        #: The instance whose admission slot the call holds, if any.
+        self.admitted: str | None = None
         self._series = series
         self._reply: bytes | None = None
         self.stream: Stream | None = None
@@ -639,6 +742,11 @@ class _UnaryRelay:
         self._forget_stream()
         self._router.end(self.record.name)
         self._series.in_flight.dec()
+        # The slot moves too if the new replica has one free; else the retry goes
+        # on without (it already waited its turn once).
+        self._leave()
+        if self._admission.try_enter(record.name, record.config.max_concurrent_requests):
+            self.admitted = record.name
         self.record = record
         self._series = series
         self._router.begin(record.name)
@@ -673,15 +781,28 @@ class _UnaryRelay:
             stream.watcher = None
             if stream.response_ended is None and stream.error is None:
                 stream.cancel()  # the client left or the deadline passed: stop the instance
-            stream.transport.release(stream)
+            stream.release()
+
+    def _leave(self) -> None:
+        name, self.admitted = self.admitted, None
+        if name is not None:
+            self._admission.leave(name)
 
     def _ended(self, code: StatusCode) -> None:
         self._forget_stream()
+        self._leave()
         if self.scope is not None:
             self.scope.cancel()
         self._router.end(self.record.name)
         self._series.in_flight.dec()
         self._series.finished(trio.current_time() - self.call.started, code)
+
+
+def _pushback_ms(refusal: InferenceError) -> int | None:
+    """An admission refusal's retry delay as ``grpc-retry-pushback-ms``."""
+    if refusal.retry_after is None:
+        return None
+    return max(1, round(refusal.retry_after * 1000))
 
 
 def _no_response(name: str) -> str:

@@ -1,17 +1,18 @@
-"""The host's devices and their memory, and how much memory an instance process holds.
+"""The host's devices: one reading of GPUs and host memory, and the engine's build.
 
-Blocking reads (``/proc``, NVML, ``nvidia-smi``): callers on the Trio side use a
-worker thread. GPUs are read through NVML (the ``nvidia-ml-py`` package) when it
-imports and initialises, else through ``nvidia-smi``, else there are none; the
-host's RAM comes from ``/proc/meminfo`` (``MemAvailable``, what the kernel says can
-be allocated without swapping, as ``free`` shows it).
-
-:data:`DeviceSource` is the interface the manager depends on: tests inject a fake
-table (any callable returning readings), the real one is :func:`host_devices`.
+:func:`detect_devices` picks NVML (``nvidia-ml-py``, when importable and the driver
+answers), else ``nvidia-smi``, else no GPU: a :class:`~tei_manager.core.gpu.DeviceTable`
+that GPU preflight, ``max_batch_tokens = "auto"``, CPU-fallback detection and the
+memory series of /metrics read. Models on demand read the same table through
+:func:`host_devices` (host RAM from ``/proc/meminfo``, ``MemAvailable``, then each
+GPU of the table as a :class:`DeviceReading`) and :func:`gpu_process_memory` (the
+table's GPU processes, summed per pid). Everything here blocks: call it from a
+worker thread, or once before the event loop starts.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import subprocess
 from collections.abc import Callable, Iterable, Sequence
@@ -19,23 +20,201 @@ from typing import Any, Final
 
 import msgspec
 
+from tei_manager.core.gpu import DeviceTable, GpuDevice, GpuProcess
 from tei_manager.core.ondemand import CPU_DEVICE, gpu_device
+from tei_manager.supervisor.launch import Program
 
 __all__ = [
     "DeviceReading",
     "DeviceSource",
     "GpuProcessMemory",
+    "NoDevices",
+    "NvidiaSmiDevices",
+    "NvmlDevices",
+    "detect_devices",
+    "engine_gpu_build",
     "gpu_process_memory",
     "host_devices",
+    "parse_compute_apps",
+    "parse_gpu_query",
     "parse_meminfo",
-    "parse_nvidia_smi_apps",
-    "parse_nvidia_smi_memory",
     "process_tree_peak_rss",
     "process_tree_rss",
 ]
 
-_NVIDIA_SMI_TIMEOUT_SECS: Final = 10.0
 _MIB: Final = 1 << 20
+_TIMEOUT_SECS: Final = 10.0
+# Strings a CUDA build of text-embeddings-router carries (the CUDA libraries it
+# links or loads); a CPU build has none of them.
+_CUDA_MARKERS: Final = (b"libcublas", b"libcudart", b"libcuda.so", b"cudarc")
+_CHUNK: Final = 1 << 20
+
+Runner = Callable[[Sequence[str]], str]
+
+
+def _run(argv: Sequence[str]) -> str:
+    return subprocess.run(
+        list(argv), capture_output=True, text=True, check=True, timeout=_TIMEOUT_SECS
+    ).stdout
+
+
+class NoDevices:
+    """No GPU, or no way to see one."""
+
+    source = "none"
+
+    def gpus(self) -> Sequence[GpuDevice]:
+        return []
+
+    def gpu_processes(self) -> Sequence[GpuProcess] | None:
+        return None
+
+
+def parse_gpu_query(output: str) -> list[GpuDevice]:
+    """``nvidia-smi --query-gpu=index,name,memory.total,memory.free
+    --format=csv,noheader,nounits`` (MiB) as devices."""
+    devices = []
+    for line in output.splitlines():
+        fields = [f.strip() for f in line.split(",")]
+        if len(fields) != 4:
+            continue
+        try:
+            index, total, free = int(fields[0]), int(fields[2]), int(fields[3])
+        except ValueError:
+            continue  # "[N/A]" on some devices
+        devices.append(
+            GpuDevice(
+                index=index,
+                name=fields[1],
+                memory_total_bytes=total * _MIB,
+                memory_free_bytes=free * _MIB,
+            )
+        )
+    return devices
+
+
+def parse_compute_apps(output: str, uuid_to_index: dict[str, int]) -> list[GpuProcess]:
+    """``nvidia-smi --query-compute-apps=gpu_uuid,pid,used_memory
+    --format=csv,noheader,nounits`` as processes."""
+    processes = []
+    for line in output.splitlines():
+        fields = [f.strip() for f in line.split(",")]
+        if len(fields) != 3 or fields[0] not in uuid_to_index:
+            continue
+        try:
+            pid, used = int(fields[1]), int(fields[2])
+        except ValueError:
+            used = 0
+            if not fields[1].isdigit():
+                continue
+            pid = int(fields[1])
+        processes.append(
+            GpuProcess(pid=pid, gpu_index=uuid_to_index[fields[0]], used_bytes=used * _MIB)
+        )
+    return processes
+
+
+class NvidiaSmiDevices:
+    """The table from ``nvidia-smi`` queries (one process each time)."""
+
+    source = "nvidia-smi"
+
+    def __init__(self, run: Runner = _run) -> None:
+        self._run = run
+
+    def gpus(self) -> Sequence[GpuDevice]:
+        try:
+            return parse_gpu_query(
+                self._run(
+                    [
+                        "nvidia-smi",
+                        "--query-gpu=index,name,memory.total,memory.free",
+                        "--format=csv,noheader,nounits",
+                    ]
+                )
+            )
+        except (OSError, subprocess.SubprocessError):
+            return []
+
+    def gpu_processes(self) -> Sequence[GpuProcess] | None:
+        try:
+            uuids = self._run(
+                ["nvidia-smi", "--query-gpu=index,uuid", "--format=csv,noheader,nounits"]
+            )
+            index = {}
+            for line in uuids.splitlines():
+                number, _, uuid = (part.strip() for part in line.partition(","))
+                if number.isdigit():
+                    index[uuid] = int(number)
+            apps = self._run(
+                [
+                    "nvidia-smi",
+                    "--query-compute-apps=gpu_uuid,pid,used_memory",
+                    "--format=csv,noheader,nounits",
+                ]
+            )
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return parse_compute_apps(apps, index)
+
+
+class NvmlDevices:
+    """The table from NVML through ``nvidia-ml-py`` (``import pynvml``)."""
+
+    source = "nvml"
+
+    def __init__(self, nvml: Any) -> None:
+        self._nvml = nvml
+
+    def gpus(self) -> Sequence[GpuDevice]:
+        nvml = self._nvml
+        devices = []
+        try:
+            for index in range(nvml.nvmlDeviceGetCount()):
+                handle = nvml.nvmlDeviceGetHandleByIndex(index)
+                memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+                name = nvml.nvmlDeviceGetName(handle)
+                devices.append(
+                    GpuDevice(
+                        index=index,
+                        name=name.decode() if isinstance(name, bytes) else str(name),
+                        memory_total_bytes=int(memory.total),
+                        memory_free_bytes=int(memory.free),
+                    )
+                )
+        except nvml.NVMLError:
+            return []
+        return devices
+
+    def gpu_processes(self) -> Sequence[GpuProcess] | None:
+        nvml = self._nvml
+        processes = []
+        try:
+            for index in range(nvml.nvmlDeviceGetCount()):
+                handle = nvml.nvmlDeviceGetHandleByIndex(index)
+                for app in nvml.nvmlDeviceGetComputeRunningProcesses(handle):
+                    used = app.usedGpuMemory if isinstance(app.usedGpuMemory, int) else 0
+                    processes.append(GpuProcess(pid=int(app.pid), gpu_index=index, used_bytes=used))
+        except nvml.NVMLError:
+            return None
+        return processes
+
+
+def detect_devices(*, run: Runner = _run) -> NvmlDevices | NvidiaSmiDevices | NoDevices:
+    """NVML if ``pynvml`` imports and initialises, else nvidia-smi if it answers, else none."""
+    try:
+        import pynvml  # type: ignore[import-not-found, unused-ignore]
+
+        pynvml.nvmlInit()
+        return NvmlDevices(pynvml)
+    except Exception:
+        pass
+    smi = NvidiaSmiDevices(run)
+    try:
+        run(["nvidia-smi", "-L"])
+    except (OSError, subprocess.SubprocessError):
+        return NoDevices()
+    return smi
 
 
 class DeviceReading(msgspec.Struct, frozen=True, kw_only=True):
@@ -47,19 +226,10 @@ class DeviceReading(msgspec.Struct, frozen=True, kw_only=True):
 
 
 DeviceSource = Callable[[], list[DeviceReading]]
-"""Reads every device (blocking); :func:`host_devices` or a fake table in tests."""
+"""Reads every device (blocking): :func:`host_devices` over the manager's table."""
 
 GpuProcessMemory = Callable[[Iterable[int]], dict[int, int]]
 """GPU memory (bytes, summed over GPUs) used by each of the given pids that uses any."""
-
-Runner = Callable[[Sequence[str]], str]
-
-
-def _run(argv: Sequence[str]) -> str:
-    done = subprocess.run(
-        list(argv), capture_output=True, text=True, check=True, timeout=_NVIDIA_SMI_TIMEOUT_SECS
-    )
-    return done.stdout
 
 
 def parse_meminfo(text: str) -> DeviceReading:
@@ -76,117 +246,35 @@ def parse_meminfo(text: str) -> DeviceReading:
     return DeviceReading(device=CPU_DEVICE, total_bytes=total, free_bytes=free)
 
 
-def parse_nvidia_smi_memory(output: str) -> list[DeviceReading]:
-    """``nvidia-smi --query-gpu=index,memory.total,memory.free --format=csv,noheader,nounits``."""
-    readings = []
-    for line in output.splitlines():
-        parts = [p.strip() for p in line.split(",")]
-        if len(parts) != 3 or not all(p.isdigit() for p in parts):
-            continue
-        index, total, free = (int(p) for p in parts)
-        readings.append(
-            DeviceReading(
-                device=gpu_device(index), total_bytes=total * _MIB, free_bytes=free * _MIB
-            )
-        )
-    return readings
-
-
-def parse_nvidia_smi_apps(output: str) -> dict[int, int]:
-    """``nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader,nounits``."""
-    used: dict[int, int] = {}
-    for line in output.splitlines():
-        parts = [p.strip() for p in line.split(",")]
-        if len(parts) == 2 and parts[0].isdigit() and parts[1].isdigit():
-            pid = int(parts[0])
-            used[pid] = used.get(pid, 0) + int(parts[1]) * _MIB
-    return used
-
-
-def _nvml() -> Any | None:
-    """The initialised ``pynvml`` module, or None (not installed, or no driver)."""
-    try:
-        import pynvml  # type: ignore[import-not-found, unused-ignore]
-    except ImportError:
-        return None
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError:
-        return None
-    return pynvml
-
-
-def _nvml_devices(nvml: Any) -> list[DeviceReading]:
-    readings = []
-    for index in range(nvml.nvmlDeviceGetCount()):
-        info = nvml.nvmlDeviceGetMemoryInfo(nvml.nvmlDeviceGetHandleByIndex(index))
-        readings.append(
-            DeviceReading(
-                device=gpu_device(index), total_bytes=int(info.total), free_bytes=int(info.free)
-            )
-        )
-    return readings
-
-
-def gpu_readings(*, run: Runner = _run) -> list[DeviceReading]:
-    """Every GPU's memory: NVML, else ``nvidia-smi``, else none."""
-    nvml = _nvml()
-    if nvml is not None:
-        try:
-            return _nvml_devices(nvml)
-        except nvml.NVMLError:
-            pass
-    try:
-        return parse_nvidia_smi_memory(
-            run(
-                [
-                    "nvidia-smi",
-                    "--query-gpu=index,memory.total,memory.free",
-                    "--format=csv,noheader,nounits",
-                ]
-            )
-        )
-    except (OSError, subprocess.SubprocessError):
-        return []
-
-
-def host_devices(*, meminfo: str = "/proc/meminfo", run: Runner = _run) -> list[DeviceReading]:
-    """The host's RAM, then its GPUs in index order."""
+def host_devices(table: DeviceTable, *, meminfo: str = "/proc/meminfo") -> list[DeviceReading]:
+    """The host's RAM, then the GPUs of ``table`` in index order."""
     try:
         with open(meminfo, encoding="ascii") as f:
             ram = parse_meminfo(f.read())
     except OSError:
         ram = DeviceReading(device=CPU_DEVICE, total_bytes=0, free_bytes=0)
-    return [ram, *gpu_readings(run=run)]
+    return [
+        ram,
+        *(
+            DeviceReading(
+                device=gpu_device(g.index),
+                total_bytes=g.memory_total_bytes,
+                free_bytes=g.memory_free_bytes,
+            )
+            for g in sorted(table.gpus(), key=lambda g: g.index)
+        ),
+    ]
 
 
-def gpu_process_memory(pids: Iterable[int], *, run: Runner = _run) -> dict[int, int]:
-    """GPU memory used by each of ``pids`` (NVML, else ``nvidia-smi``); pids using none
-    are left out."""
+def gpu_process_memory(pids: Iterable[int], table: DeviceTable) -> dict[int, int]:
+    """GPU memory used by each of ``pids``, summed over GPUs, from ``table``; pids
+    using none (or a table that cannot tell) are left out."""
     wanted = set(pids)
     used: dict[int, int] = {}
-    nvml = _nvml()
-    if nvml is not None:
-        try:
-            for index in range(nvml.nvmlDeviceGetCount()):
-                handle = nvml.nvmlDeviceGetHandleByIndex(index)
-                for proc in nvml.nvmlDeviceGetComputeRunningProcesses(handle):
-                    if proc.pid in wanted and proc.usedGpuMemory:
-                        used[proc.pid] = used.get(proc.pid, 0) + int(proc.usedGpuMemory)
-            return used
-        except nvml.NVMLError:
-            used.clear()
-    try:
-        out = run(
-            [
-                "nvidia-smi",
-                "--query-compute-apps=pid,used_memory",
-                "--format=csv,noheader,nounits",
-            ]
-        )
-    except (OSError, subprocess.SubprocessError):
-        return {}
-    return {pid: b for pid, b in parse_nvidia_smi_apps(out).items() if pid in wanted}
+    for process in table.gpu_processes() or ():
+        if process.pid in wanted and process.used_bytes:
+            used[process.pid] = used.get(process.pid, 0) + process.used_bytes
+    return used
 
 
 def _rss(pid: int, proc: str, field: str = "VmRSS:") -> int:
@@ -235,3 +323,45 @@ def process_tree_rss(pid: int, *, proc: str = "/proc", peak: bool = False) -> in
 def process_tree_peak_rss(pid: int) -> int:
     """:func:`process_tree_rss` with ``peak``: the figure admission remembers."""
     return process_tree_rss(pid, peak=True)
+
+
+def _binary_mentions_cuda(path: str) -> bool | None:
+    tail = b""
+    longest = max(len(m) for m in _CUDA_MARKERS)
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                window = tail + chunk
+                if any(marker in window for marker in _CUDA_MARKERS):
+                    return True
+                tail = window[-longest:]
+    except OSError:
+        return None
+    return False
+
+
+def _torch_build() -> tuple[str, list[str]]:
+    return importlib.metadata.version("torch"), importlib.metadata.requires("torch") or []
+
+
+def engine_gpu_build(
+    program: Program, *, torch_build: Callable[[], tuple[str, list[str]]] = _torch_build
+) -> bool | None:
+    """Whether ``program`` can use a GPU. None: cannot tell.
+
+    TEI: its binary carries the CUDA libraries' names. The built-in worker: its
+    torch is a ``+cpu`` wheel (no), a ``+cu``/``+rocm`` one or one that requires
+    NVIDIA's CUDA wheels (yes).
+    """
+    if program.is_tei:
+        return _binary_mentions_cuda(program.argv[0])
+    try:
+        version, requires = torch_build()
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    local = version.partition("+")[2]
+    if local == "cpu":
+        return False
+    if local.startswith(("cu", "rocm")) or any(r.startswith("nvidia-") for r in requires):
+        return True
+    return None

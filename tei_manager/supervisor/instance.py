@@ -171,6 +171,8 @@ class InstanceRunner:
         self._hurry = False  # SIGKILL without grace from now on
         self._requests = 0  # counts start/restart requests
         self._task_status: trio.TaskStatus[None] | None = None
+        # Why the current process is being ended as a failure (request_fail).
+        self._failure: str | None = None
 
     @property
     def name(self) -> str:
@@ -180,6 +182,7 @@ class InstanceRunner:
     def request_start(self) -> None:
         """Run the instance (the registry said it is not starting or running)."""
         self._want_run = True
+        self._failure = None
         self._requests += 1
         self.tracker.reset()  # a start by hand forgives the crash history
         self._wake.set()
@@ -207,9 +210,17 @@ class InstanceRunner:
             self._run_scope.cancel()
         self._on_change()
 
+    def request_fail(self, message: str) -> None:
+        """End the process and leave the instance ``failed`` with ``message`` (a GPU
+        instance found on the CPU, say); never start another until asked."""
+        self._failure = message
+        self.record.last_error = message
+        self.request_stop()
+
     def request_restart(self) -> bool:
         """End the process, if any, and start a new one; True if one was running."""
         self._want_run = True
+        self._failure = None
         self._requests += 1
         self.tracker.reset()
         had_process = self.process is not None
@@ -262,6 +273,8 @@ class InstanceRunner:
                     # that came while it was stopping.
                     if self._want_run:
                         self.record.mark_start_requested()
+                    elif self._failure is not None:
+                        self.record.mark_failed(self._failure)
                     elif self.record.status is not InstanceStatus.FAILED:
                         self.record.mark_at_rest()
                     self._on_change()

@@ -18,6 +18,7 @@ from typing import Final
 import msgspec
 
 from tei_manager.config import InstanceConfig
+from tei_manager.core.gpu import DEFAULT_MAX_BATCH_TOKENS
 from tei_manager.errors import ConfigError, quote
 
 __all__ = [
@@ -97,7 +98,7 @@ def build_command(config: InstanceConfig, program: Program) -> list[str]:
         "--port",
         str(config.port),
         "--max-batch-tokens",
-        str(config.max_batch_tokens),
+        str(_batch_tokens(config)),
         "--max-concurrent-requests",
         str(config.max_concurrent_requests),
         "--json-output",
@@ -108,12 +109,22 @@ def build_command(config: InstanceConfig, program: Program) -> list[str]:
         argv += ["--prometheus-port", str(config.prometheus_port)]
     if config.revision is not None:
         argv += ["--revision", config.revision]
+    if config.engine is not None and not program.is_tei:
+        argv += ["--engine", config.engine]  # the built-in worker's flag; TEI has none
     if program.is_tei:
         # TEI's Python backends talk to the router over a unix socket whose default
         # path is the same for every TEI on the host: give each instance its own.
         argv += ["--uds-path", os.path.join(tempfile.gettempdir(), f"tei-manager-{config.port}")]
     argv += config.extra_args
     return argv
+
+
+def _batch_tokens(config: InstanceConfig) -> int:
+    # The manager resolves "auto" from the GPU's free memory before launching; left
+    # unresolved (no GPU known), it is TEI's default.
+    if config.max_batch_tokens == "auto":
+        return DEFAULT_MAX_BATCH_TOKENS
+    return config.max_batch_tokens
 
 
 def build_env(config: InstanceConfig, base: Mapping[str, str]) -> dict[str, str]:

@@ -17,6 +17,7 @@ import trio
 from prometheus_client import start_http_server
 
 from tei_manager.grpc.health import NOT_SERVING, SERVING, HealthServicer
+from tei_manager.grpc.limits import Limits
 from tei_manager.grpc.reflection import reflection_servicers
 from tei_manager.grpc.rpc import MethodSpec, StatusCode
 from tei_manager.grpc.server import GrpcServer
@@ -47,6 +48,8 @@ class Worker:
             [*services, self.health, *reflection_servicers([*names, self.health.SERVICE])],
             host=options.hostname,
             port=options.port,
+            # The engine refuses more anyway; more streams would only hold memory.
+            limits=Limits(max_concurrent_streams=options.max_concurrent_requests),
             on_call=self._observe,
         )
 

@@ -14,10 +14,17 @@ by length. A BERT encoder therefore runs a batch unpadded, as TEI does on GPU: t
 packed end to end into a few sequences, each row's positions restart at zero and a
 block-diagonal attention mask keeps the rows apart, so every row sees exactly what it
 would see alone. Other models run in length-sorted groups.
+
+On CPU the model runs on ONNX Runtime when it can (``--engine auto``, the default): the
+transformer is an ONNX graph (``onnx_load.py``, ``onnx_graph.py``), run in length-sorted
+groups (``onnx_session.py``), and the sentence-transformers modules after it (Pooling,
+Dense, LayerNorm) stay torch modules, so pooled outputs are computed exactly as
+sentence-transformers computes them.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -29,6 +36,13 @@ import msgspec
 import torch
 
 from tei_manager.worker.errors import ModelLoadError
+from tei_manager.worker.onnx_load import (
+    OnnxGraph,
+    load_graph,
+    onnx_blocker,
+    return_freed_memory,
+)
+from tei_manager.worker.onnx_session import GraphError
 from tei_manager.worker.options import WorkerOptions
 from tei_manager.worker.tokenization import Encoding, Tokenization
 
@@ -49,10 +63,8 @@ _MAX_GROUP_ROWS = 64
 # longest row). Longer sequences waste less on their tails but pay attention over the
 # whole sequence; on a 2-core CPU 64 ran MiniLM batches fastest (48..80 within noise).
 PACK_TOKENS = 64
-# Formats this worker never reads; skipping them keeps a download to what torch loads.
+# Formats this worker never reads; skipping them keeps a download to what it loads.
 _IGNORED_FILES = [
-    "*.onnx",
-    "onnx/*",
     "openvino/*",
     "*.h5",
     "*.msgpack",
@@ -63,6 +75,19 @@ _IGNORED_FILES = [
     "rust_model*",
     "coreml/*",
 ]
+# ONNX graphs: torch reads none. The ONNX engine reads onnx/model.onnx (and its
+# external weights), not the optimised and quantised variants Hub repos put beside it.
+_IGNORED_FOR_TORCH = ["*.onnx", "*.onnx_data", "onnx/*"]
+_IGNORED_FOR_ONNX = ["onnx/model_*", "onnx/*quantized*"]
+
+
+def ignored_files(*, onnx: bool) -> list[str]:
+    """The patterns of repo files a download skips, for the ONNX engine or for torch."""
+    return [*_IGNORED_FILES, *(_IGNORED_FOR_ONNX if onnx else _IGNORED_FOR_TORCH)]
+
+
+_FLOAT32 = torch.zeros(())
+_NO_NET = torch.nn.Identity()
 
 
 class Row(msgspec.Struct, frozen=True):
@@ -92,6 +117,7 @@ class Model:
         pad_left: bool,
         uses_token_types: bool,
         packed: PackedEncoder | None = None,
+        onnx: OnnxGraph | None = None,
     ) -> None:
         self.model_type = model_type
         self.is_splade = is_splade
@@ -99,13 +125,66 @@ class Model:
         self.hidden_size = hidden_size
         self.labels = labels
         self.model_sha = model_sha
-        self.dtype = str(next(net.parameters()).dtype).removeprefix("torch.")
+        self.dtype = str(next(net.parameters(), _FLOAT32).dtype).removeprefix("torch.")
+        self.engine = "torch"
         self._net = net
         self._device = device
         self._pad_id = pad_id
         self._pad_left = pad_left
         self._uses_token_types = uses_token_types
         self._packed = packed
+        self._onnx = onnx
+        self.graph_path = None if onnx is None else onnx.runner.path  # the ONNX graph run
+        if onnx is not None:
+            self.engine = "onnx"
+            self.dtype = onnx.dtype
+            self._packed = None  # a 4-D mask gained nothing on ORT (see DESIGN.md)
+
+    def onnx_part(self) -> tuple[str, tuple[torch.nn.Module, ...], torch.nn.Module]:
+        """What to run on ONNX Runtime: (its name, the torch modules after it, the part).
+
+        A sentence-transformers model exports its transformer; Pooling, Dense and
+        LayerNorm after it stay torch modules. A classifier or masked LM exports whole.
+        """
+        if self.model_type != "embedding" or self.is_splade:
+            return ("masked-lm" if self.is_splade else "classifier"), (), self._net
+        from sentence_transformers.base.modules.transformer import Transformer
+        from sentence_transformers.sentence_transformer.modules import Dense, LayerNorm, Pooling
+
+        modules: tuple[torch.nn.Module, ...] = tuple(self._net)  # type: ignore[arg-type]
+        encoder = getattr(modules[0], "model", None) if modules else None
+        if not isinstance(modules[0], Transformer) or not isinstance(encoder, torch.nn.Module):
+            raise ModelLoadError("the first module is not a transformer ONNX can run")
+        heads = modules[1:]
+        other = [type(m).__name__ for m in heads if not isinstance(m, Pooling | Dense | LayerNorm)]
+        if other:
+            raise ModelLoadError(f"modules {', '.join(other)} have no ONNX path")
+        return "encoder", heads, encoder
+
+    def example_features(self) -> dict[str, torch.Tensor]:
+        """A small padded batch to trace the model with (one row padded, so masks are kept)."""
+        encoding = self.tokenization.encode("the quick brown fox jumps over", truncate=True)
+        half = max(2, len(encoding.ids) // 2)
+        short = Encoding(encoding.ids[:half], encoding.type_ids[:half])
+        rows = [Row(encoding, "pooled"), Row(short, "pooled")]
+        return self._padded(rows, len(encoding.ids))
+
+    def on_onnx(self, onnx: OnnxGraph) -> Model:
+        """This model with ``onnx`` in place of its torch network."""
+        return Model(
+            model_type=self.model_type,
+            is_splade=self.is_splade,
+            tokenization=self.tokenization,
+            hidden_size=self.hidden_size,
+            labels=self.labels,
+            model_sha=self.model_sha,
+            net=torch.nn.Sequential(*onnx.heads) if onnx.heads else _NO_NET,
+            device=self._device,
+            pad_id=self._pad_id,
+            pad_left=self._pad_left,
+            uses_token_types=self._uses_token_types,
+            onnx=onnx,
+        )
 
     @property
     def runs_packed(self) -> bool:
@@ -133,12 +212,30 @@ class Model:
         width = max(len(row.encoding.ids) for row in rows)
         features = self._padded(rows, width)
         with torch.inference_mode():
+            if self._onnx is not None:
+                return self._forward_onnx(self._onnx, rows, features, width)
             if self.is_splade:
                 return self._splade(rows, features)
             if self.model_type != "embedding":
                 logits = self._net(**features).logits.float().cpu()
                 return [scores.tolist() for scores in logits]
             return self._dense(rows, features, width)
+
+    def _forward_onnx(
+        self, onnx: OnnxGraph, rows: Sequence[Row], features: dict[str, Any], width: int
+    ) -> list[RowOutput]:
+        output = torch.from_numpy(onnx.runner.run({k: v.numpy() for k, v in features.items()}))
+        if self.is_splade:
+            return _splade_outputs(rows, output, features["attention_mask"])
+        if self.model_type != "embedding":
+            return [scores.tolist() for scores in output]
+        heads: dict[str, Any] = {
+            "token_embeddings": output,
+            "attention_mask": features["attention_mask"],
+        }
+        for module in onnx.heads:
+            heads = module(heads)
+        return _dense_outputs(rows, heads, width, pad_left=self._pad_left)
 
     def _padded(self, rows: Sequence[Row], width: int) -> dict[str, Any]:
         """Build the padded batch tensors in one go (no per-row torch work)."""
@@ -225,19 +322,23 @@ class Model:
 
     def _splade(self, rows: Sequence[Row], features: dict[str, Any]) -> list[RowOutput]:
         logits = self._net(**features).logits
-        # SPLADE pooling: max over the sequence of log(1 + relu(logit)), padding masked out.
-        weights = torch.log1p(torch.relu(logits.float())) * features["attention_mask"].unsqueeze(-1)
-        pooled = weights.max(dim=1).values.cpu()
-        results: list[RowOutput] = []
-        for i, row in enumerate(rows):
-            if row.task == "sparse":
-                indices = torch.nonzero(pooled[i]).squeeze(1)
-                results.append(
-                    list(zip(indices.tolist(), pooled[i][indices].tolist(), strict=True))
-                )
-            else:
-                results.append(_vector(pooled[i], row))
-        return results
+        return _splade_outputs(rows, logits, features["attention_mask"])
+
+
+def _splade_outputs(
+    rows: Sequence[Row], logits: torch.Tensor, mask: torch.Tensor
+) -> list[RowOutput]:
+    # SPLADE pooling: max over the sequence of log(1 + relu(logit)), padding masked out.
+    weights = torch.log1p(torch.relu(logits.float())) * mask.unsqueeze(-1)
+    pooled = weights.max(dim=1).values.cpu()
+    results: list[RowOutput] = []
+    for i, row in enumerate(rows):
+        if row.task == "sparse":
+            indices = torch.nonzero(pooled[i]).squeeze(1)
+            results.append(list(zip(indices.tolist(), pooled[i][indices].tolist(), strict=True)))
+        else:
+            results.append(_vector(pooled[i], row))
+    return results
 
 
 class PackedEncoder(msgspec.Struct, frozen=True):
@@ -353,11 +454,12 @@ def _vector(vector: torch.Tensor, row: Row) -> list[float]:
     return values
 
 
-def resolve_model_dir(options: WorkerOptions) -> Path:
+def resolve_model_dir(options: WorkerOptions, *, onnx: bool = False) -> Path:
     """The local folder of ``options.model_id``: as given, or its snapshot in the HF cache.
 
     Downloads into ``--huggingface-hub-cache`` (or HF_HOME's cache) unless HF_HUB_OFFLINE
-    is set, in which case only an already cached snapshot is accepted.
+    is set, in which case only an already cached snapshot is accepted. ``onnx``: the
+    model will run on ONNX Runtime, so its ``onnx/model.onnx`` is fetched too.
     """
     local = Path(options.model_id).expanduser()
     if local.is_dir():
@@ -370,7 +472,7 @@ def resolve_model_dir(options: WorkerOptions) -> Path:
             repo_id=options.model_id,
             revision=options.revision,
             cache_dir=options.huggingface_hub_cache,
-            ignore_patterns=_IGNORED_FILES,
+            ignore_patterns=ignored_files(onnx=onnx),
         )
     except LocalEntryNotFoundError as exc:
         raise ModelLoadError(
@@ -383,13 +485,45 @@ def resolve_model_dir(options: WorkerOptions) -> Path:
 
 
 def load_model(options: WorkerOptions) -> Model:
-    """Resolve and load the model ``options`` name, on its device and in its dtype."""
-    path = resolve_model_dir(options)
+    """Resolve and load the model ``options`` name, on its engine, device and dtype."""
+    try:
+        device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as exc:
+        raise ModelLoadError(f"--device {options.device!r}: {exc}") from exc
+    blocker = onnx_blocker(options, device)
+    if options.engine == "onnx" and blocker is not None:
+        raise ModelLoadError(f"--engine onnx: {blocker}")
+    on_onnx = options.engine != "torch" and blocker is None
+    if options.dtype == "int8" and not on_onnx:
+        raise ModelLoadError("--dtype int8 needs ONNX Runtime (--engine onnx, or auto on CPU)")
+    if options.engine == "auto" and blocker is not None:
+        log.info("running the model on torch: %s", blocker)
+    path = resolve_model_dir(options, onnx=on_onnx)
+    model = _load_torch(options, path, device)
+    if not on_onnx:
+        return model
+    try:
+        onnx = load_graph(model, options, path)
+    except (GraphError, ModelLoadError, OSError, RuntimeError, ValueError) as exc:
+        if options.engine == "onnx":
+            raise ModelLoadError(f"--engine onnx: {exc}") from exc
+        log.warning("running the model on torch: it cannot run on ONNX Runtime: %s", exc)
+        return model
+    # The torch weights of the exported part are no longer needed: drop them.
+    on_graph = model.on_onnx(onnx)
+    del model
+    gc.collect()
+    return_freed_memory()
+    log.info("running the model on ONNX Runtime", extra={"graph": str(onnx.runner.path)})
+    return on_graph
+
+
+def _load_torch(options: WorkerOptions, path: Path, device: torch.device) -> Model:
     config = _read_json(path / "config.json")
     architectures = config.get("architectures") or []
     try:
-        device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        dtype = _DTYPES[options.dtype or ("float16" if device.type == "cuda" else "float32")]
+        default = "float16" if device.type == "cuda" else "float32"
+        dtype = _DTYPES.get(options.dtype or default, torch.float32)  # int8: from float32
         if options.pooling == "splade":
             if not any(name.endswith("ForMaskedLM") for name in architectures):
                 raise ModelLoadError(

@@ -10,7 +10,8 @@ from typing import Literal
 import msgspec
 
 Pooling = Literal["cls", "mean", "splade", "last-token"]
-DType = Literal["float16", "float32", "bfloat16"]
+DType = Literal["float16", "float32", "bfloat16", "int8"]
+EngineName = Literal["auto", "torch", "onnx"]
 
 
 class WorkerOptions(msgspec.Struct, frozen=True, kw_only=True):
@@ -37,6 +38,7 @@ class WorkerOptions(msgspec.Struct, frozen=True, kw_only=True):
     prometheus_port: int | None = None
     api_key: str | None = None
     device: str | None = None
+    engine: EngineName = "auto"
 
 
 def _positive(value: str) -> int:
@@ -63,7 +65,12 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--model-id", default=env("MODEL_ID"), required=env("MODEL_ID") is None)
     p.add_argument("--revision", default=env("REVISION"))
     p.add_argument("--tokenization-workers", type=_positive)
-    p.add_argument("--dtype", choices=["float16", "float32", "bfloat16"], default=env("DTYPE"))
+    p.add_argument(
+        "--dtype",
+        choices=["float16", "float32", "bfloat16", "int8"],
+        default=env("DTYPE"),
+        help="int8: ONNX Runtime's dynamic quantisation (ONNX engine only)",
+    )
     p.add_argument(
         "--pooling", choices=["cls", "mean", "splade", "last-token"], default=env("POOLING")
     )
@@ -83,6 +90,12 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--prometheus-port", type=_port)
     p.add_argument("--api-key", default=env("API_KEY"))
     p.add_argument("--device", help="torch device (cpu, cuda, cuda:1); default: cuda if present")
+    p.add_argument(
+        "--engine",
+        choices=["auto", "torch", "onnx"],
+        default=env("TEI_MANAGER_ENGINE", "auto"),
+        help="auto: ONNX Runtime on CPU when the model can run there, torch otherwise",
+    )
     return p
 
 

@@ -18,25 +18,9 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# Goals that wait on work of issue 14 not on this branch yet. Not strict: a temp
-# file is only left when a kill lands in the middle of a save, which a short run
-# may miss.
-_PENDING = {
-    "create-delete": "temp files of an interrupted save are not removed at start-up (item 4)",
-}
-
 
 @pytest.mark.parametrize(
-    "scenario",
-    [
-        pytest.param(
-            name,
-            marks=[pytest.mark.xfail(strict=False, reason=_PENDING[name])]
-            if name in _PENDING
-            else [],
-        )
-        for name in ("manager-kill", "replica-kill", "create-delete", "port-churn")
-    ],
+    "scenario", ["manager-kill", "replica-kill", "create-delete", "port-churn"]
 )
 def test_chaos_scenario_meets_its_goals(scenario: str, tmp_path: Path) -> None:
     report = tmp_path / "chaos.json"
