@@ -27,6 +27,7 @@ from tei_manager.auth.settings import (
     validate_cors_config,
     validate_rate_limit_config,
 )
+from tei_manager.core.ondemand import StartPolicy
 from tei_manager.core.ports import MAX_PORT, MIN_UNPRIVILEGED_PORT
 from tei_manager.errors import (
     ConfigError,
@@ -46,6 +47,7 @@ __all__ = [
     "NAME_SCHEMA",
     "POOLING_MODES",
     "ConfigError",
+    "DevicesConfig",
     "Engine",
     "GrpcConfig",
     "InstanceConfig",
@@ -128,6 +130,7 @@ class InstanceConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     name: Annotated[str, _documented(**NAME_SCHEMA)]
     model_id: Annotated[str, _documented(**MODEL_ID_SCHEMA)]
     port: Annotated[int, _documented(**_PORT_SCHEMA)] | None = None
+    # "auto": placed at each start on the GPU with the most memory left that fits.
     gpu_id: (
         Annotated[
             int,
@@ -137,6 +140,7 @@ class InstanceConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
                 maximum=MAX_COUNT,
             ),
         ]
+        | Literal["auto"]
         | None
     ) = None
     # "auto": from the GPU's free memory at launch (auto_max_batch_tokens_per_gib).
@@ -156,6 +160,18 @@ class InstanceConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     # Another name clients may give as ``model`` on the inference routes (OpenAI's
     # ``model``, TEI's ``served_model_name``); replicas sharing one are balanced.
     served_model_name: Annotated[str, _documented(**_SERVED_NAME_SCHEMA)] | None = None
+    # "on_demand": started by its first request, unloaded after idle_timeout_secs.
+    start: StartPolicy = StartPolicy.ALWAYS
+    # None: the manager's; 0: never unloaded
+    idle_timeout_secs: Annotated[float, _documented(minimum=0)] | None = None
+    pinned: bool = False  # never evicted to make room for another instance
+
+
+class DevicesConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``[devices]``: how much of each device's memory the manager's instances may take."""
+
+    gpu_memory_fraction: float = 0.9  # of each GPU's total, like vLLM's gpu_memory_utilization
+    cpu_memory_limit_bytes: int | None = None  # None: the host's available memory at start
 
 
 class SeedInstance(InstanceConfig, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -270,6 +286,9 @@ class ManagerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
     rate_limit: RateLimitConfig = msgspec.field(default_factory=RateLimitConfig)
     cors: CorsConfig = msgspec.field(default_factory=CorsConfig)
+    devices: DevicesConfig = msgspec.field(default_factory=DevicesConfig)
+    # For on-demand instances without their own idle_timeout_secs; 0: never unloaded.
+    idle_timeout_secs: float = 0.0
     grpc: GrpcConfig = msgspec.field(default_factory=GrpcConfig)
     # GPU sanity (tei_manager/core/gpu.py): start-up checks, CPU fallback, "auto" batches.
     gpu_preflight: Literal["warn", "fail", "off"] = "warn"
@@ -413,8 +432,8 @@ def validate_instance_config(config: InstanceConfig, *, gpu_count: int | None = 
                 f"{config.port} is also the instance's port: use another",
                 code=ErrorCode.INVALID_PORT,
             )
-    if config.gpu_id is not None:
-        if config.gpu_id < 0:
+    if isinstance(config.gpu_id, int):
+        if isinstance(config.gpu_id, bool) or config.gpu_id < 0:
             raise ValidationError(
                 "gpu_id", f"{config.gpu_id} is negative", code=ErrorCode.INVALID_GPU_ID
             )
@@ -434,6 +453,8 @@ def validate_instance_config(config: InstanceConfig, *, gpu_count: int | None = 
     _count(config.max_concurrent_requests, "max_concurrent_requests")
     if config.startup_timeout_secs is not None:
         _positive(config.startup_timeout_secs, "startup_timeout_secs")
+    if config.idle_timeout_secs is not None:
+        _at_least(config.idle_timeout_secs, 0, "idle_timeout_secs")
     if config.revision is not None:
         _text(config.revision, "revision")
     if config.served_model_name is not None:
@@ -509,6 +530,12 @@ def validate_manager_config(config: ManagerConfig) -> None:
         if model_id in seen_models:
             raise ValidationError(f"models[{i}]", f"duplicate model {quote(model_id)}")
         seen_models.add(model_id)
+    _at_least(config.idle_timeout_secs, 0, "idle_timeout_secs")
+    fraction = config.devices.gpu_memory_fraction
+    if not 0 < fraction <= 1:
+        raise ValidationError("devices.gpu_memory_fraction", f"{fraction:g} is not in (0, 1]")
+    if config.devices.cpu_memory_limit_bytes is not None:
+        _at_least(config.devices.cpu_memory_limit_bytes, 1, "devices.cpu_memory_limit_bytes")
     _at_least(config.auto_max_batch_tokens_per_gib, 1, "auto_max_batch_tokens_per_gib")
     validate_auth_config(config.auth)
     validate_rate_limit_config(config.rate_limit)

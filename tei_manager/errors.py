@@ -60,11 +60,15 @@ class ErrorCode(enum.StrEnum):
     NOT_RUNNING = "NOT_RUNNING"
     MODEL_BUSY = "MODEL_BUSY"
     MODEL_IN_USE = "MODEL_IN_USE"
+    # A start that fits no device, even by evicting idle on-demand instances.
+    INSUFFICIENT_MEMORY = "INSUFFICIENT_MEMORY"
     PAYLOAD_TOO_LARGE = "PAYLOAD_TOO_LARGE"
     MAX_INSTANCES_REACHED = "MAX_INSTANCES_REACHED"
     PORT_ALLOCATION_FAILED = "PORT_ALLOCATION_FAILED"
     OVERLOADED = "OVERLOADED"
     BACKEND_UNAVAILABLE = "BACKEND_UNAVAILABLE"
+    # A request needs an on-demand instance started and no memory can be made for it.
+    CAPACITY_EXHAUSTED = "CAPACITY_EXHAUSTED"
     NOT_READY = "NOT_READY"
     TIMEOUT = "TIMEOUT"
     INTERNAL_ERROR = "INTERNAL_ERROR"
@@ -105,11 +109,13 @@ ERROR_TABLE: Final[Mapping[ErrorCode, ErrorMapping]] = MappingProxyType(
         ErrorCode.NOT_RUNNING: ErrorMapping(409, _S.FAILED_PRECONDITION),
         ErrorCode.MODEL_BUSY: ErrorMapping(409, _S.ABORTED),
         ErrorCode.MODEL_IN_USE: ErrorMapping(409, _S.FAILED_PRECONDITION),
+        ErrorCode.INSUFFICIENT_MEMORY: ErrorMapping(409, _S.RESOURCE_EXHAUSTED),
         ErrorCode.PAYLOAD_TOO_LARGE: ErrorMapping(413, _S.RESOURCE_EXHAUSTED),
         ErrorCode.MAX_INSTANCES_REACHED: ErrorMapping(422, _S.RESOURCE_EXHAUSTED),
         ErrorCode.PORT_ALLOCATION_FAILED: ErrorMapping(422, _S.RESOURCE_EXHAUSTED),
         ErrorCode.OVERLOADED: ErrorMapping(429, _S.RESOURCE_EXHAUSTED),
         ErrorCode.BACKEND_UNAVAILABLE: ErrorMapping(503, _S.UNAVAILABLE),
+        ErrorCode.CAPACITY_EXHAUSTED: ErrorMapping(503, _S.RESOURCE_EXHAUSTED),
         ErrorCode.NOT_READY: ErrorMapping(503, _S.UNAVAILABLE),
         ErrorCode.TIMEOUT: ErrorMapping(504, _S.DEADLINE_EXCEEDED),
         ErrorCode.INTERNAL_ERROR: ErrorMapping(500, _S.INTERNAL),

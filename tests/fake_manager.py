@@ -15,6 +15,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
+import msgspec
 import trio
 
 from tei_manager import __version__
@@ -26,6 +27,7 @@ from tei_manager.hub.registry import ModelRegistry
 from tei_manager.hub.settings import HubSettings, RegistrySettings
 from tei_manager.manager.backup import Backup, BackupModel
 from tei_manager.manager.metrics import ManagerMetrics
+from tei_manager.manager.ondemand import DevicesReport, DeviceView
 from tei_manager.manager.state import (
     PersistedInstance,
     PersistedState,
@@ -154,9 +156,28 @@ class FakeManager:
                 "starting": stats.starting,
                 "failed": stats.failed,
                 "stopped": stats.stopped,
+                "idle": stats.idle,
             },
             "state": {"status": "ok", "moved_aside_to": None, "error": None},
+            "devices": msgspec.to_builtins(self.devices_report().devices),
         }
+
+    def devices_report(self) -> DevicesReport:
+        """One CPU device of 64 GiB, with every instance starting or running."""
+        live = (InstanceStatus.STARTING, InstanceStatus.RUNNING)
+        alive = [r.name for r in self._registry if r.status in live]
+        return DevicesReport(
+            devices=[
+                DeviceView(
+                    device="cpu",
+                    total_bytes=64 << 30,
+                    free_bytes=32 << 30,
+                    cap_bytes=32 << 30,
+                    reserved_bytes=0,
+                    instances=alive,
+                )
+            ]
+        )
 
     async def reset_state(self) -> list[InstanceInfo]:
         await self._operation()

@@ -49,6 +49,11 @@ INSTANCE_FIELDS = [
     "max_concurrent_requests",
     "last_error",
     "next_restart_at",
+    "start",
+    "idle_timeout_secs",
+    "pinned",
+    "device",
+    "memory_bytes",
     "served_model_name",
 ]
 RFC3339_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
@@ -384,7 +389,8 @@ async def test_health(api: Api, manager: FakeManager, tmp_path: Path) -> None:
     body = response.json()
     assert body["status"] == "healthy"
     assert body["instances"] == {"total": 2, "running": 0, "starting": 1, "failed": 0,
-                                 "stopped": 1}  # fmt: skip
+                                 "stopped": 1, "idle": 0}  # fmt: skip
+    assert [d["device"] for d in body["devices"]] == ["cpu"]
     storage = body["storage"]
     assert storage["path"] == str(tmp_path / "logs")  # not created yet: its parent is measured
     assert storage["status"] in {"ok", "warning", "unhealthy"}
@@ -466,6 +472,14 @@ async def test_metrics_time_every_request_by_route_template(api: Api, manager: F
     assert "/no/such/path" not in text
 
 
+async def test_devices(api: Api) -> None:
+    await api("POST", "/instances", b'{"name": "a", "model_id": "org/a"}')
+    response = await api("GET", "/devices")
+    assert response.status == 200
+    (cpu,) = response.json()["devices"]
+    assert (cpu["device"], cpu["cap_bytes"], cpu["instances"]) == ("cpu", 32 << 30, ["a"])
+
+
 async def test_openapi_document(api: Api) -> None:
     response = await api("GET", "/openapi.json")
     assert response.status == 200
@@ -480,6 +494,7 @@ async def test_openapi_document(api: Api) -> None:
         "/instances/{name}/restart",
         "/instances/{name}/logs",
         "/health",
+        "/devices",
         "/health/live",
         "/health/ready",
         "/health/startup",

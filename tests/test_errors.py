@@ -40,7 +40,11 @@ CONTRACT = {
     500: "INTERNAL_ERROR IO_ERROR",
 }
 # Codes of our own where the contract's table has none.
-BEYOND_CONTRACT = {405: "METHOD_NOT_ALLOWED"}
+BEYOND_CONTRACT = {
+    405: "METHOD_NOT_ALLOWED",
+    409: "INSUFFICIENT_MEMORY",  # models on demand (issue 17)
+    503: "CAPACITY_EXHAUSTED",
+}
 CONTRACT_STATUS = {
     code: status
     for status, codes in (*CONTRACT.items(), *BEYOND_CONTRACT.items())

@@ -242,6 +242,7 @@ def test_info_snapshot(registry: InstanceTable) -> None:
         "name", "model_id", "port", "status", "pid", "gpu_id", "created_at", "uptime_secs",
         "restarts", "health_check_failures", "last_health_check", "prometheus_port", "pooling",
         "max_batch_tokens", "max_concurrent_requests", "last_error", "next_restart_at",
+        "start", "idle_timeout_secs", "pinned", "device", "memory_bytes",
         "served_model_name",
     ]  # fmt: skip
     assert encoded["status"] == "running"
@@ -338,7 +339,7 @@ def test_statistics(registry: InstanceTable) -> None:
     ]:
         put(registry.add(cfg(name), created_at=T0), status)
     assert registry.statistics() == InstanceTableStatistics(
-        total=6, starting=1, running=2, stopping=1, stopped=1, failed=1
+        total=6, idle=0, starting=1, running=2, stopping=1, stopped=1, failed=1
     )
 
 

@@ -25,6 +25,7 @@ from tei_manager.core.restart import RestartPolicy
 from tei_manager.errors import ErrorCode, TeiError
 from tei_manager.manager.service import Manager
 from tei_manager.supervisor.process import SpawnError
+from tests.fake_devices import FakeDevices
 from tests.fake_processes import FakeHost, FakeProcess, run_inline
 
 S = InstanceStatus
@@ -56,7 +57,9 @@ def _manager(
     *,
     gpu_count: int = 0,
     host_port_free: Callable[[int], bool] = lambda port: True,
+    devices: FakeDevices | None = None,
 ) -> Manager:
+    devices = devices or FakeDevices()
     return Manager(
         config,
         spawner=host.spawn,
@@ -66,6 +69,10 @@ def _manager(
         explicit_port_probe=host_port_free,
         policy=RestartPolicy.from_config(config),
         run_blocking=run_inline,
+        read_devices=devices.read_devices,
+        estimate=devices.estimate,
+        read_memory=devices.read_memory,
+        gpu_memory=devices.gpu_memory,
     )
 
 
@@ -127,6 +134,7 @@ async def test_create_spawns_and_returns_starting(
             "starting": 0,
             "failed": 0,
             "stopped": 0,
+            "idle": 0,
         }
 
 

@@ -8,7 +8,8 @@ from datetime import UTC, datetime
 import pytest
 
 from tei_manager.config import InstanceConfig
-from tei_manager.core.instances import InstanceStatus, InstanceTable
+from tei_manager.core.instances import InstanceRecord, InstanceStatus, InstanceTable
+from tei_manager.core.ondemand import StartPolicy
 from tei_manager.core.ports import PortAllocator
 from tei_manager.core.routing import SUSPECT_SECS, Router
 from tei_manager.errors import ErrorCode, TeiError
@@ -102,6 +103,57 @@ def test_no_running_replica_says_what_each_is_doing() -> None:
     table.get("a").status = InstanceStatus.STOPPED
     with pytest.raises(TeiError, match='"a" is stopped'):
         Router(table).choose(("model_id", MODEL))
+
+
+def _on_demand(table: InstanceTable, name: str) -> None:
+    table.add(
+        InstanceConfig(name=name, model_id=MODEL, start=StartPolicy.ON_DEMAND),
+        created_at=datetime.now(UTC),
+    )
+
+
+async def test_on_demand_instances_are_routable_while_idle_only_with_a_starter() -> None:
+    table = InstanceTable(PortAllocator(20000, 20100, probe=lambda port: True))
+    _on_demand(table, "x")
+    _on_demand(table, "y")
+    started: list[str] = []
+
+    async def starter(record: InstanceRecord, deadline: float) -> None:
+        started.append(record.name)
+
+    with pytest.raises(TeiError, match='"x" is idle, not running'):
+        Router(table).choose(("instance_name", "x"))
+    router = Router(table, starter=starter)
+    assert router.choose(("instance_name", "y")).name == "y"
+    assert router.choose(("instance_index", 0)).name == "x"
+    # By model: the first idle replica; one starting is preferred (its start is shared);
+    # a running one before both.
+    assert router.choose(("model_id", MODEL)).name == "x"
+    table.get("y").mark_start_requested()
+    assert router.choose(("model_id", MODEL)).name == "y"
+    table.get("x").mark_starting(9, datetime.now(UTC))
+    table.get("x").mark_running()
+    assert router.choose(("model_id", MODEL)).name == "x"
+    await router.ensure_running(table.get("x"))  # running: the starter is not asked
+    await router.ensure_running(table.get("y"))
+    assert started == ["y"]
+
+
+async def test_an_always_instance_that_is_not_running_fails_at_once() -> None:
+    table = _table("a")
+    asked: list[str] = []
+
+    async def starter(record: InstanceRecord, deadline: float) -> None:
+        asked.append(record.name)
+
+    router = Router(table, starter=starter)
+    table.get("a").mark_exited("process exited with code 1")  # restarting
+    with pytest.raises(TeiError, match='"a" is starting, not running'):
+        await router.ensure_running(table.get("a"))
+    table.get("a").mark_stopped()
+    with pytest.raises(TeiError, match="stopped by an operator"):
+        router.choose(("instance_name", "a"))
+    assert asked == []
 
 
 # -- choose_model: an inference request's ``model`` as instance name, alias or model id

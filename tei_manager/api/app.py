@@ -134,6 +134,9 @@ class _Handlers:
         start, end = _int_arg("start"), _int_arg("end")
         return json_response(await self._manager.instance_logs(name, start, end))
 
+    async def devices(self) -> Response:
+        return json_response(self._manager.devices_report())
+
     async def health(self) -> Response:
         summary = self._manager.health_summary()
         storage = await check_storage(

@@ -18,10 +18,13 @@ from tei_manager.core.logslice import LogSlice
 from tei_manager.errors import ErrorBody
 from tei_manager.hub.paths import REVISION_SCHEMA
 from tei_manager.hub.state import ModelInfo
+from tei_manager.manager.ondemand import DevicesReport, DeviceView
 from tei_manager.manager.state import StateFileReport
 
 __all__ = [
     "AddModelRequest",
+    "DeviceView",
+    "DevicesReport",
     "ErrorBody",
     "HealthResponse",
     "InstanceConfig",
@@ -46,6 +49,7 @@ class InstanceCounts(msgspec.Struct, frozen=True, kw_only=True):
     starting: int
     failed: int
     stopped: int
+    idle: int  # on-demand instances with no process, started by their next request
 
 
 class StorageHealth(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -77,6 +81,8 @@ class HealthResponse(msgspec.Struct, frozen=True, kw_only=True):
     # The state file as start-up found it: moved aside (and why) if it was unusable.
     state: StateFileReport
     storage: StorageHealth
+    # Each device's memory: total, free, our cap, reserved by our instances (GET /devices).
+    devices: list[DeviceView]
 
 
 class AddModelRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

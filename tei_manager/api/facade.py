@@ -16,6 +16,7 @@ from tei_manager.core.instances import InstanceInfo
 from tei_manager.core.logslice import LogSlice
 from tei_manager.hub.state import ModelInfo
 from tei_manager.manager.backup import Backup
+from tei_manager.manager.ondemand import DevicesReport
 
 __all__ = ["HttpMetrics", "ManagerFacade", "ModelsFacade"]
 
@@ -106,6 +107,10 @@ class ManagerFacade(Protocol):
     async def restart_instance(self, name: str) -> InstanceInfo: ...
 
     async def instance_logs(self, name: str, start: int | None, end: int | None) -> LogSlice: ...
+
+    def devices_report(self) -> DevicesReport:
+        """``GET /devices``."""
+        ...
 
     def health_summary(self) -> dict[str, Any]:
         """``{status, version, uptime_secs, instances: {total, running, ...}}``."""

@@ -9,6 +9,7 @@ from typing import Final, NamedTuple
 
 from tei_manager.api.dto import (
     AddModelRequest,
+    DevicesReport,
     HealthResponse,
     InstanceConfig,
     InstanceInfo,
@@ -93,6 +94,7 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
             ErrorCode.MAX_INSTANCES_REACHED,
             ErrorCode.PORT_ALLOCATION_FAILED,
             ErrorCode.MODEL_NOT_FOUND,
+            ErrorCode.INSUFFICIENT_MEMORY,
         ),
     ),
     Operation(
@@ -105,8 +107,10 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
         200, InstanceInfo, errors=_NOT_FOUND,
     ),
     Operation(
-        "start_instance", "POST", "/instances/{name}/start", "Start a stopped or failed instance",
-        200, InstanceInfo, errors=(*_NOT_FOUND, ErrorCode.ALREADY_RUNNING),
+        "start_instance", "POST", "/instances/{name}/start",
+        "Start a stopped, idle or failed instance; evicts idle on-demand ones if memory is short",
+        200, InstanceInfo,
+        errors=(*_NOT_FOUND, ErrorCode.ALREADY_RUNNING, ErrorCode.INSUFFICIENT_MEMORY),
     ),
     Operation(
         "stop_instance", "POST", "/instances/{name}/stop", "Stop an instance",
@@ -114,7 +118,7 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
     ),
     Operation(
         "restart_instance", "POST", "/instances/{name}/restart", "Restart an instance",
-        200, InstanceInfo, errors=_NOT_FOUND,
+        200, InstanceInfo, errors=(*_NOT_FOUND, ErrorCode.INSUFFICIENT_MEMORY),
     ),
     Operation(
         "instance_logs", "GET", "/instances/{name}/logs",
@@ -180,6 +184,11 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
         errors=(ErrorCode.VALIDATION_ERROR, ErrorCode.INVALID_NAME, ErrorCode.INVALID_MODEL_ID,
                 ErrorCode.INVALID_PORT, ErrorCode.INVALID_GPU_ID, ErrorCode.PAYLOAD_TOO_LARGE,
                 ErrorCode.NOT_READY),
+    ),
+    Operation(
+        "devices", "GET", "/devices",
+        "Each device's memory: total, free, our cap, reserved by our instances, and who is there",
+        200, DevicesReport,
     ),
     Operation(
         "health", "GET", "/health", "Manager, instance and storage health (always 200)",

@@ -17,6 +17,7 @@ from typing import Literal
 import msgspec
 
 from tei_manager.config import InstanceConfig
+from tei_manager.core.ondemand import StartPolicy
 from tei_manager.core.ports import PortAllocator
 from tei_manager.errors import ConflictError, ErrorCode, LimitError, NotFoundError, quote
 
@@ -31,8 +32,13 @@ __all__ = [
 
 
 class InstanceStatus(enum.StrEnum):
-    """Where an instance's process is: ``starting → running → stopping → stopped``."""
+    """Where an instance's process is: ``starting → running → stopping → stopped``.
 
+    An on-demand instance rests in ``idle`` instead of ``stopped``: no process, but
+    its next request starts one. ``stopped`` always means an operator stopped it.
+    """
+
+    IDLE = "idle"
     STARTING = "starting"
     RUNNING = "running"
     STOPPING = "stopping"
@@ -62,7 +68,7 @@ class InstanceInfo(msgspec.Struct, frozen=True, kw_only=True):
     port: int
     status: InstanceStatus
     pid: int | None
-    gpu_id: int | None
+    gpu_id: int | Literal["auto"] | None
     created_at: datetime
     uptime_secs: int  # 0 while no process runs
     restarts: int
@@ -75,6 +81,13 @@ class InstanceInfo(msgspec.Struct, frozen=True, kw_only=True):
     last_error: str | None
     # When the supervisor spawns the process again (a crash loop's backoff), else null.
     next_restart_at: datetime | None = None
+    start: StartPolicy = StartPolicy.ALWAYS
+    idle_timeout_secs: float | None = None
+    pinned: bool = False
+    # Where the process runs or will ("cpu", "gpu:N"), and the memory it holds there
+    # (measured once it runs, estimated before); null while it has no place.
+    device: str | None = None
+    memory_bytes: int | None = None
     served_model_name: str | None = None
 
 
@@ -98,6 +111,9 @@ class InstanceRecord(msgspec.Struct, kw_only=True):
     last_error: str | None = None
     started_at: datetime | None = None  # when the current process was spawned
     next_restart_at: datetime | None = None  # set while waiting out a restart backoff
+    # Where admission placed the instance, and what it reserves there (None: unplaced).
+    device: str | None = None
+    reserved_bytes: int | None = None
 
     @property
     def name(self) -> str:
@@ -136,8 +152,27 @@ class InstanceRecord(msgspec.Struct, kw_only=True):
             max_concurrent_requests=c.max_concurrent_requests,
             last_error=self.last_error,
             next_restart_at=self.next_restart_at,
+            start=c.start,
+            idle_timeout_secs=c.idle_timeout_secs,
+            pinned=c.pinned,
+            device=self.device,
+            memory_bytes=self.reserved_bytes,
             served_model_name=c.served_model_name,
         )
+
+    @property
+    def on_demand(self) -> bool:
+        return self.config.start == StartPolicy.ON_DEMAND
+
+    def launch_config(self) -> InstanceConfig:
+        """The config its process is spawned with: ``gpu_id = "auto"`` resolved to
+        the GPU admission chose (or no GPU when it chose the CPU)."""
+        if self.config.gpu_id != "auto":
+            return self.config
+        gpu = None
+        if self.device is not None and self.device.startswith("gpu:"):
+            gpu = int(self.device.removeprefix("gpu:"))
+        return msgspec.structs.replace(self.config, gpu_id=gpu)
 
     # -- transitions: the only places the runtime fields change ------------------------
     def mark_start_requested(self) -> None:
@@ -190,11 +225,36 @@ class InstanceRecord(msgspec.Struct, kw_only=True):
     def mark_stopped(self) -> None:
         """No process runs, as wanted."""
         self._no_process(InstanceStatus.STOPPED)
+        self.unplace()
+
+    def mark_idle(self) -> None:
+        """No process runs; the next request starts one (on-demand instances)."""
+        self._no_process(InstanceStatus.IDLE)
+        self.unplace()
+
+    def mark_at_rest(self) -> None:
+        """No process runs, as wanted: ``idle`` for an on-demand instance still wanted
+        available, else ``stopped``."""
+        if self.on_demand and self.desired is DesiredState.RUNNING:
+            self.mark_idle()
+        else:
+            self.mark_stopped()
+
+    def place(self, device: str, reserved_bytes: int) -> None:
+        """Admission put the instance on ``device``, holding ``reserved_bytes`` there."""
+        self.device = device
+        self.reserved_bytes = reserved_bytes
+
+    def unplace(self) -> None:
+        """The instance holds no memory any more."""
+        self.device = None
+        self.reserved_bytes = None
 
     def mark_failed(self, error: str) -> None:
         """No process runs and none will be started again until asked."""
         self._no_process(InstanceStatus.FAILED)
         self.last_error = error
+        self.unplace()
 
     def record_health_check(self, ok: bool, now: datetime) -> None:
         """Count a health check: a pass resets the consecutive failure count."""
@@ -212,6 +272,7 @@ class InstanceTableStatistics(msgspec.Struct, frozen=True, kw_only=True):
     """Instance counts by status, for ``/health`` and the metrics collector."""
 
     total: int
+    idle: int
     starting: int
     running: int
     stopping: int
@@ -285,12 +346,12 @@ class InstanceTable:
         if metrics_port == 0:
             metrics_port = self._allocator.allocate(used | {port})
         config = msgspec.structs.replace(config, port=port, prometheus_port=metrics_port)
-        running = desired is DesiredState.RUNNING
+        status = InstanceStatus.STOPPED
+        if desired is DesiredState.RUNNING:
+            on_demand = config.start == StartPolicy.ON_DEMAND
+            status = InstanceStatus.IDLE if on_demand else InstanceStatus.STARTING
         record = InstanceRecord(
-            config=config,
-            desired=desired,
-            created_at=created_at,
-            status=InstanceStatus.STARTING if running else InstanceStatus.STOPPED,
+            config=config, desired=desired, created_at=created_at, status=status
         )
         self._records[config.name] = record
         return record
@@ -350,6 +411,7 @@ class InstanceTable:
         S = InstanceStatus
         return InstanceTableStatistics(
             total=len(self._records),
+            idle=counts[S.IDLE],
             starting=counts[S.STARTING],
             running=counts[S.RUNNING],
             stopping=counts[S.STOPPING],
@@ -391,7 +453,7 @@ class InstanceTable:
                 ErrorCode.NOT_RUNNING, f"instance {quote(name)} is not running ({record.status})"
             )
         record.desired = DesiredState.STOPPED
-        if record.status is InstanceStatus.FAILED:
+        if record.status in (InstanceStatus.FAILED, InstanceStatus.IDLE):
             record.mark_stopped()
         return record
 

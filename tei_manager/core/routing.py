@@ -11,6 +11,16 @@ Three ways to name it, per the wire contract's ``Target``:
 A target that names nothing is NOT_FOUND; one that names an instance that is not
 running is UNAVAILABLE with a message saying what it is doing instead.
 
+Models on demand: with a ``starter`` (the manager's
+:meth:`~tei_manager.manager.ondemand.OnDemand.ensure_running`), an on-demand
+instance that is idle, starting or being unloaded is routable too: ``choose``
+returns it, and the front door awaits :meth:`Router.ensure_running` before it
+connects (the multiplexer's connection pool does). By ``model_id``, a running
+replica is preferred, then one already starting, then the first idle one. Requests
+in flight and last use are kept in an :class:`~tei_manager.core.ondemand.Activity`
+shared with the manager, which is what holds an instance against idle unloads
+and eviction.
+
 A replica whose connection just failed (:meth:`Router.suspect`) is skipped by
 ``model_id`` routing while another replica runs, until its process changes, a
 connection to it succeeds again (:meth:`Router.cleared`) or ``SUSPECT_SECS``
@@ -19,15 +29,21 @@ pass: its process may have died, which the supervisor learns a moment later.
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Final
 
-from tei_manager.core.instances import InstanceRecord, InstanceStatus, InstanceTable
+from tei_manager.core.instances import DesiredState, InstanceRecord, InstanceStatus, InstanceTable
+from tei_manager.core.ondemand import Activity
 from tei_manager.errors import ErrorCode, NotFoundError, TeiError, ValidationError, quote
 
-__all__ = ["Router", "describe_target"]
+__all__ = ["Router", "Starter", "describe_target"]
+
+Starter = Callable[[InstanceRecord, float], Awaitable[None]]
+"""Returns once the instance runs (starting it on demand), within a trio deadline;
+raises the TeiError the client should see."""
 
 TargetChoice = tuple[str, str | int]
 """``("instance_name" | "model_id" | "instance_index", value)``."""
@@ -48,11 +64,17 @@ class Router:
     """Chooses instances from the instance table and counts requests in flight per instance."""
 
     def __init__(
-        self, instances: InstanceTable, *, clock: Callable[[], float] = time.monotonic
+        self,
+        instances: InstanceTable,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        activity: Activity | None = None,
+        starter: Starter | None = None,
     ) -> None:
         self._instances = instances
         self._clock = clock
-        self._in_flight: dict[str, int] = {}
+        self._activity = activity or Activity(clock)
+        self._starter = starter
         self._turn: dict[str, int] = {}
         # name -> (pid of the process whose connection failed, until when)
         self._suspects: dict[str, tuple[int | None, float]] = {}
@@ -66,13 +88,39 @@ class Router:
         kind, value = target
         if kind == "instance_index":
             assert isinstance(value, int)
-            return _running(self._instances.at_index(value))
+            return self._routable(self._instances.at_index(value))
         assert isinstance(value, str)
         if not value:
             raise ValidationError(f"target.{kind}", "must not be empty")
         if kind == "instance_name":
-            return _running(self._instances.get(value))
+            return self._routable(self._instances.get(value))
         return self._balance(value)
+
+    async def ensure_running(self, record: InstanceRecord, deadline: float = math.inf) -> None:
+        """Return once ``record`` runs: at once if it does, else through the starter
+        (an on-demand start, shared with every other request waiting for it)."""
+        if record.status is InstanceStatus.RUNNING:
+            return
+        if not self._startable(record):
+            # Not ours to start (an always instance restarting, say): fail now, so a
+            # call by model_id fails over rather than waiting.
+            _running(record)
+        assert self._starter is not None
+        await self._starter(record, deadline)
+
+    def _startable(self, record: InstanceRecord) -> bool:
+        """True for an on-demand instance traffic may start (or is starting)."""
+        if self._starter is None or not record.on_demand:
+            return False
+        status = record.status
+        return status in (InstanceStatus.IDLE, InstanceStatus.STARTING) or (
+            status is InstanceStatus.STOPPING and record.desired is DesiredState.RUNNING
+        )
+
+    def _routable(self, record: InstanceRecord) -> InstanceRecord:
+        if self._startable(record):
+            return record
+        return _running(record)
 
     def choose_model(self, model: str, *, exclude: frozenset[str] = frozenset()) -> InstanceRecord:
         """The instance for an inference front door's ``model`` string.
@@ -85,7 +133,7 @@ class Router:
             raise ValidationError("model", "must not be empty")
         record = self._instances.find(model)
         if record is not None and record.name not in exclude:
-            return _running(record)
+            return self._routable(record)
         aliased = self._instances.by_served_name(model)
         if aliased:
             return self._pick(model, aliased, exclude)
@@ -105,6 +153,11 @@ class Router:
         running = [
             r for r in replicas if r.status is InstanceStatus.RUNNING and r.name not in exclude
         ]
+        if not running and self._starter is not None:
+            startable = [r for r in replicas if self._startable(r) and r.name not in exclude]
+            starting = [r for r in startable if r.status is not InstanceStatus.IDLE]
+            if starting or startable:
+                return (starting or startable)[0]
         if not running:
             states = ", ".join(f"{quote(r.name)} is {r.status.value}" for r in replicas)
             raise TeiError(
@@ -165,24 +218,20 @@ class Router:
         self._turn[model_id] = turn + 1
         count = len(running)
         best = running[turn % count]
-        least = self._in_flight.get(best.name, 0)
+        least = self._activity.in_flight(best.name)
         for step in range(1, count):
             candidate = running[(turn + step) % count]
-            load = self._in_flight.get(candidate.name, 0)
+            load = self._activity.in_flight(candidate.name)
             if load < least:
                 best, least = candidate, load
         return best
 
     def begin(self, name: str) -> None:
         """One more request in flight to ``name``; pair it with :meth:`end`."""
-        self._in_flight[name] = self._in_flight.get(name, 0) + 1
+        self._activity.begin(name)
 
     def end(self, name: str) -> None:
-        left = self._in_flight[name] - 1
-        if left:
-            self._in_flight[name] = left
-        else:
-            del self._in_flight[name]
+        self._activity.end(name)
 
     @contextmanager
     def track(self, name: str) -> Iterator[None]:
@@ -195,10 +244,15 @@ class Router:
 
     def in_flight(self, name: str) -> int:
         """Requests to ``name`` in flight through the multiplexer now."""
-        return self._in_flight.get(name, 0)
+        return self._activity.in_flight(name)
 
 
 def _running(record: InstanceRecord) -> InstanceRecord:
+    if record.status is InstanceStatus.STOPPED:
+        raise TeiError(
+            ErrorCode.BACKEND_UNAVAILABLE,
+            f"instance {quote(record.name)} is stopped by an operator, not running",
+        )
     if record.status is not InstanceStatus.RUNNING:
         raise TeiError(
             ErrorCode.BACKEND_UNAVAILABLE,

@@ -73,6 +73,11 @@ _ROUTING: Final = {
     ErrorCode.INSTANCE_NOT_FOUND: Kind.NOT_FOUND,
     ErrorCode.MODEL_NOT_FOUND: Kind.NOT_FOUND,
     ErrorCode.BACKEND_UNAVAILABLE: Kind.UNAVAILABLE,
+    # Models on demand: a start that found no memory, took too long, or came while
+    # the manager was not running.
+    ErrorCode.CAPACITY_EXHAUSTED: Kind.UNAVAILABLE,
+    ErrorCode.NOT_READY: Kind.UNAVAILABLE,
+    ErrorCode.TIMEOUT: Kind.TIMEOUT,
 }
 
 # TEI's gRPC server: validation and tokenizer errors are INVALID_ARGUMENT, a full
@@ -89,9 +94,10 @@ _STATUSES: Final = {
 
 
 def from_routing(error: TeiError) -> InferenceError:
-    """A routing failure (unknown model, instance not running, empty name)."""
+    """A routing failure (unknown model, instance not running, empty name), or an
+    on-demand start that failed."""
     kind = _ROUTING.get(error.code, Kind.VALIDATION)
-    param = "model" if kind is not Kind.UNAVAILABLE else None
+    param = "model" if kind in (Kind.VALIDATION, Kind.NOT_FOUND) else None
     return InferenceError(kind, error.message, param=param)
 
 

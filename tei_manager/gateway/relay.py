@@ -34,7 +34,7 @@ from prometheus_client import CollectorRegistry
 
 from tei_manager._proto.tei.v1 import tei_grpc, tei_pb2
 from tei_manager.config import ManagerConfig
-from tei_manager.core.instances import InstanceRecord, InstanceTable
+from tei_manager.core.instances import InstanceRecord, InstanceStatus, InstanceTable
 from tei_manager.core.routing import Router
 from tei_manager.errors import TeiError, quote
 from tei_manager.gateway.admission import Admission
@@ -199,13 +199,31 @@ class Session:
         self._held: str | None = None  # the instance whose slot this session holds
 
     async def admit(self, record: InstanceRecord) -> None:
-        """Wait for a slot on ``record`` and count the request in flight to it."""
+        """Wait for a slot on ``record``, count the request in flight to it, and have
+        it running: the one place before any connection to it (the session's
+        instance, or the replica a failover moves to). An idle on-demand instance
+        is started here (:meth:`Router.ensure_running`, one start shared by every
+        request waiting), within ``request_timeout``; counted in flight meanwhile,
+        it is not unloaded or evicted under the request."""
         gateway = self._gateway
         waited = await gateway.admission.enter(record.name, record.config.max_concurrent_requests)
         self.queued = waited + (self.queued or 0.0)
         self.record = record
         self._held = record.name
         gateway.router.begin(record.name)
+        if record.status is InstanceStatus.RUNNING:
+            return
+        deadline = min(
+            trio.current_effective_deadline(), trio.current_time() + gateway.request_timeout
+        )
+        try:
+            await gateway.router.ensure_running(record, deadline)
+        except TeiError as error:
+            self.release()
+            raise from_routing(error) from None
+        except BaseException:
+            self.release()
+            raise
 
     def release(self) -> None:
         """Give back the slot and the in-flight count, if held."""

@@ -31,7 +31,9 @@ from prometheus_client.registry import Collector
 __all__ = [
     "CONTENT_TYPE",
     "INSTANCE_STATUSES",
+    "EvictionReason",
     "ManagerMetrics",
+    "MemorySnapshot",
     "MetricsStatistics",
     "RestartReason",
 ]
@@ -45,9 +47,10 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 CONTENT_TYPE: Final = CONTENT_TYPE_LATEST
 
 RestartReason = Literal["crash", "health", "manual"]
+EvictionReason = Literal["memory"]
 
 #: Every value of the ``status`` label of ``tei_manager_instance_status``.
-INSTANCE_STATUSES: Final = ("starting", "running", "stopping", "stopped", "failed")
+INSTANCE_STATUSES: Final = ("idle", "starting", "running", "stopping", "stopped", "failed")
 
 # Model loading takes from a second (tiny models) to minutes (large ones, first download).
 _STARTUP_BUCKETS: Final = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, float("inf"))
@@ -67,6 +70,42 @@ _HEALTH_BUCKETS: Final = (
     5,
     float("inf"),
 )
+
+
+class MemorySnapshot(msgspec.Struct, frozen=True, kw_only=True):
+    """Memory as the on-demand controller sees it, read at scrape time."""
+
+    instances: list[tuple[str, str, int]]  # (instance, device, bytes)
+    devices: list[tuple[str, int, int, int]]  # (device, total, free, reserved)
+
+
+class _MemoryCollector(Collector):
+    def __init__(self, read: Callable[[], MemorySnapshot]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[Metric]:
+        snapshot = self._read()
+        per_instance = GaugeMetricFamily(
+            "tei_manager_instance_memory_bytes",
+            "Memory an instance holds on its device: measured once it runs, estimated before",
+            labels=["instance", "device"],
+        )
+        for instance, device, count in snapshot.instances:
+            per_instance.add_metric([instance, device], count)
+        per_device = GaugeMetricFamily(
+            "tei_manager_device_memory_bytes",
+            "Each device's memory: total, free (as it reports), reserved by our instances",
+            labels=["device", "kind"],
+        )
+        for device, total, free, reserved in snapshot.devices:
+            per_device.add_metric([device, "total"], total)
+            per_device.add_metric([device, "free"], free)
+            per_device.add_metric([device, "reserved"], reserved)
+        yield per_instance
+        yield per_device
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
 
 
 class MetricsStatistics(msgspec.Struct, frozen=True, kw_only=True):
@@ -128,6 +167,29 @@ class ManagerMetrics:
             ["route", "method", "status"],
             registry=r,
         )
+        self.cold_starts = Counter(
+            "tei_manager_cold_starts",
+            "On-demand instances started by a request",
+            ["instance"],
+            registry=r,
+        )
+        self.cold_start_seconds = Histogram(
+            "tei_manager_cold_start_seconds",
+            "From the request that started an on-demand instance to the instance ready",
+            buckets=_STARTUP_BUCKETS,
+            registry=r,
+        )
+        self.evictions = Counter(
+            "tei_manager_evictions",
+            "On-demand instances stopped to make room for another",
+            ["instance", "reason"],
+            registry=r,
+        )
+        self.idle_unloads = Counter(
+            "tei_manager_idle_unloads",
+            "On-demand instances stopped after idle_timeout_secs without a request",
+            registry=r,
+        )
         self.gpu_fallbacks = Counter(
             "tei_manager_gpu_fallbacks",
             "Instances found running on the CPU although they asked for a GPU",
@@ -145,6 +207,10 @@ class ManagerMetrics:
     def bind_instance_count(self, count: Callable[[], int]) -> None:
         """Read ``tei_manager_instances_count`` from ``count`` at every scrape."""
         self.instances_count.set_function(lambda: float(count()))
+
+    def bind_memory(self, read: Callable[[], MemorySnapshot]) -> None:
+        """Read the memory gauges from ``read`` at every scrape."""
+        self.prometheus.register(_MemoryCollector(read))
 
     def bind_instance_statuses(self, statuses: Callable[[], Iterable[tuple[str, str]]]) -> None:
         """Read ``tei_manager_instance_status`` from ``(name, status)`` pairs at every scrape."""

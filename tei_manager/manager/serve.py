@@ -59,8 +59,14 @@ async def serve(manager: Manager, security: Security | None = None) -> None:
     if security is None:
         security = build_security(config, manager.metrics.prometheus)
     # One router (in-flight counts, failover suspects), one connection per instance
-    # and one admission (limit, queue) per instance for both doors.
-    shared = shared_routing(config, manager.instances)
+    # and one admission (limit, queue) per instance for both doors; a call on either
+    # to an idle on-demand instance starts it (the manager's activity and starter).
+    shared = shared_routing(
+        config,
+        manager.instances,
+        activity=manager.ondemand.activity,
+        starter=manager.ensure_running,
+    )
     gateway = create_gateway(
         config,
         manager.instances,

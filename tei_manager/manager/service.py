@@ -20,6 +20,7 @@ changing what is wanted running, and saves the state for the next start.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -33,7 +34,13 @@ import trio
 
 from tei_manager import __version__
 from tei_manager.config import InstanceConfig, ManagerConfig, validate_instance_config
-from tei_manager.core.gpu import DeviceTable, auto_max_batch_tokens, fallen_back, preflight_problems
+from tei_manager.core.gpu import (
+    DEFAULT_MAX_BATCH_TOKENS,
+    DeviceTable,
+    auto_max_batch_tokens,
+    fallen_back,
+    preflight_problems,
+)
 from tei_manager.core.instances import (
     InstanceInfo,
     InstanceRecord,
@@ -52,12 +59,13 @@ from tei_manager.errors import (
     ValidationError,
     quote,
 )
-from tei_manager.hub.cache import local_model_problem
+from tei_manager.hub.cache import local_model_problem, locate
 from tei_manager.hub.registry import ModelRegistry, ModelWait
 from tei_manager.hub.settings import HubSettings, RegistrySettings
 from tei_manager.manager.backup import Backup, BackupModel
 from tei_manager.manager.hostports import check_host_ports, port_free_for_instance
 from tei_manager.manager.metrics import ManagerMetrics
+from tei_manager.manager.ondemand import DevicesReport, Estimator, MemoryReader, OnDemand
 from tei_manager.manager.runtime import RuntimeFileWriter
 from tei_manager.manager.startup import prepare
 from tei_manager.manager.state import (
@@ -68,7 +76,22 @@ from tei_manager.manager.state import (
     save_state,
     state_from_instances,
 )
-from tei_manager.supervisor.devices import NoDevices, detect_devices, engine_gpu_build
+from tei_manager.supervisor.devices import (
+    DeviceSource,
+    GpuProcessMemory,
+    NoDevices,
+    detect_devices,
+    engine_gpu_build,
+    gpu_process_memory,
+    host_devices,
+    process_tree_peak_rss,
+)
+from tei_manager.supervisor.footprint import (
+    CPU_RUNTIME_BYTES,
+    GPU_RUNTIME_BYTES,
+    FootprintError,
+    estimate_footprint,
+)
 from tei_manager.supervisor.instance import (
     BlockingRunner,
     InstanceRunner,
@@ -105,13 +128,22 @@ def _remove_log(path: Path) -> None:
         log.warning("cannot remove %s: %s", path, e.strerror or e)
 
 
+def _on_gpu(record: InstanceRecord) -> bool:
+    """The instance asked for a GPU: by index, or "auto" placed on one."""
+    gpu_id = record.config.gpu_id
+    if isinstance(gpu_id, int):
+        return True
+    return gpu_id == "auto" and (record.device or "").startswith("gpu:")
+
+
 class Manager:
     """Instances, their processes and their persisted state; see the module notes.
 
     ``spawner``, ``prober``, ``gpu_count``, the port probes, ``run_blocking`` and
     ``devices`` replace the real process spawning, Info calls, GPU detection, socket
     probing, worker threads and GPU table (tests). Without a real spawner the
-    default device table is empty.
+    default device table is empty. ``read_devices`` and ``gpu_memory`` (models on
+    demand) default to reading that same table plus the host's RAM.
     """
 
     def __init__(
@@ -128,6 +160,10 @@ class Manager:
         run_blocking: BlockingRunner = trio.to_thread.run_sync,
         hub: HubSettings | None = None,
         devices: DeviceTable | None = None,
+        read_devices: DeviceSource | None = None,
+        estimate: Estimator | None = None,
+        read_memory: MemoryReader = process_tree_peak_rss,
+        gpu_memory: GpuProcessMemory | None = None,
     ) -> None:
         self.config = config
         self.metrics = ManagerMetrics()
@@ -204,6 +240,22 @@ class Manager:
         self.state_save_failures = 0
         # What start-up found in the state file; /health reports it.
         self.state_file_report = StateFileReport(status="ok")
+        # Models on demand: admission and placement for every start, cold starts and
+        # idle unloads for on-demand instances.
+        self.ondemand = OnDemand(
+            self.instances,
+            self._runners.get,
+            devices=config.devices,
+            # One reading of the GPUs: the same table as preflight and /metrics.
+            read_devices=read_devices or (lambda: host_devices(self.devices)),
+            estimate=estimate or self._estimate_footprint,
+            read_memory=read_memory,
+            gpu_memory=gpu_memory or (lambda pids: gpu_process_memory(pids, self.devices)),
+            metrics=self.metrics,
+            default_idle_timeout_secs=config.idle_timeout_secs,
+            startup_timeout_secs=config.startup_timeout_secs,
+            run_blocking=run_blocking,
+        )
 
     # -- readiness -----------------------------------------------------------------
     @property
@@ -271,9 +323,19 @@ class Manager:
                 "starting": stats.starting,
                 "failed": stats.failed,
                 "stopped": stats.stopped + stats.stopping,
+                "idle": stats.idle,
             },
             "state": msgspec.to_builtins(self.state_file_report),
+            "devices": msgspec.to_builtins(self.ondemand.devices_report().devices),
         }
+
+    def devices_report(self) -> DevicesReport:
+        """The body of ``GET /devices``."""
+        return self.ondemand.devices_report()
+
+    async def ensure_running(self, record: InstanceRecord, deadline: float = math.inf) -> None:
+        """The front doors' hook: see :meth:`OnDemand.ensure_running`."""
+        await self.ondemand.ensure_running(record, deadline)
 
     # -- changing -------------------------------------------------------------------------
     async def create_instance(self, cfg: InstanceConfig) -> InstanceInfo:
@@ -307,6 +369,12 @@ class Manager:
             )
         check_host_ports(cfg, taken=self.instances.used_ports(), probe=self._explicit_port_probe)
         record = self.instances.add(cfg, created_at=_utcnow())
+        if record.status is InstanceStatus.STARTING:
+            try:
+                await self._admit(record)
+            except BaseException:
+                self.instances.remove(record.name)
+                raise
         # A new instance's log starts empty, whatever an earlier instance of that name
         # left (its log is removed on delete, but a crash may have come first). One
         # unlink, synchronous like the spawn, so no other request can interleave.
@@ -338,6 +406,7 @@ class Manager:
         info = record.info(_utcnow())
         self.instances.remove(name)
         self.metrics.instance_deleted(name)
+        self.ondemand.activity.forget(name)
         runner = self._runners.get(name)
         if runner is not None:
             runner.cancel()
@@ -352,9 +421,15 @@ class Manager:
         return info
 
     async def start_instance(self, name: str) -> InstanceInfo:
-        """Start a stopped or failed instance; raises ALREADY_RUNNING."""
+        """Start a stopped, idle or failed instance; raises ALREADY_RUNNING, or
+        INSUFFICIENT_MEMORY when it fits no device even by evicting idle on-demand ones."""
         self._require_supervisor()
+        record = self.instances.get(name)
+        live = (InstanceStatus.STARTING, InstanceStatus.RUNNING)
+        if record.status not in live and record.device is None:  # no memory held yet
+            await self._admit(record)
         record = self.instances.request_start(name)
+        self.ondemand.activity.touch(name)
         self._runners[name].request_start()
         info = record.info(_utcnow())
         await self._save_state()
@@ -371,9 +446,13 @@ class Manager:
         return info
 
     async def restart_instance(self, name: str) -> InstanceInfo:
-        """End the process (if any) and start a new one, whatever the status."""
+        """End the process (if any) and start a new one, whatever the status; raises
+        INSUFFICIENT_MEMORY for one holding no memory that fits nowhere."""
         self._require_supervisor()
+        if self.instances.get(name).device is None:
+            await self._admit(self.instances.get(name))
         record = self.instances.request_restart(name)
+        self.ondemand.activity.touch(name)
         self._runners[name].request_restart()
         info = record.info(_utcnow())
         await self._save_state()
@@ -443,7 +522,8 @@ class Manager:
         requested = {i.config.name: i.config.gpu_id for i in state.instances}
         for seed in self.config.instances:
             requested.setdefault(seed.name, seed.gpu_id)
-        wanted = {name: gpu for name, gpu in requested.items() if gpu is not None}
+        # "auto" names no GPU: admission places it on one that exists, else the CPU.
+        wanted = {name: gpu for name, gpu in requested.items() if isinstance(gpu, int)}
         if mode == "off" or not wanted:
             return
         program = self.program or worker_program()
@@ -464,7 +544,7 @@ class Manager:
         """
         if cfg.max_batch_tokens == "auto":
             device = None
-            if cfg.gpu_id is not None:
+            if isinstance(cfg.gpu_id, int):  # "auto" is placed on one before the spawn
                 device = next((g for g in self.devices.gpus() if g.index == cfg.gpu_id), None)
             tokens = auto_max_batch_tokens(
                 device, per_gib=self.config.auto_max_batch_tokens_per_gib
@@ -505,7 +585,7 @@ class Manager:
                 r.name: r.pid
                 for r in self.instances
                 if r.status is InstanceStatus.RUNNING
-                and r.config.gpu_id is not None
+                and _on_gpu(r)
                 and r.pid is not None
                 and r.pid not in checked
             }
@@ -523,9 +603,8 @@ class Manager:
         if runner is None:
             return
         record = runner.record
-        message = (
-            f"asked for GPU {record.config.gpu_id} but holds no GPU memory: it runs on the CPU"
-        )
+        gpu = record.config.gpu_id if isinstance(record.config.gpu_id, int) else record.device
+        message = f"asked for GPU {gpu} but holds no GPU memory: it runs on the CPU"
         self.metrics.gpu_fallbacks.labels(instance=name).inc()
         if self.config.gpu_fallback == "fail":
             log.error("instance %s: %s; stopping it (gpu_fallback = fail)", name, message)
@@ -559,9 +638,13 @@ class Manager:
                 if self.config.gpu_fallback != "ignore":
                     service.start_soon(self._watch_gpu_fallback)
                 await service.start(self.models.run)
+                await service.start(self.ondemand.run)
                 async with trio.open_nursery() as supervisor:
                     self._supervisor = supervisor
                     for runner in runners:
+                        if runner.record.status is InstanceStatus.STARTING:
+                            await self.ondemand.place_anyway(runner.record)
+                            self.ondemand.activity.touch(runner.name)
                         await supervisor.start(self._run_runner, runner)
                     await self._save_state()
                     self._restored = True
@@ -588,6 +671,7 @@ class Manager:
     # -- internals --------------------------------------------------------------------------
     def _restore(self, state: PersistedState) -> list[InstanceRunner]:
         """Register the persisted instances, then the seeds new to the state."""
+        self.ondemand.remember(state.footprints)
         merged, added = merge_seeds(state, self.config.instances, now=_utcnow())
         if added:
             log.info("seed instances added: %s", ", ".join(added))
@@ -630,7 +714,7 @@ class Manager:
             settings=self._settings,
             policy=self._policy,
             metrics=self.metrics,
-            on_change=self._runtime.note_change,
+            on_change=self._note_change,
             log_path=self.log_path(record.name),
             run_blocking=self._run_blocking,
         )
@@ -650,6 +734,45 @@ class Manager:
                 with trio.CancelScope(shield=True):
                     await self._run_blocking(partial(_remove_log, self.log_path(runner.name)))
             self._release(runner)
+
+    def _note_change(self) -> None:
+        self._runtime.note_change()
+        self.ondemand.note_change()
+
+    async def _admit(self, record: InstanceRecord) -> None:
+        """Place ``record`` for a start asked for by hand (or create), evicting idle
+        on-demand instances if that makes room; raises INSUFFICIENT_MEMORY."""
+        admission = await self.ondemand.admit(record, may_evict=True)
+        for victim in admission.evict:
+            runner = self._runners.get(victim)
+            if runner is not None:
+                log.info("instance %s: evicted to make room for %s", victim, record.name)
+                self.metrics.evictions.labels(instance=victim, reason="memory").inc()
+                runner.request_unload()
+
+    def _estimate_footprint(self, cfg: InstanceConfig, gpu: bool) -> int:
+        """Blocking: the memory an instance of ``cfg`` needs, from its model's files.
+
+        A model not on disk yet (being downloaded) or that cannot be sized counts
+        for its runtime alone until it has run once and been measured.
+        """
+        folder: str | None = cfg.model_id
+        if not cfg.model_id.startswith("/"):
+            snapshot = locate(self.models.cache_dir, cfg.model_id, cfg.revision)
+            folder = None if snapshot is None else snapshot.path
+        if folder is not None:
+            try:
+                # "auto" is sized at launch from the GPU's free memory: estimated
+                # at TEI's default here, then measured once it runs.
+                tokens = (
+                    DEFAULT_MAX_BATCH_TOKENS
+                    if cfg.max_batch_tokens == "auto"
+                    else cfg.max_batch_tokens
+                )
+                return estimate_footprint(folder, max_batch_tokens=tokens, gpu=gpu).total_bytes
+            except FootprintError as e:
+                log.warning("instance %s: cannot estimate its memory: %s", cfg.name, e)
+        return GPU_RUNTIME_BYTES if gpu else CPU_RUNTIME_BYTES
 
     def _release(self, runner: InstanceRunner) -> None:
         if self._runners.get(runner.name) is runner:
@@ -682,7 +805,7 @@ class Manager:
             # The manager stops before the runner ever ran: no process exists.
             self._release(runner)
             if record.status is not InstanceStatus.FAILED:
-                record.mark_stopped()
+                record.mark_at_rest()
             runner.done.set()
             raise
         finally:
@@ -704,7 +827,7 @@ class Manager:
         with trio.CancelScope(shield=True):
             async with self._state_lock:
                 # Taken under the lock, so the last write holds the latest state.
-                state = state_from_instances(self.instances)
+                state = state_from_instances(self.instances, self.ondemand.measured())
                 try:
                     await self._run_blocking(partial(save_state, self.config.state_file, state))
                 except TeiError as e:

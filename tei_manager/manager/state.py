@@ -25,13 +25,14 @@ from typing import Any, Final, Literal
 import msgspec
 import tomli_w
 
-from tei_manager.config import InstanceConfig, SeedInstance, validate_instance_config
+from tei_manager.config import InstanceConfig, Pooling, SeedInstance, validate_instance_config
 from tei_manager.core.instances import DesiredState, InstanceRecord
 from tei_manager.errors import ErrorCode, TeiError, ValidationError, quote
 
 __all__ = [
     "STATE_VERSION",
     "LoadedState",
+    "MeasuredFootprint",
     "PersistedInstance",
     "PersistedState",
     "StateFileReport",
@@ -59,11 +60,25 @@ class PersistedInstance(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     created_at: datetime
 
 
+class MeasuredFootprint(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The most memory an instance of this model and configuration was measured to hold,
+    kept so admission uses it (not the estimate) after the manager restarts too."""
+
+    model_id: str
+    revision: str | None = None
+    max_batch_tokens: int | Literal["auto"]
+    pooling: Pooling | None = None
+    extra_args: tuple[str, ...] = ()
+    gpu: bool
+    bytes: int
+
+
 class PersistedState(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """The whole state file; instances in creation order."""
 
     version: int = STATE_VERSION
     instances: tuple[PersistedInstance, ...] = ()
+    footprints: tuple[MeasuredFootprint, ...] = ()
 
     def names(self) -> list[str]:
         return [i.config.name for i in self.instances]
@@ -280,13 +295,17 @@ def merge_seeds(
     return merged, [a.config.name for a in added]
 
 
-def state_from_instances(records: Iterable[InstanceRecord]) -> PersistedState:
-    """The desired state of each record (an :class:`InstanceTable` iterates in creation order)."""
+def state_from_instances(
+    records: Iterable[InstanceRecord], footprints: Iterable[MeasuredFootprint] = ()
+) -> PersistedState:
+    """The desired state of each record (an :class:`InstanceTable` iterates in creation
+    order), and the measured footprints."""
     return PersistedState(
         instances=tuple(
             PersistedInstance(
                 config=record.config, desired_state=record.desired, created_at=record.created_at
             )
             for record in records
-        )
+        ),
+        footprints=tuple(footprints),
     )

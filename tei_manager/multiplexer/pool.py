@@ -18,7 +18,7 @@ Each instance process also has a pacer (:meth:`ConnectionPool.pacer`): at most i
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -36,6 +36,9 @@ Lookup = Callable[[str], InstanceRecord | None]
 OnLost = Callable[[str, int | None], None]
 """Called with the instance's name and pid when a connection to it fails."""
 OnConnected = Callable[[str], None]
+BeforeConnect = Callable[[InstanceRecord], Awaitable[None]]
+"""Awaited before connecting to an instance that is not running (an on-demand start);
+raises ``GrpcError``."""
 
 
 class Pacer:
@@ -95,6 +98,7 @@ class ConnectionPool:
         sweep_interval: float = 5.0,
         on_lost: OnLost | None = None,
         on_connected: OnConnected | None = None,
+        before_connect: BeforeConnect | None = None,
     ) -> None:
         self._host = host
         self._lookup = lookup
@@ -105,6 +109,7 @@ class ConnectionPool:
         self._sweep_interval = sweep_interval
         self._on_lost = on_lost
         self._on_connected = on_connected
+        self._before_connect = before_connect
         self._entries: dict[str, _Entry] = {}
         self._pacers: dict[str, Pacer] = {}
         self._connecting: dict[str, trio.Event] = {}
@@ -149,7 +154,10 @@ class ConnectionPool:
     def ready(self, record: InstanceRecord) -> Channel | None:
         """The pooled connection to the instance ``record`` describes, if one is usable now."""
         entry = self._entries.get(record.name)
-        if entry is None or not _serves(entry, record):
+        # Not running: stopping (an on-demand unload), or not started yet.
+        if entry is None or record.status is not InstanceStatus.RUNNING:
+            return None
+        if not _serves(entry, record):
             return None
         entry.last_used = trio.current_time()
         return entry.channel
@@ -157,8 +165,12 @@ class ConnectionPool:
     async def channel(self, record: InstanceRecord) -> Channel:
         """A connection to the instance ``record`` describes, made now if needed.
 
-        Raises ``GrpcError(UNAVAILABLE)`` when the instance cannot be reached.
+        Raises ``GrpcError(UNAVAILABLE)`` when the instance cannot be reached. An
+        instance that is not running goes through ``before_connect`` first (the
+        one place every relayed call passes before it needs the instance up).
         """
+        if record.status is not InstanceStatus.RUNNING and self._before_connect is not None:
+            await self._before_connect(record)
         name = record.name
         while True:
             entry = self._entries.get(name)

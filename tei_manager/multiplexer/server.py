@@ -13,11 +13,14 @@ import trio
 
 from tei_manager.auth.security import Security, build_security
 from tei_manager.config import ManagerConfig
-from tei_manager.core.instances import InstanceTable
-from tei_manager.core.routing import Router
+from tei_manager.core.instances import InstanceRecord, InstanceTable
+from tei_manager.core.ondemand import Activity
+from tei_manager.core.routing import Router, Starter
+from tei_manager.errors import TeiError
 from tei_manager.gateway.admission import Admission
 from tei_manager.grpc.health import NOT_SERVING, SERVING, HealthServicer
 from tei_manager.grpc.reflection import reflection_servicers
+from tei_manager.grpc.rpc import GrpcError
 from tei_manager.grpc.server import GrpcServer
 from tei_manager.multiplexer.auth import grpc_authorizer
 from tei_manager.multiplexer.metrics import MultiplexerMetrics
@@ -43,17 +46,20 @@ class MultiplexerServer:
         security: Security | None = None,
         *,
         shared: SharedRouting | None = None,
+        activity: Activity | None = None,
+        starter: Starter | None = None,
     ) -> None:
         """``shared`` (router, pool and admission), when given, is shared with the
         HTTP inference routes (see :func:`shared_routing`); a given pool is run by its
-        owner, one made here by :meth:`run`."""
+        owner, one made here by :meth:`run`. Without it, ``activity`` and ``starter``
+        (models on demand) go to the one made here."""
         if security is None:  # counters on no registry: serve() passes the shared one
             security = build_security(config, None)
         max_message_bytes = config.grpc_max_message_size_mb * _MIB
         limits = config.grpc.limits(max_concurrent_streams=config.grpc_max_parallel_streams)
         self._owns_pool = shared is None
         if shared is None:
-            shared = shared_routing(config, instances)
+            shared = shared_routing(config, instances, activity=activity, starter=starter)
         self.router = shared.router
         self.pool = shared.pool
         self.admission = shared.admission
@@ -115,9 +121,29 @@ class SharedRouting(NamedTuple):
     admission: Admission
 
 
-def shared_routing(config: ManagerConfig, instances: InstanceTable) -> SharedRouting:
-    """The :class:`SharedRouting` of ``instances``, set up from ``config``."""
-    router = Router(instances, clock=trio.current_time)
+def shared_routing(
+    config: ManagerConfig,
+    instances: InstanceTable,
+    *,
+    activity: Activity | None = None,
+    starter: Starter | None = None,
+) -> SharedRouting:
+    """The :class:`SharedRouting` of ``instances``, set up from ``config``.
+
+    ``activity`` and ``starter``: the manager's, for models on demand (its idle
+    timers and eviction see the calls in flight on every door; a call to an idle
+    on-demand instance starts it through :meth:`Router.ensure_running`, which the
+    pool awaits before it connects).
+    """
+    router = Router(instances, clock=trio.current_time, activity=activity, starter=starter)
+
+    async def ensure_running(record: InstanceRecord) -> None:
+        # Within the calling request's deadline; the refusal as a gRPC status.
+        try:
+            await router.ensure_running(record, trio.current_effective_deadline())
+        except TeiError as error:
+            raise GrpcError(error.grpc_status, error.message) from None
+
     # The public port's limits; the pool's connections to instances use the
     # same settings (keepalive pings included, when configured).
     limits = config.grpc.limits(max_concurrent_streams=config.grpc_max_parallel_streams)
@@ -129,6 +155,7 @@ def shared_routing(config: ManagerConfig, instances: InstanceTable) -> SharedRou
         limits=limits,
         on_lost=router.suspect,
         on_connected=router.cleared,
+        before_connect=ensure_running,
     )
     admission = Admission(
         max_queued=config.max_queued_requests, queue_timeout=config.queue_timeout_secs
@@ -145,10 +172,14 @@ async def serve_multiplexer(
     shutdown: trio.Event | None = None,
     drain_timeout_secs: float = 0.0,
     security: Security | None = None,
+    activity: Activity | None = None,
+    starter: Starter | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the multiplexer on ``config.grpc_port``; hands back the bound port."""
-    server = MultiplexerServer(config, instances, metrics, security, shared=shared)
+    server = MultiplexerServer(
+        config, instances, metrics, security, shared=shared, activity=activity, starter=starter
+    )
     await server.run(
         shutdown=shutdown, drain_timeout_secs=drain_timeout_secs, task_status=task_status
     )

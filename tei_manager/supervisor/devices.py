@@ -1,28 +1,45 @@
-"""The real device tables (see :mod:`tei_manager.core.gpu`) and the engine's build.
+"""The host's devices: one reading of GPUs and host memory, and the engine's build.
 
 :func:`detect_devices` picks NVML (``nvidia-ml-py``, when importable and the driver
-answers), else ``nvidia-smi``, else no GPU. Everything here blocks: call it from a
+answers), else ``nvidia-smi``, else no GPU: a :class:`~tei_manager.core.gpu.DeviceTable`
+that GPU preflight, ``max_batch_tokens = "auto"``, CPU-fallback detection and the
+memory series of /metrics read. Models on demand read the same table through
+:func:`host_devices` (host RAM from ``/proc/meminfo``, ``MemAvailable``, then each
+GPU of the table as a :class:`DeviceReading`) and :func:`gpu_process_memory` (the
+table's GPU processes, summed per pid). Everything here blocks: call it from a
 worker thread, or once before the event loop starts.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import subprocess
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Final
 
-from tei_manager.core.gpu import GpuDevice, GpuProcess
+import msgspec
+
+from tei_manager.core.gpu import DeviceTable, GpuDevice, GpuProcess
+from tei_manager.core.ondemand import CPU_DEVICE, gpu_device
 from tei_manager.supervisor.launch import Program
 
 __all__ = [
+    "DeviceReading",
+    "DeviceSource",
+    "GpuProcessMemory",
     "NoDevices",
     "NvidiaSmiDevices",
     "NvmlDevices",
     "detect_devices",
     "engine_gpu_build",
+    "gpu_process_memory",
+    "host_devices",
     "parse_compute_apps",
     "parse_gpu_query",
+    "parse_meminfo",
+    "process_tree_peak_rss",
+    "process_tree_rss",
 ]
 
 _MIB: Final = 1 << 20
@@ -198,6 +215,114 @@ def detect_devices(*, run: Runner = _run) -> NvmlDevices | NvidiaSmiDevices | No
     except (OSError, subprocess.SubprocessError):
         return NoDevices()
     return smi
+
+
+class DeviceReading(msgspec.Struct, frozen=True, kw_only=True):
+    """One device's memory now: ``cpu`` (host RAM) or ``gpu:N``."""
+
+    device: str
+    total_bytes: int
+    free_bytes: int
+
+
+DeviceSource = Callable[[], list[DeviceReading]]
+"""Reads every device (blocking): :func:`host_devices` over the manager's table."""
+
+GpuProcessMemory = Callable[[Iterable[int]], dict[int, int]]
+"""GPU memory (bytes, summed over GPUs) used by each of the given pids that uses any."""
+
+
+def parse_meminfo(text: str) -> DeviceReading:
+    """The host RAM of a ``/proc/meminfo`` text (``MemTotal``, ``MemAvailable``; kB)."""
+    fields: dict[str, int] = {}
+    for line in text.splitlines():
+        key, _, rest = line.partition(":")
+        parts = rest.split()
+        if parts and parts[0].isdigit():
+            fields[key] = int(parts[0]) * 1024
+    total = fields.get("MemTotal", 0)
+    # Kernels before 3.14 have no MemAvailable: free plus page cache is its estimate.
+    free = fields.get("MemAvailable", fields.get("MemFree", 0) + fields.get("Cached", 0))
+    return DeviceReading(device=CPU_DEVICE, total_bytes=total, free_bytes=free)
+
+
+def host_devices(table: DeviceTable, *, meminfo: str = "/proc/meminfo") -> list[DeviceReading]:
+    """The host's RAM, then the GPUs of ``table`` in index order."""
+    try:
+        with open(meminfo, encoding="ascii") as f:
+            ram = parse_meminfo(f.read())
+    except OSError:
+        ram = DeviceReading(device=CPU_DEVICE, total_bytes=0, free_bytes=0)
+    return [
+        ram,
+        *(
+            DeviceReading(
+                device=gpu_device(g.index),
+                total_bytes=g.memory_total_bytes,
+                free_bytes=g.memory_free_bytes,
+            )
+            for g in sorted(table.gpus(), key=lambda g: g.index)
+        ),
+    ]
+
+
+def gpu_process_memory(pids: Iterable[int], table: DeviceTable) -> dict[int, int]:
+    """GPU memory used by each of ``pids``, summed over GPUs, from ``table``; pids
+    using none (or a table that cannot tell) are left out."""
+    wanted = set(pids)
+    used: dict[int, int] = {}
+    for process in table.gpu_processes() or ():
+        if process.pid in wanted and process.used_bytes:
+            used[process.pid] = used.get(process.pid, 0) + process.used_bytes
+    return used
+
+
+def _rss(pid: int, proc: str, field: str = "VmRSS:") -> int:
+    try:
+        with open(f"{proc}/{pid}/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith(field):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def _children(pid: int, proc: str) -> list[int]:
+    found: list[int] = []
+    try:
+        tasks = os.listdir(f"{proc}/{pid}/task")
+    except OSError:
+        return found
+    for tid in tasks:
+        try:
+            with open(f"{proc}/{pid}/task/{tid}/children", encoding="ascii") as f:
+                found.extend(int(c) for c in f.read().split())
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def process_tree_rss(pid: int, *, proc: str = "/proc", peak: bool = False) -> int:
+    """Resident memory of ``pid`` and its descendants (a launcher's children count), bytes;
+    with ``peak``, the most each ever held (``VmHWM``): what a batch at its largest took."""
+    field = "VmHWM:" if peak else "VmRSS:"
+    total = 0
+    todo = [pid]
+    seen: set[int] = set()
+    while todo:
+        current = todo.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        total += _rss(current, proc, field)
+        todo.extend(_children(current, proc))
+    return total
+
+
+def process_tree_peak_rss(pid: int) -> int:
+    """:func:`process_tree_rss` with ``peak``: the figure admission remembers."""
+    return process_tree_rss(pid, peak=True)
 
 
 def _binary_mentions_cuda(path: str) -> bool | None:

@@ -198,6 +198,18 @@ class InstanceRunner:
             self._run_scope.cancel()
         self._on_change()
 
+    def request_unload(self) -> None:
+        """End the process of an on-demand instance to free its memory (idle, or
+        evicted); it rests ``idle`` and its next request starts it again."""
+        self._want_run = False
+        if self.process is not None:
+            self.record.mark_stopping()
+        elif self.record.status is not InstanceStatus.FAILED:
+            self.record.mark_at_rest()
+        if self._run_scope is not None:
+            self._run_scope.cancel()
+        self._on_change()
+
     def request_fail(self, message: str) -> None:
         """End the process and leave the instance ``failed`` with ``message`` (a GPU
         instance found on the CPU, say); never start another until asked."""
@@ -264,12 +276,12 @@ class InstanceRunner:
                     elif self._failure is not None:
                         self.record.mark_failed(self._failure)
                     elif self.record.status is not InstanceStatus.FAILED:
-                        self.record.mark_stopped()
+                        self.record.mark_at_rest()
                     self._on_change()
         finally:
             self._run_scope = None
             if self.record.status is not InstanceStatus.FAILED:
-                self.record.mark_stopped()
+                self.record.mark_at_rest()
             self.done.set()
             self._on_change()
 
@@ -283,7 +295,7 @@ class InstanceRunner:
         record = self.record
         while True:
             try:
-                process = self._spawn(record.config)
+                process = self._spawn(record.launch_config())
             except SpawnError as e:
                 log.error("instance %s: %s", self.name, e, extra={"instance": self.name})
                 record.mark_failed(str(e))

@@ -130,7 +130,7 @@ def _batch_tokens(config: InstanceConfig) -> int:
 def build_env(config: InstanceConfig, base: Mapping[str, str]) -> dict[str, str]:
     """``base`` plus what the instance needs: its GPU, and unbuffered Python output."""
     env = dict(base)
-    if config.gpu_id is not None:
+    if isinstance(config.gpu_id, int):  # "auto" was placed before the spawn
         env["CUDA_VISIBLE_DEVICES"] = str(config.gpu_id)
     # Log lines must reach the log file as they are written, not when a buffer fills.
     env["PYTHONUNBUFFERED"] = "1"

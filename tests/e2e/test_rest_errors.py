@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tei_manager.api import serve_api
 from tei_manager.api.routes import MAX_BODY_BYTES, OPERATIONS
-from tei_manager.config import ManagerConfig
+from tei_manager.config import InstanceConfig, ManagerConfig
 from tei_manager.core.ports import probe_bindable
 from tei_manager.errors import ERROR_TABLE, ErrorCode
 from tei_manager.manager.service import Manager
@@ -107,9 +107,16 @@ def config(tmp_path: Path) -> ManagerConfig:
 async def stack(nursery: trio.Nursery, config: ManagerConfig) -> AsyncIterator[Stack]:
     """The API served before the manager runs: the test starts ``manager.run`` itself."""
     host = FakeHost(nursery, ready_after=0.0)
-    manager = Manager(config, spawner=host.spawn, prober=host.probe, gpu_count=0)
+    manager = Manager(
+        config, spawner=host.spawn, prober=host.probe, gpu_count=0, estimate=_estimate
+    )
     port = await nursery.start(serve_api, manager, "127.0.0.1", 0)
     yield Stack(manager, host, port)
+
+
+def _estimate(config: InstanceConfig, gpu: bool) -> int:
+    """Memory an instance needs: a model named "huge" fits no host."""
+    return 1 << 60 if config.model_id == "org/huge" else 1 << 20
 
 
 def _declared_codes() -> set[ErrorCode]:
@@ -193,6 +200,10 @@ async def test_every_error_code_from_a_real_request(
     # -- clashes with what exists ------------------------------------------------------------
     a = await api.ok(*create, {"name": "a", "model_id": "org/m"}, status=201)
     assert a["port"] == config.instance_port_start
+    await api.error(
+        E.INSUFFICIENT_MEMORY, *create, {"name": "h", "model_id": "org/huge"},
+        names="GiB but cpu has",
+    )  # fmt: skip
     await api.error(E.INSTANCE_EXISTS, *create, {"name": "a", "model_id": "org/x"}, names='"a"')
     await api.error(
         E.PORT_CONFLICT, *create, {"name": "b", "model_id": "org/m", "port": a["port"]},

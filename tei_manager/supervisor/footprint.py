@@ -1,0 +1,152 @@
+"""How much memory an instance will take, estimated from its model's files before it starts.
+
+weights + activations + runtime:
+
+- weights: the parameter count, from the ``*.safetensors`` headers (8-byte length,
+  then a JSON table of tensors with dtype and shape: no tensor data is read), times
+  the bytes per parameter the instance computes in (float32 on the CPU, float16 on
+  a GPU, as TEI and the worker load them);
+- activations: ``max_batch_tokens`` tokens of ``hidden_size`` floats, times
+  :data:`ACTIVATION_FACTOR` (the intermediate layer is 4x hidden, and attention,
+  norms and the copies between them come on top);
+- runtime: the process itself (Python and torch, or a CUDA context).
+
+A model without safetensors (``pytorch_model.bin`` only) is sized by its weight
+files. Once the instance runs, the manager measures it and uses that figure next
+time instead (see :class:`~tei_manager.manager.ondemand.OnDemand`).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Final
+
+import msgspec
+
+__all__ = [
+    "ACTIVATION_FACTOR",
+    "CPU_RUNTIME_BYTES",
+    "GPU_RUNTIME_BYTES",
+    "Footprint",
+    "FootprintError",
+    "estimate_footprint",
+    "safetensors_parameters",
+]
+
+# Bytes per element of each safetensors dtype.
+DTYPE_BYTES: Final = {
+    "F64": 8,
+    "I64": 8,
+    "U64": 8,
+    "F32": 4,
+    "I32": 4,
+    "U32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I16": 2,
+    "U16": 2,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+}
+#: Floats of activation memory per token and hidden unit at the batch's peak.
+ACTIVATION_FACTOR: Final = 8
+#: A worker process before its model: the interpreter, torch and tokenizers (measured
+#: about 430 MiB RSS for the built-in worker on CPU, before its weights).
+CPU_RUNTIME_BYTES: Final = 448 << 20
+#: A CUDA context and the allocator's slack on a GPU.
+GPU_RUNTIME_BYTES: Final = 512 << 20
+# A header larger than this is no safetensors file (the format caps it at 100 MB).
+_MAX_HEADER_BYTES: Final = 100_000_000
+_DEFAULT_HIDDEN_SIZE: Final = 1024
+
+
+class FootprintError(Exception):
+    """The model's files cannot be sized."""
+
+
+class Footprint(msgspec.Struct, frozen=True, kw_only=True):
+    """An instance's memory, estimated; ``total_bytes`` is what admission reserves."""
+
+    parameters: int
+    weights_bytes: int
+    activation_bytes: int
+    runtime_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights_bytes + self.activation_bytes + self.runtime_bytes
+
+
+def safetensors_parameters(header: bytes) -> int:
+    """The parameter count a safetensors JSON header describes."""
+    try:
+        table = json.loads(header)
+    except ValueError as e:
+        raise FootprintError(f"bad safetensors header: {e}") from None
+    if not isinstance(table, dict):
+        raise FootprintError("bad safetensors header: not a table")
+    count = 0
+    for name, tensor in table.items():
+        if name == "__metadata__":
+            continue
+        shape = tensor.get("shape") if isinstance(tensor, dict) else None
+        if not isinstance(shape, list) or tensor.get("dtype") not in DTYPE_BYTES:
+            raise FootprintError(f"bad safetensors header: tensor {name!r}")
+        elements = 1
+        for dim in shape:
+            elements *= int(dim)
+        count += elements
+    return count
+
+
+def _read_header(path: Path) -> bytes:
+    with path.open("rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise FootprintError(f"{path.name}: too short for safetensors")
+        (length,) = struct.unpack("<Q", raw)
+        if length > _MAX_HEADER_BYTES:
+            raise FootprintError(f"{path.name}: header of {length} bytes")
+        return f.read(length)
+
+
+def _hidden_size(model_dir: Path) -> int:
+    try:
+        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return _DEFAULT_HIDDEN_SIZE
+    for key in ("hidden_size", "d_model", "n_embd"):
+        value = config.get(key) if isinstance(config, dict) else None
+        if isinstance(value, int) and value > 0:
+            return value
+    return _DEFAULT_HIDDEN_SIZE
+
+
+def estimate_footprint(model_dir: str | Path, *, max_batch_tokens: int, gpu: bool) -> Footprint:
+    """The estimated memory of an instance of the model in ``model_dir``; blocking."""
+    folder = Path(model_dir)
+    per_parameter = 2 if gpu else 4
+    files = sorted(folder.glob("*.safetensors"))
+    try:
+        if files:
+            parameters = sum(safetensors_parameters(_read_header(p)) for p in files)
+        else:
+            # pytorch_model.bin / ONNX only: sized by the files (as stored, float32).
+            stored = [*folder.glob("*.bin"), *folder.glob("*.onnx"), *folder.glob("onnx/*.onnx")]
+            if not stored:
+                raise FootprintError(f"no weight files in {folder}")
+            parameters = sum(p.stat().st_size for p in stored) // 4
+    except OSError as e:
+        raise FootprintError(f"cannot read the weights: {e.strerror or e}") from None
+    activation = max_batch_tokens * _hidden_size(folder) * 4 * ACTIVATION_FACTOR
+    return Footprint(
+        parameters=parameters,
+        weights_bytes=parameters * per_parameter,
+        activation_bytes=activation,
+        runtime_bytes=GPU_RUNTIME_BYTES if gpu else CPU_RUNTIME_BYTES,
+    )
