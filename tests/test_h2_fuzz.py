@@ -16,7 +16,6 @@ import time
 import tracemalloc
 from collections.abc import Callable
 
-import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
