@@ -144,28 +144,7 @@ async def run_attack(name: str) -> tuple[Outcome, float, Memory]:
         return outcome, prober.max_stall, memory
 
 
-#: Attacks the server does not withstand yet: each reason says what harms it.
-NOT_YET = {
-    "unread_answers": (
-        "DATA is queued for a peer that granted large windows and never reads: senders "
-        "wait only for flow-control window, not for the unwritten output to drain"
-    ),
-    "empty_header_name": (
-        "a header with an empty name raises IndexError out of Connection._request "
-        "(name[0]), which ends the whole GrpcServer"
-    ),
-}
-
-
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=NOT_YET[name]))
-        if name in NOT_YET
-        else name
-        for name in EXPECTED
-    ],
-)
+@pytest.mark.parametrize("name", list(EXPECTED))
 async def test_attack_is_bounded(name: str) -> None:
     outcome, stall, memory = await run_attack(name)
     expect = EXPECTED[name]

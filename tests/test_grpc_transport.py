@@ -4,7 +4,9 @@ socket cannot take at once follows in order."""
 
 from __future__ import annotations
 
+import logging
 import socket
+import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -14,8 +16,10 @@ import trio.lowlevel
 import trio.testing
 from hyperframe.frame import SettingsFrame
 
+from tei_manager.grpc._grpc_events import Event
 from tei_manager.grpc._http2 import H2Connection
-from tei_manager.grpc._http2_frames import DataReceived, HeadersReceived
+from tei_manager.grpc._http2_frames import PREFACE, DataReceived, ErrorCode, HeadersReceived
+from tei_manager.grpc._protocol import Connection
 from tei_manager.grpc.limits import Limits
 from tei_manager.grpc.rpc import GrpcError
 from tei_manager.grpc.transport import WRITE_INTERVAL, Stream, Transport
@@ -148,3 +152,59 @@ async def test_nothing_is_written_directly_once_the_connection_closed() -> None:
         transport.push()
         with pytest.raises(BlockingIOError):
             reuse_peer.recv(1024)
+
+
+class FaultyConnection(Connection):
+    """A gRPC layer with a bug: bytes starting with ``BUG`` make it raise."""
+
+    BUG = b"\xffbug"
+
+    def receive_data(self, data: bytes) -> list[Event]:
+        if data.startswith(self.BUG):
+            raise RuntimeError("a bug in the sans-IO layer")
+        return super().receive_data(data)
+
+
+class FaultyTransport(Transport):
+    connection_class = FaultyConnection
+
+
+def _frames(data: bytes) -> list[tuple[int, bytes]]:
+    """(type, payload) of each frame in ``data``."""
+    frames = []
+    pos = 0
+    while pos + 9 <= len(data):
+        length = int.from_bytes(data[pos : pos + 3], "big")
+        frames.append((data[pos + 3], data[pos + 9 : pos + 9 + length]))
+        pos += 9 + length
+    return frames
+
+
+async def test_an_internal_error_ends_only_its_connection_with_goaway(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An exception out of the sans-IO layer is logged, answered with GOAWAY
+    INTERNAL_ERROR and ends that connection; ``run`` returns, raising nothing."""
+    ours, theirs = socket.socketpair()
+    with theirs:
+        transport = FaultyTransport(
+            trio.SocketStream(trio.socket.from_stdlib_socket(ours)),
+            client_side=False,
+            max_message_bytes=1 << 20,
+        )
+        theirs.sendall(PREFACE + SettingsFrame(0).serialize())
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(transport.run)
+                await trio.testing.wait_all_tasks_blocked()
+                theirs.sendall(FaultyConnection.BUG)
+            # The nursery exited cleanly: run ended without raising.
+        peer = Peer(theirs)
+        frames = _frames(peer.read_now())
+    assert transport.closed
+    assert transport.close_reason == "internal error"
+    goaways = [payload for kind, payload in frames if kind == 0x7]
+    assert len(goaways) == 1
+    assert struct.unpack(">LL", goaways[0][:8])[1] == ErrorCode.INTERNAL_ERROR
+    logged = [r for r in caplog.records if r.exc_info and r.levelno >= logging.ERROR]
+    assert logged and "sans-IO layer" in str(logged[0].exc_info[1])  # type: ignore[index]

@@ -16,7 +16,6 @@ import time
 import tracemalloc
 from collections.abc import Callable
 
-import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -192,12 +191,6 @@ EMPTY_NAME_REQUEST = frame(
 EMPTY_NAME_RESPONSE = frame(HEADERS, END_HEADERS, 1, b"\x88" + hpack_literal("", "x"))
 
 
-#: Why a test below fails today: a header with an empty name raises IndexError out of
-#: Connection (``name[0]`` in ``_request`` and ``_response_headers``).
-EMPTY_NAME_BUG = "an empty header name raises IndexError out of Connection.receive_data"
-
-
-@pytest.mark.xfail(strict=True, raises=IndexError, reason=EMPTY_NAME_BUG)
 @FUZZ
 @given(sequences, st.lists(st.integers(0, 4096), max_size=4))
 @example(HUGE_CHAIN, [])
@@ -213,7 +206,6 @@ def test_h2_connection_only_raises_protocol_error(data: bytes, splits: list[int]
     check_bounded(_h2_feed, OPENING + data, [s + len(OPENING) for s in splits])
 
 
-@pytest.mark.xfail(strict=True, raises=IndexError, reason=EMPTY_NAME_BUG)
 @FUZZ
 @given(sequences, st.lists(st.integers(0, 4096), max_size=4))
 @example(EMPTY_NAME_RESPONSE, [])

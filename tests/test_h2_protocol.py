@@ -431,6 +431,53 @@ def test_header_list_over_the_limit_refuses_the_stream_not_the_connection() -> N
     assert of(RequestReceived, raw.send(raw.headers(3, REQUEST)))
 
 
+@pytest.mark.parametrize(
+    "header",
+    [
+        ("", "x"),  # it took the server down (IndexError)
+        ("X-Upper", "x"),
+        ("bad name", "x"),
+        ("connection", "keep-alive"),
+        ("transfer-encoding", "chunked"),
+        ("te", "gzip"),
+        (":unknown", "x"),
+    ],
+)
+def test_malformed_request_headers_reset_only_their_stream(header: tuple[str, str]) -> None:
+    """RFC 9113 §8.2.1, §8.2.2, §8.3: malformed, so a stream PROTOCOL_ERROR (§8.1.1)."""
+    raw = RawClient()
+    assert raw.send(raw.headers(1, [*REQUEST, header], flags=["END_STREAM"])) == []
+    frames = raw.sent_frames()
+    assert (frames[3], struct.unpack(">L", frames[5:9])[0]) == (0x3, 1)  # RST_STREAM, stream 1
+    assert struct.unpack(">L", frames[9:13])[0] == ErrorCode.PROTOCOL_ERROR
+    assert of(RequestReceived, raw.send(raw.headers(3, REQUEST)))
+
+
+def test_valid_custom_metadata_names_pass() -> None:
+    raw = RawClient()
+    headers = [*REQUEST, ("x-trace_id.1~", "a"), ("grpc-accept-encoding", "identity")]
+    (request,) = of(RequestReceived, raw.send(raw.headers(1, headers)))
+    assert request.custom_metadata == (("x-trace_id.1~", "a"),)
+
+
+@pytest.mark.parametrize("header", [("", "x"), ("X-Upper", "x"), (":path", "/a/b")])
+def test_malformed_response_headers_fail_the_call(header: tuple[str, str]) -> None:
+    ours, peer = client_pair(validate_outbound_headers=False, normalize_outbound_headers=False)
+    ours.start_request(1, "http", PATH, "a")
+    ours.start_request(3, "http", PATH, "a")
+    exchange(ours, peer)
+    ok = [(":status", "200"), ("content-type", "application/grpc")]
+    peer.send_headers(1, [*ok, header])
+    peer.send_headers(3, [*ok, ("grpc-status", "0")], end_stream=True)
+    events, peer_events = exchange(ours, peer)
+    (failed,) = of(MessageRejected, events)
+    assert (failed.stream_id, failed.status) == (1, StatusCode.INTERNAL)
+    (reset,) = of(h2.events.StreamReset, peer_events)
+    assert (reset.stream_id, reset.error_code) == (1, ErrorCode.PROTOCOL_ERROR)
+    (ended,) = of(ResponseEnded, events)
+    assert (ended.stream_id, ended.status) == (3, StatusCode.OK)
+
+
 def test_request_that_is_not_grpc_gets_415() -> None:
     ours, peer = server_pair()
     peer.send_headers(1, [*REQUEST[:-1], ("content-type", "text/plain")], end_stream=True)

@@ -13,6 +13,7 @@ import trio
 
 from tei_manager._proto.grpc.health.v1 import health_grpc, health_pb2
 from tei_manager._proto.tei.v1 import tei_grpc, tei_pb2
+from tei_manager.cli import build_parser
 from tei_manager.grpc.channel import open_channel
 from tei_manager.grpc.rpc import GrpcError, StatusCode
 from tei_manager.testing import run_worker_process
@@ -77,3 +78,16 @@ def test_sigterm_exits_zero_with_json_logs(
     messages = [entry["message"] for entry in lines]
     assert "Ready" in messages and "shutting down" in messages and messages[-1] == "stopped"
     assert all({"timestamp", "level", "target", "message"} <= entry.keys() for entry in lines)
+
+
+def test_a_failed_grpc_server_ends_the_worker_non_zero(tiny_models: TinyModels) -> None:
+    """The gRPC server is the worker's reason to live: when its task fails (here it
+    cannot bind), the process exits 1 for its supervisor to restart it."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        model = str(tiny_models.classifier)
+        argv = ["worker", "--model-id", model, "--hostname", "127.0.0.1", "--port", str(port)]
+        args = build_parser().parse_args(argv)
+        assert worker_main.run_worker_from_args(args) == 1

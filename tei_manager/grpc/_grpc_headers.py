@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import math
+import re
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import quote
@@ -28,6 +29,20 @@ HTTP_STATUS = {
     "503": StatusCode.UNAVAILABLE,
     "504": StatusCode.UNAVAILABLE,
 }
+
+# RFC 9113 §8.2.1 and §8.2.2: a field name is a lowercase token, and the
+# connection-specific fields have no place in HTTP/2 (``te`` only as "trailers").
+_FIELD_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-z]+")
+_CONNECTION_SPECIFIC = frozenset(
+    ("connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade")
+)
+
+
+def invalid_field_name(name: str) -> bool:
+    """True when ``name`` (not a pseudo-header) makes a header block malformed:
+    empty, uppercase or other characters outside a token, or connection-specific."""
+    return _FIELD_NAME.fullmatch(name) is None or name in _CONNECTION_SPECIFIC
+
 
 _TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
 # grpc-message is percent-encoded: printable ASCII other than "%" stays as it is.

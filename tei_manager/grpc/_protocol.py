@@ -9,7 +9,10 @@ the request, the response's status. What the spec leaves to an implementation:
   compression), fails only its stream (``MessageRejected``); the stream's remaining
   bytes are discarded and their flow-control credit is returned at once.
 - A malformed request (method, path, content type, ``grpc-timeout``) is answered
-  by this layer; the application never sees it.
+  by this layer; the application never sees it. A header block HTTP/2 calls
+  malformed (RFC 9113 §8.2: an empty, uppercase or connection-specific field name,
+  an unknown pseudo-header, ``te`` other than "trailers") resets its stream with
+  PROTOCOL_ERROR (§8.1.1); in a response it fails the call.
 - A response with an HTTP status other than 200 ends the call with the status gRPC
   maps it to; one without ``grpc-status`` ends UNKNOWN.
 - Metadata: ``grpc-*``, pseudo-headers, ``te``, ``content-type`` and ``user-agent``
@@ -44,6 +47,7 @@ from tei_manager.grpc._grpc_headers import (
     Metadata,
     format_timeout,
     incoming_metadata,
+    invalid_field_name,
     outgoing_metadata,
     parse_timeout,
     status_headers,
@@ -254,9 +258,10 @@ class Connection:
         method = path = scheme = authority = content_type = user_agent = encoding = None
         timeout_text = None
         metadata = []
+        malformed = True  # unless every header passes
         try:
             for name, value in event.headers:
-                if name[0] == ":":
+                if name[:1] == ":":
                     if name == ":path":
                         path = value
                     elif name == ":method":
@@ -265,20 +270,32 @@ class Connection:
                         scheme = value
                     elif name == ":authority":
                         authority = value
+                    else:  # an unknown pseudo-header (RFC 9113 §8.3)
+                        break
                 elif name == "content-type":
                     content_type = value
                 elif name == "te":
-                    pass
+                    if value != "trailers":
+                        break
                 elif name == "grpc-timeout":
                     timeout_text = value
                 elif name == "user-agent":
                     user_agent = value
                 elif name == "grpc-encoding":
                     encoding = value
+                elif invalid_field_name(name):
+                    break
                 elif not name.startswith("grpc-"):
                     metadata.append(incoming_metadata(name, value))
+            else:
+                malformed = False
         except (binascii.Error, ValueError):
             self._refuse(stream_id, StatusCode.INTERNAL, "malformed binary metadata")
+            return
+        if malformed:
+            # A malformed request (RFC 9113 §8.1.1): a stream error, no answer.
+            self.h2_connection.reset_stream(stream_id, ErrorCode.PROTOCOL_ERROR)
+            self.h2_connection.release_stream(stream_id)
             return
         if content_type is None or not content_type.startswith("application/grpc"):
             # The gRPC spec's answer to a request that is not gRPC at all.
@@ -327,11 +344,14 @@ class Connection:
         http_status = content_type = encoding = grpc_status = None
         grpc_message = ""
         metadata = []
+        malformed = True  # unless every header passes
         try:
             for name, value in event.headers:
-                if name[0] == ":":
+                if name[:1] == ":":
                     if name == ":status":
                         http_status = value
+                    else:  # an unknown pseudo-header (RFC 9113 §8.3)
+                        break
                 elif name == "grpc-status":
                     grpc_status = value
                 elif name == "grpc-message":
@@ -340,10 +360,20 @@ class Connection:
                     content_type = value
                 elif name == "grpc-encoding":
                     encoding = value
+                elif invalid_field_name(name):
+                    break
                 elif not name.startswith("grpc-"):
                     metadata.append(incoming_metadata(name, value))
+            else:
+                malformed = False
         except (binascii.Error, ValueError):
             self._fail_stream(stream_id, StatusCode.INTERNAL, "malformed binary metadata", out)
+            return
+        if malformed:
+            message = "malformed response headers (RFC 9113 §8.2)"
+            self._fail_stream(
+                stream_id, StatusCode.INTERNAL, message, out, ErrorCode.PROTOCOL_ERROR
+            )
             return
         if not call.headers_received:
             if http_status is not None and http_status[:1] == "1" and not event.end_stream:
@@ -379,16 +409,22 @@ class Connection:
         out.append(ResponseEnded(stream_id, status, grpc_message, tuple(metadata)))
 
     def _fail_stream(
-        self, stream_id: int, status: StatusCode, message: str, out: list[Event]
+        self,
+        stream_id: int,
+        status: StatusCode,
+        message: str,
+        out: list[Event],
+        code: int | None = None,
     ) -> None:
-        """The peer broke gRPC on this stream: fail the call, reset the stream, drop its data."""
+        """The peer broke gRPC on this stream: fail the call, reset the stream (with
+        ``code``, or the side's default), drop its data."""
         call = self._calls.get(stream_id)
         if call is not None:
             call.discarding = True
             self._release_pending(stream_id, call)
-        self.h2_connection.reset_stream(
-            stream_id, ErrorCode.CANCEL if self.client_side else ErrorCode.PROTOCOL_ERROR
-        )
+        if code is None:
+            code = ErrorCode.CANCEL if self.client_side else ErrorCode.PROTOCOL_ERROR
+        self.h2_connection.reset_stream(stream_id, code)
         out.append(MessageRejected(stream_id, status, message))
 
     def _refuse(self, stream_id: int, status: StatusCode, message: str) -> None:

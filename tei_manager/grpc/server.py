@@ -229,7 +229,8 @@ class FastCall:
                 code = StatusCode.RESOURCE_EXHAUSTED
                 message = over_limit(len(data), limit)
             elif not stream.send_message_now(data):
-                # The client's window is short: a task waits for it.
+                # The client's window is short, or our output to it is full: a
+                # task waits.
                 self._nursery.start_soon(self._reply_slowly, data, code, message)
                 return
         stream.send_status(

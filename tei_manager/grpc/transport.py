@@ -207,21 +207,32 @@ class Stream:
             raise GrpcError(StatusCode.RESOURCE_EXHAUSTED, over_limit(len(data), limit))
         if self.error is not None:
             raise self.error
+        # A message is queued only as far as the connection's output cap leaves room:
+        # a peer that grants windows but does not read makes the sender wait (before
+        # framing, so a waiting sender holds no copy), not the output grow. Only
+        # senders wait; the reader goes on reading, so the peer's WINDOW_UPDATEs
+        # arrive and two of our transports sending each other large messages both
+        # progress.
+        cap = transport.limits.max_output_buffer_bytes
+        need = min(len(data) + _PREFIX.size, cap)
+        while transport.output_size + need > cap:
+            transport.flush()
+            await transport.wait_for_output()
+            if self.error is not None:
+                raise self.error
         prefix = _PREFIX.pack(0, len(data))
         pieces = (prefix + data,) if len(data) <= _CONCAT_LIMIT else (prefix, data)
         h2 = transport._h2
         stream_id = self.stream_id
-        # A large message is queued a bounded piece at a time: a peer that does not
-        # read makes the sender wait, not the output grow.
-        room = transport.limits.max_output_buffer_bytes
         try:
             for piece in pieces:
-                sent = h2.send_data(stream_id, piece, max_count=room)
+                sent = h2.send_data(stream_id, piece, max_count=cap - transport.output_size)
                 while sent < len(piece):
                     transport.flush()
                     await transport.wait_for_room()
                     if self.error is not None:
                         raise self.error
+                    room = cap - transport.output_size
                     sent += h2.send_data(stream_id, piece, sent, max_count=room)
         except StreamClosedError:
             ended = self.response_ended
@@ -240,12 +251,17 @@ class Stream:
         """Send one message if the flow-control windows take all of it now; else nothing.
 
         For callers that must not wait: False leaves the stream untouched (the
-        message is over the size limit, the stream failed or closed, or the peer's
-        window is short). ``last`` (client side) ends the request with it, in the
-        same frame.
+        message is over the size limit, the stream failed or closed, the peer's
+        window is short, or the connection's output cap has no room for it).
+        ``last`` (client side) ends the request with it, in the same frame.
         """
         transport = self._transport
-        if self.error is not None or len(data) > transport.max_message_bytes:
+        if (
+            self.error is not None
+            or len(data) > transport.max_message_bytes
+            or transport.output_size + len(data) + _PREFIX.size
+            > transport.limits.max_output_buffer_bytes
+        ):
             return False
         h2 = transport._h2
         try:
@@ -325,6 +341,9 @@ class Transport:
     a call, and the end of the connection when nothing answers it.
     """
 
+    #: The sans-IO gRPC layer this transport drives (a test may put a faulty one in).
+    connection_class: type[Connection] = Connection
+
     def __init__(
         self,
         stream: trio.abc.Stream,
@@ -337,7 +356,7 @@ class Transport:
         self.socket = stream
         self.limits = limits
         self.client_side = client_side
-        self._conn = Connection(
+        self._conn = self.connection_class(
             client_side=client_side,
             max_message_bytes=max_message_bytes,
             limits=limits,
@@ -439,6 +458,14 @@ class Transport:
                 self.close_reason = str(error)
                 await self._flush_and_stop()
                 return
+            except Exception:
+                # A bug of ours, met on this peer's bytes: it ends this connection
+                # (GOAWAY INTERNAL_ERROR), never the server with its other peers.
+                log.exception("closing gRPC connection after an internal error")
+                self.close_reason = "internal error"
+                self._fail_connection()
+                await self._flush_and_stop()
+                return
             for event in events:
                 dispatch(event)
             self.flush()
@@ -452,6 +479,13 @@ class Transport:
             # both sending large messages must keep reading each other.
             while self._answer_backlog() > room and not self.closed:
                 await self._room_lot.park()
+
+    def _fail_connection(self) -> None:
+        """Queue GOAWAY INTERNAL_ERROR, if the HTTP/2 layer can still build one."""
+        try:
+            self._h2.close_connection(ErrorCode.INTERNAL_ERROR)
+        except Exception:
+            log.exception("could not queue GOAWAY after an internal error")
 
     async def _flush_and_stop(self) -> None:
         """Let the writer send the GOAWAY (and anything before it), for at most 1 s."""
@@ -575,8 +609,9 @@ class Transport:
                 found.handler_scope.cancel()
         else:
             found._fail(GrpcError(event.status, event.message))
-        # A sender waiting for window on this stream must see the failure.
+        # A sender waiting for window or output room on this stream must see the failure.
         self._window_lot.unpark_all()
+        self._room_lot.unpark_all()
 
     async def _writer(self) -> None:
         socket = self.socket
@@ -672,10 +707,16 @@ class Transport:
         """Wait for flow-control window, or for the output to drain when it is full."""
         if self.closed:
             raise GrpcError(StatusCode.UNAVAILABLE, "connection closed")
-        if self.output_size > self.limits.max_output_buffer_bytes:
+        if self.output_size >= self.limits.max_output_buffer_bytes:
             await self._room_lot.park()
         else:
             await self._window_lot.park()
+
+    async def wait_for_output(self) -> None:
+        """Wait until the writer has written something (the output shrank)."""
+        if self.closed:
+            raise GrpcError(StatusCode.UNAVAILABLE, "connection closed")
+        await self._room_lot.park()
 
     async def wait_for_stream_slot(self) -> None:
         """Client side: wait until the peer's SETTINGS_MAX_CONCURRENT_STREAMS allows one
@@ -689,7 +730,8 @@ class Transport:
             await self._slot_lot.park()
 
     def can_send_now(self, size: int) -> bool:
-        """Client side: True when a new call can start at once and send ``size`` bytes."""
+        """Client side: True when a new call can start at once and send ``size`` bytes
+        (windows, stream limit and output cap)."""
         h2 = self._h2
         return (
             not self.closed
@@ -698,6 +740,7 @@ class Transport:
             and h2.can_open_stream()
             and h2.send_window >= size
             and h2.peer_initial_window >= size
+            and self.output_size + size <= self.limits.max_output_buffer_bytes
         )
 
     def open_stream(self) -> Stream:
