@@ -3,7 +3,7 @@
 A real ``tei-manager serve`` (gRPC multiplexer on) runs one instance of the packaged
 all-MiniLM-L6-v2 on the built-in worker. Each attack of ``tests/hostile.py`` runs
 over loopback, first against the worker's port, then against the multiplexer's,
-while a well-behaved client in this process makes back-to-back Tokenize calls
+while a well-behaved client in a process of its own makes back-to-back Tokenize calls
 (through the multiplexer: routed to the instance) on its own connection. Per attack
 and target it prints:
 
@@ -29,9 +29,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 import tempfile
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -91,7 +94,7 @@ async def measure(
     done = trio.Event()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(highest_rss, target.pid, done, samples)
-        async with hostile.probing(target.port, target.service) as prober:
+        async with probing_elsewhere(target) as prober:
             try:
                 outcome = await run()
             except ConnectionRefusedError:  # the server no longer listens
@@ -114,6 +117,71 @@ async def measure(
         "rss_ok": per_connection <= RSS_TARGET_MB,
         "alive": target.alive() and not outcome.ended.startswith("refused"),
     }
+
+
+class ProbeReport:
+    """What the well-behaved client saw: calls, failed calls, its longest stall."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.failures = 0
+        self.max_stall = 0.0
+
+
+@asynccontextmanager
+async def probing_elsewhere(target: Target) -> AsyncIterator[ProbeReport]:
+    """The well-behaved client in a process of its own (``--probe``), so the work an
+    attack does in this process (hundreds of connects, building frames) never shows
+    as a stall of the server under attack."""
+    report = ProbeReport()
+    service = "worker" if target.service is hostile.WORKER else "multiplexer"
+    command = [sys.executable, __file__, "--probe", f"{service}:{target.port}"]
+    process = await trio.lowlevel.open_process(
+        command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=_child_env()
+    )
+    assert process.stdin is not None and process.stdout is not None
+    received = b""
+    try:
+        while not received.endswith(b"\n"):  # "ready": connected, one call answered
+            chunk = await process.stdout.receive_some()
+            if not chunk:
+                raise RuntimeError("the probing process ended before it was ready")
+            received += chunk
+        yield report
+    finally:
+        with trio.CancelScope(shield=True):
+            await process.stdin.send_all(b"stop\n")  # one more call, then the report
+            await process.stdin.aclose()
+            received = b""
+            while chunk := await process.stdout.receive_some():
+                received += chunk
+            await process.wait()
+    figures = json.loads(received.decode())
+    report.calls, report.failures = figures["calls"], figures["failures"]
+    report.max_stall = figures["max_stall"]
+
+
+def _child_env() -> dict[str, str]:
+    root = str(Path(__file__).resolve().parents[1])
+    path = os.environ.get("PYTHONPATH", "")
+    return {**os.environ, "PYTHONPATH": f"{root}:{path}" if path else root}
+
+
+async def probe(spec: str) -> None:
+    """``--probe worker:PORT`` or ``multiplexer:PORT``: back-to-back Tokenize calls until
+    a line arrives on stdin, then one more answered call and the figures as JSON."""
+    kind, port = spec.split(":")
+    service = hostile.WORKER if kind == "worker" else hostile.multiplexer_service(INSTANCE)
+    stdin = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
+    async with hostile.probing(int(port), service) as prober:
+        print("ready", flush=True)
+        await stdin.receive_some()
+    print(
+        json.dumps(
+            {"calls": prober.calls, "failures": prober.failures, "max_stall": prober.max_stall}
+        ),
+        flush=True,
+    )
 
 
 #: Attacks left to tests/test_grpc_hostile.py. unread_answers: a worker's large answer
@@ -203,7 +271,11 @@ def main() -> None:
     parser.add_argument(
         "--attacks", help="comma-separated attack names to run (default: all)", default=""
     )
+    parser.add_argument("--probe", help=argparse.SUPPRESS)  # the probing child process
     args = parser.parse_args()
+    if args.probe:
+        trio.run(probe, args.probe)
+        return
     only = {name for name in args.attacks.split(",") if name}
     model = packaged_model_dir()
     with tempfile.TemporaryDirectory() as workdir:

@@ -68,8 +68,10 @@ class Limits(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     stream_receive_window_bytes: int = 4 * _MIB
     #: Our connection window, credited as the application consumes: with the one
     #: large message above, what a peer can park on a connection. grpc-go's BDP
-    #: limit is 16 MiB; x/net/http2's MaxUploadBufferPerConnection is 1 MiB.
-    connection_receive_window_bytes: int = 16 * _MIB
+    #: limit is 16 MiB; x/net/http2's MaxUploadBufferPerConnection is 1 MiB. 8 MiB
+    #: keeps a parking peer under 16 MB of our memory per connection (benches/h2_abuse.py)
+    #: and is still far above a loopback or LAN bandwidth-delay product.
+    connection_receive_window_bytes: int = 8 * _MIB
 
     # -- floods --------------------------------------------------------------------------
     #: Output queued for a peer that does not read: above this the connection stops
