@@ -38,6 +38,7 @@ __all__ = [
     "inference_openapi",
     "read_body",
     "register_inference_routes",
+    "retry_headers",
 ]
 
 log = logging.getLogger(__name__)
@@ -213,6 +214,13 @@ def inference_openapi(
         return out
 
     return types, paths
+
+
+def retry_headers(error: InferenceError) -> dict[str, str] | None:
+    """``Retry-After`` (whole seconds, at least 1) for a refusal that says when to retry."""
+    if error.retry_after is None:
+        return None
+    return {"Retry-After": str(max(1, round(error.retry_after)))}
 
 
 def json_bytes(body: bytes, status: int = 200, headers: dict[str, str] | None = None) -> Response:

@@ -22,12 +22,18 @@ import trio
 from quart import Response
 
 from tei_manager._proto.tei.v1 import tei_grpc, tei_pb2
-from tei_manager.api.inference import InferenceRoute, decode_body, json_bytes, read_body
+from tei_manager.api.inference import (
+    InferenceRoute,
+    decode_body,
+    json_bytes,
+    read_body,
+    retry_headers,
+)
 from tei_manager.errors import quote
 from tei_manager.gateway import encoding
 from tei_manager.gateway.calls import decode_ids, embed_texts
 from tei_manager.gateway.errors import InferenceError, Kind
-from tei_manager.gateway.relay import Gateway
+from tei_manager.gateway.relay import Gateway, status_hint
 
 __all__ = ["OPENAI_ROUTES", "OpenAIDoor", "OpenAIHandlers"]
 
@@ -124,18 +130,6 @@ class OpenAIError(msgspec.Struct, kw_only=True):
 
 # --- errors ------------------------------------------------------------------------------
 
-_STATUS: Final = {
-    Kind.VALIDATION: 400,
-    Kind.EMPTY: 400,
-    Kind.TOO_LARGE: 413,
-    Kind.NOT_FOUND: 404,
-    Kind.UNSUPPORTED: 400,
-    Kind.OVERLOADED: 429,
-    Kind.UNAVAILABLE: 503,
-    Kind.TIMEOUT: 504,
-    Kind.BACKEND: 500,
-}
-
 
 class OpenAIDoor:
     """OpenAI's error shape and statuses."""
@@ -143,10 +137,10 @@ class OpenAIDoor:
     error_type: object = OpenAIError
 
     def status(self, error: InferenceError) -> int:
-        return _STATUS[error.kind]
+        return status_hint(error)
 
     def error_response(self, error: InferenceError) -> Response:
-        status = _STATUS[error.kind]
+        status = status_hint(error)
         if status == 429:
             kind = "rate_limit_error"
         elif status >= 500:
@@ -158,13 +152,7 @@ class OpenAIDoor:
                 message=error.message, type=kind, param=error.param, code=error.code.value
             )
         )
-        return json_bytes(_encode(body), status, _retry_headers(error))
-
-
-def _retry_headers(error: InferenceError) -> dict[str, str] | None:
-    if error.retry_after is None:
-        return None
-    return {"Retry-After": str(max(1, round(error.retry_after)))}
+        return json_bytes(_encode(body), status, retry_headers(error))
 
 
 # --- inputs ------------------------------------------------------------------------------

@@ -25,7 +25,13 @@ from quart import Response
 
 from tei_manager import __version__
 from tei_manager._proto.tei.v1 import tei_grpc, tei_pb2
-from tei_manager.api.inference import InferenceRoute, decode_body, json_bytes, read_body
+from tei_manager.api.inference import (
+    InferenceRoute,
+    decode_body,
+    json_bytes,
+    read_body,
+    retry_headers,
+)
 from tei_manager.gateway import encoding
 from tei_manager.gateway.calls import decode_ids, embed_texts, unary_or_stream
 from tei_manager.gateway.errors import InferenceError, Kind
@@ -194,10 +200,8 @@ class TeiDoor:
 
     def error_response(self, error: InferenceError) -> Response:
         status, name = _ERRORS[error.kind]
-        headers = None
-        if error.retry_after is not None:
-            headers = {"Retry-After": str(max(1, round(error.retry_after)))}
-        return json_bytes(_encode(TeiErrorResponse(error.message, name)), status, headers)
+        body = _encode(TeiErrorResponse(error.message, name))
+        return json_bytes(body, status, retry_headers(error))
 
 
 def _direction(value: Direction) -> int:

@@ -60,6 +60,24 @@ MODEL_TYPES: Final = {
 }
 
 
+def status_hint(error: InferenceError) -> int:
+    """The HTTP status a door is likely to give ``error``, for metrics when it said none."""
+    return _HINTS.get(error.kind, 500)
+
+
+_HINTS: Final = {
+    Kind.VALIDATION: 400,
+    Kind.EMPTY: 400,
+    Kind.TOO_LARGE: 413,
+    Kind.NOT_FOUND: 404,
+    Kind.UNSUPPORTED: 400,
+    Kind.OVERLOADED: 429,
+    Kind.UNAVAILABLE: 503,
+    Kind.TIMEOUT: 504,
+    Kind.BACKEND: 500,
+}
+
+
 class Gateway:
     """Routing, admission and relaying shared by the inference front doors."""
 
@@ -101,7 +119,7 @@ class Gateway:
         self,
         route: str,
         model: str,
-        status_of: Callable[[InferenceError], int] = lambda error: status_hint(error),
+        status_of: Callable[[InferenceError], int] = status_hint,
     ) -> AsyncIterator[Session]:
         """Resolve ``model``, wait for a slot on its instance, and count the request.
 
@@ -162,24 +180,6 @@ class Gateway:
             return await self.pool.channel(record)
         except GrpcError as error:
             raise from_instance(error) from None
-
-
-def status_hint(error: InferenceError) -> int:
-    """The HTTP status a door is likely to give ``error``, for metrics when it said none."""
-    return _HINTS.get(error.kind, 500)
-
-
-_HINTS: Final = {
-    Kind.VALIDATION: 400,
-    Kind.EMPTY: 400,
-    Kind.TOO_LARGE: 413,
-    Kind.NOT_FOUND: 404,
-    Kind.UNSUPPORTED: 400,
-    Kind.OVERLOADED: 429,
-    Kind.UNAVAILABLE: 503,
-    Kind.TIMEOUT: 504,
-    Kind.BACKEND: 500,
-}
 
 
 class Session:
