@@ -10,7 +10,6 @@ the request's ``normalize``, as on the torch path.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from tei_manager.worker.errors import ModelLoadError
+from tei_manager.worker.model import read_json
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ def read_heads(
     for module in modules[1:]:
         kind = _kind(module)
         folder = model_dir / str(module.get("path", ""))
-        config = _json(folder / "config.json")
+        config = read_json(folder / "config.json")
         if kind == "Pooling":
             modes = _pooling_modes(config)
             if pooling is not None:
@@ -203,13 +203,3 @@ def _weights(folder: Path) -> dict[str, Array]:
 
     state = torch.load(str(binary), map_location="cpu", weights_only=True)
     return {name: tensor.float().numpy() for name, tensor in state.items()}
-
-
-def _json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot read {path}: {exc}") from exc
-    return data if isinstance(data, dict) else {}
