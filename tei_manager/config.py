@@ -295,6 +295,10 @@ class ManagerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     gpu_fallback: Literal["warn", "fail", "ignore"] = "warn"
     auto_max_batch_tokens_per_gib: int = 2048
 
+    def grpc_limits(self) -> Limits:
+        """The multiplexer port's limits: ``[grpc]`` and ``grpc_max_parallel_streams``."""
+        return self.grpc.limits(max_concurrent_streams=self.grpc_max_parallel_streams)
+
     def manager_ports(self) -> frozenset[int]:
         """Ports the manager itself listens on, which no instance may take."""
         ports = {self.api_port}
@@ -510,7 +514,7 @@ def validate_manager_config(config: ManagerConfig) -> None:
     _positive(config.grpc_request_timeout_secs, "grpc_request_timeout_secs")
     _at_least(config.max_queued_requests, 0, "max_queued_requests")
     _positive(config.queue_timeout_secs, "queue_timeout_secs")
-    limits = config.grpc.limits(max_concurrent_streams=config.grpc_max_parallel_streams)
+    limits = config.grpc_limits()
     for field, rule in validate_limits(limits):
         raise ValidationError(f"grpc.{field}", rule)
     _validate_seeds(config)

@@ -56,7 +56,7 @@ class MultiplexerServer:
         if security is None:  # counters on no registry: serve() passes the shared one
             security = build_security(config, None)
         max_message_bytes = config.grpc_max_message_size_mb * _MIB
-        limits = config.grpc.limits(max_concurrent_streams=config.grpc_max_parallel_streams)
+        limits = config.grpc_limits()
         self._owns_pool = shared is None
         if shared is None:
             shared = shared_routing(config, instances, activity=activity, starter=starter)
@@ -146,7 +146,7 @@ def shared_routing(
 
     # The public port's limits; the pool's connections to instances use the
     # same settings (keepalive pings included, when configured).
-    limits = config.grpc.limits(max_concurrent_streams=config.grpc_max_parallel_streams)
+    limits = config.grpc_limits()
     # A connection that fails makes the router pass its replica over at once.
     pool = ConnectionPool(
         INSTANCE_HOST,
