@@ -153,25 +153,18 @@ class Router:
         running = [
             r for r in replicas if r.status is InstanceStatus.RUNNING and r.name not in exclude
         ]
-        if not running and self._starter is not None:
-            startable = [r for r in replicas if self._startable(r) and r.name not in exclude]
-            starting = [r for r in startable if r.status is not InstanceStatus.IDLE]
-            if starting or startable:
-                return (starting or startable)[0]
         if not running:
+            if self._starter is not None:
+                startable = [r for r in replicas if self._startable(r) and r.name not in exclude]
+                if startable:  # one already on its way up first, else the first idle one
+                    idle = InstanceStatus.IDLE
+                    return next((r for r in startable if r.status is not idle), startable[0])
             states = ", ".join(f"{quote(r.name)} is {r.status.value}" for r in replicas)
             raise TeiError(
                 ErrorCode.BACKEND_UNAVAILABLE,
                 f"no running instance of model {quote(key)}: {states}",
             )
-        if len(running) == 1:
-            return running[0]
-        if self._suspects:
-            trusted = [r for r in running if not self._suspected(r)]
-            running = trusted or running  # all suspect: better try one than refuse
-            if len(running) == 1:
-                return running[0]
-        return self._least_busy(key, running)
+        return self._from_running(key, running)
 
     def alternative(self, model_id: str, failed: str) -> InstanceRecord | None:
         """Another running replica of ``model_id`` than ``failed``, for a retry; None if none."""
@@ -180,11 +173,14 @@ class Router:
             for r in self._instances.by_model(model_id)
             if r.status is InstanceStatus.RUNNING and r.name != failed
         ]
+        return self._from_running(model_id, running) if running else None
+
+    def _from_running(self, key: str, running: list[InstanceRecord]) -> InstanceRecord:
+        """The replica to use among ``running`` (not empty): suspects passed over while
+        another runs (all suspect: better try one than refuse), then the least busy."""
         if len(running) > 1 and self._suspects:
             running = [r for r in running if not self._suspected(r)] or running
-        if not running:
-            return None
-        return running[0] if len(running) == 1 else self._least_busy(model_id, running)
+        return running[0] if len(running) == 1 else self._least_busy(key, running)
 
     def suspect(self, name: str, pid: int | None) -> None:
         """The connection to ``name``'s process ``pid`` failed: pass it over for a while."""
