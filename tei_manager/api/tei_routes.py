@@ -204,6 +204,32 @@ class TeiDoor:
         return json_bytes(body, status, retry_headers(error))
 
 
+async def _per_text(
+    session: Session,
+    texts: list[str],
+    req: TeiEmbedSparseRequest | TeiEmbedAllRequest,
+    request: Any,
+    reply: Any,
+    unary: MethodSpec[Any, Any],
+    stream: MethodSpec[Any, Any],
+) -> list[Any]:
+    """One ``request`` per text with TEI's truncation and prompt fields, all sent
+    together; the parsed replies, their compute tokens counted on ``session``."""
+    direction = _direction(req.truncation_direction)
+    messages = [
+        request(
+            inputs=text,
+            truncate=bool(req.truncate),
+            truncation_direction=direction,
+            prompt_name=req.prompt_name,
+        ).SerializeToString()
+        for text in texts
+    ]
+    replies = [reply.FromString(r) for r in await unary_or_stream(session, unary, stream, messages)]
+    session.tokens = sum(r.metadata.compute_tokens for r in replies)
+    return replies
+
+
 def _direction(value: Direction) -> int:
     return tei_pb2.TRUNCATION_DIRECTION_LEFT if value.lower() == "left" else 0
 
@@ -331,22 +357,15 @@ class TeiHandlers:
             info = await session.require(tei_pb2.MODEL_TYPE_EMBEDDING, "embed_sparse")
             _check_batch(info, len(inputs))
             texts = await _as_texts(session, inputs)
-            messages = [
-                tei_pb2.EmbedSparseRequest(
-                    inputs=t,
-                    truncate=bool(req.truncate),
-                    truncation_direction=_direction(req.truncation_direction),  # type: ignore[arg-type]
-                    prompt_name=req.prompt_name,
-                ).SerializeToString()
-                for t in texts
-            ]
-            replies = [
-                tei_pb2.EmbedSparseResponse.FromString(r)
-                for r in await unary_or_stream(
-                    session, tei_grpc.Embed.EmbedSparse, tei_grpc.Embed.EmbedSparseStream, messages
-                )
-            ]
-            session.tokens = sum(r.metadata.compute_tokens for r in replies)
+            replies = await _per_text(
+                session,
+                texts,
+                req,
+                tei_pb2.EmbedSparseRequest,
+                tei_pb2.EmbedSparseResponse,
+                tei_grpc.Embed.EmbedSparse,
+                tei_grpc.Embed.EmbedSparseStream,
+            )
         answer = [[TeiSparseValue(v.index, v.value) for v in r.sparse_embeddings] for r in replies]
         return json_bytes(_encode(answer))
 
@@ -357,22 +376,15 @@ class TeiHandlers:
             info = await session.require(tei_pb2.MODEL_TYPE_EMBEDDING, "embed_all")
             _check_batch(info, len(inputs))
             texts = await _as_texts(session, inputs)
-            messages = [
-                tei_pb2.EmbedAllRequest(
-                    inputs=t,
-                    truncate=bool(req.truncate),
-                    truncation_direction=_direction(req.truncation_direction),  # type: ignore[arg-type]
-                    prompt_name=req.prompt_name,
-                ).SerializeToString()
-                for t in texts
-            ]
-            replies = [
-                tei_pb2.EmbedAllResponse.FromString(r)
-                for r in await unary_or_stream(
-                    session, tei_grpc.Embed.EmbedAll, tei_grpc.Embed.EmbedAllStream, messages
-                )
-            ]
-            session.tokens = sum(r.metadata.compute_tokens for r in replies)
+            replies = await _per_text(
+                session,
+                texts,
+                req,
+                tei_pb2.EmbedAllRequest,
+                tei_pb2.EmbedAllResponse,
+                tei_grpc.Embed.EmbedAll,
+                tei_grpc.Embed.EmbedAllStream,
+            )
         rows: list[bytes] = []
         for reply in replies:
             tokens = [np.asarray(t.embeddings, dtype="<f4") for t in reply.token_embeddings]
