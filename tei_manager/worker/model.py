@@ -515,11 +515,7 @@ def load_torch_model(options: WorkerOptions, path: Path, device: torch.device) -
         default = "float16" if device.type == "cuda" else "float32"
         dtype = dtypes.get(options.dtype or default, torch.float32)  # int8: from float32
         if options.pooling == "splade":
-            if not any(name.endswith("ForMaskedLM") for name in architectures):
-                raise ModelLoadError(
-                    "--pooling splade needs a *ForMaskedLM model; this one is "
-                    f"{', '.join(architectures) or 'of no known architecture'}"
-                )
+            require_masked_lm(architectures)
             return _load_transformers(options, path, device, dtype, config, splade=True)
         if any(name.endswith("ForSequenceClassification") for name in architectures):
             return _load_transformers(options, path, device, dtype, config, splade=False)
@@ -680,6 +676,15 @@ def max_input_length(tokenizer_limit: int | None, config: dict[str, Any]) -> int
 def snapshot_sha(path: Path) -> str | None:
     """The commit of an HF-cache snapshot folder (``.../snapshots/<sha>``); None otherwise."""
     return path.name if path.parent.name == "snapshots" else None
+
+
+def require_masked_lm(architectures: Sequence[str]) -> None:
+    """``--pooling splade`` reads a masked LM's vocabulary logits: refuse any other head."""
+    if not any(name.endswith("ForMaskedLM") for name in architectures):
+        raise ModelLoadError(
+            "--pooling splade needs a *ForMaskedLM model; this one is "
+            f"{', '.join(architectures) or 'of no known architecture'}"
+        )
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -31,6 +31,7 @@ from tei_manager.worker.model import (
     make_tokenization,
     max_input_length,
     read_json,
+    require_masked_lm,
     snapshot_sha,
 )
 from tei_manager.worker.onnx_graph import (
@@ -155,11 +156,8 @@ def load_onnx(options: WorkerOptions, path: Path) -> OnnxModel:
     config = read_json(path / "config.json")
     architectures = config.get("architectures") or []
     splade = options.pooling == "splade"
-    if splade and not any(name.endswith("ForMaskedLM") for name in architectures):
-        raise ModelLoadError(
-            "--pooling splade needs a *ForMaskedLM model; this one is "
-            f"{', '.join(architectures) or 'of no known architecture'}"
-        )
+    if splade:
+        require_masked_lm(architectures)
     classifier = not splade and any(
         name.endswith("ForSequenceClassification") for name in architectures
     )
