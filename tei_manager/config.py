@@ -16,6 +16,7 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from typing import Annotated, Any, Final, Literal
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -52,6 +53,7 @@ __all__ = [
     "GrpcConfig",
     "InstanceConfig",
     "ManagerConfig",
+    "OtelConfig",
     "Pooling",
     "SeedInstance",
     "decode_instance_config",
@@ -239,6 +241,22 @@ class GrpcConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
         )
 
 
+class OtelConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``[otel]``: OpenTelemetry tracing, with the original's names (:mod:`tei_manager.tracing`).
+
+    Tracing is on when ``endpoint`` is set: spans are exported over OTLP/gRPC to it.
+    """
+
+    endpoint: str = ""  # OTLP/gRPC collector, e.g. "http://otel-collector:4317"; "": off
+    service_name: str = "tei-manager"
+    sample_ratio: float = 1.0  # of new traces; a caller's sampled flag is followed
+    deployment_environment: str = ""  # resource attribute; "": unset
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.endpoint.strip())
+
+
 class ManagerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Everything ``tei-manager serve`` is configured with; defaults work on a laptop."""
 
@@ -294,6 +312,7 @@ class ManagerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     gpu_preflight: Literal["warn", "fail", "off"] = "warn"
     gpu_fallback: Literal["warn", "fail", "ignore"] = "warn"
     auto_max_batch_tokens_per_gib: int = 2048
+    otel: OtelConfig = msgspec.field(default_factory=OtelConfig)
 
     def grpc_limits(self) -> Limits:
         """The multiplexer port's limits: ``[grpc]`` and ``grpc_max_parallel_streams``."""
@@ -477,6 +496,31 @@ def validate_instance_config(config: InstanceConfig, *, gpu_count: int | None = 
             )
 
 
+def _validate_otel(otel: OtelConfig) -> None:
+    if otel.enabled:
+        endpoint = otel.endpoint.strip()
+        _text(endpoint, "otel.endpoint", max_len=_MAX_PATH_LEN)
+        try:
+            url = urlsplit(endpoint)
+            port = url.port
+        except ValueError as e:
+            raise ValidationError("otel.endpoint", f"is not a URL: {e}") from None
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ValidationError(
+                "otel.endpoint",
+                "must be an http:// or https:// URL of an OTLP/gRPC collector, "
+                "e.g. http://otel-collector:4317",
+            )
+        if port == 0:
+            raise ValidationError("otel.endpoint", "port 0 is invalid")
+    _text(otel.service_name, "otel.service_name")
+    if otel.deployment_environment:
+        _text(otel.deployment_environment, "otel.deployment_environment")
+    ratio = otel.sample_ratio
+    if not 0 <= ratio <= 1:  # NaN fails too
+        raise ValidationError("otel.sample_ratio", f"{ratio:g} is not in [0, 1]")
+
+
 def validate_manager_config(config: ManagerConfig) -> None:
     """Check ``config`` as a whole, seeds included; raises :class:`ValidationError`."""
     _text(config.api_host, "api_host")
@@ -535,6 +579,7 @@ def validate_manager_config(config: ManagerConfig) -> None:
             raise ValidationError(f"models[{i}]", f"duplicate model {quote(model_id)}")
         seen_models.add(model_id)
     _at_least(config.idle_timeout_secs, 0, "idle_timeout_secs")
+    _validate_otel(config.otel)
     fraction = config.devices.gpu_memory_fraction
     if not 0 < fraction <= 1:
         raise ValidationError("devices.gpu_memory_fraction", f"{fraction:g} is not in (0, 1]")
@@ -688,6 +733,9 @@ ENV_OVERRIDES: Final[tuple[tuple[str, str, Callable[[str], object]], ...]] = (
     ("TEI_MANAGER_RESTART_BACKOFF_MAX", "restart_backoff_max_secs", _env_float),
     ("TEI_MANAGER_CRASH_LOOP_RESTARTS", "crash_loop_restarts", _env_int),
     ("TEI_MANAGER_CRASH_LOOP_WINDOW", "crash_loop_window_secs", _env_float),
+    ("TEI_MANAGER_OTEL_ENDPOINT", "otel.endpoint", _env_str),
+    ("TEI_MANAGER_OTEL_SERVICE_NAME", "otel.service_name", _env_str),
+    ("TEI_MANAGER_OTEL_SAMPLE_RATIO", "otel.sample_ratio", _env_float),
 )
 
 

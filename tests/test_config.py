@@ -12,6 +12,7 @@ from tei_manager.config import (
     GrpcConfig,
     InstanceConfig,
     ManagerConfig,
+    OtelConfig,
     SeedInstance,
     decode_instance_config,
     default_state_dir,
@@ -243,10 +244,14 @@ def test_every_documented_env_var_is_wired() -> None:
         "TEI_MANAGER_GRPC_HANDSHAKE_TIMEOUT",
         "TEI_MANAGER_GRPC_IDLE_TIMEOUT",
         "TEI_MANAGER_GRPC_KEEPALIVE_INTERVAL",
+        "TEI_MANAGER_OTEL_ENDPOINT",
+        "TEI_MANAGER_OTEL_SERVICE_NAME",
+        "TEI_MANAGER_OTEL_SAMPLE_RATIO",
     }
     fields = set(ManagerConfig.__struct_fields__)
     grpc_fields = {f"grpc.{name}" for name in GrpcConfig.__struct_fields__}
-    assert all(field in fields | grpc_fields for _, field, _ in ENV_OVERRIDES)
+    otel_fields = {f"otel.{name}" for name in OtelConfig.__struct_fields__}
+    assert all(field in fields | grpc_fields | otel_fields for _, field, _ in ENV_OVERRIDES)
 
 
 def test_grpc_section_and_its_env_overrides() -> None:

@@ -41,7 +41,7 @@ from tei_manager.config import decode_instance_config
 from tei_manager.errors import ErrorCode, TeiError, ValidationError, quote
 from tei_manager.gateway.relay import Gateway
 
-__all__ = ["NO_RESPONSE_STATUS", "UNMATCHED_ROUTE", "ApiApp", "create_app"]
+__all__ = ["NO_RESPONSE_STATUS", "UNMATCHED_ROUTE", "ApiApp", "create_app", "route_of"]
 
 # Route label of a request no route matched (404, 405): the raw path would give
 # every scanner's probe its own time series.
@@ -182,6 +182,11 @@ def _int_arg(name: str) -> int | None:
         shown = raw if len(raw) <= 32 else raw[:32] + "..."
         raise ValidationError(name, f"{quote(shown)} is not an integer")
     return int(raw)
+
+
+def route_of(scope: Scope) -> str:
+    """The template of the route that served the request of ``scope``, once matched."""
+    return str(_scope_extras(scope).get(_ROUTE_KEY, UNMATCHED_ROUTE))
 
 
 async def _note_route() -> None:

@@ -25,7 +25,8 @@ import trio
 from hypercorn.config import Config, Sockets
 from hypercorn.trio import serve
 
-from tei_manager.api.app import create_app
+from tei_manager import tracing
+from tei_manager.api.app import create_app, route_of
 from tei_manager.api.auth import capture_peer_certificates
 from tei_manager.api.facade import ManagerFacade
 from tei_manager.auth.security import Security, build_security
@@ -123,7 +124,7 @@ async def serve_api(
         config.errorlog = logging.getLogger("hypercorn.error")
         config.accesslog = None
         config.include_server_header = False
-        app = create_app(manager, security, gateway)
+        app = tracing.wrap_asgi(create_app(manager, security, gateway), route_of)
         async with trio.open_nursery() as nursery:
             await nursery.start(
                 partial(

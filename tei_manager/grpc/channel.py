@@ -18,6 +18,7 @@ from typing import Any, Generic
 import trio
 from google.protobuf.message import DecodeError
 
+from tei_manager import tracing
 from tei_manager.grpc.limits import DEFAULT_LIMITS, Limits
 from tei_manager.grpc.rpc import GrpcError, MethodSpec, Req, Resp, StatusCode
 from tei_manager.grpc.server import DEFAULT_MAX_MESSAGE_BYTES
@@ -123,7 +124,11 @@ class Channel:
         transport = self._transport
         if transport is None or transport.closed or transport.goaway:
             raise GrpcError(StatusCode.UNAVAILABLE, f"no connection to {self.authority}")
+        ender = None
+        if tracing.tracer is not None:
+            ender, metadata = tracing.start_client(spec, self.host, self.port, metadata)
         stream = transport.open_stream()
+        stream.on_release = ender
         timeout = None
         deadline = trio.current_effective_deadline()
         if deadline != math.inf:
@@ -206,7 +211,11 @@ class Channel:
             or not transport.can_send_now(len(data) + MESSAGE_PREFIX_BYTES)
         ):
             return None
+        ender = None
+        if tracing.tracer is not None:
+            ender, metadata = tracing.start_client(spec, self.host, self.port, metadata)
         stream = transport.open_stream()
+        stream.on_release = ender
         timeout = None if deadline == math.inf else deadline - trio.current_time()
         transport.start_request(stream, self._scheme, spec.path, self.authority, timeout, metadata)
         if not stream.send_message_now(data, last=True):  # the checks above rule this out

@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 import trio
 from google.protobuf.message import DecodeError, Message
 
+from tei_manager import tracing
 from tei_manager.grpc._grpc_events import MessageReceived, RequestReceived
 from tei_manager.grpc.limits import DEFAULT_LIMITS, Limits
 from tei_manager.grpc.rpc import (
@@ -170,6 +171,7 @@ class FastCall:
         "on_end",
         "started",
         "stream",
+        "trace",
     )
 
     def __init__(
@@ -186,6 +188,7 @@ class FastCall:
         self.on_end: Callable[[StatusCode], None] | None = None
         #: True once the call's answer is decided.
         self.done = False
+        self.trace: tracing.ServerSpan | None = None
 
     def limit(self, deadline: float, message: str) -> None:
         """End the call at ``deadline`` (DEADLINE_EXCEEDED, ``message``) if that is sooner."""
@@ -495,6 +498,7 @@ class GrpcServer:
         code, message = StatusCode.CANCELLED, "cancelled"
         pushback: int | None = None
         started = trio.current_time()
+        trace = None if tracing.tracer is None else tracing.start_server(context)
         try:
             limit = context.deadline if context.deadline is not None else math.inf
             with trio.CancelScope(deadline=limit) as scope:
@@ -538,6 +542,8 @@ class GrpcServer:
         finally:
             if self._on_call is not None:
                 self._on_call(spec, trio.current_time() - started, code)
+            if trace is not None:
+                tracing.end_server(trace, code)
             self._finish(stream)
             self._call_ended()
 
@@ -581,6 +587,8 @@ class GrpcServer:
         path = request.path
         context = _context(self._methods[path][0], request, peer, certificate)
         call = FastCall(self, stream, context, nursery)
+        if tracing.tracer is not None:
+            call.trace = tracing.start_server(context)
         # Counted from here, as the handler may answer before it returns.
         self._call_started()
         try:
@@ -589,7 +597,10 @@ class GrpcServer:
             log.exception("unhandled error in gRPC handler %s", path)
             call.reply(None, StatusCode.INTERNAL, f"internal error while handling {path}")
             taken = True
-        if not taken:
+        finally:
+            if call.trace is not None:
+                call.trace.detach()  # current only in the handler (and tasks it spawned)
+        if not taken:  # the ordinary path serves (and traces) it; this span is let go
             self._call_ended()
             return False
         # Consumed: its credit goes back (unless the call already ended and was
@@ -613,6 +624,8 @@ class GrpcServer:
             on_end, call.on_end = call.on_end, None
             if on_end is not None:
                 on_end(code)
+            if call.trace is not None:
+                tracing.end_server(call.trace, code)
         except Exception:
             log.exception("error ending gRPC call %s", call.context.method.path)
         finally:

@@ -94,6 +94,7 @@ class Stream:
         "error",
         "handler_scope",
         "local_closed",
+        "on_release",
         "request",
         "reset",
         "response_ended",
@@ -121,6 +122,8 @@ class Stream:
         #: event is queued and when the stream fails: a call driven by callbacks
         #: rather than by a task reads the queue with ``pop_event``.
         self.watcher: Callable[[Stream], None] | None = None
+        #: Called once when the application releases the stream (a call's span ends).
+        self.on_release: Callable[[Stream], None] | None = None
 
     # -- inbound -------------------------------------------------------------
     def _push(self, event: StreamEvent) -> None:
@@ -168,6 +171,9 @@ class Stream:
         transport = self._transport
         transport.release(self)
         transport.push()
+        if self.on_release is not None:
+            on_release, self.on_release = self.on_release, None
+            on_release(self)
 
     async def receive_message(self) -> bytes | None:
         """The next message's bytes, or None once the peer ended its side.

@@ -6,6 +6,7 @@ The root of the nursery tree::
     └── root nursery            (SIGTERM/SIGINT: graceful shutdown; a second one forces)
         ├── Manager.run         supervisor: instance processes, state file
         ├── ServerTls.run       TLS certificate reload on SIGHUP or file change (with TLS)
+        ├── OtlpExporter.run    spans to the OTLP collector (with [otel] endpoint)
         ├── ConnectionPool.run  HTTP/2 connections to the instances, shared by the two below
         ├── serve_api           REST API, with the HTTP inference routes (gateway)
         └── serve_multiplexer   gRPC multiplexer (when grpc_enabled), stopped with the API
@@ -32,14 +33,18 @@ import logging
 import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import trio
 
+from tei_manager import tracing
 from tei_manager.auth.security import Security, build_security
 from tei_manager.config import ConfigError, ManagerConfig, load_config
 from tei_manager.logs import configure_logging
 from tei_manager.manager.service import Manager
+
+if TYPE_CHECKING:
+    from tei_manager.otlp import OtlpExporter
 
 __all__ = ["main", "serve"]
 
@@ -49,8 +54,13 @@ log = logging.getLogger("tei_manager.manager.serve")
 _DRAIN_SHARE: Final = 0.5
 
 
-async def serve(manager: Manager, security: Security | None = None) -> None:
-    """Run the manager and its listeners until a signal, then shut down gracefully."""
+async def serve(
+    manager: Manager, security: Security | None = None, exporter: OtlpExporter | None = None
+) -> None:
+    """Run the manager and its listeners until a signal, then shut down gracefully.
+
+    With an ``exporter`` (tracing on, :func:`tracing.install`) its task sends spans.
+    """
     from tei_manager.api.server import serve_api
     from tei_manager.gateway.relay import create_gateway
     from tei_manager.multiplexer.server import shared_routing
@@ -81,6 +91,8 @@ async def serve(manager: Manager, security: Security | None = None) -> None:
             await root.start(manager_task.run)
             if security.tls is not None:
                 await root.start(security.tls.run)
+            if exporter is not None:
+                await root.start(exporter.run)
             await root.start(shared.pool.run)
 
             async def api(*, task_status: trio.TaskStatus[int]) -> None:
@@ -204,18 +216,21 @@ def main(config_path: str | None, *, log_level: str = "info", log_format: str = 
         config = load_config(config_path)
         manager = Manager(config)
         security = build_security(config, manager.metrics.prometheus)
+        exporter = tracing.install(config.otel) if config.otel.enabled else None
     except ConfigError as e:
         print(f"tei-manager: {e}", file=sys.stderr)
         return 2
     status = 0
     try:
-        trio.run(serve, manager, security)
+        trio.run(serve, manager, security, exporter)
     except* ConfigError as group:  # found at start-up, e.g. another manager on the state file
         print(f"tei-manager: {_first(group)}", file=sys.stderr)
         status = 2
     except* Exception:
         log.exception("tei-manager failed")
         status = 1
+    finally:
+        tracing.uninstall()
     return status
 
 

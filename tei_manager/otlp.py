@@ -1,0 +1,137 @@
+"""Finished spans to an OTLP/gRPC collector, from a trio task on our own gRPC channel.
+
+Imported only when tracing is on (:func:`tei_manager.tracing.install`): it needs the
+OpenTelemetry SDK and ``opentelemetry-exporter-otlp-proto-common`` (span encoding),
+the ``otel`` extra. The SDK's own OTLP/gRPC exporter would bring grpcio and a thread;
+this sends the same ``ExportTraceServiceRequest`` over :mod:`tei_manager.grpc`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Final
+from urllib.parse import urlsplit
+
+import trio
+from opentelemetry.context import Context
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
+
+from tei_manager.grpc.channel import client_ssl_context, open_channel
+from tei_manager.grpc.rpc import Cardinality, GrpcError, MethodSpec
+
+__all__ = ["EXPORT", "OtlpExporter"]
+
+log = logging.getLogger(__name__)
+
+#: How long the last batch may take at shutdown (within the drain deadline's slack).
+FINAL_FLUSH_SECS: Final = 2.0
+
+#: OTLP's trace export RPC.
+EXPORT: Final = MethodSpec(
+    "opentelemetry.proto.collector.trace.v1.TraceService",
+    "Export",
+    Cardinality.UNARY_UNARY,
+    trace_service_pb2.ExportTraceServiceRequest,
+    trace_service_pb2.ExportTraceServiceResponse,
+)
+
+
+class OtlpExporter(SpanProcessor):
+    """A span processor that sends finished, sampled spans over OTLP/gRPC in batches.
+
+    Spans are queued as they end (at most ``max_queue``; more are dropped and
+    counted) and sent by :meth:`run`, a trio task, every ``interval`` seconds or as
+    soon as ``batch`` are waiting, each batch on a new connection (a collector that
+    restarts costs one batch). A failed batch is logged and dropped, as the SDK's
+    exporters do once their retries are spent. On cancellation the queue is sent
+    one last time, for at most :data:`FINAL_FLUSH_SECS`.
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        batch: int = 512,
+        max_queue: int = 2048,
+        interval: float = 5.0,
+        timeout: float = 10.0,
+    ) -> None:
+        url = urlsplit(endpoint.strip())
+        self.host = url.hostname or ""
+        self.port = url.port or 4317
+        self.tls = url.scheme == "https"
+        self._batch = batch
+        self._max_queue = max_queue
+        self._interval = interval
+        self._timeout = timeout
+        self._spans: list[ReadableSpan] = []
+        self._wake = trio.Event()
+        #: Spans dropped: the queue was full, or their batch could not be sent.
+        self.dropped = 0
+        self.sent = 0
+
+    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
+        pass
+
+    def on_end(self, span: ReadableSpan) -> None:
+        if span.context is None or not span.context.trace_flags.sampled:
+            return
+        if len(self._spans) >= self._max_queue:
+            self.dropped += 1
+            return
+        self._spans.append(span)
+        if len(self._spans) >= self._batch:
+            self._wake.set()
+
+    def shutdown(self) -> None:
+        pass
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return True
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Send queued spans until cancelled, then once more."""
+        log.info(
+            "OpenTelemetry: exporting spans over OTLP/gRPC to %s:%d%s",
+            self.host,
+            self.port,
+            " (TLS)" if self.tls else "",
+        )
+        task_status.started()
+        try:
+            while True:
+                with trio.move_on_after(self._interval):
+                    await self._wake.wait()
+                self._wake = trio.Event()
+                await self.flush()
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(FINAL_FLUSH_SECS):
+                await self.flush()
+
+    async def flush(self) -> None:
+        """Send every queued span now."""
+        while self._spans:
+            batch = self._spans[: self._batch]
+            del self._spans[: self._batch]
+            await self._send(batch)
+
+    async def _send(self, batch: list[ReadableSpan]) -> None:
+        request = encode_spans(batch)
+        context = client_ssl_context() if self.tls else None
+        try:
+            with trio.fail_after(self._timeout):
+                async with open_channel(self.host, self.port, ssl_context=context) as channel:
+                    await channel.unary_unary(EXPORT, request)
+        except (GrpcError, OSError, trio.TooSlowError) as error:
+            self.dropped += len(batch)
+            log.warning(
+                "OpenTelemetry: %d spans not exported to %s:%d: %s",
+                len(batch),
+                self.host,
+                self.port,
+                getattr(error, "message", None) or error or "timed out",
+            )
+            return
+        self.sent += len(batch)
