@@ -96,6 +96,29 @@ _MISSING_PACKAGES: Final = (
 
 
 # -- set-up ----------------------------------------------------------------------------
+class _Api:
+    """The OpenTelemetry names the hooks use, imported once by :func:`install`."""
+
+    def __init__(self) -> None:
+        from opentelemetry import context, trace
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+        self.attach = context.attach
+        self.detach = context.detach
+        self.root = context.Context()  # the parent of a span that starts a trace
+        self.set_span_in_context = trace.set_span_in_context
+        self.get_current_span = trace.get_current_span
+        self.use_span = trace.use_span
+        self.server = trace.SpanKind.SERVER
+        self.client = trace.SpanKind.CLIENT
+        self.status = trace.Status
+        self.error = trace.StatusCode.ERROR
+        self.propagator = TraceContextTextMapPropagator()
+
+
+_api: _Api | None = None
+
+
 def install(config: OtelConfig, *, processor: SpanProcessor | None = None) -> OtlpExporter | None:
     """Turn tracing on for this process with ``config``'s resource and sampling.
 
@@ -103,11 +126,13 @@ def install(config: OtelConfig, *, processor: SpanProcessor | None = None) -> Ot
     to an :class:`OtlpExporter` for ``config.endpoint``, returned: its ``run`` task
     sends them. Raises :class:`ConfigError` when the OpenTelemetry packages are missing.
     """
-    global tracer, _provider
+    global tracer, _provider, _api
     try:
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+        api = _Api()
     except ImportError:
         raise ConfigError(_MISSING_PACKAGES) from None
     exporter = None
@@ -125,7 +150,7 @@ def install(config: OtelConfig, *, processor: SpanProcessor | None = None) -> Ot
     )
     provider.add_span_processor(processor)
     uninstall()
-    _provider = provider
+    _provider, _api = provider, api
     tracer = provider.get_tracer("tei_manager")
     return exporter
 
@@ -138,26 +163,39 @@ def uninstall() -> None:
         provider.shutdown()
 
 
+def _on() -> tuple[Tracer, _Api]:
+    assert tracer is not None and _api is not None, "tracing is off"
+    return tracer, _api
+
+
 # -- trace context -------------------------------------------------------------------
-def _extract(traceparent: str | None, tracestate: str | None) -> Context:
-    """The caller's context; an empty one (a new root) when ``traceparent`` is invalid."""
-    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+def _parent(api: _Api, traceparent: str | None, tracestate: str | None) -> Context:
+    """The caller's context; the root (a new trace) when ``traceparent`` is absent or
+    invalid (the W3C rules: version, lengths, lower-case hex, no all-zero ids)."""
+    if traceparent is None:
+        return api.root
+    carrier = {"traceparent": traceparent}
+    if tracestate is not None:
+        carrier["tracestate"] = tracestate
+    return api.propagator.extract(carrier, api.root)
 
-    carrier = {}
-    if traceparent is not None:
-        carrier["traceparent"] = traceparent
-        if tracestate is not None:
-            carrier["tracestate"] = tracestate
-    return TraceContextTextMapPropagator().extract(carrier)
+
+def _carried(span: Span) -> Metadata:
+    """``span``'s context as W3C ``traceparent`` (and ``tracestate``) values."""
+    context = span.get_span_context()
+    parent = (
+        "traceparent",
+        f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}",
+    )
+    if not context.trace_state:
+        return (parent,)
+    return parent, ("tracestate", context.trace_state.to_header())
 
 
-def _inject(span: Span) -> dict[str, str]:
-    from opentelemetry.trace import set_span_in_context
-    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-
-    carrier: dict[str, str] = {}
-    TraceContextTextMapPropagator().inject(carrier, set_span_in_context(span))
-    return carrier
+def _carrying(span: Span, metadata: Metadata) -> Metadata:
+    """``metadata`` with ``span``'s trace context in place of any other."""
+    kept = tuple(item for item in metadata if item[0] not in TRACE_KEYS)
+    return kept + _carried(span)
 
 
 def _first(pairs: Iterable[tuple[str, str]]) -> tuple[str | None, str | None]:
@@ -192,24 +230,23 @@ class _TracedApp:
     async def __call__(
         self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
     ) -> None:
-        traced = tracer
-        if scope["type"] != "http" or traced is None:
+        if scope["type"] != "http" or tracer is None:
             await self._app(scope, receive, send)
             return
-        from opentelemetry.trace import SpanKind, Status, StatusCode, use_span
-
+        traced, api = _on()
         method = scope["method"]
-        parent = _extract(
+        parent = _parent(
+            api,
             *_first(
                 (key.decode("latin-1"), value.decode("latin-1"))
                 for key, value in scope["headers"]
                 if key in (b"traceparent", b"tracestate")
-            )
+            ),
         )
         span = traced.start_span(
             method,
             context=parent,
-            kind=SpanKind.SERVER,
+            kind=api.server,
             attributes={"http.request.method": method, "url.path": scope["path"]},
         )
         status = 0
@@ -221,7 +258,7 @@ class _TracedApp:
             await send(message)
 
         try:
-            with use_span(span, end_on_exit=False, record_exception=False):
+            with api.use_span(span, end_on_exit=False, record_exception=False):
                 await self._app(scope, receive, send_noting_status)
         finally:
             route = self._route_of(scope)
@@ -230,7 +267,7 @@ class _TracedApp:
             if status:
                 span.set_attribute("http.response.status_code", status)
             if status == 0 or status >= 500:
-                span.set_status(Status(StatusCode.ERROR))
+                span.set_status(api.status(api.error))
             span.end()
 
 
@@ -246,29 +283,25 @@ class ServerSpan:
 
     def detach(self) -> None:
         """Stop being the current span (it goes on until :func:`end_server`)."""
-        from opentelemetry.context import detach
-
         token, self.token = self.token, None
-        if token is not None:
-            detach(token)
+        if token is not None and _api is not None:
+            _api.detach(token)
 
 
 def start_server(context: CallContext) -> ServerSpan | None:
     """A SERVER span for the call ``context`` describes, made current; None for the
-    services in :data:`_UNTRACED`. The call's metadata then carries the span's context in place of
-    the caller's, so whatever relays it passes the span on. Call only with tracing on.
+    services in :data:`_UNTRACED`. The call's metadata then carries the span's context
+    in place of the caller's, so whatever relays it passes the span on. Call only with
+    tracing on.
     """
-    assert tracer is not None
+    traced, api = _on()
     method = context.method
     if method.service.startswith(_UNTRACED):
         return None
-    from opentelemetry.context import attach
-    from opentelemetry.trace import SpanKind, set_span_in_context
-
-    span = tracer.start_span(
+    span = traced.start_span(
         f"{method.service}/{method.name}",
-        context=_extract(*_first(context.metadata)),
-        kind=SpanKind.SERVER,
+        context=_parent(api, *_first(context.metadata)),
+        kind=api.server,
         attributes={
             "rpc.system": "grpc",
             "rpc.service": method.service,
@@ -276,25 +309,20 @@ def start_server(context: CallContext) -> ServerSpan | None:
         },
     )
     context.metadata = _carrying(span, context.metadata)
-    return ServerSpan(span, attach(set_span_in_context(span)))
+    return ServerSpan(span, api.attach(api.set_span_in_context(span)))
 
 
 def end_server(server: ServerSpan, code: StatusCode) -> None:
     """End a SERVER span with the call's final status."""
-    from opentelemetry.trace import Status
-    from opentelemetry.trace import StatusCode as SpanStatus
-
     server.detach()
     span = server.span
     span.set_attribute("rpc.grpc.status_code", code.value)
-    if code in _SERVER_ERRORS:
-        span.set_status(Status(SpanStatus.ERROR, code.name))
+    if code in _SERVER_ERRORS and _api is not None:
+        span.set_status(_api.status(_api.error, code.name))
     span.end()
 
 
 # -- gRPC client -----------------------------------------------------------------------
-
-
 def start_client(
     method: MethodSpec[Any, Any], host: str, port: int, metadata: Metadata
 ) -> tuple[Callable[[Stream], None] | None, Metadata]:
@@ -304,14 +332,12 @@ def start_client(
     released) and ``metadata`` carrying its trace context instead of any other;
     ``(None, metadata)`` when no span is current. Call only with tracing on.
     """
-    assert tracer is not None
-    from opentelemetry.trace import SpanKind, get_current_span
-
-    if not get_current_span().get_span_context().is_valid:
+    traced, api = _on()
+    if not api.get_current_span().get_span_context().is_valid:
         return None, metadata
-    span = tracer.start_span(
+    span = traced.start_span(
         f"{method.service}/{method.name}",
-        kind=SpanKind.CLIENT,
+        kind=api.client,
         attributes={
             "rpc.system": "grpc",
             "rpc.service": method.service,
@@ -320,20 +346,8 @@ def start_client(
             "server.port": port,
         },
     )
-    return _ender(span), _carrying(span, metadata)
 
-
-def _carrying(span: Span, metadata: Metadata) -> Metadata:
-    """``metadata`` with ``span``'s trace context in place of any other."""
-    kept = tuple(item for item in metadata if item[0] not in TRACE_KEYS)
-    return kept + tuple(_inject(span).items())
-
-
-def _ender(span: Span) -> Callable[[Stream], None]:
     def end(stream: Stream) -> None:
-        from opentelemetry.trace import Status
-        from opentelemetry.trace import StatusCode as SpanStatus
-
         ended = stream.response_ended
         if ended is not None:
             code = status_code(ended.status)
@@ -343,7 +357,7 @@ def _ender(span: Span) -> Callable[[Stream], None]:
             code = StatusCode.CANCELLED
         span.set_attribute("rpc.grpc.status_code", code.value)
         if code is not StatusCode.OK:
-            span.set_status(Status(SpanStatus.ERROR, code.name))
+            span.set_status(api.status(api.error, code.name))
         span.end()
 
-    return end
+    return end, _carrying(span, metadata)

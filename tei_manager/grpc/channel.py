@@ -132,8 +132,9 @@ class Channel:
         timeout = None
         deadline = trio.current_effective_deadline()
         if deadline != math.inf:
-            # Sent rounded up, so the server never sees zero.
-            timeout = deadline - trio.current_time()
+            # Sent rounded up, so the server never sees zero; none left (a scope
+            # cancelled before this call checkpoints) is the shortest timeout.
+            timeout = max(0.0, deadline - trio.current_time())
         try:
             transport.start_request(
                 stream, self._scheme, spec.path, self.authority, timeout, metadata
