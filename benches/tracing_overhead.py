@@ -63,6 +63,8 @@ from tei_manager.multiplexer.metrics import MultiplexerMetrics  # noqa: E402
 from tei_manager.multiplexer.server import MultiplexerServer, shared_routing  # noqa: E402
 from tests.fake_manager import FakeManager  # noqa: E402
 
+#: Calls whose function calls are counted (after the timed ones: counting slows them).
+COUNTED = 50
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
 
@@ -140,6 +142,25 @@ class _Http:
         self._buffer += data
 
 
+class _CallCounter:
+    """Counts Python and C function calls in this thread (``sys.setprofile``): a
+    figure the machine's load does not move, unlike CPU time."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __enter__(self) -> _CallCounter:
+        sys.setprofile(self._count)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        sys.setprofile(None)
+
+    def _count(self, frame: Any, event: str, arg: Any) -> None:
+        if event in ("call", "c_call"):
+            self.calls += 1
+
+
 def _per_call(calls: int, started: tuple[float, float]) -> dict[str, float]:
     cpu, wall = time.process_time() - started[0], time.perf_counter() - started[1]
     return {"cpu_us": cpu / calls * 1e6, "wall_us": wall / calls * 1e6}
@@ -205,6 +226,10 @@ async def _measure(args: argparse.Namespace) -> dict[str, Any]:
                 for _ in range(args.calls):
                     await channel.unary_unary(embed, request, metadata=metadata)
                 figures["grpc"] = _per_call(args.calls, started)
+                with _CallCounter() as counter:
+                    for _ in range(COUNTED):
+                        await channel.unary_unary(embed, request, metadata=metadata)
+                figures["grpc"]["functions"] = counter.calls / COUNTED
             body = b'{"inputs": "a short text to embed"}'
             rest_calls = max(1, args.calls // 5)  # each costs several times a gRPC call
             async with await trio.open_tcp_stream("127.0.0.1", api_port) as stream:
@@ -215,6 +240,10 @@ async def _measure(args: argparse.Namespace) -> dict[str, Any]:
                 for _ in range(rest_calls):
                     await http.post("/tei/b/embed", body)
                 figures["rest"] = _per_call(rest_calls, started)
+                with _CallCounter() as counter:
+                    for _ in range(COUNTED):
+                        await http.post("/tei/b/embed", body)
+                figures["rest"]["functions"] = counter.calls / COUNTED
             if exporter is not None:
                 await exporter.flush()
                 figures["spans_exported"] = exporter.sent
@@ -249,17 +278,21 @@ def _compare(args: argparse.Namespace) -> None:
         summary[name] = {
             f"{door}_{key}": statistics.median(r[door][key] for r in rounds)
             for door in ("grpc", "rest")
-            for key in ("cpu_us", "wall_us")
+            for key in ("cpu_us", "wall_us", "functions")
         }
-    print(f"CPU µs per call, median of {args.rounds} rounds of {args.calls} gRPC calls")
-    print(f"{'':12} {'grpc cpu':>10} {'Δ before':>10} {'rest cpu':>10} {'Δ before':>10}")
+    print(
+        f"Per call, median of {args.rounds} rounds of {args.calls} gRPC calls "
+        "(CPU µs; function calls, Python and C, in this process)"
+    )
+    columns = [(door, key) for door in ("grpc", "rest") for key in ("cpu_us", "functions")]
+    print(f"{'':12}" + "".join(f"{door + ' ' + key:>16}{'Δ before':>10}" for door, key in columns))
+    base = summary["before"]
     for name, figures in summary.items():
-        grpc, rest = figures["grpc_cpu_us"], figures["rest_cpu_us"]
-        base = summary["before"]
-        print(
-            f"{name:12} {grpc:10.1f} {grpc - base['grpc_cpu_us']:+10.1f} "
-            f"{rest:10.1f} {rest - base['rest_cpu_us']:+10.1f}"
-        )
+        cells = []
+        for door, key in columns:
+            value = figures[f"{door}_{key}"]
+            cells.append(f"{value:16.1f}{value - base[f'{door}_{key}']:+10.1f}")
+        print(f"{name:12}" + "".join(cells))
     if args.json:
         args.json.write_text(json.dumps({"summary": summary, "rounds": results}, indent=2))
 
@@ -290,7 +323,10 @@ def main() -> None:
         return
     for door in ("grpc", "rest"):
         f = figures[door]
-        print(f"{door:5} {f['cpu_us']:8.1f} CPU µs/call {f['wall_us']:8.1f} wall µs/call")
+        print(
+            f"{door:5} {f['cpu_us']:8.1f} CPU µs/call {f['wall_us']:8.1f} wall µs/call "
+            f"{f['functions']:8.1f} function calls/call"
+        )
     if args.otel:
         print(f"spans exported {figures['spans_exported']}, dropped {figures['spans_dropped']}")
     if args.json:
