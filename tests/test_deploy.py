@@ -135,7 +135,7 @@ def test_the_cpu_image_pins_torch_as_the_readme_does() -> None:
     readme_pin = re.search(r"torch==([0-9.]+)", (ROOT / "README.md").read_text())
     assert readme_pin is not None
     assert f"ARG TORCH_VERSION={readme_pin[1]}" in (DOCKER / "Dockerfile.cpu").read_text()
-    assert '".[worker]"' in (DOCKER / "Dockerfile.cpu").read_text()
+    assert '".[worker,otel]"' in (DOCKER / "Dockerfile.cpu").read_text()
 
 
 @pytest.mark.parametrize("name", ["Dockerfile.cpu", "Dockerfile.gpu"])

@@ -40,6 +40,7 @@ from tei_manager.grpc.server import CallContext, GrpcServer
 from tei_manager.multiplexer.metrics import MultiplexerMetrics
 from tei_manager.multiplexer.server import MultiplexerServer, shared_routing
 from tei_manager.otlp import EXPORT, OtlpExporter
+from tests.conftest import Workers
 from tests.fake_manager import FakeManager
 from tests.httpclient import http_request
 
@@ -546,3 +547,18 @@ def test_serve_refuses_to_start_without_the_packages(
     assert "otel.endpoint is set but the OpenTelemetry packages are not installed" in (
         capsys.readouterr().err
     )
+
+
+# -- the built-in worker ---------------------------------------------------------------
+@pytest.mark.slow
+async def test_the_worker_answers_calls_that_carry_trace_context(workers: Workers) -> None:
+    # It makes no spans of its own: the context is metadata it has no use for.
+    request = tei_pb2.EmbedRequest(inputs="trace me")
+    async with open_channel("127.0.0.1", workers.dense.port) as channel:
+        plain = await channel.unary_unary(tei_grpc.Embed.Embed, request)
+        for metadata in (
+            (("traceparent", TRACEPARENT), ("tracestate", "vendor=1")),
+            (("traceparent", "garbage"),),
+        ):
+            traced = await channel.unary_unary(tei_grpc.Embed.Embed, request, metadata=metadata)
+            assert list(traced.embeddings) == list(plain.embeddings)

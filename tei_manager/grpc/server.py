@@ -498,8 +498,10 @@ class GrpcServer:
         code, message = StatusCode.CANCELLED, "cancelled"
         pushback: int | None = None
         started = trio.current_time()
-        trace = None if tracing.tracer is None else tracing.start_server(context)
+        trace = None
         try:
+            if tracing.tracer is not None:
+                trace = tracing.start_server(context)
             limit = context.deadline if context.deadline is not None else math.inf
             with trio.CancelScope(deadline=limit) as scope:
                 stream.handler_scope = scope
