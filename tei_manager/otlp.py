@@ -9,7 +9,8 @@ this sends the same ``ExportTraceServiceRequest`` over :mod:`tei_manager.grpc`.
 from __future__ import annotations
 
 import logging
-from typing import Final
+from collections.abc import Iterator
+from typing import Final, NamedTuple
 from urllib.parse import urlsplit
 
 import trio
@@ -17,11 +18,14 @@ from opentelemetry.context import Context
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
+from prometheus_client import CollectorRegistry
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from tei_manager.grpc.channel import client_ssl_context, open_channel
 from tei_manager.grpc.rpc import Cardinality, MethodSpec
 
-__all__ = ["EXPORT", "OtlpExporter"]
+__all__ = ["EXPORT", "ExportStatistics", "OtlpExporter"]
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +40,12 @@ EXPORT: Final = MethodSpec(
     trace_service_pb2.ExportTraceServiceRequest,
     trace_service_pb2.ExportTraceServiceResponse,
 )
+
+
+class ExportStatistics(NamedTuple):
+    queued: int  # finished spans waiting for the next batch
+    sent: int  # spans the collector accepted
+    dropped: int  # spans lost: the queue was full, or their batch could not be sent
 
 
 class OtlpExporter(SpanProcessor):
@@ -68,9 +78,15 @@ class OtlpExporter(SpanProcessor):
         self._timeout = timeout
         self._spans: list[ReadableSpan] = []
         self._wake = trio.Event()
-        #: Spans dropped: the queue was full, or their batch could not be sent.
-        self.dropped = 0
+        self.dropped = 0  # see ExportStatistics
         self.sent = 0
+
+    def statistics(self) -> ExportStatistics:
+        return ExportStatistics(len(self._spans), self.sent, self.dropped)
+
+    def watch(self, registry: CollectorRegistry) -> None:
+        """Expose :meth:`statistics` on ``registry`` at scrape time."""
+        registry.register(_ExportCollector(self))
 
     def on_start(self, span: Span, parent_context: Context | None = None) -> None:
         pass
@@ -135,3 +151,24 @@ class OtlpExporter(SpanProcessor):
             )
             return
         self.sent += len(batch)
+
+
+class _ExportCollector(Collector):
+    def __init__(self, exporter: OtlpExporter) -> None:
+        self._exporter = exporter
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        stats = self._exporter.statistics()
+        yield GaugeMetricFamily(
+            "tei_manager_otel_spans_queued", "Finished spans waiting to be exported", stats.queued
+        )
+        yield CounterMetricFamily(
+            "tei_manager_otel_spans_exported",
+            "Spans the OTLP collector accepted",
+            stats.sent,
+        )
+        yield CounterMetricFamily(
+            "tei_manager_otel_spans_dropped",
+            "Spans not exported: the queue was full, or the collector could not be reached",
+            stats.dropped,
+        )

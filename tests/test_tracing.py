@@ -422,6 +422,8 @@ async def test_spans_are_exported_over_otlp_grpc(nursery: trio.Nursery, tmp_path
     )
     exporter = tracing.install(config)
     assert isinstance(exporter, OtlpExporter)
+    registry = CollectorRegistry()
+    exporter.watch(registry)
     try:
         backend = Backend()
         port = await _serve_mux(nursery, tmp_path, backend)
@@ -434,7 +436,10 @@ async def test_spans_are_exported_over_otlp_grpc(nursery: trio.Nursery, tmp_path
             inner.cancel_scope.cancel()  # the last batch goes on cancellation
     finally:
         tracing.uninstall()
-    assert exporter.sent == 3 and exporter.dropped == 0
+    assert exporter.statistics() == (0, 3, 0)
+    assert registry.get_sample_value("tei_manager_otel_spans_exported_total") == 3
+    assert registry.get_sample_value("tei_manager_otel_spans_dropped_total") == 0
+    assert registry.get_sample_value("tei_manager_otel_spans_queued") == 0
     (request,) = collector.requests
     (resource_spans,) = request.resource_spans
     resource = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
@@ -460,8 +465,9 @@ async def test_export_to_an_absent_collector_drops_and_logs(
     with tracing.tracer.start_as_current_span("work") as span:
         pass
     exporter.on_end(span)  # type: ignore[arg-type]
+    assert exporter.statistics() == (1, 0, 0)
     await exporter.flush()
-    assert (exporter.sent, exporter.dropped) == (0, 1)
+    assert exporter.statistics() == (0, 0, 1)
     assert "1 spans not exported" in caplog.text
 
 

@@ -92,6 +92,7 @@ async def serve(
             if security.tls is not None:
                 await root.start(security.tls.run)
             if exporter is not None:
+                exporter.watch(manager.metrics.prometheus)
                 await root.start(exporter.run)
             await root.start(shared.pool.run)
 
