@@ -23,13 +23,15 @@ relays a client's ``traceparent`` to the instance untouched, as any other metada
 
 Health checks and other calls made outside a request get no span: the gRPC
 infrastructure services (``grpc.health.v1``, reflection) are not traced, and a call
-to an instance is traced only under a span.
+to an instance is traced only while the request it is made for is being served (see
+:class:`ServerSpan`).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Final
 
 from tei_manager.errors import ConfigError
@@ -103,12 +105,8 @@ class _Api:
         from opentelemetry import context, trace
         from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-        self.attach = context.attach
-        self.detach = context.detach
         self.root = context.Context()  # the parent of a span that starts a trace
         self.set_span_in_context = trace.set_span_in_context
-        self.get_current_span = trace.get_current_span
-        self.use_span = trace.use_span
         self.server = trace.SpanKind.SERVER
         self.client = trace.SpanKind.CLIENT
         self.status = trace.Status
@@ -257,10 +255,11 @@ class _TracedApp:
                 status = message["status"]
             await send(message)
 
+        request = ServerSpan(span)
         try:
-            with api.use_span(span, end_on_exit=False, record_exception=False):
-                await self._app(scope, receive, send_noting_status)
+            await self._app(scope, receive, send_noting_status)
         finally:
+            request.close()
             route = self._route_of(scope)
             span.update_name(f"{method} {route}")
             span.set_attribute("http.route", route)
@@ -271,21 +270,41 @@ class _TracedApp:
             span.end()
 
 
-# -- gRPC server -----------------------------------------------------------------------
+# -- the request being served ---------------------------------------------------------
 class ServerSpan:
-    """A gRPC call's SERVER span, current in the task (or callback) that serves it."""
+    """A request's SERVER span, current (:data:`_request`) in the task or callback that
+    serves it and in the tasks those start, until it is closed.
 
-    __slots__ = ("span", "token")
+    A task started during a request and outliving it (an instance's runner, a pooled
+    connection) inherits it too: once closed it parents nothing more.
+    """
 
-    def __init__(self, span: Span, token: Token[Context] | None) -> None:
+    __slots__ = ("closed", "span", "token")
+
+    def __init__(self, span: Span) -> None:
         self.span = span
-        self.token = token
+        self.closed = False
+        self.token: Token[ServerSpan | None] | None = _request.set(self)
 
     def detach(self) -> None:
-        """Stop being the current span (it goes on until :func:`end_server`)."""
+        """Stop being current here (tasks already started keep it until it closes)."""
         token, self.token = self.token, None
-        if token is not None and _api is not None:
-            _api.detach(token)
+        if token is not None:
+            _request.reset(token)
+
+    def close(self) -> None:
+        self.detach()
+        self.closed = True
+
+
+#: The request whose work this task does, if any: the parent of calls to instances.
+_request: ContextVar[ServerSpan | None] = ContextVar("tei_manager_request", default=None)
+
+
+def forget_request() -> None:
+    """This task works for no request (a connection's reader: its callbacks serve many)."""
+    if _request.get() is not None:
+        _request.set(None)
 
 
 def start_server(context: CallContext) -> ServerSpan | None:
@@ -309,12 +328,12 @@ def start_server(context: CallContext) -> ServerSpan | None:
         },
     )
     context.metadata = _carrying(span, context.metadata)
-    return ServerSpan(span, api.attach(api.set_span_in_context(span)))
+    return ServerSpan(span)
 
 
 def end_server(server: ServerSpan, code: StatusCode) -> None:
     """End a SERVER span with the call's final status."""
-    server.detach()
+    server.close()
     span = server.span
     span.set_attribute("rpc.grpc.status_code", code.value)
     if code in _SERVER_ERRORS and _api is not None:
@@ -326,17 +345,19 @@ def end_server(server: ServerSpan, code: StatusCode) -> None:
 def start_client(
     method: MethodSpec[Any, Any], host: str, port: int, metadata: Metadata
 ) -> tuple[Callable[[Stream], None] | None, Metadata]:
-    """A CLIENT span for a call to ``host:port`` under the current span, if any.
+    """A CLIENT span for a call to ``host:port`` made for the current request, if any.
 
     Returns the callback that ends it (with the stream's status, when the stream is
     released) and ``metadata`` carrying its trace context instead of any other;
-    ``(None, metadata)`` when no span is current. Call only with tracing on.
+    ``(None, metadata)`` outside a request. Call only with tracing on.
     """
     traced, api = _on()
-    if not api.get_current_span().get_span_context().is_valid:
+    request = _request.get()
+    if request is None or request.closed:
         return None, metadata
     span = traced.start_span(
         f"{method.service}/{method.name}",
+        context=api.set_span_in_context(request.span, api.root),
         kind=api.client,
         attributes={
             "rpc.system": "grpc",

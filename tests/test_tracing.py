@@ -35,7 +35,7 @@ from tei_manager.core.instances import InstanceTable
 from tei_manager.core.ports import PortAllocator
 from tei_manager.gateway.relay import create_gateway
 from tei_manager.grpc.channel import open_channel
-from tei_manager.grpc.rpc import Servicer
+from tei_manager.grpc.rpc import Servicer, StatusCode
 from tei_manager.grpc.server import CallContext, GrpcServer
 from tei_manager.multiplexer.metrics import MultiplexerMetrics
 from tei_manager.multiplexer.server import MultiplexerServer, shared_routing
@@ -393,6 +393,37 @@ async def test_calls_outside_a_request_get_no_span(
         await channel.unary_unary(tei_grpc.Embed.Embed, tei_pb2.EmbedRequest(inputs="x"))
     assert "traceparent" not in dict(backend.metadata[-1])
     assert [s.kind for s in spans.get_finished_spans()] == [SpanKind.SERVER]  # the backend's
+
+
+async def test_a_task_outliving_its_request_makes_untraced_calls(
+    nursery: trio.Nursery, spans: InMemorySpanExporter
+) -> None:
+    # An instance's runner started by a create request, or a pooled connection opened
+    # by a relayed call, inherits the request; its later calls are not the request's.
+    backend = Backend()
+    port = await nursery.start(backend.server().run)
+    embed = tei_grpc.Embed.Embed
+    later, done = trio.Event(), trio.Event()
+
+    async def runner() -> None:
+        await later.wait()
+        async with open_channel("127.0.0.1", port) as channel:
+            await channel.unary_unary(embed, tei_pb2.EmbedRequest(inputs="later"))
+        done.set()
+
+    request = tracing.start_server(CallContext(M.Embed, (), None, None, None))
+    assert request is not None
+    nursery.start_soon(runner)
+    async with open_channel("127.0.0.1", port) as channel:
+        await channel.unary_unary(embed, tei_pb2.EmbedRequest(inputs="now"))
+    assert "traceparent" in dict(backend.metadata[-1])
+    tracing.end_server(request, StatusCode.OK)
+    later.set()
+    await done.wait()
+    assert "traceparent" not in dict(backend.metadata[-1])
+    clients = [s for s in spans.get_finished_spans() if s.kind is SpanKind.CLIENT]
+    assert len(clients) == 1
+    assert _parent(clients[0]) == f"{request.span.get_span_context().span_id:016x}"
 
 
 # -- OTLP export -----------------------------------------------------------------------

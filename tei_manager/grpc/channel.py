@@ -86,6 +86,8 @@ class Channel:
 
         Connection failures before ``started`` raise GrpcError(UNAVAILABLE).
         """
+        # Opened for a request, perhaps, but its reader's callbacks serve every call on it.
+        tracing.forget_request()
         tcp: trio.SocketStream | None = None
         try:
             with trio.fail_after(self._connect_timeout):

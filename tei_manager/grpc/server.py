@@ -601,7 +601,7 @@ class GrpcServer:
             taken = True
         finally:
             if call.trace is not None:
-                call.trace.detach()  # current only in the handler (and tasks it spawned)
+                call.trace.detach()  # current in the handler and the tasks it started
         if not taken:  # the ordinary path serves (and traces) it; this span is let go
             self._call_ended()
             return False
