@@ -29,7 +29,6 @@ to an instance is traced only while the request it is made for is being served (
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterable
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Final
@@ -54,6 +53,7 @@ __all__ = [
     "TRACE_KEYS",
     "ServerSpan",
     "end_server",
+    "forget_request",
     "install",
     "start_client",
     "start_server",
@@ -61,8 +61,6 @@ __all__ = [
     "uninstall",
     "wrap_asgi",
 ]
-
-log = logging.getLogger(__name__)
 
 #: The W3C trace-context keys, as HTTP headers and gRPC metadata.
 TRACE_KEYS: Final = ("traceparent", "tracestate")
