@@ -15,8 +15,10 @@ from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 
+import httpx
 import msgspec
 import numpy as np
+import openai
 import pytest
 import trio
 from prometheus_client import generate_latest
@@ -315,3 +317,92 @@ keys = [{rows}]
     assert await status("POST", "/v1/embeddings", "reader-secret", embed) == 403
     assert await status("GET", "/v1/models", "reader-secret") == 403
     assert await status("GET", "/instances", "reader-secret") == 200
+
+
+def keys_rows(keys: dict[str, tuple[str, str]]) -> str:
+    return ", ".join(
+        f'{{ name = "{name}", scopes = ["{scope}"], '
+        f'sha256 = "{hashlib.sha256(key.encode()).hexdigest()}" }}'
+        for name, (key, scope) in keys.items()
+    )
+
+
+async def test_refusals_answer_in_each_doors_error_shape(
+    setup: Setup, nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    keys = {"ci": ("ci-secret", "inference"), "reader": ("reader-secret", "read")}
+    config = parse_config(
+        f"""
+api_port = 0
+grpc_port = 0
+state_file = "{tmp_path / "auth-state.toml"}"
+log_dir = "{tmp_path / "auth-logs"}"
+[auth]
+enabled = true
+providers = ["api_key"]
+[auth.api_key]
+keys = [{keys_rows(keys)}]
+[rate_limit]
+enabled = true
+inference = {{ requests_per_sec = 0.01, burst = 2 }}
+""",
+        env={},
+    )
+    manager = FakeManager(config)
+    security = build_security(config, manager.metrics.prometheus)
+    port = await nursery.start(
+        partial(serve_api, manager, "127.0.0.1", 0, gateway=setup.gateway, security=security)
+    )
+
+    def embed(key: str) -> None:
+        base = f"http://127.0.0.1:{port}/v1"
+        with openai.OpenAI(base_url=base, api_key=key, max_retries=0) as client:
+            client.embeddings.create(model="b", input="hi")
+
+    async def refused(key: str, error: type[openai.APIStatusError]) -> openai.APIStatusError:
+        with pytest.raises(error) as raised:
+            await trio.to_thread.run_sync(embed, key)
+        return raised.value
+
+    # The OpenAI SDK raises its own exception classes, carrying our message.
+    wrong = await refused("wrong-secret", openai.AuthenticationError)
+    assert wrong.body == {
+        "message": "the API key is not valid",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": "UNAUTHENTICATED",
+    }
+    assert "the API key is not valid" in str(wrong)
+    assert wrong.response.headers["www-authenticate"] == (
+        'Bearer realm="tei-manager", error="invalid_token"'
+    )
+    denied = await refused("reader-secret", openai.PermissionDeniedError)
+    assert isinstance(denied.body, dict)
+    assert denied.body["type"] == "invalid_request_error" and denied.body["code"] == "FORBIDDEN"
+    assert "inference" in denied.body["message"]
+    await trio.to_thread.run_sync(embed, "ci-secret")
+    await trio.to_thread.run_sync(embed, "ci-secret")
+    limited = await refused("ci-secret", openai.RateLimitError)
+    assert isinstance(limited.body, dict)
+    assert (limited.body["type"], limited.body["code"]) == ("requests", "OVERLOADED")
+    assert 90 <= int(limited.response.headers["retry-after"]) <= 100
+
+    # TEI's door: TEI's {"error", "error_type"}, with the same headers.
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+        missing = await http.post("/tei/b/embed", json={"inputs": "hi"})
+        assert missing.status_code == 401
+        assert missing.json()["error_type"] == "Validation"
+        assert missing.json()["error"].startswith("credentials required")
+        assert missing.headers["www-authenticate"] == 'Bearer realm="tei-manager"'
+        reader = {"Authorization": "Bearer reader-secret"}
+        forbidden = await http.get("/tei/b/health", headers=reader)
+        assert forbidden.status_code == 403 and forbidden.json()["error_type"] == "Validation"
+        ci = {"Authorization": "Bearer ci-secret"}
+        tei_limited = await http.post("/tei/b/embed", json={"inputs": "hi"}, headers=ci)
+        assert tei_limited.status_code == 429
+        assert tei_limited.json()["error_type"] == "Overloaded"
+        assert int(tei_limited.headers["retry-after"]) >= 1
+        # Elsewhere, the manager's own shape.
+        manager_shape = await http.get("/instances")
+        assert manager_shape.status_code == 401
+        assert set(manager_shape.json()) == {"error", "code", "timestamp"}
