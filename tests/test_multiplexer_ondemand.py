@@ -248,3 +248,68 @@ async def test_the_http_gateway_starts_an_idle_instance_through_the_same_hook(
     assert shared.router.in_flight("refused") == 0
     # The refused request gave its admission slot back.
     assert shared.admission.statistics()["refused"].in_flight == 0
+
+
+async def test_probes_listing_and_info_never_load_a_model(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    config = ManagerConfig(
+        api_host="127.0.0.1", api_port=0, grpc_port=0,
+        state_file=str(tmp_path / "state.toml"), log_dir=str(tmp_path / "logs"),
+    )  # fmt: skip
+    table = InstanceTable(PortAllocator(20000, 20100, probe=lambda port: True))
+    table.add(
+        InstanceConfig(name="od", model_id="m/od", start=StartPolicy.ON_DEMAND),
+        created_at=datetime.now(UTC),
+    )
+    activity = Activity(trio.current_time)
+    starter = Starter(nursery, Backend(activity))
+    shared = shared_routing(config, table, activity=activity, starter=starter)
+    await nursery.start(shared.pool.run)
+    manager = FakeManager(config)
+    gateway = create_gateway(
+        config,
+        table,
+        manager.metrics.prometheus,
+        router=shared.router,
+        pool=shared.pool,
+        admission=shared.admission,
+    )
+    port = await nursery.start(partial(serve_api, manager, "127.0.0.1", 0, gateway=gateway))
+    record = table.get("od")
+
+    async def get(path: str) -> tuple[int, object]:
+        reply = await http_request(port, "GET", path)
+        return reply.status, reply.json() if reply.body else None
+
+    # Idle: healthy (its first request loads it), listed, but its facts unknown yet.
+    assert await get("/tei/od/health") == (200, None)
+    assert await get("/tei/m/od/health") == (200, None)  # by model id too
+    status, listed = await get("/v1/models")
+    assert status == 200 and isinstance(listed, dict)
+    assert {card["id"] for card in listed["data"]} == {"od", "m/od"}
+    assert (await get("/v1/models/od"))[0] == 200
+    status, info = await get("/tei/od/info")
+    assert status == 503 and isinstance(info, dict)
+    assert info["error_type"] == "Unhealthy"
+    assert "has not loaded its model yet" in info["error"]
+    assert starter.starts == 0 and record.status is InstanceStatus.IDLE
+
+    # Loaded by a request: Info from the instance itself.
+    reply = await http_request(port, "POST", "/tei/od/embed", body=b'{"inputs": "ab"}')
+    assert reply.status == 200 and starter.starts == 1
+    assert await get("/tei/od/health") == (200, None)
+    status, loaded = await get("/tei/od/info")
+    assert status == 200 and isinstance(loaded, dict)
+    assert (loaded["model_id"], loaded["max_client_batch_size"]) == ("m/od", 32)
+
+    # Unloaded again: the last process's Info, still without a start.
+    record.mark_idle()
+    assert await get("/tei/od/info") == (200, loaded)
+    assert await get("/tei/od/health") == (200, None)
+    # A cold start under way: not ready yet, answered at once rather than awaited.
+    record.mark_start_requested()
+    status, starting = await get("/tei/od/health")
+    assert status == 503 and isinstance(starting, dict)
+    assert starting == {"error": 'instance "od" is starting', "error_type": "Unhealthy"}
+    assert starter.starts == 1 and record.status is InstanceStatus.STARTING
