@@ -340,6 +340,8 @@ class TeiHandlers:
             raise InferenceError(
                 Kind.UNAVAILABLE, f"instance {quote(record.name)} is {record.status.value}"
             )
+        # Running: asked now. No checkpoint lies between the check above and the
+        # pool's own (which starts an instance not running), so a probe never does.
         try:
             await self._gateway.instance_info(record, fresh=True)
         except InferenceError:
