@@ -318,6 +318,7 @@ class Connection:
             return
         if malformed:
             # A malformed request (RFC 9113 §8.1.1): a stream error, no answer.
+            self.h2_connection.count_glitch()
             self.h2_connection.reset_stream(stream_id, ErrorCode.PROTOCOL_ERROR)
             self.h2_connection.release_stream(stream_id)
             return
