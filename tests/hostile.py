@@ -723,6 +723,28 @@ async def window_update_flood(
         return attacker.outcome
 
 
+async def malformed_request_flood(
+    port: int, scale: float = 1.0, *, service: Service = WORKER
+) -> Outcome:
+    """Requests whose pseudo-header comes after a regular field (RFC 9113 §8.3), each
+    on a new stream: each costs the server a decode and a reset, and does nothing."""
+    count = int(20_000 * scale)
+    block = (
+        hpack_literal("content-type", "application/grpc")
+        + STATIC_POST_HTTP
+        + hpack_literal(":path", service.path)
+    )
+    chunks = await batches(
+        lambda i: frame(HEADERS, END_HEADERS | END_STREAM, 2 * i + 1, block), 0, count, 1000
+    )
+    async with Attacker.connect(port, "malformed request flood") as attacker:
+        await attacker.send(opening())
+        await attacker.send_all(chunks)
+        await attacker.wait_closed(1.0)
+        attacker.outcome.notes["streams_reset"] = attacker.outcome.resets.get("PROTOCOL_ERROR", 0)
+        return attacker.outcome
+
+
 IDLE_KINDS: dict[str, bytes] = {
     "no preface": b"",
     "half a preface": PREFACE[:12],
@@ -777,6 +799,7 @@ ATTACKS = [
     Attack("settings_flood", settings_flood, ENHANCE_YOUR_CALM),
     Attack("priority_flood", priority_flood, ENHANCE_YOUR_CALM),
     Attack("window_update_flood", window_update_flood, ENHANCE_YOUR_CALM),
+    Attack("malformed_request_flood", malformed_request_flood, ENHANCE_YOUR_CALM),
 ]
 
 __all__ = ["ATTACKS", "Attack", "Attacker", "Outcome", "Prober", "probing"]

@@ -119,6 +119,7 @@ EXPECTED = {
     # Glitches: a token bucket of 1000 (nghttp2's), so cut off after about that many.
     "priority_flood": Expect(ENHANCE_YOUR_CALM, peak_mib=4),
     "window_update_flood": Expect(ENHANCE_YOUR_CALM, peak_mib=4),
+    "malformed_request_flood": Expect(ENHANCE_YOUR_CALM, peak_mib=4),
     # One malformed request must not take the server down (it did: IndexError).
     "empty_header_name": Expect(None, peak_mib=4),
     # Refused (the stream or the connection) before it is decoded in full.

@@ -301,6 +301,17 @@ def test_well_behaved_flow_control_has_no_glitches() -> None:
     assert h2c.glitches == 0
 
 
+def test_malformed_requests_and_stream_errors_are_glitches() -> None:
+    """Each costs a decode and a reset and does nothing: a stream of them is a flood."""
+    raw = Raw(Limits(glitch_burst=3, glitch_rate_per_sec=1))
+    pseudo_last = [*REQUEST[4:], *REQUEST[:4]]  # pseudo-headers after regular ones
+    raw.send(raw.headers(1, pseudo_last) + raw.headers(3, pseudo_last))
+    raw.send(raw.headers(5))
+    raw.send(_window_update(5, 0))  # a stream error: the third
+    assert raw.ours.h2_connection.glitches == 3
+    fails_with(ErrorCode.ENHANCE_YOUR_CALM, raw, raw.headers(7, pseudo_last))
+
+
 def test_zero_window_increment_is_a_stream_error_or_a_connection_error() -> None:
     """RFC 9113 §6.9: on a stream, RST_STREAM PROTOCOL_ERROR; on the connection, GOAWAY."""
     raw = Raw()
