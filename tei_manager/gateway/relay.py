@@ -233,8 +233,9 @@ class Session:
         it running: the one place before any connection to it (the session's
         instance, or the replica a failover moves to). An idle on-demand instance
         is started here (:meth:`Router.ensure_running`, one start shared by every
-        request waiting), within ``request_timeout``; counted in flight meanwhile,
-        it is not unloaded or evicted under the request."""
+        request waiting), within its startup timeout and the request's deadline
+        (``request_timeout`` times the call once it runs, as on the gRPC door);
+        counted in flight meanwhile, it is not unloaded or evicted under the request."""
         gateway = self._gateway
         waited = await gateway.admission.enter(record.name, record.config.max_concurrent_requests)
         self.queued = waited + (self.queued or 0.0)
@@ -243,11 +244,8 @@ class Session:
         gateway.router.begin(record.name)
         if record.status is InstanceStatus.RUNNING:
             return
-        deadline = min(
-            trio.current_effective_deadline(), trio.current_time() + gateway.request_timeout
-        )
         try:
-            await gateway.router.ensure_running(record, deadline)
+            await gateway.router.ensure_running(record, trio.current_effective_deadline())
         except TeiError as error:
             self.release()
             raise from_routing(error) from None

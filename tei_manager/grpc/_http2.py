@@ -12,8 +12,10 @@ Every resource a peer can make us hold is bounded by ``Limits`` (``limits.py``):
 streams (a stream counts from its HEADERS until the application calls
 ``release_stream``, reset or not), header blocks (running totals of bytes and
 CONTINUATION frames), queued control frames, empty frames, SETTINGS, PINGs (with the
-clock it is given) and resets before an answer; floods end with GOAWAY
-ENHANCE_YOUR_CALM. Every check is a counter compared on the frame that moves it.
+clock it is given), resets before an answer, and "glitches" (PRIORITY, unknown
+frames, WINDOW_UPDATEs our DATA did not earn, stream errors: a token bucket on the
+same clock); floods end with GOAWAY ENHANCE_YOUR_CALM. Every check is a counter
+compared on the frame that moves it.
 
 Received data is credited back (both windows) only as the application acknowledges
 its bytes (``acknowledge_received_data``), so the windows bound what a peer can make
@@ -158,6 +160,12 @@ class H2Connection:
         self._clock = clock
         self._last_ping = -math.inf
         self._ping_strikes = 0
+        #: Glitches (see ``Limits.glitch_burst``): all so far, and the token bucket.
+        self.glitches = 0
+        self._glitch_tokens = float(limits.glitch_burst)
+        self._glitch_time = -math.inf
+        # WINDOW_UPDATEs the peer has earned with our DATA frames and its streams.
+        self._window_updates_earned = 0
 
     # -- starting and stopping ------------------------------------------------------
     def initiate_connection(self) -> None:
@@ -258,6 +266,7 @@ class H2Connection:
             stream = _Stream(self.peer_initial_window, self._stream_recv_initial)
             self.streams[stream_id] = stream
             self.next_outbound_id = stream_id + 2
+            self._window_updates_earned += 2
         elif stream.local_closed:
             raise StreamClosedError(f"stream {stream_id} is closed for sending")
         self._ping_strikes = 0  # we are doing work for the peer: its PINGs are fair
@@ -314,9 +323,11 @@ class H2Connection:
         out = self._data_to_send
         end = start + count
         last = END_STREAM if end_stream and end == len(data) else 0
+        earned = self.limits.window_updates_per_data_frame
         if start == 0 and end == len(data) and count <= limit:
             out += _FRAME.pack(count >> 16, count & 0xFFFF, DATA, last, stream_id)
             out += data
+            self._window_updates_earned += earned
         else:
             view = memoryview(data)
             while start < end:
@@ -325,6 +336,7 @@ class H2Connection:
                 out += _FRAME.pack(size >> 16, size & 0xFFFF, DATA, flags, stream_id)
                 out += view[start : start + size]
                 start += size
+                self._window_updates_earned += earned
         if last:
             self._close_local(stream_id, stream)
         return count
@@ -432,10 +444,14 @@ class H2Connection:
                     self._fail(ErrorCode.PROTOCOL_ERROR, "PRIORITY on stream 0")
                 if length != 5:
                     self._stream_error(stream_id, ErrorCode.FRAME_SIZE_ERROR, events)
+                else:
+                    self.count_glitch()  # we ignore priorities: no work for the peer
             elif kind == PUSH_PROMISE:
                 # We never enable push (client) and servers must not receive it.
                 self._fail(ErrorCode.PROTOCOL_ERROR, "unexpected PUSH_PROMISE")
-            # Unknown frame types are ignored (RFC 9113 §4.1).
+            else:
+                # Unknown frame types are ignored (RFC 9113 §4.1): no work done for them.
+                self.count_glitch()
         if pos < end:
             return self._keep(data, pos, 9, events)
         return events
@@ -467,6 +483,19 @@ class H2Connection:
         if self.empty_frames > self.limits.max_empty_frames:
             self._fail(ErrorCode.ENHANCE_YOUR_CALM, "too many empty frames")
 
+    def count_glitch(self) -> None:
+        """The peer made us work for nothing (see ``Limits.glitch_burst``): take a
+        token from the bucket; none left is a flood."""
+        self.glitches += 1
+        limits = self.limits
+        now = self._clock()
+        tokens = self._glitch_tokens + (now - self._glitch_time) * limits.glitch_rate_per_sec
+        self._glitch_time = now
+        tokens = min(tokens, limits.glitch_burst) - 1
+        if tokens < 0:
+            self._fail(ErrorCode.ENHANCE_YOUR_CALM, "too many frames that do nothing")
+        self._glitch_tokens = tokens
+
     def _premature_reset(self) -> None:
         """A stream the peer reset before we answered, or one we refused."""
         self.premature_resets += 1
@@ -483,6 +512,7 @@ class H2Connection:
 
     def _stream_error(self, stream_id: int, code: ErrorCode, events: list[Event]) -> None:
         """Reset a stream for the peer's error; tell the application if it knew the stream."""
+        self.count_glitch()
         if self.streams.pop(stream_id, None) is not None:
             events.append(StreamReset(stream_id, code))
         self._control(RST_STREAM, 0, stream_id, _U32.pack(code))
@@ -607,6 +637,7 @@ class H2Connection:
                 return
             self.highest_inbound_id = stream_id
             self.streams_opened += 1
+            self._window_updates_earned += 2
             if self.goaway_sent or len(self._held) >= self.local_max_concurrent_streams:
                 # Reset streams whose handlers still run count too (CVE-2023-44487).
                 self._control(RST_STREAM, 0, stream_id, _U32.pack(ErrorCode.REFUSED_STREAM))
@@ -635,6 +666,10 @@ class H2Connection:
         if len(payload) != 4:
             self._fail(ErrorCode.FRAME_SIZE_ERROR, "WINDOW_UPDATE payload must be 4 bytes")
         increment = _U32.unpack(payload)[0] & 0x7FFFFFFF
+        if self._window_updates_earned > 0:
+            self._window_updates_earned -= 1
+        else:
+            self.count_glitch()  # more than our DATA can have called for
         if stream_id == 0:
             if increment == 0:
                 self._fail(ErrorCode.PROTOCOL_ERROR, "WINDOW_UPDATE of 0")

@@ -11,8 +11,9 @@ the request, the response's status. What the spec leaves to an implementation:
 - A malformed request (method, path, content type, ``grpc-timeout``) is answered
   by this layer; the application never sees it. A header block HTTP/2 calls
   malformed (RFC 9113 §8.2: an empty, uppercase or connection-specific field name,
-  an unknown pseudo-header, ``te`` other than "trailers") resets its stream with
-  PROTOCOL_ERROR (§8.1.1); in a response it fails the call.
+  an unknown pseudo-header, ``te`` other than "trailers"; §8.3: a pseudo-header
+  after a regular field, twice, of the other side, missing, or in trailers) resets
+  its stream with PROTOCOL_ERROR (§8.1.1); in a response it fails the call.
 - A response with an HTTP status other than 200 ends the call with the status gRPC
   maps it to; one without ``grpc-status`` ends UNKNOWN.
 - Metadata: ``grpc-*``, pseudo-headers, ``te``, ``content-type`` and ``user-agent``
@@ -251,6 +252,9 @@ class Connection:
         # Trailers from the client: HTTP allows them; they only end the request.
         if not event.end_stream:
             self._fail_stream(stream_id, StatusCode.INTERNAL, "headers inside the request", out)
+        elif any(name[:1] == ":" for name, _ in event.headers):
+            # RFC 9113 §8.1: trailers carry no pseudo-headers; malformed (§8.1.1).
+            self._fail_stream(stream_id, StatusCode.INTERNAL, "pseudo-header in trailers", out)
         elif not call.discarding:
             out.append(RequestEnded(stream_id))
 
@@ -259,20 +263,35 @@ class Connection:
         timeout_text = None
         metadata = []
         malformed = True  # unless every header passes
+        regular = False  # a regular field was seen: no pseudo-header may follow
         try:
             for name, value in event.headers:
                 if name[:1] == ":":
+                    # RFC 9113 §8.3: pseudo-headers come first, each at most once,
+                    # and only the request ones (":status" or unknown: malformed).
+                    if regular:
+                        break
                     if name == ":path":
+                        if path is not None:
+                            break
                         path = value
                     elif name == ":method":
+                        if method is not None:
+                            break
                         method = value
                     elif name == ":scheme":
+                        if scheme is not None:
+                            break
                         scheme = value
                     elif name == ":authority":
+                        if authority is not None:
+                            break
                         authority = value
-                    else:  # an unknown pseudo-header (RFC 9113 §8.3)
+                    else:
                         break
-                elif name == "content-type":
+                    continue
+                regular = True
+                if name == "content-type":
                     content_type = value
                 elif name == "te":
                     if value != "trailers":
@@ -288,12 +307,18 @@ class Connection:
                 elif not name.startswith("grpc-"):
                     metadata.append(incoming_metadata(name, value))
             else:
-                malformed = False
+                # RFC 9113 §8.3.1: every request but CONNECT has :method, :scheme and
+                # a non-empty :path; CONNECT (§8.5) has :authority and neither.
+                if method == "CONNECT":
+                    malformed = authority is None or scheme is not None or path is not None
+                else:
+                    malformed = method is None or scheme is None or not path
         except (binascii.Error, ValueError):
             self._refuse(stream_id, StatusCode.INTERNAL, "malformed binary metadata")
             return
         if malformed:
             # A malformed request (RFC 9113 §8.1.1): a stream error, no answer.
+            self.h2_connection.count_glitch()
             self.h2_connection.reset_stream(stream_id, ErrorCode.PROTOCOL_ERROR)
             self.h2_connection.release_stream(stream_id)
             return
@@ -345,14 +370,17 @@ class Connection:
         grpc_message = ""
         metadata = []
         malformed = True  # unless every header passes
+        regular = False
         try:
             for name, value in event.headers:
                 if name[:1] == ":":
-                    if name == ":status":
-                        http_status = value
-                    else:  # an unknown pseudo-header (RFC 9113 §8.3)
+                    # RFC 9113 §8.3: one :status, first, and never in trailers.
+                    if regular or name != ":status" or http_status or call.headers_received:
                         break
-                elif name == "grpc-status":
+                    http_status = value
+                    continue
+                regular = True
+                if name == "grpc-status":
                     grpc_status = value
                 elif name == "grpc-message":
                     grpc_message = unquote(value) if "%" in value else value

@@ -311,7 +311,9 @@ class GrpcServer:
         for servicer in servicers:
             self.add_servicer(servicer)
         #: Called with each call's context when its headers arrive, before any handler
-        #: (fast or not) sees it; a refusal answers the call at once.
+        #: (fast or not) sees it, and before an unknown method is answered
+        #: UNIMPLEMENTED (so no one probes our methods unauthenticated); a refusal
+        #: answers the call at once.
         self.authorize = authorize
 
     def add_servicer(self, servicer: Servicer) -> None:
@@ -546,10 +548,11 @@ class GrpcServer:
         request = stream.request
         assert request is not None and self.authorize is not None
         entry = self._methods.get(request.path)
-        if entry is None:  # answered UNIMPLEMENTED as usual
-            return False
+        # An unknown method is authenticated too, and answered UNIMPLEMENTED only
+        # once allowed: else a peer without credentials could list our methods.
+        spec = _unknown_method(request.path) if entry is None else entry[0]
         try:
-            refusal = self.authorize(_context(entry[0], request, peer, certificate))
+            refusal = self.authorize(_context(spec, request, peer, certificate))
         except Exception:
             # It runs in the connection's reader (no await, so no Cancelled to
             # swallow): a bug there must fail this call, not the whole server.
@@ -670,6 +673,13 @@ def _context(
     if request.timeout is not None:
         deadline = trio.current_time() + request.timeout
     return CallContext(spec, tuple(request.custom_metadata), peer, certificate, deadline)
+
+
+def _unknown_method(path: str) -> MethodSpec[Any, Any]:
+    """A method we do not serve, for the authorizer to judge by its path (which the
+    protocol layer checked is ``/service/method``)."""
+    _, service, name = path.split("/")
+    return MethodSpec(service, name, Cardinality.UNARY_UNARY, Message, Message)
 
 
 def _first_leaf(group: BaseExceptionGroup[GrpcError]) -> GrpcError:

@@ -25,7 +25,9 @@ most the instance's ``max_concurrent_requests`` texts in flight, shared with eve
 other Arrow call to it (the pool's :class:`~tei_manager.multiplexer.pool.Pacer`).
 
 Deadlines: a unary call gets at most ``request_timeout`` (and the client's own
-deadline, which travels to the instance as ``grpc-timeout``); a stream fails after
+deadline, which travels to the instance as ``grpc-timeout``), counted from when its
+instance runs: the cold start of an on-demand instance has its own bound (its
+``startup_timeout_secs``, and the client's deadline); a stream fails after
 ``stream_idle_timeout`` without a message in either direction. A client that
 cancels cancels the instance's call. Statuses from the instance pass through
 unchanged; failures of the relay itself name the instance.
@@ -45,7 +47,7 @@ from google.protobuf.message import DecodeError
 
 from tei_manager._proto.tei.v1 import tei_grpc, tei_pb2
 from tei_manager._proto.tei_multiplexer.v1 import multiplexer_grpc, multiplexer_pb2
-from tei_manager.core.instances import InstanceRecord
+from tei_manager.core.instances import InstanceRecord, InstanceStatus
 from tei_manager.core.routing import Router
 from tei_manager.errors import TeiError, quote
 from tei_manager.gateway.admission import Admission
@@ -201,7 +203,8 @@ class Multiplexer(multiplexer_grpc.TeiMultiplexerServicer):
             self._refuse(call, backend, error.grpc_status, error.message)
             return True
         name = record.name
-        call.limit(call.started + self._request_timeout, self._timed_out(name))
+        if record.status is InstanceStatus.RUNNING:  # else timed once it runs (_relay_later)
+            call.limit(call.started + self._request_timeout, self._timed_out(name))
         relay = _UnaryRelay(
             call, record, self._router, self._admission, self._metrics.call(name, backend.name)
         )
@@ -326,10 +329,14 @@ class Multiplexer(multiplexer_grpc.TeiMultiplexerServicer):
             return
         with trio.CancelScope(deadline=call.deadline) as scope:
             relay.scope = scope
+            cold = await self._started(record)
+            call.limit(trio.current_time() + self._request_timeout, self._timed_out(record.name))
+            scope.deadline = call.deadline
             while True:
-                outcome = await self._exchange(
+                outcome = cold or await self._exchange(
                     backend, record, inner, relayed_metadata(call.context.metadata)
                 )
+                cold = None
                 if outcome.retry is not None:
                     moved = self._reroute(relay, backend, outcome.retry)
                     if moved is not None:
@@ -347,12 +354,15 @@ class Multiplexer(multiplexer_grpc.TeiMultiplexerServicer):
             observed.routed(record.name)
             # The slot stays with the first replica if the call fails over.
             async with self._admitted(record, backend.name):
+                with self._router.track(record.name):
+                    cold = await self._started(record)
                 with trio.move_on_after(self._request_timeout) as timer:
                     while True:
                         with self._router.track(record.name):
-                            outcome = await self._exchange(
+                            outcome = cold or await self._exchange(
                                 backend, record, inner, relayed_metadata(context.metadata)
                             )
+                        cold = None
                         if outcome.retry is not None and model is not None:
                             moved = self._failover.reroute(
                                 model, record, backend.name, outcome.retry
@@ -369,6 +379,18 @@ class Multiplexer(multiplexer_grpc.TeiMultiplexerServicer):
                 raise GrpcError(StatusCode.DEADLINE_EXCEEDED, self._timed_out(record.name))
             if outcome.code is not StatusCode.OK:
                 raise GrpcError(outcome.code, outcome.message)
+
+    async def _started(self, record: InstanceRecord) -> Outcome | None:
+        """Wait for an on-demand instance's cold start (the pool's ``before_connect``,
+        bounded by its startup timeout and the client's deadline) before the call's
+        own ``request_timeout`` starts; None once it runs, else the failure."""
+        if record.status is InstanceStatus.RUNNING:
+            return None
+        try:
+            await self._pool.channel(record)
+        except GrpcError as error:
+            return Outcome(None, error.code, _naming(error, record.name), CONNECT)
+        return None
 
     async def _exchange(
         self, backend: Spec, record: InstanceRecord, inner: bytes, metadata: Metadata
