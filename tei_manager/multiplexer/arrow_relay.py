@@ -209,7 +209,7 @@ async def embed(
     restarts = 0
     while len(results) < len(messages):
         rest = messages[len(results) :]
-        if restarts == MAX_RESTARTS:
+        if restarts > MAX_RESTARTS:
             results.extend(await _each(instance, options.unary_spec, rest))
             break
         replies, failure = await _feed(instance, options.stream_spec, rest)
