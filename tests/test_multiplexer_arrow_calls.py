@@ -14,7 +14,7 @@ import pyarrow as pa
 import pytest
 import trio
 import trio.testing
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 
 from tei_manager._proto.tei.v1 import tei_grpc, tei_pb2
 from tei_manager._proto.tei_multiplexer.v1 import multiplexer_grpc, multiplexer_pb2
@@ -97,9 +97,10 @@ class Backend(tei_grpc.EmbedServicer):
 
 
 class Setup:
-    def __init__(self, backend: Backend, mux_port: int) -> None:
+    def __init__(self, backend: Backend, mux_port: int, prometheus: CollectorRegistry) -> None:
         self.backend = backend
         self.port = mux_port
+        self.prometheus = prometheus
 
     def texts_seen(self) -> list[str]:
         return [r.inputs for r in self.backend.requests]
@@ -114,8 +115,9 @@ async def _setup(nursery: trio.Nursery, **settings: Any) -> Setup:
     record.status = InstanceStatus.RUNNING
     record.pid = 1
     config = ManagerConfig(api_host="127.0.0.1", grpc_port=0, **settings)
-    server = MultiplexerServer(config, registry, MultiplexerMetrics(CollectorRegistry()))
-    return Setup(backend, await nursery.start(server.run))
+    prometheus = CollectorRegistry()
+    server = MultiplexerServer(config, registry, MultiplexerMetrics(prometheus))
+    return Setup(backend, await nursery.start(server.run), prometheus)
 
 
 def request(texts: list[str | None], **fields: Any) -> multiplexer_pb2.EmbedArrowRequest:
@@ -339,6 +341,10 @@ async def test_stream_answers_each_batch_in_order_with_batches_side_by_side() ->
         # Every batch keeps the first request's options.
         assert all(table(r).schema.field(0).type.list_size == 2 for r in replies)
         assert table(replies[1]).column("error").to_pylist() == [None, arrow.NULL_TEXT]
+        metrics = generate_latest(setup.prometheus).decode()
+        assert (
+            'tei_manager_grpc_requests_total{instance="b",method="EmbedArrowStream"} 1.0' in metrics
+        )
         nursery.cancel_scope.cancel()
 
 
@@ -459,3 +465,18 @@ async def test_grpcio_client_streams_batches_and_old_requests_still_work() -> No
         assert old_table.column(0).to_pylist()[0][0] == 2.0
         assert old_table.column(0).to_pylist()[1] is None
         nursery.cancel_scope.cancel()
+
+
+def test_every_multiplexer_method_needs_inference_and_the_stream_is_served() -> None:
+    from tei_manager.auth.identity import Scope
+    from tei_manager.multiplexer.auth import scope_for_method
+    from tei_manager.multiplexer.service import Multiplexer
+
+    names = {spec.name for spec in M.__dict__.values() if hasattr(spec, "path")}
+    assert "EmbedArrowStream" in names
+    for spec in multiplexer_grpc.TeiMultiplexerServicer.METHODS:
+        assert scope_for_method(spec.path) is Scope.INFERENCE
+        # Overridden by the relay, not the generated UNIMPLEMENTED base.
+        assert getattr(Multiplexer, spec.name) is not getattr(
+            multiplexer_grpc.TeiMultiplexerServicer, spec.name
+        )
