@@ -106,8 +106,8 @@ class Setup:
         return [r.inputs for r in self.backend.requests]
 
 
-async def _setup(nursery: trio.Nursery, **settings: Any) -> Setup:
-    backend = Backend()
+async def _setup(nursery: trio.Nursery, backend: Backend | None = None, **settings: Any) -> Setup:
+    backend = backend or Backend()
     port = await nursery.start(GrpcServer([backend]).run)
     registry = InstanceTable(PortAllocator(20000, 20100, probe=lambda port: True))
     record = registry.add(InstanceConfig(name="b", model_id="m/b"), created_at=datetime.now(UTC))
@@ -261,6 +261,30 @@ async def test_null_and_refused_rows_fail_alone_and_later_rows_still_embed() -> 
             None,
         ]
         assert None not in setup.texts_seen()  # a null text is never sent
+        nursery.cancel_scope.cancel()
+
+
+class EagerBackend(Backend):
+    """An instance that fails a stream as soon as any of its texts fails, before
+    answering the ones before it (out of order)."""
+
+    async def EmbedStream(
+        self, requests: AsyncIterator[tei_pb2.EmbedRequest], context: CallContext
+    ) -> AsyncIterator[tei_pb2.EmbedResponse]:
+        self.streams += 1
+        replies = [await self._embed(request) async for request in requests]
+        for reply in replies:
+            yield reply
+
+
+async def test_rows_are_isolated_when_the_instance_fails_out_of_order() -> None:
+    async with trio.open_nursery() as nursery:
+        setup = await _setup(nursery, EagerBackend())
+        async with open_channel("127.0.0.1", setup.port) as channel:
+            reply = await channel.unary_unary(M.EmbedArrow, request(["a", "bb", "bad", "cccc"]))
+        answer = table(reply)
+        assert [row and row[0] for row in answer.column(0).to_pylist()] == [1.0, 2.0, None, 4.0]
+        assert answer.column("error").to_pylist() == [None, None, "refused 'bad'", None]
         nursery.cancel_scope.cancel()
 
 

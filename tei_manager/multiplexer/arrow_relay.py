@@ -61,7 +61,7 @@ _ROW_CODES: Final = frozenset({StatusCode.INVALID_ARGUMENT})
 #: An ``error`` cell holds at most this much of the instance's message.
 _ERROR_CHARS: Final = 1024
 
-_DTYPES: Final = {mux.OUTPUT_DTYPE_F32: "f32", mux.OUTPUT_DTYPE_F16: "f16"}
+_DTYPES: Final[dict[int, arrow.Dtype]] = {mux.OUTPUT_DTYPE_F32: "f32", mux.OUTPUT_DTYPE_F16: "f16"}
 
 
 class ArrowOptions(msgspec.Struct, frozen=True, kw_only=True):
@@ -127,7 +127,7 @@ def arrow_options(request: ArrowRequest, default_dtype: arrow.Dtype) -> ArrowOpt
     if request.output_dtype == mux.OUTPUT_DTYPE_UNSPECIFIED:
         dtype = default_dtype
     elif request.output_dtype in _DTYPES:
-        dtype = "f16" if request.output_dtype == mux.OUTPUT_DTYPE_F16 else "f32"
+        dtype = _DTYPES[request.output_dtype]
     else:
         raise GrpcError(
             StatusCode.INVALID_ARGUMENT,
