@@ -56,6 +56,7 @@ from tei_manager.grpc.rpc import GrpcError, MethodSpec, StatusCode, status_code
 from tei_manager.grpc.server import CallContext, FastCall, FastUnaryHandler, ServerCall
 from tei_manager.grpc.transport import MessageReceived, ResponseEnded, Stream
 from tei_manager.multiplexer import arrow, arrow_relay
+from tei_manager.multiplexer.arrow_stream import serve_stream
 from tei_manager.multiplexer.failover import (
     CLOSED,
     CONNECT,
@@ -514,7 +515,7 @@ class Multiplexer(multiplexer_grpc.TeiMultiplexerServicer):
             )
             options = arrow_relay.arrow_options(request, self._arrow_dtype)
             async with self._arrow_instance(request, options, context, observed) as instance:
-                await arrow_relay.serve_stream(
+                await serve_stream(
                     call,
                     request.arrow_ipc,
                     options,
