@@ -326,3 +326,47 @@ async def test_pool_shares_one_connection_and_sweeps_stopped_instances() -> None
             assert error.value.code == StatusCode.UNAVAILABLE
             assert "stopped" in error.value.message
         nursery.cancel_scope.cancel()
+
+
+@temperatures
+async def test_metadata_names_the_target_when_the_message_does_not(warm: bool) -> None:
+    async with trio.open_nursery() as nursery:
+        setup = await _setup(nursery)
+        untargeted = mux.EmbedRequest(request=tei_pb2.EmbedRequest(inputs="abc"))
+        async with open_channel("127.0.0.1", setup.mux_port) as channel:
+            await _warm_up(setup, channel, warm)
+            for key, value in (("x-tei-instance", "b"), ("x-tei-model", "m/b")):
+                reply = await channel.unary_unary(M.Embed, untargeted, metadata=((key, value),))
+                assert list(reply.embeddings) == [3.0]
+            agreeing = await channel.unary_unary(
+                M.Embed, setup.embed("ab"), metadata=(("x-tei-instance", "b"),)
+            )
+            assert list(agreeing.embeddings) == [2.0]
+            async with channel.open_call(M.EmbedStream, metadata=(("x-tei-model", "m/b"),)) as call:
+                await call.send(untargeted)
+                reply = await call.receive()
+                assert reply is not None and list(reply.embeddings) == [3.0]
+            refused = {
+                # The message names an instance, the proxy routed on a model.
+                "target.instance_name, x-tei-model": (
+                    setup.embed("x"), (("x-tei-model", "m/b"),)
+                ),
+                "target.instance_name, x-tei-instance": (
+                    setup.embed("x"), (("x-tei-instance", "other"),)
+                ),
+                "x-tei-instance, x-tei-model": (
+                    untargeted, (("x-tei-instance", "b"), ("x-tei-model", "m/b"))
+                ),
+                "x-tei-model: is 5000 characters": (untargeted, (("x-tei-model", "m" * 5000),)),
+            }  # fmt: skip
+            for expected, (request, metadata) in refused.items():
+                with pytest.raises(GrpcError) as error:
+                    await channel.unary_unary(M.Embed, request, metadata=metadata)
+                assert error.value.code == StatusCode.INVALID_ARGUMENT, expected
+                assert error.value.message.startswith(expected), error.value.message
+                assert len(error.value.message) < 300  # a value is never echoed whole
+            with pytest.raises(GrpcError) as error:
+                await channel.unary_unary(M.Embed, untargeted, metadata=(("x-tei-model", "nope"),))
+            assert error.value.code == StatusCode.NOT_FOUND
+        assert setup.backend.seen.count("abc") == 2  # the unary calls (streams are not logged)
+        nursery.cancel_scope.cancel()

@@ -32,6 +32,7 @@ from tei_manager.api.inference import (
     read_body,
     retry_headers,
 )
+from tei_manager.api.routing_key import request_target
 from tei_manager.gateway import encoding
 from tei_manager.gateway.calls import decode_ids, embed_texts, unary_or_stream
 from tei_manager.gateway.errors import InferenceError, Kind
@@ -284,6 +285,7 @@ class TeiHandlers:
         self._status = door.status
 
     def _session(self, route: str, model: str) -> AbstractAsyncContextManager[Session]:
+        request_target(model)  # an x-tei-* header must name the URL's model
         return self._gateway.session(f"/tei/{{model}}/{route}", model, self._status)
 
     # -- metadata ----------------------------------------------------------------------
@@ -324,6 +326,7 @@ class TeiHandlers:
         return json_bytes(_encode(body))
 
     async def tei_health(self, model: str) -> Response:
+        request_target(model)
         record = self._gateway.resolve(model)  # unknown: 404; not running: 503
         try:
             await self._gateway.instance_info(record, fresh=True)

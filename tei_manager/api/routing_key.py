@@ -1,0 +1,27 @@
+"""The REST doors' routing key: a request's ``model`` or its ``x-tei-*`` header.
+
+See :mod:`tei_manager.core.routing_key` for the rule; this reads the headers and
+answers in the doors' vocabulary (VALIDATION naming the fields).
+"""
+
+from __future__ import annotations
+
+from quart import request
+
+from tei_manager.core.routing_key import INSTANCE_HEADER, MODEL_HEADER, rest_target
+from tei_manager.errors import ValidationError
+from tei_manager.gateway.errors import InferenceError, Kind
+
+__all__ = ["request_target"]
+
+
+def request_target(body: str | None, body_field: str = "model") -> str:
+    """The name this request is for: ``body`` (``model``, or the URL's name) or the
+    header's, which must agree when both are given."""
+    headers = request.headers
+    try:
+        return rest_target(
+            body, body_field, headers.get(INSTANCE_HEADER), headers.get(MODEL_HEADER)
+        )
+    except ValidationError as error:
+        raise InferenceError(Kind.VALIDATION, error.message, param=body_field) from None
