@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
+import pyarrow as pa
 import pytest
 import trio
 from prometheus_client import CollectorRegistry
@@ -369,4 +370,28 @@ async def test_metadata_names_the_target_when_the_message_does_not(warm: bool) -
                 await channel.unary_unary(M.Embed, untargeted, metadata=(("x-tei-model", "nope"),))
             assert error.value.code == StatusCode.NOT_FOUND
         assert setup.backend.seen.count("abc") == 2  # the unary calls (streams are not logged)
+        nursery.cancel_scope.cancel()
+
+
+async def test_arrow_calls_take_their_target_from_metadata_too() -> None:
+    table = pa.table({"text": ["abc", "de"]})
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    untargeted = mux.EmbedArrowRequest(arrow_ipc=sink.getvalue().to_pybytes())
+    async with trio.open_nursery() as nursery:
+        setup = await _setup(nursery)
+        async with open_channel("127.0.0.1", setup.mux_port) as channel:
+            reply = await channel.unary_unary(
+                M.EmbedArrow, untargeted, metadata=(("x-tei-model", "m/b"),)
+            )
+            rows = pa.ipc.open_stream(reply.arrow_ipc).read_all().column(0).to_pylist()
+            assert rows == [[3.0], [2.0]]
+            untargeted.target.CopyFrom(mux.Target(instance_name="b"))
+            with pytest.raises(GrpcError) as error:
+                await channel.unary_unary(
+                    M.EmbedArrow, untargeted, metadata=(("x-tei-instance", "c"),)
+                )
+            assert error.value.code == StatusCode.INVALID_ARGUMENT
+            assert error.value.message.startswith("target.instance_name, x-tei-instance")
         nursery.cancel_scope.cancel()
