@@ -359,3 +359,21 @@ async def test_a_routing_header_names_the_model_when_the_body_does_not(setup: Se
     assert far.status == 400 and len(far.body) < 400
     neither = await post("/v1/embeddings", {"input": "x"})
     assert neither.status == 400 and "x-tei-model" in neither.json()["error"]["message"]
+
+
+def test_openapi_documents_the_routing_headers_where_a_model_is_named() -> None:
+    doc = build_openapi()
+    paths = doc["paths"]
+    for path, method, expected in (
+        ("/v1/embeddings", "post", True),
+        ("/v1/rerank", "post", True),
+        ("/v1/models/{model}", "get", True),
+        ("/tei/{model}/embed", "post", True),
+        ("/v1/models", "get", False),
+    ):
+        params = paths[path][method].get("parameters", [])
+        headers = {p["name"] for p in params if p["in"] == "header"}
+        assert headers == ({"x-tei-model", "x-tei-instance"} if expected else set()), path
+    # The header may name the model, so the bodies may leave it out.
+    for name in ("EmbeddingsRequest", "RerankRequest"):
+        assert "model" not in doc["components"]["schemas"][name]["required"]
