@@ -112,8 +112,8 @@ def _render(nodes: dict[str, Node], port: int, pki: Any, prefix: Path) -> str:
         conf = conf.replace(f"{name}.internal:9000", f"127.0.0.1:{node.manager.api.port}")
         conf = conf.replace(f"{name}.internal:9001", f"127.0.0.1:{node.grpc_port}")
     for name in DOWN:  # a node that is down: connections are refused
-        conf = conf.replace(f"{name}.internal:", "127.0.0.1:")
-        conf = re.sub(r"127\.0\.0\.1:900[01]", f"127.0.0.1:{_free_port()}", conf)
+        for port_in_conf in (9000, 9001):
+            conf = conf.replace(f"{name}.internal:{port_in_conf}", f"127.0.0.1:{_free_port()}")
     assert ".internal:" not in conf
     version = subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr
     found = re.search(r"nginx/(\d+)\.(\d+)\.(\d+)", version)
