@@ -765,6 +765,9 @@ def test_nginx_routes_each_header_to_the_members_of_the_pools_serving_it() -> No
             # pool-a-1.internal -> the Kubernetes pool tei-pool-a, and so on.
             pools = {"tei-" + host.rsplit("-", 1)[0] for host, _ in members}
             assert pools == served[key], (key, door)
+    from tei_manager.api.inference import INFERENCE_MAX_BODY_BYTES
+
+    assert f"client_max_body_size {INFERENCE_MAX_BODY_BYTES >> 20}m;" in conf
     # Both doors pass to the pool the header chose; a dead member is skipped.
     assert "grpc_pass grpc://${tei_pool}_grpc;" in conf
     assert "proxy_pass http://${tei_pool}_rest;" in conf
