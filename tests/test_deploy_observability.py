@@ -40,6 +40,7 @@ ROOT = Path(__file__).parent.parent
 DASHBOARD = ROOT / "deploy" / "grafana" / "tei-manager.json"
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
 ALERT_TESTS = ROOT / "deploy" / "prometheus" / "alerts_test.yml"
+ADAPTER = ROOT / "deploy" / "kubernetes" / "autoscaling" / "prometheus-adapter.yaml"
 _METRIC_RE = re.compile(r"\btei_manager_[a-z0-9_]+")
 # Grafana's variables, replaced by values PromQL accepts.
 _GRAFANA_VARS = {"$__rate_interval": "5m", "$instance": ".*"}
@@ -58,6 +59,12 @@ def _dashboard_queries() -> list[str]:
 def _alert_queries() -> list[str]:
     rules = yaml.safe_load(ALERTS.read_text())
     return [rule["expr"] for group in rules["groups"] for rule in group["rules"]]
+
+
+def _adapter_queries() -> list[str]:
+    """The series prometheus-adapter reads for the HPA (deploy/kubernetes/autoscaling)."""
+    config = yaml.safe_load(yaml.safe_load(ADAPTER.read_text())["data"]["config.yaml"])
+    return [rule["seriesQuery"] for rule in config["rules"]]
 
 
 def exported_names(text: str) -> set[str]:
@@ -136,7 +143,7 @@ async def test_every_metric_the_dashboard_and_alerts_use_is_exported(tmp_path: P
     exported = exported_names(text)
     used = {
         name
-        for query in _dashboard_queries() + _alert_queries()
+        for query in _dashboard_queries() + _alert_queries() + _adapter_queries()
         for name in _METRIC_RE.findall(query)
     }
     assert len(used) >= 15, used

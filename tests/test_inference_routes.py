@@ -406,3 +406,65 @@ inference = {{ requests_per_sec = 0.01, burst = 2 }}
         manager_shape = await http.get("/instances")
         assert manager_shape.status_code == 401
         assert set(manager_shape.json()) == {"error", "code", "timestamp"}
+
+
+async def test_a_routing_header_names_the_model_when_the_body_does_not(setup: Setup) -> None:
+    async def post(path: str, body: object, *headers: tuple[str, str]) -> HttpResponse:
+        data = json.dumps(body).encode()
+        return await http_request(setup.port, "POST", path, body=data, headers=headers)
+
+    by_model = await post("/v1/embeddings", {"input": "one"}, ("x-tei-model", "m/b"))
+    assert by_model.status == 200, by_model.body
+    assert by_model.json()["model"] == "m/b"
+    assert by_model.json()["data"][0]["embedding"] == pytest.approx(vector("one"))
+    by_instance = await post("/v1/embeddings", {"input": "one"}, ("x-tei-instance", "b"))
+    assert by_instance.status == 200 and by_instance.json()["model"] == "b"
+    agreeing = await post("/v1/embeddings", {"model": "b", "input": "x"}, ("x-tei-instance", "b"))
+    assert agreeing.status == 200
+    assert (await post("/tei/b/embed", {"inputs": "x"}, ("x-tei-model", "b"))).status == 200
+    retrieved = await http_request(
+        setup.port, "GET", "/v1/models/m%2Fb", headers=[("x-tei-model", "m/b")]
+    )
+    assert retrieved.status == 200
+    # Disagreements: 400 in OpenAI's shape, 422 Validation in TEI's, naming both fields.
+    openai = await post("/v1/embeddings", {"model": "b", "input": "x"}, ("x-tei-model", "m/b"))
+    assert openai.status == 400
+    error = openai.json()["error"]
+    assert error["param"] == "model" and error["code"] == "VALIDATION_ERROR"
+    assert error["message"].startswith('model, x-tei-model: model "b" and header x-tei-model')
+    tei = await post("/tei/b/embed", {"inputs": "x"}, ("x-tei-instance", "idle"))
+    assert tei.status == 422 and tei.json()["error_type"] == "Validation"
+    assert tei.json()["error"].startswith("model, x-tei-instance")
+    health = await http_request(setup.port, "GET", "/tei/b/health", headers=[("x-tei-model", "z")])
+    assert health.status == 422
+    both = await post(
+        "/v1/rerank",
+        {"query": "q", "documents": ["d"]},
+        ("x-tei-instance", "b"),
+        ("x-tei-model", "m/b"),
+    )
+    assert both.status == 400 and "x-tei-instance, x-tei-model" in both.json()["error"]["message"]
+    long = await post("/v1/embeddings", {"input": "x"}, ("x-tei-model", "m" * 5000))
+    assert long.status == 400 and len(long.body) < 300  # the value is not echoed
+    far = await post("/v1/embeddings", {"model": "m" * 300, "input": "x"}, ("x-tei-model", "b"))
+    assert far.status == 400 and len(far.body) < 400
+    neither = await post("/v1/embeddings", {"input": "x"})
+    assert neither.status == 400 and "x-tei-model" in neither.json()["error"]["message"]
+
+
+def test_openapi_documents_the_routing_headers_where_a_model_is_named() -> None:
+    doc = build_openapi()
+    paths = doc["paths"]
+    for path, method, expected in (
+        ("/v1/embeddings", "post", True),
+        ("/v1/rerank", "post", True),
+        ("/v1/models/{model}", "get", True),
+        ("/tei/{model}/embed", "post", True),
+        ("/v1/models", "get", False),
+    ):
+        params = paths[path][method].get("parameters", [])
+        headers = {p["name"] for p in params if p["in"] == "header"}
+        assert headers == ({"x-tei-model", "x-tei-instance"} if expected else set()), path
+    # The header may name the model, so the bodies may leave it out.
+    for name in ("EmbeddingsRequest", "RerankRequest"):
+        assert "model" not in doc["components"]["schemas"][name]["required"]

@@ -32,6 +32,7 @@ from tei_manager.api.inference import (
     read_body,
     retry_headers,
 )
+from tei_manager.api.routing_key import request_target
 from tei_manager.core.instances import InstanceStatus
 from tei_manager.errors import quote
 from tei_manager.gateway import encoding
@@ -286,6 +287,7 @@ class TeiHandlers:
         self._status = door.status
 
     def _session(self, route: str, model: str) -> AbstractAsyncContextManager[Session]:
+        request_target(model)  # an x-tei-* header must name the URL's model
         return self._gateway.session(f"/tei/{{model}}/{route}", model, self._status)
 
     # -- metadata ----------------------------------------------------------------------
@@ -330,6 +332,7 @@ class TeiHandlers:
         return json_bytes(_encode(body))
 
     async def tei_health(self, model: str) -> Response:
+        request_target(model)
         record = self._gateway.resolve(model)  # unknown: 404; stopped, failed ...: 503
         if self._gateway.resting(record):
             # Never loads a model. Idle on demand: available, its first request loads

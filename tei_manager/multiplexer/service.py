@@ -70,6 +70,7 @@ from tei_manager.multiplexer.failover import (
 )
 from tei_manager.multiplexer.metrics import UNROUTED, CallMetrics, MultiplexerMetrics
 from tei_manager.multiplexer.pool import ConnectionPool
+from tei_manager.multiplexer.routing_key import call_target
 from tei_manager.multiplexer.wire import Target, WireError, parse_target, split_request
 
 __all__ = ["Multiplexer", "relayed_metadata"]
@@ -159,7 +160,7 @@ class Multiplexer(multiplexer_grpc.TeiMultiplexerServicer):
         self._failover = Failover(router, metrics)
 
     # -- routing ---------------------------------------------------------------------
-    def _resolve(self, data: bytes) -> tuple[InstanceRecord, bytes, str | None]:
+    def _resolve(self, data: bytes, metadata: Metadata) -> tuple[InstanceRecord, bytes, str | None]:
         """The instance a wrapped request goes to, the inner request's bytes, and the
         model it may fail over within (see :func:`retry_model`)."""
         try:
@@ -169,12 +170,17 @@ class Multiplexer(multiplexer_grpc.TeiMultiplexerServicer):
             raise GrpcError(
                 StatusCode.INVALID_ARGUMENT, f"could not decode the request: {error}"
             ) from None
-        return self._choose(target), inner, retry_model(target)
+        target, record = self._choose(target, metadata)
+        return record, inner, retry_model(target)
 
-    def _choose(self, target: Target | None) -> InstanceRecord:
-        """The instance for ``target``; a routing failure as the status the client gets."""
+    def _choose(
+        self, target: Target | None, metadata: Metadata
+    ) -> tuple[Target | None, InstanceRecord]:
+        """The target (``target`` or the call's ``x-tei-*`` metadata) and its instance;
+        a routing failure as the status the client gets."""
         try:
-            return self._router.choose(target)
+            target = call_target(target, metadata)
+            return target, self._router.choose(target)
         except TeiError as error:
             raise GrpcError(error.grpc_status, error.message) from None
 
@@ -201,6 +207,7 @@ class Multiplexer(multiplexer_grpc.TeiMultiplexerServicer):
         try:
             target_bytes, inner = split_request(data)
             target = None if target_bytes is None else parse_target(target_bytes)
+            target = call_target(target, call.context.metadata)
             record = self._router.choose(target)
         except WireError as error:
             self._refuse(
@@ -358,7 +365,7 @@ class Multiplexer(multiplexer_grpc.TeiMultiplexerServicer):
     async def _unary(self, call: ServerCall, context: CallContext, backend: Spec) -> None:
         """A unary call the reader could not pass on (its request never came, say)."""
         with _Observed(self._metrics, backend.name) as observed:
-            record, inner, model = self._resolve(await self._first_request(call))
+            record, inner, model = self._resolve(await self._first_request(call), context.metadata)
             observed.routed(record.name)
             # The slot stays with the first replica if the call fails over.
             async with self._admitted(record, backend.name):
@@ -445,7 +452,7 @@ class Multiplexer(multiplexer_grpc.TeiMultiplexerServicer):
     async def _stream(self, call: ServerCall, context: CallContext, backend: Spec) -> None:
         """Relay a client or bidi stream; the first message's target picks the instance."""
         with _Observed(self._metrics, backend.name) as observed:
-            record, inner, _ = self._resolve(await self._first_request(call))
+            record, inner, _ = self._resolve(await self._first_request(call), context.metadata)
             name = record.name
             observed.routed(name)
             async with self._admitted(record, backend.name):
@@ -560,7 +567,7 @@ class Multiplexer(multiplexer_grpc.TeiMultiplexerServicer):
             return
         routing = request.target.WhichOneof("routing") if request.HasField("target") else None
         target = None if routing is None else (routing, getattr(request.target, routing))
-        record = self._choose(target)
+        _, record = self._choose(target, context.metadata)
         name = record.name
         observed.routed(name)
         with self._router.track(name):
