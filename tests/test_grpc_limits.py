@@ -34,6 +34,7 @@ from tei_manager.grpc._grpc_headers import MAX_STATUS_MESSAGE_CHARS, status_head
 from tei_manager.grpc._hpack import HeaderDecoder
 from tei_manager.grpc._http2_frames import PREFACE, ErrorCode, ProtocolError
 from tei_manager.grpc._protocol import Connection
+from tei_manager.grpc.calls import CallContext
 from tei_manager.grpc.channel import Channel, open_channel
 from tei_manager.grpc.limits import DEFAULT_LIMITS, Limits, validate_limits
 from tei_manager.grpc.rpc import (
@@ -44,7 +45,7 @@ from tei_manager.grpc.rpc import (
     StatusCode,
     client_text,
 )
-from tei_manager.grpc.server import CallContext, GrpcServer
+from tei_manager.grpc.server import GrpcServer
 
 PATH = "/pkg.Service/Method"
 REQUEST = [
