@@ -55,7 +55,11 @@ class CallState:
 
 
 class MessageReader:
-    """The calls of one gRPC connection and their inbound messages (see ``Connection``)."""
+    """The calls of one gRPC connection and their inbound messages (see ``Connection``).
+
+    ``Connection``, its subclass, also uses ``_calls``, ``_data``, ``_drop`` and
+    ``_fail_stream``; nothing else reaches them.
+    """
 
     def __init__(
         self,

@@ -66,7 +66,11 @@ class StreamState:
 
 
 class H2Sender:
-    """What one HTTP/2 connection sends, client or server side (see ``H2Connection``)."""
+    """What one HTTP/2 connection sends, client or server side (see ``H2Connection``).
+
+    The receiving half, its subclass, also uses ``_fail``, ``_control``, ``_held``
+    and ``_stream_recv_initial``; nothing else reaches them.
+    """
 
     def __init__(
         self,
