@@ -34,8 +34,9 @@ from tei_manager.auth.security import Security, build_security
 from tei_manager.config import InstanceConfig, parse_config
 from tei_manager.core.instances import InstanceStatus, InstanceTable
 from tei_manager.core.ports import PortAllocator
+from tei_manager.grpc.calls import CallContext
 from tei_manager.grpc.rpc import Cardinality, MethodSpec
-from tei_manager.grpc.server import CallContext, GrpcServer
+from tei_manager.grpc.server import GrpcServer
 from tei_manager.multiplexer.metrics import MultiplexerMetrics
 from tei_manager.multiplexer.server import MultiplexerServer
 from tests.auth_pki import Pki, make_pki, pem, proxy_toml

@@ -23,9 +23,10 @@ import trio
 import trio.testing
 
 from tei_manager._proto.tei.v1 import tei_grpc, tei_pb2
+from tei_manager.grpc.calls import CallContext
 from tei_manager.grpc.channel import open_channel
 from tei_manager.grpc.limits import Limits
-from tei_manager.grpc.server import CallContext, GrpcServer
+from tei_manager.grpc.server import GrpcServer
 from tests import hostile
 from tests.hostile import ENHANCE_YOUR_CALM, PROTOCOL_ERROR, Outcome, probing
 

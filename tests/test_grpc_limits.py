@@ -34,6 +34,7 @@ from tei_manager.grpc._grpc_headers import MAX_STATUS_MESSAGE_CHARS, status_head
 from tei_manager.grpc._hpack import HeaderDecoder
 from tei_manager.grpc._http2_frames import PREFACE, ErrorCode, ProtocolError
 from tei_manager.grpc._protocol import Connection
+from tei_manager.grpc.calls import CallContext
 from tei_manager.grpc.channel import Channel, open_channel
 from tei_manager.grpc.limits import DEFAULT_LIMITS, Limits, validate_limits
 from tei_manager.grpc.rpc import (
@@ -44,7 +45,7 @@ from tei_manager.grpc.rpc import (
     StatusCode,
     client_text,
 )
-from tei_manager.grpc.server import CallContext, GrpcServer
+from tei_manager.grpc.server import GrpcServer
 
 PATH = "/pkg.Service/Method"
 REQUEST = [
@@ -211,7 +212,7 @@ def test_resets_after_our_answer_are_not_premature() -> None:
         raw.ours.respond_status(stream_id, StatusCode.OK)
         raw.send(RstStreamFrame(stream_id, error_code=ErrorCode.NO_ERROR).serialize())
         raw.ours.forget(stream_id)
-    assert raw.ours.h2_connection.premature_resets == 0
+    assert raw.ours.h2_connection.floods.premature_resets == 0
 
 
 # -- floods -------------------------------------------------------------------------------------
@@ -227,7 +228,7 @@ def test_empty_data_with_end_stream_is_not_empty() -> None:
     for stream_id in (1, 3, 5):
         raw.send(raw.headers(stream_id))
         raw.send(DataFrame(stream_id, data=b"", flags=["END_STREAM"]).serialize())
-    assert raw.ours.h2_connection.empty_frames == 0
+    assert raw.ours.h2_connection.floods.empty_frames == 0
 
 
 def test_settings_floods() -> None:
@@ -253,7 +254,7 @@ def test_priority_frames_are_glitches_limited_by_a_token_bucket() -> None:
     raw.send(b"".join(_priority(stream_id) for stream_id in range(1, 11, 2)))  # the burst
     raw.clock.now = 1.0  # two tokens back
     raw.send(_priority(11) + _priority(13))
-    assert raw.ours.h2_connection.glitches == 7
+    assert raw.ours.h2_connection.floods.glitches == 7
     error = fails_with(ErrorCode.ENHANCE_YOUR_CALM, raw, _priority(15))
     assert "do nothing" in str(error)
 
@@ -276,7 +277,7 @@ def test_window_updates_our_data_did_not_earn_are_glitches() -> None:
     raw.ours.data_to_send()
     # Two for the stream, four for the DATA frame, three from the bucket.
     raw.send(_window_update(1, 1) * 6 + _window_update(0, 1) * 3)
-    assert h2c.glitches == 3
+    assert h2c.floods.glitches == 3
     fails_with(ErrorCode.ENHANCE_YOUR_CALM, raw, _window_update(1, 1))
 
 
@@ -298,7 +299,7 @@ def test_well_behaved_flow_control_has_no_glitches() -> None:
                 peer.increment_flow_control_window(event.flow_controlled_length)
                 peer.increment_flow_control_window(event.flow_controlled_length, stream_id=1)
         ours.receive_data(peer.data_to_send())
-    assert h2c.glitches == 0
+    assert h2c.floods.glitches == 0
 
 
 def test_malformed_requests_and_stream_errors_are_glitches() -> None:
@@ -308,7 +309,7 @@ def test_malformed_requests_and_stream_errors_are_glitches() -> None:
     raw.send(raw.headers(1, pseudo_last) + raw.headers(3, pseudo_last))
     raw.send(raw.headers(5))
     raw.send(_window_update(5, 0))  # a stream error: the third
-    assert raw.ours.h2_connection.glitches == 3
+    assert raw.ours.h2_connection.floods.glitches == 3
     fails_with(ErrorCode.ENHANCE_YOUR_CALM, raw, raw.headers(7, pseudo_last))
 
 

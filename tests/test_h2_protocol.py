@@ -46,10 +46,11 @@ from tei_manager.grpc._grpc_headers import format_timeout, parse_timeout
 from tei_manager.grpc._hpack import HeaderDecodeError, HeaderDecoder, encode_headers
 from tei_manager.grpc._http2_frames import PREFACE, ErrorCode, ProtocolError, StreamClosedError
 from tei_manager.grpc._protocol import Connection
+from tei_manager.grpc.calls import CallContext
 from tei_manager.grpc.channel import open_channel
 from tei_manager.grpc.limits import DEFAULT_LIMITS, Limits
 from tei_manager.grpc.rpc import GrpcError, StatusCode
-from tei_manager.grpc.server import CallContext, GrpcServer
+from tei_manager.grpc.server import GrpcServer
 
 PATH = "/pkg.Service/Method"
 REQUEST = [

@@ -34,7 +34,8 @@ from tei_manager.config import InstanceConfig, ManagerConfig, parse_config
 from tei_manager.core.instances import InstanceStatus, InstanceTable
 from tei_manager.core.ports import PortAllocator
 from tei_manager.gateway.relay import Gateway, create_gateway
-from tei_manager.grpc.server import CallContext, GrpcServer
+from tei_manager.grpc.calls import CallContext
+from tei_manager.grpc.server import GrpcServer
 from tei_manager.multiplexer.server import shared_routing
 from tests.fake_manager import FakeManager
 from tests.httpclient import HttpResponse, http_request

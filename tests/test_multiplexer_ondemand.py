@@ -32,9 +32,10 @@ from tei_manager.core.ondemand import Activity, StartPolicy
 from tei_manager.core.ports import PortAllocator
 from tei_manager.errors import ErrorCode, TeiError
 from tei_manager.gateway.relay import create_gateway
+from tei_manager.grpc.calls import CallContext
 from tei_manager.grpc.channel import open_channel
 from tei_manager.grpc.rpc import GrpcError, StatusCode
-from tei_manager.grpc.server import CallContext, GrpcServer
+from tei_manager.grpc.server import GrpcServer
 from tei_manager.multiplexer.metrics import MultiplexerMetrics
 from tei_manager.multiplexer.server import MultiplexerServer, SharedRouting, shared_routing
 from tests.fake_manager import FakeManager

@@ -53,9 +53,9 @@ from tei_manager.core.routing import Router
 from tei_manager.errors import TeiError, quote
 from tei_manager.gateway.admission import Admission
 from tei_manager.gateway.errors import InferenceError
+from tei_manager.grpc.calls import CallContext, FastCall, FastUnaryHandler, ServerCall
 from tei_manager.grpc.channel import Call, Channel, Metadata
 from tei_manager.grpc.rpc import GrpcError, MethodSpec, StatusCode, status_code
-from tei_manager.grpc.server import CallContext, FastCall, FastUnaryHandler, ServerCall
 from tei_manager.grpc.transport import MessageReceived, ResponseEnded, Stream
 from tei_manager.multiplexer import arrow, arrow_relay
 from tei_manager.multiplexer.arrow_stream import serve_stream

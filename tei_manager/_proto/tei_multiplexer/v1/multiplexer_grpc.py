@@ -11,7 +11,7 @@ import tei_manager._proto.tei_multiplexer.v1.multiplexer_pb2 as tei_multiplexer_
 from tei_manager.grpc.rpc import Cardinality, MethodSpec, Servicer, unimplemented
 
 if TYPE_CHECKING:
-    from tei_manager.grpc.server import CallContext
+    from tei_manager.grpc.calls import CallContext
 
 
 class TeiMultiplexer:
