@@ -23,7 +23,8 @@ from tei_manager.core.instances import InstanceStatus, InstanceTable
 from tei_manager.core.ports import PortAllocator
 from tei_manager.grpc.channel import Channel, open_channel
 from tei_manager.grpc.rpc import GrpcError, StatusCode
-from tei_manager.grpc.server import CallContext, GrpcServer
+from tei_manager.grpc.calls import CallContext
+from tei_manager.grpc.server import GrpcServer
 from tei_manager.multiplexer import arrow
 from tei_manager.multiplexer.arrow_relay import MAX_RESTARTS
 from tei_manager.multiplexer.metrics import MultiplexerMetrics
