@@ -21,9 +21,9 @@ from tei_manager._proto.tei_multiplexer.v1 import multiplexer_grpc, multiplexer_
 from tei_manager.config import InstanceConfig, ManagerConfig
 from tei_manager.core.instances import InstanceStatus, InstanceTable
 from tei_manager.core.ports import PortAllocator
+from tei_manager.grpc.calls import CallContext
 from tei_manager.grpc.channel import Channel, open_channel
 from tei_manager.grpc.rpc import GrpcError, StatusCode
-from tei_manager.grpc.calls import CallContext
 from tei_manager.grpc.server import GrpcServer
 from tei_manager.multiplexer import arrow
 from tei_manager.multiplexer.arrow_relay import MAX_RESTARTS

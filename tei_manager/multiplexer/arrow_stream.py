@@ -20,8 +20,8 @@ import trio
 from google.protobuf.message import DecodeError
 
 from tei_manager._proto.tei_multiplexer.v1 import multiplexer_pb2 as mux
-from tei_manager.grpc.rpc import GrpcError, StatusCode
 from tei_manager.grpc.calls import ServerCall
+from tei_manager.grpc.rpc import GrpcError, StatusCode
 from tei_manager.multiplexer.arrow_relay import ArrowInstance, ArrowOptions, answer
 
 __all__ = ["serve_stream"]
