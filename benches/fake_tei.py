@@ -25,7 +25,8 @@ from typing import Final
 import trio
 
 from tei_manager._proto.tei.v1 import tei_grpc, tei_pb2
-from tei_manager.grpc.server import CallContext, GrpcServer
+from tei_manager.grpc.calls import CallContext
+from tei_manager.grpc.server import GrpcServer
 
 DIM: Final = 8
 

@@ -36,9 +36,10 @@ import trio
 from h2_baseline import H2Client, serve_h2
 
 from tei_manager._proto.tei.v1 import tei_grpc, tei_pb2
+from tei_manager.grpc.calls import CallContext, ServerCall
 from tei_manager.grpc.channel import Channel, open_channel
 from tei_manager.grpc.rpc import Servicer
-from tei_manager.grpc.server import CallContext, GrpcServer, ServerCall
+from tei_manager.grpc.server import GrpcServer
 
 METHOD = tei_grpc.Tokenize.Decode
 

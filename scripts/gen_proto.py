@@ -162,7 +162,7 @@ def _write_service_modules(tmp: Path, protos: set[str]) -> None:
             "from tei_manager.grpc.rpc import Cardinality, MethodSpec, Servicer, unimplemented",
             "",
             "if TYPE_CHECKING:",
-            "    from tei_manager.grpc.server import CallContext",
+            "    from tei_manager.grpc.calls import CallContext",
         ]
         out = tmp / (f.name[: -len(".proto")] + "_grpc.py")
         out.write_text("\n".join(head + body) + "\n")

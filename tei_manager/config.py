@@ -40,13 +40,17 @@ from tei_manager.errors import (
 from tei_manager.grpc.limits import DEFAULT_LIMITS, Limits, validate_limits
 
 __all__ = [
+    "ARROW_DTYPES",
+    "DEFAULT_STREAM_BATCHES",
     "ENGINES",
     "ENV_OVERRIDES",
     "HUB_ID_SCHEMA",
     "MAX_COUNT",
+    "MAX_STREAM_BATCHES",
     "MODEL_ID_SCHEMA",
     "NAME_SCHEMA",
     "POOLING_MODES",
+    "ArrowDtype",
     "ConfigError",
     "DevicesConfig",
     "Engine",
@@ -82,6 +86,11 @@ ENGINES: Final[tuple[str, ...]] = ("auto", "torch", "onnx")
 
 # Counts and GPU ids are at most this: every consumer (TEI, CUDA) reads them as int32.
 MAX_COUNT: Final = 2**31 - 1
+#: ``grpc_stream_max_concurrent_batches``: the original's default and upper clamp.
+DEFAULT_STREAM_BATCHES: Final = 4
+MAX_STREAM_BATCHES: Final = 64
+ArrowDtype = Literal["f32", "f16"]
+ARROW_DTYPES: Final[tuple[str, ...]] = ("f32", "f16")
 _HF_PART: Final = r"[A-Za-z0-9_](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9_])?"
 _HUB_ID: Final = rf"(?!.*(?:--|\.\.)){_HF_PART}(?:/{_HF_PART})?"
 NAME_SCHEMA: Final = {"minLength": 1, "maxLength": 63, "pattern": r"^[A-Za-z0-9][A-Za-z0-9._-]*$"}
@@ -288,6 +297,11 @@ class ManagerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     # HTTP/2 streams one client connection may have open (h2 and nginx: ~100).
     grpc_max_parallel_streams: int = 100
     grpc_request_timeout_secs: float = 30.0
+    # Record batches of one EmbedArrowStream embedded at once; the original's name
+    # and range: values outside 1-64 are clamped (stream_batch_concurrency).
+    grpc_stream_max_concurrent_batches: int = DEFAULT_STREAM_BATCHES
+    # Float type of dense Arrow answers whose request leaves output_dtype unspecified.
+    arrow_output_dtype: ArrowDtype = "f32"
     # Inference admission, per instance, on every front door: beyond its
     # max_concurrent_requests in flight, up to this many requests wait (FIFO) for
     # at most queue_timeout_secs; the rest are refused with 429 OVERLOADED.
@@ -313,6 +327,10 @@ class ManagerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     gpu_fallback: Literal["warn", "fail", "ignore"] = "warn"
     auto_max_batch_tokens_per_gib: int = 2048
     otel: OtelConfig = msgspec.field(default_factory=OtelConfig)
+
+    def stream_batch_concurrency(self) -> int:
+        """``grpc_stream_max_concurrent_batches`` clamped to 1-64, as the original does."""
+        return min(max(self.grpc_stream_max_concurrent_batches, 1), MAX_STREAM_BATCHES)
 
     def grpc_limits(self) -> Limits:
         """The multiplexer port's limits: ``[grpc]`` and ``grpc_max_parallel_streams``."""
@@ -643,7 +661,9 @@ def _validate_seeds(config: ManagerConfig) -> None:
 def _from_msgspec(error: msgspec.ValidationError) -> ValidationError:
     translated = from_msgspec_error(error)
     # msgspec cannot say which values it would have accepted; we can.
-    allowed = {"pooling": POOLING_MODES, "engine": ENGINES}.get(translated.field.rsplit(".", 1)[-1])
+    allowed = {"pooling": POOLING_MODES, "engine": ENGINES, "arrow_output_dtype": ARROW_DTYPES}.get(
+        translated.field.rsplit(".", 1)[-1]
+    )
     if allowed is not None:
         rule = f"{translated.rule}: use {'|'.join(allowed)}"
         return ValidationError(translated.field, rule, code=translated.code)

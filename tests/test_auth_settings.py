@@ -158,6 +158,8 @@ allow_credentials = true
         ("[rate_limit.read]\nrequests_per_sec = 0\nburst = 1", "rate_limit.read.requests_per_sec"),
         ("[rate_limit.admin]\nrequests_per_sec = 1\nburst = 0", "rate_limit.admin.burst"),
         ("[rate_limit]\nmax_tracked_clients = 0", "rate_limit.max_tracked_clients"),
+        ("[rate_limit]\nipv6_prefix_bits = 0", "rate_limit.ipv6_prefix_bits"),
+        ("[rate_limit]\nipv6_prefix_bits = 129", "rate_limit.ipv6_prefix_bits"),
         ('[cors]\nallowed_origins = ["ui.example.com"]', "cors.allowed_origins[0]"),
         ('[cors]\nallowed_origins = ["*"]\nallow_credentials = true', "cors.allow_credentials"),
         ('[cors]\nallowed_methods = ["GET POST"]', "cors.allowed_methods[0]"),

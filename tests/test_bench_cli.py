@@ -20,8 +20,9 @@ from tei_manager import cli
 from tei_manager._proto.tei.v1 import tei_pb2
 from tei_manager._proto.tei_multiplexer.v1 import multiplexer_grpc, multiplexer_pb2
 from tei_manager.bench import BenchConfig, make_text, parse_endpoint, percentile, run_bench
+from tei_manager.grpc.calls import CallContext, CallRefusal
 from tei_manager.grpc.rpc import GrpcError, StatusCode
-from tei_manager.grpc.server import CallContext, CallRefusal, GrpcServer, server_ssl_context
+from tei_manager.grpc.server import GrpcServer, server_ssl_context
 from tei_manager.multiplexer import arrow
 from tests.tls import make_pki
 

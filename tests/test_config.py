@@ -659,3 +659,36 @@ def test_parse_instance_config_errors_name_the_field() -> None:
 def test_instance_config_json_round_trip() -> None:
     config = instance(port=8100, pooling="mean", extra_args=("--x",), revision="v1")
     assert decode_instance_config(msgspec.json.encode(config)) == config
+
+
+# --- the original's Arrow settings ---------------------------------------------------
+def test_arrow_settings_default_and_original_names() -> None:
+    default = parse("")
+    assert default.arrow_output_dtype == "f32"
+    assert default.stream_batch_concurrency() == 4
+    c = parse('arrow_output_dtype = "f16"\ngrpc_stream_max_concurrent_batches = 16')
+    assert (c.arrow_output_dtype, c.stream_batch_concurrency()) == ("f16", 16)
+
+
+@pytest.mark.parametrize(("given", "used"), [(0, 1), (-3, 1), (1, 1), (64, 64), (1000, 64)])
+def test_stream_batches_are_clamped_to_1_64_as_the_original_does(given: int, used: int) -> None:
+    c = parse(f"grpc_stream_max_concurrent_batches = {given}")
+    assert c.grpc_stream_max_concurrent_batches == given
+    assert c.stream_batch_concurrency() == used
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('arrow_output_dtype = "f64"', 'arrow_output_dtype: "f64" is not allowed: use f32|f16'),
+        ("arrow_output_dtype = 16", "arrow_output_dtype: expected str, got int: use f32|f16"),
+        (
+            'grpc_stream_max_concurrent_batches = "4"',
+            "grpc_stream_max_concurrent_batches: expected int, got str",
+        ),
+    ],
+)
+def test_invalid_arrow_settings_name_the_field(text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse(text)
+    assert str(info.value) == message

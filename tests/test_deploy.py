@@ -444,7 +444,7 @@ def _render(directory: Path) -> list[dict[str, Any]]:
 
 
 def _containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
-    if doc["kind"] != "Deployment":
+    if doc["kind"] not in ("Deployment", "StatefulSet", "DaemonSet"):
         return []
     containers: list[dict[str, Any]] = doc["spec"]["template"]["spec"]["containers"]
     return containers
@@ -599,3 +599,221 @@ def test_yamllint_passes() -> None:
 def test_toml_in_deploy_is_all_parseable() -> None:
     for path in DEPLOY.rglob("*.toml"):
         tomllib.loads(path.read_text())
+
+
+# --- Many nodes: pools, Gateway API routes, nginx, autoscaling ------------------------
+
+POOLS = KUBE / "pools"
+GATEWAY = KUBE / "gateway"
+NGINX_POOLS = DEPLOY / "nginx" / "tei-pools.conf"
+GATEWAY_API = "gateway.networking.k8s.io/v1"
+
+
+def _pool_members(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] in ("StatefulSet", "DaemonSet")]
+
+
+def _pool_config(docs: list[dict[str, Any]], member: dict[str, Any]) -> ManagerConfig:
+    pod = member["spec"]["template"]["spec"]
+    (name,) = [v["configMap"]["name"] for v in pod["volumes"] if "configMap" in v]
+    data = _one(docs, "ConfigMap", name)["data"]["config.toml"]
+    return parse_config(data, env={"HOME": "/data"})
+
+
+def _served_by(docs: list[dict[str, Any]]) -> dict[tuple[str, str], set[str]]:
+    """(header, value) -> the pools' Services serving it, from the pools' own configs."""
+    served: dict[tuple[str, str], set[str]] = {}
+    for member in _pool_members(docs):
+        service = member["metadata"]["name"]
+        for seed in _pool_config(docs, member).instances:
+            served.setdefault(("x-tei-model", seed.model_id), set()).add(service)
+            served.setdefault(("x-tei-instance", seed.name), set()).add(service)
+    return served
+
+
+def test_the_pools_and_the_autoscaler_are_valid_kubernetes() -> None:
+    validate = pytest.importorskip("kubernetes_validate")
+    docs = _render(POOLS) + _render(KUBE / "autoscaling")
+    assert {d["kind"] for d in docs} >= {
+        "StatefulSet", "DaemonSet", "Service", "ConfigMap", "HorizontalPodAutoscaler",
+    }  # fmt: skip
+    for doc in docs:
+        validate.validate(doc, KUBERNETES_VERSION, strict=True)
+
+
+def test_kubernetes_validate_has_no_schema_for_the_gateway_api() -> None:
+    """Why the routes are checked field by field below: the Gateway API's CRDs are
+    not among kubernetes-validate's schemas (its CLI only warns)."""
+    validate = pytest.importorskip("kubernetes_validate")
+    for doc in _render(GATEWAY):
+        assert doc["apiVersion"] == GATEWAY_API
+        with pytest.raises(validate.SchemaNotFoundError):
+            validate.validate(doc, KUBERNETES_VERSION, strict=True)
+
+
+def test_pool_members_run_as_the_single_node_deployment_with_their_configs_seeds() -> None:
+    single = _render(KUBE / "overlays" / "cpu")
+    (reference,) = _containers(_one(single, "Deployment"))
+    base_config = _k8s_config(single)
+    docs = _render(POOLS)
+    members = _pool_members(docs)
+    assert {m["kind"] for m in members} == {"StatefulSet", "DaemonSet"}
+    for member in members:
+        name = member["metadata"]["name"]
+        spec = member["spec"]
+        pod = spec["template"]["spec"]
+        (container,) = pod["containers"]
+        for key in ("args", "ports", "env", "startupProbe", "livenessProbe", "readinessProbe",
+                    "securityContext", "volumeMounts"):  # fmt: skip
+            assert container[key] == reference[key], (name, key)
+        labels = spec["template"]["metadata"]["labels"]
+        assert spec["selector"]["matchLabels"] == labels
+        config = _pool_config(docs, member)
+        # Same manager settings as the single node; only the seeds differ by pool.
+        assert msgspec_fields(config, exclude={"instances"}) == msgspec_fields(
+            base_config, exclude={"instances"}
+        )
+        assert len(config.instances) >= 2
+        # A member's state is its config: /data is an emptyDir, seeded at every start.
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert "emptyDir" in volumes["data"]
+        assert pod["terminationGracePeriodSeconds"] > config.graceful_shutdown_timeout_secs
+        # One Service for the pool (REST, gRPC), one headless for client-side balancing.
+        service = _one(docs, "Service", name)
+        assert service["spec"]["selector"] == labels
+        assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == {
+            "http": config.api_port, "grpc": config.grpc_port,
+        }  # fmt: skip
+        headless = _one(docs, "Service", f"{name}-pods")
+        assert headless["spec"]["clusterIP"] == "None"
+        assert headless["spec"]["selector"] == labels
+        # gRPC only: the ServiceMonitor (port "http") scrapes each pod once, not twice.
+        assert [p["name"] for p in headless["spec"]["ports"]] == ["grpc"]
+        if member["kind"] == "StatefulSet":
+            assert spec["serviceName"] == headless["metadata"]["name"]
+            claims = {c["metadata"]["name"] for c in spec["volumeClaimTemplates"]}
+            assert claims == {"models"}
+        else:
+            assert pod["nodeSelector"]["tei-manager/pool"] == labels["tei-manager/pool"]
+            assert "nvidia.com/gpu" in container["resources"]["limits"]
+
+
+def test_the_gateway_routes_send_each_header_to_the_pools_serving_it() -> None:
+    from tei_manager._proto.tei_multiplexer.v1 import multiplexer_grpc
+    from tei_manager.api.inference import INFERENCE_PREFIXES
+    from tei_manager.core.routing_key import INSTANCE_HEADER, MAX_KEY_CHARS, MODEL_HEADER
+
+    pools = _render(POOLS)
+    served = _served_by(pools)
+    routes = _render(GATEWAY)
+    gateway = _one(routes, "Gateway", "tei")
+    (listener,) = gateway["spec"]["listeners"]
+    services = {d["metadata"]["name"]: d for d in pools if d["kind"] == "Service"}
+    for kind, port_name in (("HTTPRoute", "http"), ("GRPCRoute", "grpc")):
+        (route,) = [d for d in routes if d["kind"] == kind]
+        assert route["apiVersion"] == GATEWAY_API
+        assert route["spec"]["parentRefs"] == [{"name": "tei", "sectionName": listener["name"]}]
+        routed: dict[tuple[str, str], set[str]] = {}
+        for rule in route["spec"]["rules"]:
+            backends = set()
+            for ref in rule["backendRefs"]:
+                ports = {p["name"]: p["port"] for p in services[ref["name"]]["spec"]["ports"]}
+                assert ref["port"] == ports[port_name], ref
+                backends.add(ref["name"])
+            paths = set()
+            for match in rule["matches"]:
+                (header,) = match["headers"]
+                assert header["type"] == "Exact"
+                assert header["name"] in (MODEL_HEADER, INSTANCE_HEADER)
+                assert 0 < len(header["value"]) <= MAX_KEY_CHARS
+                key = (header["name"], header["value"])
+                assert routed.setdefault(key, backends) == backends, key
+                if kind == "HTTPRoute":
+                    assert match["path"]["type"] == "PathPrefix"
+                    paths.add(match["path"]["value"] + "/")
+                else:
+                    assert match["method"] == {
+                        "type": "Exact", "service": multiplexer_grpc.TeiMultiplexer.NAME,
+                    }  # fmt: skip
+            if kind == "HTTPRoute":
+                assert paths == set(INFERENCE_PREFIXES)
+        assert routed == served, kind
+
+
+def _nginx_maps(conf: str) -> dict[tuple[str, str], str]:
+    """(header, value) -> upstream pool of the config's two ``map`` blocks."""
+    found: dict[tuple[str, str], str] = {}
+    for variable, body in re.findall(r"map \$http_(x_tei_\w+) \$\w+ \{(.*?)\}", conf, re.S):
+        header = variable.replace("_", "-")
+        for line in body.strip().splitlines():
+            key, value = line.strip().rstrip(";").split()
+            if key != "default":
+                found[(header, key.strip('"'))] = value
+    return found
+
+
+def test_nginx_routes_each_header_to_the_members_of_the_pools_serving_it() -> None:
+    conf = NGINX_POOLS.read_text()
+    served = _served_by(_render(POOLS))
+    upstreams = dict(re.findall(r"upstream (\w+) \{(.*?)\}", conf, re.S))
+    maps = _nginx_maps(conf)
+    assert set(maps) == set(served)
+    for key, pool in maps.items():
+        for door, port in (("rest", 9000), ("grpc", 9001)):
+            members = re.findall(r"server ([\w.-]+):(\d+)", upstreams[f"{pool}_{door}"])
+            assert {int(p) for _, p in members} == {port}
+            # pool-a-1.internal -> the Kubernetes pool tei-pool-a, and so on.
+            pools = {"tei-" + host.rsplit("-", 1)[0] for host, _ in members}
+            assert pools == served[key], (key, door)
+    from tei_manager.api.inference import INFERENCE_MAX_BODY_BYTES
+
+    assert f"client_max_body_size {INFERENCE_MAX_BODY_BYTES >> 20}m;" in conf
+    # Both doors pass to the pool the header chose; a dead member is skipped.
+    assert "grpc_pass grpc://${tei_pool}_grpc;" in conf
+    assert "proxy_pass http://${tei_pool}_rest;" in conf
+    assert re.search(r"proxy_next_upstream\s+error timeout http_503 non_idempotent;", conf)
+    assert re.search(r"grpc_next_upstream\s+error timeout non_idempotent;", conf)
+
+
+@pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed")
+def test_nginx_accepts_the_pools_configuration(tmp_path: Path) -> None:
+    from tests.auth_pki import make_pki
+
+    pki = make_pki(tmp_path)
+    conf = re.sub(r"pool-[ab]-\d\.internal:", "127.0.0.1:", NGINX_POOLS.read_text())
+    conf = conf.replace("/etc/nginx/pki/server.pem", str(pki.server_cert))
+    conf = conf.replace("/etc/nginx/pki/server.key", str(pki.server_key))
+    conf = conf.replace("/tmp/nginx-tei-pools.pid", str(tmp_path / "pid"))
+    version = subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr
+    found = re.search(r"nginx/(\d+)\.(\d+)\.(\d+)", version)
+    assert found is not None, version
+    if tuple(map(int, found.groups())) < (1, 25, 1):
+        conf = conf.replace("listen 443 ssl;\n        http2 on;", "listen 443 ssl http2;")
+    (tmp_path / "nginx.conf").write_text(f"error_log {tmp_path / 'error.log'};\n" + conf)
+    (tmp_path / "logs").mkdir()
+    result = subprocess.run(
+        ["nginx", "-t", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"),
+         "-e", str(tmp_path / "error.log")],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+
+
+def test_the_autoscaler_scales_a_pool_on_the_adapters_queue_depth_metric() -> None:
+    docs = _render(KUBE / "autoscaling")
+    hpa = _one(docs, "HorizontalPodAutoscaler", "tei-pool-a")
+    adapter = _one(docs, "ConfigMap", "adapter-config")
+    (rule,) = yaml.safe_load(adapter["data"]["config.yaml"])["rules"]
+    target = hpa["spec"]["scaleTargetRef"]
+    member = _one(_render(POOLS), target["kind"], target["name"])
+    assert target["apiVersion"] == member["apiVersion"] and member["kind"] == "StatefulSet"
+    assert hpa["metadata"]["namespace"] == "tei-manager"
+    assert adapter["metadata"]["namespace"] == "monitoring"
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["type"] == "Pods"
+    assert metric["pods"]["metric"]["name"] == rule["name"]["as"]
+    assert rule["seriesQuery"].startswith("tei_manager_inference_queue_depth{")
+    assert set(rule["resources"]["overrides"]) == {"namespace", "pod"}
+    assert (
+        1 <= hpa["spec"]["minReplicas"] <= member["spec"]["replicas"] <= hpa["spec"]["maxReplicas"]
+    )

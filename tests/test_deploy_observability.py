@@ -13,6 +13,7 @@ import json
 import re
 import shutil
 import subprocess
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +24,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from tei_manager.api.server import serve_api
 from tei_manager.config import InstanceConfig, ManagerConfig
 from tei_manager.core.instances import InstanceStatus
+from tei_manager.core.ondemand import StartPolicy
 from tei_manager.core.restart import RestartPolicy
+from tei_manager.gateway.relay import create_gateway
 from tei_manager.manager.service import Manager
 from tei_manager.multiplexer.metrics import MultiplexerMetrics
+from tei_manager.multiplexer.server import shared_routing
 from tests.fake_processes import FakeHost, run_inline
 from tests.httpclient import http_request
 from tests.waiting import wait_for
@@ -36,6 +40,7 @@ ROOT = Path(__file__).parent.parent
 DASHBOARD = ROOT / "deploy" / "grafana" / "tei-manager.json"
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
 ALERT_TESTS = ROOT / "deploy" / "prometheus" / "alerts_test.yml"
+ADAPTER = ROOT / "deploy" / "kubernetes" / "autoscaling" / "prometheus-adapter.yaml"
 _METRIC_RE = re.compile(r"\btei_manager_[a-z0-9_]+")
 # Grafana's variables, replaced by values PromQL accepts.
 _GRAFANA_VARS = {"$__rate_interval": "5m", "$instance": ".*"}
@@ -54,6 +59,12 @@ def _dashboard_queries() -> list[str]:
 def _alert_queries() -> list[str]:
     rules = yaml.safe_load(ALERTS.read_text())
     return [rule["expr"] for group in rules["groups"] for rule in group["rules"]]
+
+
+def _adapter_queries() -> list[str]:
+    """The series prometheus-adapter reads for the HPA (deploy/kubernetes/autoscaling)."""
+    config = yaml.safe_load(yaml.safe_load(ADAPTER.read_text())["data"]["config.yaml"])
+    return [rule["seriesQuery"] for rule in config["rules"]]
 
 
 def exported_names(text: str) -> set[str]:
@@ -88,10 +99,26 @@ async def _scrape(tmp_path: Path) -> str:
             policy=RestartPolicy.from_config(config),
             run_blocking=run_inline,
         )
-        # serve() registers the multiplexer's metrics on the manager's registry.
+        # As serve() does: the multiplexer's metrics and the HTTP inference gateway
+        # on the manager's registry, both doors sharing routing and the on-demand hook.
         MultiplexerMetrics(manager.metrics.prometheus)
+        shared = shared_routing(
+            config,
+            manager.instances,
+            activity=manager.ondemand.activity,
+            starter=manager.ensure_running,
+        )
+        gateway = create_gateway(
+            config,
+            manager.instances,
+            manager.metrics.prometheus,
+            router=shared.router,
+            pool=shared.pool,
+            admission=shared.admission,
+        )
         await nursery.start(manager.run)
-        port = await nursery.start(serve_api, manager, "127.0.0.1", 0)
+        await nursery.start(shared.pool.run)
+        port = await nursery.start(partial(serve_api, gateway=gateway), manager, "127.0.0.1", 0)
         await manager.create_instance(InstanceConfig(name="a", model_id="org/model"))
         await wait_for(
             lambda: manager.get_instance("a").status is InstanceStatus.RUNNING,
@@ -99,6 +126,12 @@ async def _scrape(tmp_path: Path) -> str:
             what="instance a running",
         )
         await http_request(port, "GET", "/instances")
+        # A request to an idle on-demand instance: a cold start, and an inference
+        # request (answered 503: the fake process speaks no gRPC).
+        on_demand = InstanceConfig(name="od", model_id="org/od", start=StartPolicy.ON_DEMAND)
+        await manager.create_instance(on_demand)
+        body = b'{"model": "od", "input": "hi"}'
+        await http_request(port, "POST", "/v1/embeddings", body=body)
         answer = await http_request(port, "GET", "/metrics")
         nursery.cancel_scope.cancel()
     assert answer.status == 200
@@ -110,7 +143,7 @@ async def test_every_metric_the_dashboard_and_alerts_use_is_exported(tmp_path: P
     exported = exported_names(text)
     used = {
         name
-        for query in _dashboard_queries() + _alert_queries()
+        for query in _dashboard_queries() + _alert_queries() + _adapter_queries()
         for name in _METRIC_RE.findall(query)
     }
     assert len(used) >= 15, used
@@ -119,6 +152,9 @@ async def test_every_metric_the_dashboard_and_alerts_use_is_exported(tmp_path: P
     assert 'tei_manager_instance_status{instance="a",status="running"} 1.0' in text
     assert re.search(r'tei_manager_storage_free_bytes\{volume="model_cache"\} \d', text)
     assert re.search(r'tei_manager_http_request_duration_seconds_count\{.*route="/instances"', text)
+    assert 'tei_manager_cold_starts_total{instance="od"} 1.0' in text
+    assert "tei_manager_cold_start_seconds_count 1.0" in text
+    assert 'tei_manager_inference_requests_total{model="org/od",route="/v1/embeddings"} 1.0' in text
 
 
 def test_the_name_check_understands_histogram_and_counter_suffixes() -> None:

@@ -15,9 +15,10 @@ import pytest
 import trio
 
 from tei_manager._proto.tei.v1 import tei_grpc, tei_pb2
+from tei_manager.grpc.calls import CallContext, FastCall, ServerCall
 from tei_manager.grpc.channel import Channel, open_channel
 from tei_manager.grpc.rpc import GrpcError, MethodSpec, StatusCode
-from tei_manager.grpc.server import CallContext, FastCall, GrpcServer, ServerCall
+from tei_manager.grpc.server import GrpcServer
 from tests.test_grpc_server import _grpcio
 
 DECLINE = 1

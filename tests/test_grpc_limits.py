@@ -13,6 +13,7 @@ from typing import Any
 
 import h2.config
 import h2.connection
+import h2.events
 import h2.settings
 import pytest
 import trio
@@ -33,6 +34,7 @@ from tei_manager.grpc._grpc_headers import MAX_STATUS_MESSAGE_CHARS, status_head
 from tei_manager.grpc._hpack import HeaderDecoder
 from tei_manager.grpc._http2_frames import PREFACE, ErrorCode, ProtocolError
 from tei_manager.grpc._protocol import Connection
+from tei_manager.grpc.calls import CallContext
 from tei_manager.grpc.channel import Channel, open_channel
 from tei_manager.grpc.limits import DEFAULT_LIMITS, Limits, validate_limits
 from tei_manager.grpc.rpc import (
@@ -43,7 +45,7 @@ from tei_manager.grpc.rpc import (
     StatusCode,
     client_text,
 )
-from tei_manager.grpc.server import CallContext, GrpcServer
+from tei_manager.grpc.server import GrpcServer
 
 PATH = "/pkg.Service/Method"
 REQUEST = [
@@ -210,7 +212,7 @@ def test_resets_after_our_answer_are_not_premature() -> None:
         raw.ours.respond_status(stream_id, StatusCode.OK)
         raw.send(RstStreamFrame(stream_id, error_code=ErrorCode.NO_ERROR).serialize())
         raw.ours.forget(stream_id)
-    assert raw.ours.h2_connection.premature_resets == 0
+    assert raw.ours.h2_connection.floods.premature_resets == 0
 
 
 # -- floods -------------------------------------------------------------------------------------
@@ -226,7 +228,7 @@ def test_empty_data_with_end_stream_is_not_empty() -> None:
     for stream_id in (1, 3, 5):
         raw.send(raw.headers(stream_id))
         raw.send(DataFrame(stream_id, data=b"", flags=["END_STREAM"]).serialize())
-    assert raw.ours.h2_connection.empty_frames == 0
+    assert raw.ours.h2_connection.floods.empty_frames == 0
 
 
 def test_settings_floods() -> None:
@@ -236,6 +238,103 @@ def test_settings_floods() -> None:
     raw = Raw(Limits(max_settings_entries=2))
     many = SettingsFrame(0, settings={1: 4096, 4: 70000, 5: 16384})
     fails_with(ErrorCode.ENHANCE_YOUR_CALM, raw, many.serialize())
+
+
+def _priority(stream_id: int) -> bytes:
+    return struct.pack(">BHBBL", 0, 5, 0x2, 0, stream_id) + struct.pack(">LB", 0, 15)
+
+
+def _window_update(stream_id: int, increment: int) -> bytes:
+    return struct.pack(">BHBBL", 0, 4, 0x8, 0, stream_id) + struct.pack(">L", increment)
+
+
+def test_priority_frames_are_glitches_limited_by_a_token_bucket() -> None:
+    """CVE-2019-9513 style: PRIORITY makes us do nothing; a stream of them is a flood."""
+    raw = Raw(Limits(glitch_burst=5, glitch_rate_per_sec=2))
+    raw.send(b"".join(_priority(stream_id) for stream_id in range(1, 11, 2)))  # the burst
+    raw.clock.now = 1.0  # two tokens back
+    raw.send(_priority(11) + _priority(13))
+    assert raw.ours.h2_connection.floods.glitches == 7
+    error = fails_with(ErrorCode.ENHANCE_YOUR_CALM, raw, _priority(15))
+    assert "do nothing" in str(error)
+
+
+def test_unknown_frames_are_glitches() -> None:
+    raw = Raw(Limits(glitch_burst=3, glitch_rate_per_sec=1))
+    unknown = struct.pack(">BHBBL", 0, 4, 0x42, 0, 0) + b"junk"
+    raw.send(unknown * 3)
+    fails_with(ErrorCode.ENHANCE_YOUR_CALM, raw, unknown)
+
+
+def test_window_updates_our_data_did_not_earn_are_glitches() -> None:
+    """A 1-byte WINDOW_UPDATE flood on an open stream: only the ones our DATA (or the
+    stream's opening) can have called for are free."""
+    raw = Raw(Limits(glitch_burst=3, glitch_rate_per_sec=1, window_updates_per_data_frame=4))
+    raw.send(raw.headers(1))
+    h2c = raw.ours.h2_connection
+    raw.ours.start_response(1)
+    h2c.send_data(1, b"x" * 10)  # one DATA frame: four WINDOW_UPDATEs earned
+    raw.ours.data_to_send()
+    # Two for the stream, four for the DATA frame, three from the bucket.
+    raw.send(_window_update(1, 1) * 6 + _window_update(0, 1) * 3)
+    assert h2c.floods.glitches == 3
+    fails_with(ErrorCode.ENHANCE_YOUR_CALM, raw, _window_update(1, 1))
+
+
+def test_well_behaved_flow_control_has_no_glitches() -> None:
+    """A peer crediting back a large answer as it reads: every WINDOW_UPDATE earned."""
+    ours, peer = _h2_pair(DEFAULT_LIMITS)
+    peer.send_headers(1, REQUEST)
+    peer.send_data(1, framed(b"q"), end_stream=True)
+    ours.receive_data(peer.data_to_send())
+    ours.start_response(1)
+    h2c = ours.h2_connection
+    payload = framed(b"z" * 1_000_000)
+    sent = 0
+    while sent < len(payload):
+        sent += h2c.send_data(1, payload, sent)
+        for event in peer.receive_data(bytes(ours.data_to_send())):
+            if isinstance(event, h2.events.DataReceived):
+                # Credit every frame at once: as many WINDOW_UPDATEs as a peer sends.
+                peer.increment_flow_control_window(event.flow_controlled_length)
+                peer.increment_flow_control_window(event.flow_controlled_length, stream_id=1)
+        ours.receive_data(peer.data_to_send())
+    assert h2c.floods.glitches == 0
+
+
+def test_malformed_requests_and_stream_errors_are_glitches() -> None:
+    """Each costs a decode and a reset and does nothing: a stream of them is a flood."""
+    raw = Raw(Limits(glitch_burst=3, glitch_rate_per_sec=1))
+    pseudo_last = [*REQUEST[4:], *REQUEST[:4]]  # pseudo-headers after regular ones
+    raw.send(raw.headers(1, pseudo_last) + raw.headers(3, pseudo_last))
+    raw.send(raw.headers(5))
+    raw.send(_window_update(5, 0))  # a stream error: the third
+    assert raw.ours.h2_connection.floods.glitches == 3
+    fails_with(ErrorCode.ENHANCE_YOUR_CALM, raw, raw.headers(7, pseudo_last))
+
+
+def test_zero_window_increment_is_a_stream_error_or_a_connection_error() -> None:
+    """RFC 9113 §6.9: on a stream, RST_STREAM PROTOCOL_ERROR; on the connection, GOAWAY."""
+    raw = Raw()
+    raw.send(raw.headers(1))
+    raw.ours.data_to_send()
+    (reset,) = raw.send(_window_update(1, 0))
+    assert (reset.stream_id, reset.error_code) == (1, ErrorCode.PROTOCOL_ERROR)
+    assert (0x3, 1, struct.pack(">L", ErrorCode.PROTOCOL_ERROR)) in raw.frames_sent()
+    assert raw.send(raw.headers(3))  # the connection goes on
+    fails_with(ErrorCode.PROTOCOL_ERROR, raw, _window_update(0, 0))
+
+
+def test_a_window_over_2_31_minus_1_is_a_flow_control_error() -> None:
+    """RFC 9113 §6.9.1: the stream's is reset, the connection's ends the connection."""
+    raw = Raw()
+    raw.send(raw.headers(1))
+    raw.ours.data_to_send()
+    (reset,) = raw.send(_window_update(1, 2**31 - 1))  # on top of the initial 65535
+    assert (reset.stream_id, reset.error_code) == (1, ErrorCode.FLOW_CONTROL_ERROR)
+    assert (0x3, 1, struct.pack(">L", ErrorCode.FLOW_CONTROL_ERROR)) in raw.frames_sent()
+    raw.send(_window_update(0, 2**31 - 1 - 65535))  # exactly the largest window: fine
+    fails_with(ErrorCode.FLOW_CONTROL_ERROR, raw, _window_update(0, 1))
 
 
 def test_control_frames_unsent_are_bounded() -> None:

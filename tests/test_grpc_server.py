@@ -26,9 +26,10 @@ import trio
 from hyperframe.frame import WindowUpdateFrame
 
 from tei_manager._proto.tei.v1 import tei_grpc, tei_pb2
+from tei_manager.grpc.calls import CallContext
 from tei_manager.grpc.channel import Channel, client_ssl_context, open_channel
 from tei_manager.grpc.rpc import GrpcError, StatusCode
-from tei_manager.grpc.server import CallContext, GrpcServer, server_ssl_context
+from tei_manager.grpc.server import GrpcServer, server_ssl_context
 from tests.tls import make_pki
 
 SLEEP_FOREVER = 777

@@ -46,10 +46,11 @@ from tei_manager.grpc._grpc_headers import format_timeout, parse_timeout
 from tei_manager.grpc._hpack import HeaderDecodeError, HeaderDecoder, encode_headers
 from tei_manager.grpc._http2_frames import PREFACE, ErrorCode, ProtocolError, StreamClosedError
 from tei_manager.grpc._protocol import Connection
+from tei_manager.grpc.calls import CallContext
 from tei_manager.grpc.channel import open_channel
 from tei_manager.grpc.limits import DEFAULT_LIMITS, Limits
 from tei_manager.grpc.rpc import GrpcError, StatusCode
-from tei_manager.grpc.server import CallContext, GrpcServer
+from tei_manager.grpc.server import GrpcServer
 
 PATH = "/pkg.Service/Method"
 REQUEST = [
@@ -453,6 +454,61 @@ def test_malformed_request_headers_reset_only_their_stream(header: tuple[str, st
     assert of(RequestReceived, raw.send(raw.headers(3, REQUEST)))
 
 
+_METHOD, _SCHEME, _PATH, _AUTHORITY, *_REGULAR = REQUEST
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        # A pseudo-header after a regular field.
+        [_METHOD, _SCHEME, _PATH, *_REGULAR, _AUTHORITY],
+        # The same pseudo-header twice, the same value or not.
+        [_METHOD, _SCHEME, _PATH, _PATH, _AUTHORITY, *_REGULAR],
+        [_METHOD, _METHOD, _SCHEME, _PATH, _AUTHORITY, *_REGULAR],
+        [_METHOD, _SCHEME, (":scheme", "https"), _PATH, *_REGULAR],
+        [_METHOD, _SCHEME, _PATH, _AUTHORITY, _AUTHORITY, *_REGULAR],
+        # A response's pseudo-header in a request.
+        [(":status", "200"), _METHOD, _SCHEME, _PATH, *_REGULAR],
+        # A request (not CONNECT) without :method, :scheme or :path, or an empty :path.
+        [_SCHEME, _PATH, _AUTHORITY, *_REGULAR],
+        [_METHOD, _PATH, _AUTHORITY, *_REGULAR],
+        [_METHOD, _SCHEME, _AUTHORITY, *_REGULAR],
+        [_METHOD, _SCHEME, (":path", ""), _AUTHORITY, *_REGULAR],
+        # CONNECT (§8.5) has :authority and no :scheme or :path.
+        [(":method", "CONNECT"), _SCHEME, _PATH, _AUTHORITY, *_REGULAR],
+        [(":method", "CONNECT"), *_REGULAR],
+    ],
+)
+def test_malformed_pseudo_headers_reset_only_their_stream(headers: list[tuple[str, str]]) -> None:
+    """RFC 9113 §8.3 and §8.3.1: malformed, so a stream PROTOCOL_ERROR (§8.1.1)."""
+    raw = RawClient()
+    assert raw.send(raw.headers(1, headers, flags=["END_STREAM"])) == []
+    frames = raw.sent_frames()
+    assert (frames[3], struct.unpack(">L", frames[5:9])[0]) == (0x3, 1)  # RST_STREAM, stream 1
+    assert struct.unpack(">L", frames[9:13])[0] == ErrorCode.PROTOCOL_ERROR
+    assert raw.ours.h2_connection.held_streams == 0  # it holds no place
+    assert of(RequestReceived, raw.send(raw.headers(3, REQUEST)))
+
+
+def test_a_well_formed_connect_is_refused_not_reset() -> None:
+    raw = RawClient()
+    headers = [(":method", "CONNECT"), _AUTHORITY, *_REGULAR]
+    assert raw.send(raw.headers(1, headers, flags=["END_STREAM"])) == []
+    frames = raw.sent_frames()
+    assert frames[3] == 0x1  # HEADERS: answered, UNIMPLEMENTED (not POST)
+    assert b"CONNECT" in frames
+
+
+def test_pseudo_headers_in_request_trailers_fail_the_call() -> None:
+    raw = RawClient()
+    assert of(RequestReceived, raw.send(raw.headers(1, REQUEST)))
+    trailers = raw.headers(1, [("x-trailer", "a"), (":path", PATH)], flags=["END_STREAM"])
+    (rejected,) = of(MessageRejected, raw.send(trailers))
+    assert rejected.stream_id == 1
+    frames = raw.sent_frames()
+    assert frames[3] == 0x3 and struct.unpack(">L", frames[9:13])[0] == ErrorCode.PROTOCOL_ERROR
+
+
 def test_valid_custom_metadata_names_pass() -> None:
     raw = RawClient()
     headers = [*REQUEST, ("x-trace_id.1~", "a"), ("grpc-accept-encoding", "identity")]
@@ -460,7 +516,10 @@ def test_valid_custom_metadata_names_pass() -> None:
     assert request.custom_metadata == (("x-trace_id.1~", "a"),)
 
 
-@pytest.mark.parametrize("header", [("", "x"), ("X-Upper", "x"), (":path", "/a/b")])
+@pytest.mark.parametrize(
+    "header",
+    [("", "x"), ("X-Upper", "x"), (":path", "/a/b"), (":status", "200")],  # last: after regular
+)
 def test_malformed_response_headers_fail_the_call(header: tuple[str, str]) -> None:
     ours, peer = client_pair(validate_outbound_headers=False, normalize_outbound_headers=False)
     ours.start_request(1, "http", PATH, "a")
@@ -476,6 +535,18 @@ def test_malformed_response_headers_fail_the_call(header: tuple[str, str]) -> No
     assert (reset.stream_id, reset.error_code) == (1, ErrorCode.PROTOCOL_ERROR)
     (ended,) = of(ResponseEnded, events)
     assert (ended.stream_id, ended.status) == (3, StatusCode.OK)
+
+
+def test_a_status_pseudo_header_in_response_trailers_fails_the_call() -> None:
+    ours, peer = client_pair(validate_outbound_headers=False, normalize_outbound_headers=False)
+    ours.start_request(1, "http", PATH, "a")
+    exchange(ours, peer)
+    peer.send_headers(1, [(":status", "200"), ("content-type", "application/grpc")])
+    peer.send_headers(1, [(":status", "200"), ("grpc-status", "0")], end_stream=True)
+    events, _ = exchange(ours, peer)
+    (failed,) = of(MessageRejected, events)
+    assert (failed.stream_id, failed.status) == (1, StatusCode.INTERNAL)
+    assert not of(ResponseEnded, events)
 
 
 def test_request_that_is_not_grpc_gets_415() -> None:

@@ -15,8 +15,10 @@ from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 
+import httpx
 import msgspec
 import numpy as np
+import openai
 import pytest
 import trio
 from prometheus_client import generate_latest
@@ -32,7 +34,8 @@ from tei_manager.config import InstanceConfig, ManagerConfig, parse_config
 from tei_manager.core.instances import InstanceStatus, InstanceTable
 from tei_manager.core.ports import PortAllocator
 from tei_manager.gateway.relay import Gateway, create_gateway
-from tei_manager.grpc.server import CallContext, GrpcServer
+from tei_manager.grpc.calls import CallContext
+from tei_manager.grpc.server import GrpcServer
 from tei_manager.multiplexer.server import shared_routing
 from tests.fake_manager import FakeManager
 from tests.httpclient import HttpResponse, http_request
@@ -315,3 +318,154 @@ keys = [{rows}]
     assert await status("POST", "/v1/embeddings", "reader-secret", embed) == 403
     assert await status("GET", "/v1/models", "reader-secret") == 403
     assert await status("GET", "/instances", "reader-secret") == 200
+
+
+def keys_rows(keys: dict[str, tuple[str, str]]) -> str:
+    return ", ".join(
+        f'{{ name = "{name}", scopes = ["{scope}"], '
+        f'sha256 = "{hashlib.sha256(key.encode()).hexdigest()}" }}'
+        for name, (key, scope) in keys.items()
+    )
+
+
+async def test_refusals_answer_in_each_doors_error_shape(
+    setup: Setup, nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    keys = {"ci": ("ci-secret", "inference"), "reader": ("reader-secret", "read")}
+    config = parse_config(
+        f"""
+api_port = 0
+grpc_port = 0
+state_file = "{tmp_path / "auth-state.toml"}"
+log_dir = "{tmp_path / "auth-logs"}"
+[auth]
+enabled = true
+providers = ["api_key"]
+[auth.api_key]
+keys = [{keys_rows(keys)}]
+[rate_limit]
+enabled = true
+inference = {{ requests_per_sec = 0.01, burst = 2 }}
+""",
+        env={},
+    )
+    manager = FakeManager(config)
+    security = build_security(config, manager.metrics.prometheus)
+    port = await nursery.start(
+        partial(serve_api, manager, "127.0.0.1", 0, gateway=setup.gateway, security=security)
+    )
+
+    def embed(key: str) -> None:
+        base = f"http://127.0.0.1:{port}/v1"
+        with openai.OpenAI(base_url=base, api_key=key, max_retries=0) as client:
+            client.embeddings.create(model="b", input="hi")
+
+    async def refused(key: str, error: type[openai.APIStatusError]) -> openai.APIStatusError:
+        with pytest.raises(error) as raised:
+            await trio.to_thread.run_sync(embed, key)
+        return raised.value
+
+    # The OpenAI SDK raises its own exception classes, carrying our message.
+    wrong = await refused("wrong-secret", openai.AuthenticationError)
+    assert wrong.body == {
+        "message": "the API key is not valid",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": "UNAUTHENTICATED",
+    }
+    assert "the API key is not valid" in str(wrong)
+    assert wrong.response.headers["www-authenticate"] == (
+        'Bearer realm="tei-manager", error="invalid_token"'
+    )
+    denied = await refused("reader-secret", openai.PermissionDeniedError)
+    assert isinstance(denied.body, dict)
+    assert denied.body["type"] == "invalid_request_error" and denied.body["code"] == "FORBIDDEN"
+    assert "inference" in denied.body["message"]
+    await trio.to_thread.run_sync(embed, "ci-secret")
+    await trio.to_thread.run_sync(embed, "ci-secret")
+    limited = await refused("ci-secret", openai.RateLimitError)
+    assert isinstance(limited.body, dict)
+    assert (limited.body["type"], limited.body["code"]) == ("requests", "OVERLOADED")
+    assert 90 <= int(limited.response.headers["retry-after"]) <= 100
+
+    # TEI's door: TEI's {"error", "error_type"}, with the same headers.
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+        missing = await http.post("/tei/b/embed", json={"inputs": "hi"})
+        assert missing.status_code == 401
+        assert missing.json()["error_type"] == "Validation"
+        assert missing.json()["error"].startswith("credentials required")
+        assert missing.headers["www-authenticate"] == 'Bearer realm="tei-manager"'
+        reader = {"Authorization": "Bearer reader-secret"}
+        forbidden = await http.get("/tei/b/health", headers=reader)
+        assert forbidden.status_code == 403 and forbidden.json()["error_type"] == "Validation"
+        ci = {"Authorization": "Bearer ci-secret"}
+        tei_limited = await http.post("/tei/b/embed", json={"inputs": "hi"}, headers=ci)
+        assert tei_limited.status_code == 429
+        assert tei_limited.json()["error_type"] == "Overloaded"
+        assert int(tei_limited.headers["retry-after"]) >= 1
+        # Elsewhere, the manager's own shape.
+        manager_shape = await http.get("/instances")
+        assert manager_shape.status_code == 401
+        assert set(manager_shape.json()) == {"error", "code", "timestamp"}
+
+
+async def test_a_routing_header_names_the_model_when_the_body_does_not(setup: Setup) -> None:
+    async def post(path: str, body: object, *headers: tuple[str, str]) -> HttpResponse:
+        data = json.dumps(body).encode()
+        return await http_request(setup.port, "POST", path, body=data, headers=headers)
+
+    by_model = await post("/v1/embeddings", {"input": "one"}, ("x-tei-model", "m/b"))
+    assert by_model.status == 200, by_model.body
+    assert by_model.json()["model"] == "m/b"
+    assert by_model.json()["data"][0]["embedding"] == pytest.approx(vector("one"))
+    by_instance = await post("/v1/embeddings", {"input": "one"}, ("x-tei-instance", "b"))
+    assert by_instance.status == 200 and by_instance.json()["model"] == "b"
+    agreeing = await post("/v1/embeddings", {"model": "b", "input": "x"}, ("x-tei-instance", "b"))
+    assert agreeing.status == 200
+    assert (await post("/tei/b/embed", {"inputs": "x"}, ("x-tei-model", "b"))).status == 200
+    retrieved = await http_request(
+        setup.port, "GET", "/v1/models/m%2Fb", headers=[("x-tei-model", "m/b")]
+    )
+    assert retrieved.status == 200
+    # Disagreements: 400 in OpenAI's shape, 422 Validation in TEI's, naming both fields.
+    openai = await post("/v1/embeddings", {"model": "b", "input": "x"}, ("x-tei-model", "m/b"))
+    assert openai.status == 400
+    error = openai.json()["error"]
+    assert error["param"] == "model" and error["code"] == "VALIDATION_ERROR"
+    assert error["message"].startswith('model, x-tei-model: model "b" and header x-tei-model')
+    tei = await post("/tei/b/embed", {"inputs": "x"}, ("x-tei-instance", "idle"))
+    assert tei.status == 422 and tei.json()["error_type"] == "Validation"
+    assert tei.json()["error"].startswith("model, x-tei-instance")
+    health = await http_request(setup.port, "GET", "/tei/b/health", headers=[("x-tei-model", "z")])
+    assert health.status == 422
+    both = await post(
+        "/v1/rerank",
+        {"query": "q", "documents": ["d"]},
+        ("x-tei-instance", "b"),
+        ("x-tei-model", "m/b"),
+    )
+    assert both.status == 400 and "x-tei-instance, x-tei-model" in both.json()["error"]["message"]
+    long = await post("/v1/embeddings", {"input": "x"}, ("x-tei-model", "m" * 5000))
+    assert long.status == 400 and len(long.body) < 300  # the value is not echoed
+    far = await post("/v1/embeddings", {"model": "m" * 300, "input": "x"}, ("x-tei-model", "b"))
+    assert far.status == 400 and len(far.body) < 400
+    neither = await post("/v1/embeddings", {"input": "x"})
+    assert neither.status == 400 and "x-tei-model" in neither.json()["error"]["message"]
+
+
+def test_openapi_documents_the_routing_headers_where_a_model_is_named() -> None:
+    doc = build_openapi()
+    paths = doc["paths"]
+    for path, method, expected in (
+        ("/v1/embeddings", "post", True),
+        ("/v1/rerank", "post", True),
+        ("/v1/models/{model}", "get", True),
+        ("/tei/{model}/embed", "post", True),
+        ("/v1/models", "get", False),
+    ):
+        params = paths[path][method].get("parameters", [])
+        headers = {p["name"] for p in params if p["in"] == "header"}
+        assert headers == ({"x-tei-model", "x-tei-instance"} if expected else set()), path
+    # The header may name the model, so the bodies may leave it out.
+    for name in ("EmbeddingsRequest", "RerankRequest"):
+        assert "model" not in doc["components"]["schemas"][name]["required"]

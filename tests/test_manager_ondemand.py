@@ -206,6 +206,8 @@ async def test_eviction_stops_the_least_recently_used_idle_instance(
             'tei_manager_evictions_total{instance="a",reason="memory"} 1.0',
             "tei_manager_cold_start_seconds_count 5.0",
             "tei_manager_idle_unloads_total 0.0",
+            'tei_manager_cold_start_failures_total{instance="pinned",reason="memory"} 1.0',
+            'tei_manager_cold_start_failures_total{instance="a",reason="memory"} 1.0',
             'tei_manager_instance_memory_bytes{device="cpu",instance="pinned"} 1.048576e+08',
             'tei_manager_device_memory_bytes{device="cpu",kind="reserved"} 2.097152e+08',
             'tei_manager_device_memory_bytes{device="cpu",kind="total"} 6.8719476736e+10',
@@ -336,3 +338,20 @@ async def test_the_new_instance_starts_once_the_evicted_process_is_gone(
         (started,) = host.processes["b"]
         assert evicted.exited_at is not None and started.spawned_at >= evicted.exited_at
         assert host.overlaps == 0
+
+
+async def test_a_cold_start_that_ends_failed_is_counted(
+    clock: trio.testing.MockClock, nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    host = FakeHost(nursery, ready_after=2.0, crash_after=0.5)
+    config = _config(tmp_path, crash_loop_restarts=1)
+    async with _running(config, host, FakeDevices()) as manager:
+        await manager.create_instance(_od("a"))
+        record = manager.instances.get("a")
+        with pytest.raises(TeiError):
+            await manager.ensure_running(record, trio.current_time() + 30)
+        await trio.sleep(1)
+        assert record.status is S.FAILED
+        failures = manager.metrics.cold_start_failures
+        assert failures.labels(instance="a", reason="failed")._value.get() == 1
+        assert "tei_manager_cold_start_seconds_count 0.0" in manager.metrics.render().decode()

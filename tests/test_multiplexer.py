@@ -328,7 +328,8 @@ def test_health_and_reflection(running_mux: Mux) -> None:
         file = database.FindFileContainingSymbol(M.NAME)
         assert file.package == "tei_multiplexer.v1"
         service = file.service[0]
-        assert len(service.method) == 19
+        assert len(service.method) == 20
+        assert "EmbedArrowStream" in {m.name for m in service.method}
         assert "tei/v1/tei.proto" in file.dependency
         assert database.FindFileByName("tei/v1/tei.proto").package == "tei.v1"
 
@@ -412,3 +413,35 @@ def test_arrow_errors(running_mux: Mux) -> None:
     with pytest.raises(GrpcError) as wrong_kind:
         _arrow_call(running_mux, M.EmbedSparseArrow, [["x"]], target=by_name("dense-a"))
     assert wrong_kind.value.code == StatusCode.FAILED_PRECONDITION
+
+
+def test_embed_arrow_stream_v017_client_against_the_worker(
+    running_mux: Mux, workers: Workers
+) -> None:
+    import pyarrow as pa
+
+    from tei_manager.multiplexer.arrow import NULL_TEXT, write_texts
+
+    first = mux.EmbedArrowRequest(
+        target=mux.Target(model_id=MODEL),
+        arrow_ipc=write_texts(["alpha", "", None]),
+        normalize=True,
+        dimensions=16,
+        output_dtype=mux.OUTPUT_DTYPE_F16,
+        compression=mux.ARROW_COMPRESSION_LZ4,
+    )
+    later = mux.EmbedArrowRequest(arrow_ipc=write_texts(["beta gamma"]))
+    replies = running_mux.call(M.EmbedArrowStream, first, later)
+    tables = [pa.ipc.open_stream(r.arrow_ipc).read_all() for r in replies]  # type: ignore[attr-defined]
+    assert [t.num_rows for t in tables] == [3, 1]
+    assert tables[0].schema.field("embeddings").type == pa.list_(pa.float16(), 16)
+    errors = tables[0].column("error").to_pylist()
+    assert errors[0] is None and errors[2] == NULL_TEXT
+    assert "cannot be empty" in errors[1]
+    for text, row in [("alpha", tables[0].column(0)[0]), ("beta gamma", tables[1].column(0)[0])]:
+        (direct,) = _call(
+            workers.dense.port,
+            tei_grpc.Embed.Embed,
+            [tei.EmbedRequest(inputs=text, normalize=True, dimensions=16)],
+        )
+        assert all(abs(a - b) < 2e-3 for a, b in zip(row.as_py(), direct.embeddings, strict=True))

@@ -157,15 +157,57 @@ def test_dense_values_round_trip_exactly() -> None:
     embeddings = [array("f", [rng.uniform(-1, 1) for _ in range(16)]) for _ in range(5)]
     column = arrow.read_texts(texts_ipc(["a", "b", "c", "d", "e"]))
     batch = read_answer(arrow.write_dense(column, [e.tobytes() for e in embeddings]))
-    assert batch.schema.names == ["embeddings"]
+    assert batch.schema.names == ["embeddings", "error"]
     assert batch.schema.field("embeddings").type == pa.list_(pa.float32(), 16)
+    assert batch.schema.field("embeddings").nullable
+    assert batch.schema.field("error").type == pa.string()
     assert batch.column(0).to_pylist() == [e.tolist() for e in embeddings]
+    assert batch.column("error").to_pylist() == [None] * 5
 
 
 def test_dense_nulls_land_on_the_null_texts() -> None:
     column = arrow.read_texts(texts_ipc([None, "a", None, "b", None]))
     batch = read_answer(arrow.write_dense(column, [float_row([1, 2]), float_row([3, 4])]))
     assert batch.column(0).to_pylist() == [None, [1.0, 2.0], None, [3.0, 4.0], None]
+    null = arrow.NULL_TEXT
+    assert batch.column("error").to_pylist() == [null, None, null, None, null]
+
+
+def test_failed_rows_are_null_with_their_reason_in_order() -> None:
+    column = arrow.read_texts(texts_ipc(["a", None, "", "b", "too long"]))
+    rows: list[bytes | str] = [float_row([1, 2]), "empty input", float_row([3, 4]), "too long"]
+    batch = read_answer(arrow.write_dense(column, rows))
+    assert batch.num_rows == 5
+    assert batch.column("embeddings").to_pylist() == [[1.0, 2.0], None, None, [3.0, 4.0], None]
+    assert batch.column("error").to_pylist() == [
+        None,
+        arrow.NULL_TEXT,
+        "empty input",
+        None,
+        "too long",
+    ]
+
+
+def test_every_row_failed_uses_the_given_width() -> None:
+    column = arrow.read_texts(texts_ipc(["a", "b"]))
+    batch = read_answer(arrow.write_dense(column, ["no", "nope"], dim=8))
+    assert batch.schema.field("embeddings").type == pa.list_(pa.float32(), 8)
+    assert batch.column(0).to_pylist() == [None, None]
+    assert batch.column(1).to_pylist() == ["no", "nope"]
+
+
+def test_f16_answers_hold_the_same_values_in_half_precision() -> None:
+    column = arrow.read_texts(texts_ipc(["a", None, "b", "c"]))
+    rows: list[bytes | str] = [float_row([0.5, -1.25]), "refused", float_row([1 / 3, 2.0])]
+    batch = read_answer(arrow.write_dense(column, rows, dtype="f16"))
+    assert batch.schema.field("embeddings").type == pa.list_(pa.float16(), 2)
+    values = batch.column(0).to_pylist()
+    assert values[0] == [0.5, -1.25]
+    assert values[1] is None and values[2] is None
+    assert values[3][1] == 2.0 and abs(values[3][0] - 1 / 3) < 1e-3 and values[3][0] != 1 / 3
+    noop = read_answer(arrow.noop_dense(column, 4, dtype="f16"))
+    assert noop.schema.field("embeddings").type == pa.list_(pa.float16(), 4)
+    assert noop.column(0).to_pylist() == [[0.0] * 4, None, [0.0] * 4, [0.0] * 4]
 
 
 def test_dense_all_null_uses_the_given_width() -> None:
@@ -183,10 +225,10 @@ def test_dense_refuses_rows_that_do_not_fit() -> None:
         arrow.write_dense(column, [float_row([1, 2]), float_row([1, 2, 3])])
 
 
-def test_answers_are_lz4_frame_compressed() -> None:
+def test_answers_are_lz4_frame_compressed_when_asked() -> None:
     column = arrow.read_texts(texts_ipc(["same text"] * 200))
-    rows = [float_row([0.5] * 64)] * 200
-    compressed = arrow.write_dense(column, rows)
+    rows: list[bytes | str] = [float_row([0.5] * 64)] * 200
+    compressed = arrow.write_dense(column, rows, compression="lz4")
     messages = list(pa.ipc.MessageReader.open_stream(compressed))
     assert [m.type for m in messages] == ["schema", "record batch"]
     # Each compressed buffer is its uncompressed length (int64) then an LZ4 frame.
@@ -194,6 +236,17 @@ def test_answers_are_lz4_frame_compressed() -> None:
     assert body[8:12] == LZ4_FRAME_MAGIC
     assert len(compressed) < 200 * 64 * 4 // 10
     assert read_answer(compressed).column(0).to_pylist() == [[0.5] * 64] * 200
+    sparse = arrow.write_sparse(column, [([1], [0.5])] * 200, compression="lz4")
+    assert LZ4_FRAME_MAGIC in list(pa.ipc.MessageReader.open_stream(sparse))[1].body.to_pybytes()
+
+
+def test_answers_are_uncompressed_by_default() -> None:
+    column = arrow.read_texts(texts_ipc(["same text"] * 200))
+    plain = arrow.write_dense(column, [float_row([0.5] * 64)] * 200)
+    body = list(pa.ipc.MessageReader.open_stream(plain))[1].body.to_pybytes()
+    assert LZ4_FRAME_MAGIC not in body
+    assert len(plain) > 200 * 64 * 4
+    assert read_answer(plain).column(0).to_pylist() == [[0.5] * 64] * 200
 
 
 def test_noop_dense_is_zeros_with_nulls_kept() -> None:
@@ -207,7 +260,8 @@ def test_noop_dense_is_zeros_with_nulls_kept() -> None:
 
 def test_noop_dense_large_answer() -> None:
     column = arrow.read_texts(texts_ipc([f"text {i}" for i in range(10_000)]))
-    data = arrow.noop_dense(column)
+    assert len(arrow.noop_dense(column)) > 10_000 * 384 * 4
+    data = arrow.noop_dense(column, compression="lz4")
     assert len(data) < 1_000_000, "zeros compress"
     embeddings = read_answer(data).column(0)
     assert len(embeddings) == 10_000
@@ -264,7 +318,7 @@ def test_sparse_answer_shape_and_values() -> None:
     column = arrow.read_texts(texts_ipc(["a", None, "b", "c"]))
     rows: list[arrow.SparseRow] = [([3, 70000], [0.5, 1.25]), ([], []), ([0], [2.0])]
     batch = read_answer(arrow.write_sparse(column, rows))
-    assert batch.schema.names == ["sparse_embeddings"]
+    assert batch.schema.names == ["sparse_embeddings", "error"]
     kind = batch.schema.field("sparse_embeddings").type
     assert kind == arrow.SPARSE_TYPE
     assert kind.value_type.field("index").type == pa.uint32()
@@ -275,6 +329,15 @@ def test_sparse_answer_shape_and_values() -> None:
         [],
         [{"index": 0, "value": 2.0}],
     ]
+
+
+def test_sparse_failed_rows_are_null_with_their_reason() -> None:
+    column = arrow.read_texts(texts_ipc(["a", "bad", None, "c"]))
+    rows: list[arrow.SparseRow | str] = [([3], [0.5]), "input is empty", ([], [])]
+    batch = read_answer(arrow.write_sparse(column, rows))
+    assert batch.schema.field("sparse_embeddings").type == arrow.SPARSE_TYPE
+    assert batch.column(0).to_pylist() == [[{"index": 3, "value": 0.5}], None, None, []]
+    assert batch.column(1).to_pylist() == [None, "input is empty", arrow.NULL_TEXT, None]
 
 
 def test_sparse_row_from_a_reply() -> None:
@@ -300,4 +363,5 @@ def test_noop_sparse_is_empty_rows_with_nulls_kept() -> None:
     batch = read_answer(data)
     assert batch.schema.field("sparse_embeddings").type == arrow.SPARSE_TYPE
     assert batch.column(0).to_pylist() == [[], None, []]
+    assert batch.column("error").to_pylist() == [None, arrow.NULL_TEXT, None]
     assert [m.type for m in pa.ipc.MessageReader.open_stream(data)] == ["schema", "record batch"]

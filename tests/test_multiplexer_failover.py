@@ -25,9 +25,10 @@ from tei_manager._proto.tei_multiplexer.v1 import multiplexer_pb2
 from tei_manager.config import InstanceConfig, ManagerConfig
 from tei_manager.core.instances import InstanceRecord, InstanceStatus, InstanceTable
 from tei_manager.core.ports import PortAllocator
+from tei_manager.grpc.calls import CallContext
 from tei_manager.grpc.channel import Channel, open_channel
 from tei_manager.grpc.rpc import GrpcError, StatusCode
-from tei_manager.grpc.server import CallContext, GrpcServer
+from tei_manager.grpc.server import GrpcServer
 from tei_manager.multiplexer.arrow import write_texts
 from tei_manager.multiplexer.failover import call_failure, retry_model
 from tei_manager.multiplexer.metrics import MultiplexerMetrics

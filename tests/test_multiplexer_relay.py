@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
+import pyarrow as pa
 import pytest
 import trio
 from prometheus_client import CollectorRegistry
@@ -17,9 +18,10 @@ from tei_manager._proto.tei_multiplexer.v1 import multiplexer_grpc, multiplexer_
 from tei_manager.config import InstanceConfig, ManagerConfig
 from tei_manager.core.instances import InstanceStatus, InstanceTable
 from tei_manager.core.ports import PortAllocator
+from tei_manager.grpc.calls import CallContext
 from tei_manager.grpc.channel import Channel, open_channel
 from tei_manager.grpc.rpc import GrpcError, StatusCode
-from tei_manager.grpc.server import CallContext, GrpcServer
+from tei_manager.grpc.server import GrpcServer
 from tei_manager.multiplexer.metrics import MultiplexerMetrics
 from tei_manager.multiplexer.server import MultiplexerServer
 from tei_manager.multiplexer.service import Multiplexer
@@ -325,4 +327,72 @@ async def test_pool_shares_one_connection_and_sweeps_stopped_instances() -> None
                 await channel.unary_unary(M.Embed, setup.embed("x"))
             assert error.value.code == StatusCode.UNAVAILABLE
             assert "stopped" in error.value.message
+        nursery.cancel_scope.cancel()
+
+
+@temperatures
+async def test_metadata_names_the_target_when_the_message_does_not(warm: bool) -> None:
+    async with trio.open_nursery() as nursery:
+        setup = await _setup(nursery)
+        untargeted = mux.EmbedRequest(request=tei_pb2.EmbedRequest(inputs="abc"))
+        async with open_channel("127.0.0.1", setup.mux_port) as channel:
+            await _warm_up(setup, channel, warm)
+            for key, value in (("x-tei-instance", "b"), ("x-tei-model", "m/b")):
+                reply = await channel.unary_unary(M.Embed, untargeted, metadata=((key, value),))
+                assert list(reply.embeddings) == [3.0]
+            agreeing = await channel.unary_unary(
+                M.Embed, setup.embed("ab"), metadata=(("x-tei-instance", "b"),)
+            )
+            assert list(agreeing.embeddings) == [2.0]
+            async with channel.open_call(M.EmbedStream, metadata=(("x-tei-model", "m/b"),)) as call:
+                await call.send(untargeted)
+                reply = await call.receive()
+                assert reply is not None and list(reply.embeddings) == [3.0]
+            refused = {
+                # The message names an instance, the proxy routed on a model.
+                "target.instance_name, x-tei-model": (
+                    setup.embed("x"), (("x-tei-model", "m/b"),)
+                ),
+                "target.instance_name, x-tei-instance": (
+                    setup.embed("x"), (("x-tei-instance", "other"),)
+                ),
+                "x-tei-instance, x-tei-model": (
+                    untargeted, (("x-tei-instance", "b"), ("x-tei-model", "m/b"))
+                ),
+                "x-tei-model: is 5000 characters": (untargeted, (("x-tei-model", "m" * 5000),)),
+            }  # fmt: skip
+            for expected, (request, metadata) in refused.items():
+                with pytest.raises(GrpcError) as error:
+                    await channel.unary_unary(M.Embed, request, metadata=metadata)
+                assert error.value.code == StatusCode.INVALID_ARGUMENT, expected
+                assert error.value.message.startswith(expected), error.value.message
+                assert len(error.value.message) < 300  # a value is never echoed whole
+            with pytest.raises(GrpcError) as error:
+                await channel.unary_unary(M.Embed, untargeted, metadata=(("x-tei-model", "nope"),))
+            assert error.value.code == StatusCode.NOT_FOUND
+        assert setup.backend.seen.count("abc") == 2  # the unary calls (streams are not logged)
+        nursery.cancel_scope.cancel()
+
+
+async def test_arrow_calls_take_their_target_from_metadata_too() -> None:
+    table = pa.table({"text": ["abc", "de"]})
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    untargeted = mux.EmbedArrowRequest(arrow_ipc=sink.getvalue().to_pybytes())
+    async with trio.open_nursery() as nursery:
+        setup = await _setup(nursery)
+        async with open_channel("127.0.0.1", setup.mux_port) as channel:
+            reply = await channel.unary_unary(
+                M.EmbedArrow, untargeted, metadata=(("x-tei-model", "m/b"),)
+            )
+            rows = pa.ipc.open_stream(reply.arrow_ipc).read_all().column(0).to_pylist()
+            assert rows == [[3.0], [2.0]]
+            untargeted.target.CopyFrom(mux.Target(instance_name="b"))
+            with pytest.raises(GrpcError) as error:
+                await channel.unary_unary(
+                    M.EmbedArrow, untargeted, metadata=(("x-tei-instance", "c"),)
+                )
+            assert error.value.code == StatusCode.INVALID_ARGUMENT
+            assert error.value.message.startswith("target.instance_name, x-tei-instance")
         nursery.cancel_scope.cancel()

@@ -141,7 +141,48 @@ def test_services_and_shapes_match_contract() -> None:
         (3, "truncate"),
         (4, "normalize"),
         (5, "noop"),
+        (6, "truncation_direction"),
+        (7, "prompt_name"),
+        (8, "dimensions"),
+        (9, "compression"),
+        (10, "output_dtype"),
     ]
+    optional = {f.name for f in arrow.fields if f.has_presence and f.message_type is None}
+    assert optional == {"prompt_name", "dimensions"}
+    assert arrow.fields_by_name["dimensions"].type == FieldDescriptor.TYPE_UINT32
+    assert (
+        arrow.fields_by_name["truncation_direction"].enum_type.full_name
+        == "tei.v1.TruncationDirection"
+    )
+    sparse = multiplexer_pb2.EmbedSparseArrowRequest.DESCRIPTOR
+    assert [(f.number, f.name) for f in sparse.fields] == [
+        (1, "target"),
+        (2, "arrow_ipc"),
+        (3, "truncate"),
+        (4, "noop"),
+        (5, "truncation_direction"),
+        (6, "prompt_name"),
+        (7, "compression"),
+    ]
+    assert sparse.fields_by_name["prompt_name"].has_presence
+    assert sparse.fields_by_name["compression"].enum_type.full_name == (
+        "tei_multiplexer.v1.ArrowCompression"
+    )
+    enums = multiplexer_pb2.DESCRIPTOR.enum_types_by_name
+    assert [(v.name, v.number) for v in enums["ArrowCompression"].values] == [
+        ("ARROW_COMPRESSION_NONE", 0),
+        ("ARROW_COMPRESSION_LZ4", 1),
+    ]
+    assert [(v.name, v.number) for v in enums["OutputDtype"].values] == [
+        ("OUTPUT_DTYPE_UNSPECIFIED", 0),
+        ("OUTPUT_DTYPE_F32", 1),
+        ("OUTPUT_DTYPE_F16", 2),
+    ]
+    stream = methods["EmbedArrowStream"]
+    assert stream.client_streaming and stream.server_streaming
+    assert stream.input_type.full_name == "tei_multiplexer.v1.EmbedArrowRequest"
+    assert stream.output_type.full_name == "tei_multiplexer.v1.EmbedArrowResponse"
+    assert len(methods) == 20
     for wrapper in ("EmbedRequest", "PredictPairRequest", "RerankStreamRequest", "DecodeRequest"):
         fields = multiplexer_pb2.DESCRIPTOR.message_types_by_name[wrapper].fields_by_number
         assert fields[1].message_type.full_name == "tei_multiplexer.v1.Target"

@@ -34,9 +34,10 @@ from tei_manager.config import ConfigError, InstanceConfig, ManagerConfig, OtelC
 from tei_manager.core.instances import InstanceTable
 from tei_manager.core.ports import PortAllocator
 from tei_manager.gateway.relay import create_gateway
+from tei_manager.grpc.calls import CallContext
 from tei_manager.grpc.channel import open_channel
 from tei_manager.grpc.rpc import Servicer, StatusCode
-from tei_manager.grpc.server import CallContext, GrpcServer
+from tei_manager.grpc.server import GrpcServer
 from tei_manager.multiplexer.metrics import MultiplexerMetrics
 from tei_manager.multiplexer.server import MultiplexerServer, shared_routing
 from tei_manager.otlp import EXPORT, OtlpExporter

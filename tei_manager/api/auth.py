@@ -5,7 +5,8 @@ for CORS headers and the access log), so every route, unknown paths included, is
 checked before it runs: a request without credentials learns nothing, not even
 whether a path exists. The decision is :class:`~tei_manager.auth.policy.Authenticator`'s;
 this module only turns the request into an :class:`AuthRequest` and a refusal into
-the contract's error body:
+an answer (:func:`~tei_manager.api.refusals.render_refusal`: in OpenAI's error shape
+under ``/v1/``, TEI's under ``/tei/``, the contract's elsewhere):
 
 - 401 ``UNAUTHENTICATED`` with ``WWW-Authenticate: Bearer realm="tei-manager"``
   (RFC 6750; ``error="invalid_token"`` when a token was sent and refused) where a
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import contextvars
 import logging
-import math
 import re
 import ssl
 import time
@@ -33,7 +33,8 @@ from typing import Any, Final, cast
 
 from quart import Quart, Response, request
 
-from tei_manager.api.responses import error_response
+from tei_manager.api.refusals import render_refusal
+from tei_manager.api.routes import JSON
 from tei_manager.auth.identity import (
     AuthRequest,
     Identity,
@@ -43,7 +44,7 @@ from tei_manager.auth.identity import (
     parse_peer,
 )
 from tei_manager.auth.security import Security
-from tei_manager.errors import ErrorCode, TeiError
+from tei_manager.errors import ErrorCode
 
 __all__ = ["IDENTITY_KEY", "capture_peer_certificates", "install_auth", "scope_for"]
 
@@ -51,7 +52,6 @@ access_log = logging.getLogger("tei_manager.access")
 
 #: Where the authenticated identity's name travels in the ASGI scope.
 IDENTITY_KEY: Final = "tei_manager.identity"
-_REALM: Final = 'Bearer realm="tei-manager"'
 # Inference routes (OpenAI- and TEI-compatible) live under these prefixes.
 _INFERENCE_PREFIXES: Final = ("/v1/", "/tei/")
 _READ_METHODS: Final = frozenset({"GET", "HEAD"})
@@ -114,15 +114,8 @@ class _RestAuth:
 
     def _refuse(self, refusal: Refusal) -> Response:
         self._metrics.rejected("rest", refusal)
-        response = error_response(TeiError(refusal.code, refusal.message))
-        if refusal.code is ErrorCode.UNAUTHENTICATED and self._auth.uses_bearer:
-            challenge = _REALM
-            if refusal.bearer_error is not None:
-                challenge += f', error="{refusal.bearer_error}"'
-            response.headers["WWW-Authenticate"] = challenge
-        if refusal.code is ErrorCode.OVERLOADED:
-            response.headers["Retry-After"] = str(max(1, math.ceil(refusal.retry_after_secs)))
-        return response
+        answer = render_refusal(request.path, refusal, bearer=self._auth.uses_bearer)
+        return Response(answer.body, answer.status, answer.headers, content_type=JSON)
 
     async def before(self) -> Response | None:
         headers = request.headers

@@ -24,6 +24,7 @@ from quart_trio.wrappers.request import TrioRequest
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from tei_manager.api.routes import JSON
+from tei_manager.api.routing_key import HEADER_PARAMETERS
 from tei_manager.auth.identity import Scope
 from tei_manager.errors import from_msgspec_error
 from tei_manager.gateway.errors import InferenceError, Kind
@@ -205,6 +206,8 @@ def inference_openapi(
                             "schema": {"type": "string"},
                         }
                     ]
+                if "{model}" in route.path or route.request is not None:
+                    doc["parameters"] = doc.get("parameters", []) + HEADER_PARAMETERS
                 if route.request is not None:
                     doc["requestBody"] = {
                         "required": True,

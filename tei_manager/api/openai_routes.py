@@ -29,6 +29,7 @@ from tei_manager.api.inference import (
     read_body,
     retry_headers,
 )
+from tei_manager.api.routing_key import request_target
 from tei_manager.errors import quote
 from tei_manager.gateway import encoding
 from tei_manager.gateway.calls import decode_ids, embed_texts
@@ -47,9 +48,12 @@ _encode: Final = msgspec.json.encode
 
 
 class EmbeddingsRequest(msgspec.Struct, kw_only=True):
-    """``POST /v1/embeddings`` (unknown fields are ignored, as OpenAI-compatible servers do)."""
+    """``POST /v1/embeddings`` (unknown fields are ignored, as OpenAI-compatible servers do).
 
-    model: str
+    ``model`` may be left out when an ``x-tei-model`` or ``x-tei-instance`` header names it.
+    """
+
+    model: str | None = None
     input: str | list[str | int | list[int]]
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None
@@ -91,9 +95,10 @@ class RerankDocument(msgspec.Struct):
 
 
 class RerankRequest(msgspec.Struct, kw_only=True):
-    """``POST /v1/rerank``: the body Cohere's and Jina's rerank APIs share."""
+    """``POST /v1/rerank``: the body Cohere's and Jina's rerank APIs share (``model``
+    as in :class:`EmbeddingsRequest`)."""
 
-    model: str
+    model: str | None = None
     query: str
     documents: list[str | RerankDocument]
     top_n: int | None = None
@@ -232,12 +237,13 @@ class OpenAIHandlers:
 
     async def openai_embeddings(self) -> Response:
         req = decode_body(await read_body(), EmbeddingsRequest)
+        model = request_target(req.model)
         texts, id_lists = _texts_or_ids(req.input)
         if req.dimensions is not None and req.dimensions < 1:
             raise InferenceError(
                 Kind.VALIDATION, "dimensions: must be at least 1", param="dimensions"
             )
-        async with self._gateway.session("/v1/embeddings", req.model, self._status) as session:
+        async with self._gateway.session("/v1/embeddings", model, self._status) as session:
             await session.require(tei_pb2.MODEL_TYPE_EMBEDDING, "embed: use /v1/rerank")
             if id_lists:
                 texts = await decode_ids(session, id_lists)
@@ -251,12 +257,13 @@ class OpenAIHandlers:
             rows = await trio.to_thread.run_sync(encoding.json_rows, matrix)
         else:
             rows = encoding.json_rows(matrix)
-        return json_bytes(_embeddings_body(rows, req.model, tokens))
+        return json_bytes(_embeddings_body(rows, model, tokens))
 
     async def openai_list_models(self) -> Response:
         return json_bytes(_encode(ModelList(data=self._cards())))
 
     async def openai_retrieve_model(self, model: str) -> Response:
+        model = request_target(model)
         for card in self._cards():
             if card.id == model:
                 return json_bytes(_encode(card))
@@ -277,12 +284,13 @@ class OpenAIHandlers:
 
     async def openai_rerank(self) -> Response:
         req = decode_body(await read_body(), RerankRequest)
+        model = request_target(req.model)
         if not req.documents:
             raise InferenceError(Kind.EMPTY, "documents: must not be empty", param="documents")
         if req.top_n is not None and req.top_n < 1:
             raise InferenceError(Kind.VALIDATION, "top_n: must be at least 1", param="top_n")
         texts = [d if isinstance(d, str) else d.text for d in req.documents]
-        async with self._gateway.session("/v1/rerank", req.model, self._status) as session:
+        async with self._gateway.session("/v1/rerank", model, self._status) as session:
             await session.require(tei_pb2.MODEL_TYPE_RERANKER, "rerank: use /v1/embeddings")
             message = tei_pb2.RerankRequest(query=req.query, texts=texts).SerializeToString()
             reply = tei_pb2.RerankResponse.FromString(
@@ -302,7 +310,7 @@ class OpenAIHandlers:
         ]
         body = RerankResponse(
             id=f"rerank-{uuid.uuid4().hex}",
-            model=req.model,
+            model=model,
             results=results,
             usage=RerankUsage(total_tokens=session.tokens),
         )

@@ -32,6 +32,9 @@ from tei_manager.api.inference import (
     read_body,
     retry_headers,
 )
+from tei_manager.api.routing_key import request_target
+from tei_manager.core.instances import InstanceStatus
+from tei_manager.errors import quote
 from tei_manager.gateway import encoding
 from tei_manager.gateway.calls import decode_ids, embed_texts, unary_or_stream
 from tei_manager.gateway.errors import InferenceError, Kind
@@ -284,13 +287,18 @@ class TeiHandlers:
         self._status = door.status
 
     def _session(self, route: str, model: str) -> AbstractAsyncContextManager[Session]:
+        request_target(model)  # an x-tei-* header must name the URL's model
         return self._gateway.session(f"/tei/{{model}}/{route}", model, self._status)
 
     # -- metadata ----------------------------------------------------------------------
     async def tei_info(self, model: str) -> Response:
-        async with self._session("info", model) as session:
-            info = await session.info()
-            record = session.instance
+        record = self._gateway.resolve(model)
+        if self._gateway.resting(record):  # idle on demand: what its last process said
+            info = self._gateway.resting_info(record)
+        else:
+            async with self._session("info", model) as session:
+                info = await session.info()
+                record = session.instance
         config = record.config
         if info.model_type == tei_pb2.MODEL_TYPE_EMBEDDING:
             kind = TeiModelType(embedding=TeiEmbeddingModel(config.pooling or "default"))
@@ -324,7 +332,19 @@ class TeiHandlers:
         return json_bytes(_encode(body))
 
     async def tei_health(self, model: str) -> Response:
-        record = self._gateway.resolve(model)  # unknown: 404; not running: 503
+        request_target(model)
+        record = self._gateway.resolve(model)  # unknown: 404; stopped, failed ...: 503
+        if self._gateway.resting(record):
+            # Never loads a model. Idle on demand: available, its first request loads
+            # it (as a scale-to-zero service stays ready); loading or unloading: not
+            # yet, as TEI is not while its model loads.
+            if record.status is InstanceStatus.IDLE:
+                return Response(b"", status=200)
+            raise InferenceError(
+                Kind.UNAVAILABLE, f"instance {quote(record.name)} is {record.status.value}"
+            )
+        # Running: asked now. No checkpoint lies between the check above and the
+        # pool's own (which starts an instance not running), so a probe never does.
         try:
             await self._gateway.instance_info(record, fresh=True)
         except InferenceError:
@@ -648,7 +668,7 @@ _M: Final = "/tei/{model}"
 TEI_ROUTES: Final[tuple[InferenceRoute, ...]] = (
     InferenceRoute("tei_info", "GET", f"{_M}/info", "TEI: the instance's model and limits",
                    TeiInfo, statuses=(404, 424, 503)),
-    InferenceRoute("tei_health", "GET", f"{_M}/health", "TEI: 200 when the instance answers",
+    InferenceRoute("tei_health", "GET", f"{_M}/health", "TEI: 200 when it answers or rests idle",
                    None, statuses=(404, 503)),
     InferenceRoute("tei_embed", "POST", f"{_M}/embed", "TEI: dense embeddings",
                    list[list[float]], TeiEmbedRequest, _ERR),

@@ -150,7 +150,9 @@ def build_authenticator(
             if (bucket := getattr(limits, name)) is not None
         }
         if buckets:
-            limiter = RateLimiter(buckets, limits.max_tracked_clients)
+            limiter = RateLimiter(
+                buckets, limits.max_tracked_clients, ipv6_prefix_bits=limits.ipv6_prefix_bits
+            )
     return Authenticator(
         enabled=auth.enabled,
         providers=providers,

@@ -118,7 +118,7 @@ class Authenticator:
         if refusal is not None:
             return refusal
         if self.limiter is not None and self.limiter.limits(scope):
-            client = identity.name or f"address {self.client_address(request)}"
+            client = identity.name or self.limiter.address_client(self.client_address(request))
             wait = self.limiter.take(scope, client, now)
             if wait > 0:
                 return Refusal(

@@ -137,6 +137,9 @@ class RateLimitConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     inference: BucketConfig | None = None
     read: BucketConfig | None = None
     max_tracked_clients: int = 10000  # buckets kept; the least recently used go first
+    #: Anonymous IPv6 clients share a bucket per network of this prefix (IPv4: per
+    #: address); a /64 is what one subscriber holds (ratelimit.DEFAULT_IPV6_PREFIX_BITS).
+    ipv6_prefix_bits: int = 64
 
 
 class CorsConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -348,6 +351,10 @@ def validate_rate_limit_config(limits: RateLimitConfig) -> None:
     if limits.max_tracked_clients < 1:
         raise ValidationError(
             "rate_limit.max_tracked_clients", f"{limits.max_tracked_clients} is invalid: use >= 1"
+        )
+    if not 1 <= limits.ipv6_prefix_bits <= 128:
+        raise ValidationError(
+            "rate_limit.ipv6_prefix_bits", f"{limits.ipv6_prefix_bits} is invalid: use 1-128"
         )
 
 

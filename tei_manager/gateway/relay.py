@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from datetime import datetime
 from typing import Any, Final
 
 import trio
@@ -97,8 +98,10 @@ class Gateway:
         self.admission = admission
         self.metrics = metrics
         self.request_timeout = request_timeout
-        # tei.v1 Info per instance, for the process it was asked of (name -> pid, info).
-        self._infos: dict[str, tuple[int | None, tei_pb2.InfoResponse]] = {}
+        # tei.v1 Info per instance, for the process it was asked of (name -> the
+        # instance's creation time, pid, info). Kept when the process ends, so an
+        # instance resting on demand still has its model's facts.
+        self._infos: dict[str, tuple[datetime, int | None, tei_pb2.InfoResponse]] = {}
         metrics.watch_admission(admission.statistics)
 
     def resolve(self, model: str) -> InstanceRecord:
@@ -160,8 +163,8 @@ class Gateway:
         Outside admission: it is cheap, and a health check must not queue.
         """
         cached = self._infos.get(record.name)
-        if cached is not None and cached[0] == record.pid and not fresh:
-            return cached[1]
+        if cached is not None and cached[:2] == (record.created_at, record.pid) and not fresh:
+            return cached[2]
         channel = await self._channel(record)
         try:
             with trio.fail_after(self.request_timeout):
@@ -172,8 +175,35 @@ class Gateway:
             ) from None
         except GrpcError as error:
             raise from_instance(error) from None
-        self._infos[record.name] = (record.pid, info)
+        self._infos[record.name] = (record.created_at, record.pid, info)
         return info
+
+    @staticmethod
+    def resting(record: InstanceRecord) -> bool:
+        """True when ``record`` (as :meth:`resolve` returned it) runs no process: an
+        on-demand instance idle, loading or being unloaded, which any call would
+        start or wait for. Probes and metadata must not: a health check or an
+        ``/info`` never loads a model."""
+        return record.status is not InstanceStatus.RUNNING
+
+    def resting_info(self, record: InstanceRecord) -> tei_pb2.InfoResponse:
+        """The Info the last process of ``record`` gave, for an instance resting on
+        demand; UNAVAILABLE, saying why, if it has not loaded since the manager
+        started. Never asks the instance (that would load its model).
+
+        Only the instance's own answer is used: most of TEI's Info (the model's
+        type, dtype, input and batch limits) is known exactly only once the model
+        is loaded, and a guess would mislead a client sizing its batches.
+        """
+        cached = self._infos.get(record.name)
+        if cached is not None and cached[0] == record.created_at:
+            return cached[2]
+        raise InferenceError(
+            Kind.UNAVAILABLE,
+            f"instance {quote(record.name)} is {record.status.value} (started on demand) and "
+            "has not loaded its model yet: its info is known once it has; "
+            "an inference request loads it",
+        )
 
     async def _channel(self, record: InstanceRecord) -> Channel:
         try:
@@ -203,8 +233,9 @@ class Session:
         it running: the one place before any connection to it (the session's
         instance, or the replica a failover moves to). An idle on-demand instance
         is started here (:meth:`Router.ensure_running`, one start shared by every
-        request waiting), within ``request_timeout``; counted in flight meanwhile,
-        it is not unloaded or evicted under the request."""
+        request waiting), within its startup timeout and the request's deadline
+        (``request_timeout`` times the call once it runs, as on the gRPC door);
+        counted in flight meanwhile, it is not unloaded or evicted under the request."""
         gateway = self._gateway
         waited = await gateway.admission.enter(record.name, record.config.max_concurrent_requests)
         self.queued = waited + (self.queued or 0.0)
@@ -213,11 +244,8 @@ class Session:
         gateway.router.begin(record.name)
         if record.status is InstanceStatus.RUNNING:
             return
-        deadline = min(
-            trio.current_effective_deadline(), trio.current_time() + gateway.request_timeout
-        )
         try:
-            await gateway.router.ensure_running(record, deadline)
+            await gateway.router.ensure_running(record, trio.current_effective_deadline())
         except TeiError as error:
             self.release()
             raise from_routing(error) from None

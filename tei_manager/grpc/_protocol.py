@@ -3,7 +3,9 @@
 ``Connection`` sits on our ``H2Connection`` (``h2_connection``, which the transport
 also drives directly for data, flow control and resets) and turns its events into
 gRPC events: a request or response starting, each complete message, the end of
-the request, the response's status. What the spec leaves to an implementation:
+the request, the response's status. Messages are cut from DATA by
+``_grpc_messages.MessageReader``, which ``Connection`` extends with the header
+blocks and what we send. What the spec leaves to an implementation:
 
 - A message over ``max_message_bytes``, or a compressed one (we negotiate no
   compression), fails only its stream (``MessageRejected``); the stream's remaining
@@ -11,8 +13,9 @@ the request, the response's status. What the spec leaves to an implementation:
 - A malformed request (method, path, content type, ``grpc-timeout``) is answered
   by this layer; the application never sees it. A header block HTTP/2 calls
   malformed (RFC 9113 §8.2: an empty, uppercase or connection-specific field name,
-  an unknown pseudo-header, ``te`` other than "trailers") resets its stream with
-  PROTOCOL_ERROR (§8.1.1); in a response it fails the call.
+  an unknown pseudo-header, ``te`` other than "trailers"; §8.3: a pseudo-header
+  after a regular field, twice, of the other side, missing, or in trailers) resets
+  its stream with PROTOCOL_ERROR (§8.1.1); in a response it fails the call.
 - A response with an HTTP status other than 200 ends the call with the status gRPC
   maps it to; one without ``grpc-status`` ends UNKNOWN.
 - Metadata: ``grpc-*``, pseudo-headers, ``te``, ``content-type`` and ``user-agent``
@@ -26,15 +29,12 @@ call's headers cost little more than the dictionary lookups.
 from __future__ import annotations
 
 import binascii
-import struct
 import time
 from collections.abc import Callable
 from urllib.parse import unquote
 
 from tei_manager.grpc._grpc_events import (
     Event,
-    MessageReceived,
-    MessageRejected,
     RequestEnded,
     RequestReceived,
     ResponseEnded,
@@ -52,8 +52,8 @@ from tei_manager.grpc._grpc_headers import (
     parse_timeout,
     status_headers,
 )
+from tei_manager.grpc._grpc_messages import CallState, MessageReader
 from tei_manager.grpc._hpack import encode_header, encode_headers
-from tei_manager.grpc._http2 import H2Connection
 from tei_manager.grpc._http2_frames import (
     DataReceived,
     ErrorCode,
@@ -61,35 +61,10 @@ from tei_manager.grpc._http2_frames import (
     StreamReset,
 )
 from tei_manager.grpc.limits import DEFAULT_LIMITS, Limits
-from tei_manager.grpc.rpc import StatusCode, client_text, over_limit
-
-_PREFIX = struct.Struct(">BL")
+from tei_manager.grpc.rpc import StatusCode, client_text
 
 
-class _Call:
-    """Per-stream gRPC state: the partial message being read, and how the call stands."""
-
-    __slots__ = (
-        "credited",
-        "discarding",
-        "encoding",
-        "headers_received",
-        "need",
-        "pending",
-        "pending_size",
-    )
-
-    def __init__(self) -> None:
-        self.pending: list[bytes] = []
-        self.pending_size = 0
-        self.credited = 0  # bytes of ``pending`` already credited back (large message)
-        self.need = 0
-        self.discarding = False
-        self.headers_received = False
-        self.encoding: str | None = None
-
-
-class Connection:
+class Connection(MessageReader):
     """One gRPC connection, client or server side."""
 
     def __init__(
@@ -100,14 +75,12 @@ class Connection:
         limits: Limits = DEFAULT_LIMITS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.client_side = client_side
-        self.max_message_bytes = max_message_bytes
-        self.h2_connection = H2Connection(client_side=client_side, limits=limits, clock=clock)
-        # The one stream whose large message is credited as it is buffered (0: none),
-        # and the partial size from which a message counts as large.
-        self._large = 0
-        self._large_at = max(1, limits.stream_receive_window_bytes // 2)
-        self._calls: dict[int, _Call] = {}
+        super().__init__(
+            client_side=client_side,
+            max_message_bytes=max_message_bytes,
+            limits=limits,
+            clock=clock,
+        )
         self._last_request_id = 0
         self._request_prefixes: dict[tuple[str, str, str], bytes] = {}
 
@@ -133,109 +106,6 @@ class Connection:
                 out.append(event)  # type: ignore[arg-type]
         return out
 
-    def _data(self, event: DataReceived, out: list[Event]) -> None:
-        stream_id = event.stream_id
-        data = event.data
-        call = self._calls.get(stream_id)
-        if call is None or call.discarding:
-            if data:  # nobody reads these bytes: credit them back now
-                self.h2_connection.acknowledge_received_data(stream_id, len(data))
-            return
-        if self.client_side and not call.headers_received:
-            self._fail_stream(stream_id, StatusCode.INTERNAL, "DATA before response headers", out)
-            return
-        if data:
-            self._messages(call, stream_id, data, out)
-        if event.end_stream and not call.discarding:
-            if call.pending_size:
-                self._fail_stream(
-                    stream_id, StatusCode.INTERNAL, "the stream ended inside a message", out
-                )
-            elif self.client_side:
-                message = "the server ended the call without a status"
-                out.append(ResponseEnded(stream_id, StatusCode.INTERNAL, message))
-            else:
-                out.append(RequestEnded(stream_id))
-
-    def _messages(self, call: _Call, stream_id: int, data: bytes, out: list[Event]) -> None:
-        # A message's bytes are credited back when the application consumes it, so
-        # the windows bound what a peer can park. A message larger than a window
-        # would then never arrive: one stream per connection at a time (``_large``)
-        # has its partial message's bytes credited as they enter the message buffer
-        # (bounded by ``max_message_bytes``), so a 40 MiB message streams through a
-        # 4 MiB window at full speed. ``carried``: bytes at the start of ``data``
-        # already credited.
-        carried = 0
-        if call.pending:
-            call.pending.append(data)
-            call.pending_size += len(data)
-            if call.pending_size < call.need:
-                if self._large == stream_id:
-                    self.h2_connection.acknowledge_received_data(stream_id, len(data))
-                    call.credited += len(data)
-                elif not self._large and call.pending_size >= self._large_at:
-                    self._make_large(stream_id, call)
-                return
-            carried = call.credited
-            call.credited = 0
-            data = b"".join(call.pending)
-            call.pending = []
-            call.pending_size = 0
-            if self._large == stream_id:
-                self._large = 0  # its message is complete: another may go next
-                self._next_large()
-        pos = 0
-        end = len(data)
-        limit = self.max_message_bytes
-        need = 5
-        while end - pos >= 5:
-            compressed, length = _PREFIX.unpack_from(data, pos)
-            if length > limit or compressed:
-                if compressed:
-                    message = f"compressed messages ({call.encoding or 'no grpc-encoding'}) "
-                    message += "are not supported"
-                    status = StatusCode.INTERNAL if self.client_side else StatusCode.UNIMPLEMENTED
-                else:
-                    message = over_limit(length, limit)
-                    status = StatusCode.RESOURCE_EXHAUSTED
-                call.discarding = True
-                self.h2_connection.acknowledge_received_data(stream_id, end - pos - carried)
-                out.append(MessageRejected(stream_id, status, message))
-                if self._large == stream_id:
-                    self._large = 0
-                    self._next_large()
-                return
-            stop = pos + 5 + length
-            if stop > end:
-                need = 5 + length
-                break
-            out.append(MessageReceived(stream_id, data[pos + 5 : stop], stop - pos - carried))
-            carried = 0
-            pos = stop
-        if pos < end:
-            rest = data[pos:] if pos else data
-            call.pending = [rest]
-            call.pending_size = len(rest)
-            call.credited = carried  # 0 once a message completed
-            call.need = need
-            if self._large == stream_id or (not self._large and len(rest) >= self._large_at):
-                self._make_large(stream_id, call)
-
-    def _make_large(self, stream_id: int, call: _Call) -> None:
-        """Let ``stream_id``'s partial message be credited as it is buffered."""
-        self._large = stream_id
-        owed = call.pending_size - call.credited
-        if owed:
-            self.h2_connection.acknowledge_received_data(stream_id, owed)
-            call.credited = call.pending_size
-
-    def _next_large(self) -> None:
-        """The large message is done: the next stream waiting with one goes on."""
-        for stream_id, call in self._calls.items():
-            if call.pending_size >= self._large_at and not call.discarding:
-                self._make_large(stream_id, call)
-                return
-
     def _headers(self, event: HeadersReceived, out: list[Event]) -> None:
         stream_id = event.stream_id
         call = self._calls.get(stream_id)
@@ -251,6 +121,9 @@ class Connection:
         # Trailers from the client: HTTP allows them; they only end the request.
         if not event.end_stream:
             self._fail_stream(stream_id, StatusCode.INTERNAL, "headers inside the request", out)
+        elif any(name[:1] == ":" for name, _ in event.headers):
+            # RFC 9113 §8.1: trailers carry no pseudo-headers; malformed (§8.1.1).
+            self._fail_stream(stream_id, StatusCode.INTERNAL, "pseudo-header in trailers", out)
         elif not call.discarding:
             out.append(RequestEnded(stream_id))
 
@@ -259,20 +132,35 @@ class Connection:
         timeout_text = None
         metadata = []
         malformed = True  # unless every header passes
+        regular = False  # a regular field was seen: no pseudo-header may follow
         try:
             for name, value in event.headers:
                 if name[:1] == ":":
+                    # RFC 9113 §8.3: pseudo-headers come first, each at most once,
+                    # and only the request ones (":status" or unknown: malformed).
+                    if regular:
+                        break
                     if name == ":path":
+                        if path is not None:
+                            break
                         path = value
                     elif name == ":method":
+                        if method is not None:
+                            break
                         method = value
                     elif name == ":scheme":
+                        if scheme is not None:
+                            break
                         scheme = value
                     elif name == ":authority":
+                        if authority is not None:
+                            break
                         authority = value
-                    else:  # an unknown pseudo-header (RFC 9113 §8.3)
+                    else:
                         break
-                elif name == "content-type":
+                    continue
+                regular = True
+                if name == "content-type":
                     content_type = value
                 elif name == "te":
                     if value != "trailers":
@@ -288,12 +176,18 @@ class Connection:
                 elif not name.startswith("grpc-"):
                     metadata.append(incoming_metadata(name, value))
             else:
-                malformed = False
+                # RFC 9113 §8.3.1: every request but CONNECT has :method, :scheme and
+                # a non-empty :path; CONNECT (§8.5) has :authority and neither.
+                if method == "CONNECT":
+                    malformed = authority is None or scheme is not None or path is not None
+                else:
+                    malformed = method is None or scheme is None or not path
         except (binascii.Error, ValueError):
             self._refuse(stream_id, StatusCode.INTERNAL, "malformed binary metadata")
             return
         if malformed:
             # A malformed request (RFC 9113 §8.1.1): a stream error, no answer.
+            self.h2_connection.count_glitch()
             self.h2_connection.reset_stream(stream_id, ErrorCode.PROTOCOL_ERROR)
             self.h2_connection.release_stream(stream_id)
             return
@@ -319,7 +213,7 @@ class Connection:
                 message = f"malformed grpc-timeout {client_text(timeout_text)}"
                 self._refuse(stream_id, StatusCode.INTERNAL, message)
                 return
-        call = _Call()
+        call = CallState()
         call.encoding = encoding
         self._calls[stream_id] = call
         out.append(
@@ -339,20 +233,23 @@ class Connection:
             out.append(RequestEnded(stream_id))
 
     def _response_headers(
-        self, call: _Call, stream_id: int, event: HeadersReceived, out: list[Event]
+        self, call: CallState, stream_id: int, event: HeadersReceived, out: list[Event]
     ) -> None:
         http_status = content_type = encoding = grpc_status = None
         grpc_message = ""
         metadata = []
         malformed = True  # unless every header passes
+        regular = False
         try:
             for name, value in event.headers:
                 if name[:1] == ":":
-                    if name == ":status":
-                        http_status = value
-                    else:  # an unknown pseudo-header (RFC 9113 §8.3)
+                    # RFC 9113 §8.3: one :status, first, and never in trailers.
+                    if regular or name != ":status" or http_status or call.headers_received:
                         break
-                elif name == "grpc-status":
+                    http_status = value
+                    continue
+                regular = True
+                if name == "grpc-status":
                     grpc_status = value
                 elif name == "grpc-message":
                     grpc_message = unquote(value) if "%" in value else value
@@ -408,46 +305,11 @@ class Connection:
             status = int(grpc_status)
         out.append(ResponseEnded(stream_id, status, grpc_message, tuple(metadata)))
 
-    def _fail_stream(
-        self,
-        stream_id: int,
-        status: StatusCode,
-        message: str,
-        out: list[Event],
-        code: int | None = None,
-    ) -> None:
-        """The peer broke gRPC on this stream: fail the call, reset the stream (with
-        ``code``, or the side's default), drop its data."""
-        call = self._calls.get(stream_id)
-        if call is not None:
-            call.discarding = True
-            self._release_pending(stream_id, call)
-        if code is None:
-            code = ErrorCode.CANCEL if self.client_side else ErrorCode.PROTOCOL_ERROR
-        self.h2_connection.reset_stream(stream_id, code)
-        out.append(MessageRejected(stream_id, status, message))
-
     def _refuse(self, stream_id: int, status: StatusCode, message: str) -> None:
         """Server side: answer a request the application never sees."""
         self.respond_status(stream_id, status, message)
         self.h2_connection.reset_stream(stream_id, ErrorCode.NO_ERROR)
         self.h2_connection.release_stream(stream_id)
-
-    def _release_pending(self, stream_id: int, call: _Call) -> None:
-        owed = call.pending_size - call.credited
-        if owed:
-            self.h2_connection.acknowledge_received_data(stream_id, owed)
-        call.pending = []
-        call.pending_size = 0
-        call.credited = 0
-        if self._large == stream_id:
-            self._large = 0
-            self._next_large()
-
-    def _drop(self, stream_id: int) -> None:
-        call = self._calls.pop(stream_id, None)
-        if call is not None:
-            self._release_pending(stream_id, call)
 
     # -- sending --------------------------------------------------------------------
     def start_request(
@@ -480,7 +342,7 @@ class Connection:
         if metadata:
             block += encode_headers(outgoing_metadata(metadata))
         self.h2_connection.send_headers(stream_id, block)
-        self._calls[stream_id] = _Call()
+        self._calls[stream_id] = CallState()
 
     def end_request(self, stream_id: int) -> None:
         """Client side: no more request messages. Raises ``StreamClosedError``."""

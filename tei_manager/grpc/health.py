@@ -7,8 +7,8 @@ from collections.abc import AsyncIterator
 import trio
 
 from tei_manager._proto.grpc.health.v1 import health_grpc, health_pb2
+from tei_manager.grpc.calls import CallContext
 from tei_manager.grpc.rpc import GrpcError, StatusCode
-from tei_manager.grpc.server import CallContext
 
 ServingStatus = health_pb2.HealthCheckResponse.ServingStatus
 SERVING = health_pb2.HealthCheckResponse.SERVING

@@ -92,6 +92,22 @@ class Limits(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     #: nghttp2's NGHTTP2_DEFAULT_MAX_SETTINGS = 32.
     max_settings_entries: int = 32
 
+    #: "Glitches": frames that make us work for nothing — PRIORITY (we ignore it; RFC
+    #: 9113 §5.3.2 deprecates its signals), WINDOW_UPDATEs beyond what our DATA earned
+    #: (below), frames answered with a stream error (a zero window increment, a
+    #: malformed request). A token bucket per connection: ``glitch_burst`` at once,
+    #: ``glitch_rate_per_sec`` more each second; beyond it GOAWAY ENHANCE_YOUR_CALM
+    #: (the CVE-2019-9513 "Resource Loop" and -9517 style floods: a million PRIORITY
+    #: or 1-byte WINDOW_UPDATE frames). nghttp2's nghttp2_option_set_glitch_rate_limit
+    #: defaults: 1000 and 33/s. Go's x/net/http2 only bounds the priority tree it keeps
+    #: (MaxIdleNodesInTree 10), and like grpc-go the frames it queues in answer.
+    glitch_burst: int = 1000
+    glitch_rate_per_sec: float = 33.0
+    #: WINDOW_UPDATEs each DATA frame we send earns the peer (each stream opened earns
+    #: two); more are glitches. Envoy's max_inbound_window_update_frames_per_data_frame_sent
+    #: = 10 (its note: 1 is enough for plain flow control, bandwidth estimators need 2).
+    window_updates_per_data_frame: int = 10
+
     # -- time --------------------------------------------------------------------------
     #: From accept until the client preface and first SETTINGS (after TLS, which has
     #: the same bound): else the connection is closed. Our TLS handshake bound;
@@ -132,6 +148,8 @@ _AT_LEAST_ONE = (
     "max_empty_frames",
     "max_settings_frames",
     "max_settings_entries",
+    "glitch_burst",
+    "window_updates_per_data_frame",
     "max_connections",
 )
 _POSITIVE_SECS = (
@@ -139,6 +157,7 @@ _POSITIVE_SECS = (
     "idle_timeout_secs",
     "keepalive_timeout_secs",
     "min_ping_interval_secs",
+    "glitch_rate_per_sec",
 )
 
 

@@ -14,8 +14,8 @@ from tei_manager._proto.grpc.reflection.v1 import reflection_grpc as v1_grpc
 from tei_manager._proto.grpc.reflection.v1 import reflection_pb2 as v1_pb2
 from tei_manager._proto.grpc.reflection.v1alpha import reflection_grpc as v1alpha_grpc
 from tei_manager._proto.grpc.reflection.v1alpha import reflection_pb2 as v1alpha_pb2
+from tei_manager.grpc.calls import CallContext
 from tei_manager.grpc.rpc import Servicer, StatusCode
-from tei_manager.grpc.server import CallContext
 
 _POOLS = (descriptor_pool.Default(), _pool.POOL)
 REFLECTION_SERVICES = (

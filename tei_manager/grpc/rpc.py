@@ -54,7 +54,7 @@ class Servicer:
     SERVICE: ClassVar[str]
     METHODS: ClassVar[tuple[MethodSpec[Any, Any], ...]]
     #: True for a servicer that works on message bytes: each handler is called as
-    #: ``await handler(call, context)`` with a :class:`~tei_manager.grpc.server.ServerCall`
+    #: ``await handler(call, context)`` with a :class:`~tei_manager.grpc.calls.ServerCall`
     #: to receive and send serialized messages, whatever the method's shape.
     RAW: ClassVar[bool] = False
 
@@ -62,7 +62,7 @@ class Servicer:
         """A raw servicer's task-free handler for the unary method ``spec``, or None.
 
         Called once per unary method when the servicer is added to a server. The handler
-        gets a :class:`~tei_manager.grpc.server.FastCall` and the request's bytes
+        gets a :class:`~tei_manager.grpc.calls.FastCall` and the request's bytes
         from the connection's reader and must not block: it either takes the call
         (True) and answers it later from callbacks, or declines (False) and the
         call goes to the method's ordinary handler.

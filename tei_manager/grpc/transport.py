@@ -4,6 +4,11 @@ A ``Transport`` owns the socket, a reader task feeding bytes to the sans-IO
 ``Connection`` and a writer task sending what it produces. Each gRPC call is a
 ``Stream`` with its own event queue; flow control, resets and connection loss
 are delivered to the call that owns the stream.
+
+The two share one module on purpose: on the per-message paths a ``Stream`` sends
+through its transport's HTTP/2 and gRPC connections directly, and the transport
+queues events on its streams and fails them. Apart, each would need the other's
+internals as public names (or a call more per message).
 """
 
 from __future__ import annotations

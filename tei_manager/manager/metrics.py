@@ -31,6 +31,7 @@ from prometheus_client.registry import Collector
 __all__ = [
     "CONTENT_TYPE",
     "INSTANCE_STATUSES",
+    "ColdStartFailure",
     "EvictionReason",
     "ManagerMetrics",
     "MemorySnapshot",
@@ -48,6 +49,7 @@ CONTENT_TYPE: Final = CONTENT_TYPE_LATEST
 
 RestartReason = Literal["crash", "health", "manual"]
 EvictionReason = Literal["memory"]
+ColdStartFailure = Literal["memory", "failed", "refused"]
 
 #: Every value of the ``status`` label of ``tei_manager_instance_status``.
 INSTANCE_STATUSES: Final = ("idle", "starting", "running", "stopping", "stopped", "failed")
@@ -177,6 +179,14 @@ class ManagerMetrics:
             "tei_manager_cold_start_seconds",
             "From the request that started an on-demand instance to the instance ready",
             buckets=_STARTUP_BUCKETS,
+            registry=r,
+        )
+        self.cold_start_failures = Counter(
+            "tei_manager_cold_start_failures",
+            "On-demand starts that did not bring the instance up, by reason (memory: no"
+            " device could take it even by eviction; failed: it ended failed; refused:"
+            " not startable now)",
+            ["instance", "reason"],
             registry=r,
         )
         self.evictions = Counter(

@@ -277,6 +277,8 @@ class OnDemand:
                     else e
                 )
                 log.warning("instance %s: not started on demand: %s", name, e.message)
+                reason = "memory" if e.code is ErrorCode.INSUFFICIENT_MEMORY else "refused"
+                self._metrics.cold_start_failures.labels(instance=name, reason=reason).inc()
                 return
             # Start once the evicted processes are gone (their memory is free): a
             # victim's pid changes then, even if a request has started it again.
@@ -296,10 +298,15 @@ class OnDemand:
             self.note_change()
             while _status(record) is InstanceStatus.STARTING:
                 await self._changed.wait()
-            if _status(record) is InstanceStatus.RUNNING:
+            status = _status(record)
+            if status is InstanceStatus.RUNNING:
                 seconds = trio.current_time() - start.started_at
                 self._metrics.cold_start_seconds.observe(seconds)
                 log.info("instance %s: started on demand in %.2f s", name, seconds)
+            elif status is InstanceStatus.FAILED:
+                # A start that keeps crashing stays "starting" (restart backoff): the
+                # crash-loop and stuck-starting alerts see that one.
+                self._metrics.cold_start_failures.labels(instance=name, reason="failed").inc()
         finally:
             if self._starts.get(name) is start:
                 del self._starts[name]

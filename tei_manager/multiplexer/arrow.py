@@ -1,11 +1,14 @@
 """The Arrow IPC payloads of EmbedArrow and EmbedSparseArrow.
 
 A request is an Arrow IPC *stream* whose record batches carry a string column
-``text``; every batch is read, and each row gets one output row (a null text gets a
-null output row). Answers are one record batch, LZ4_FRAME-compressed:
+``text``; every batch is read, and each row gets one output row, in order. Answers
+are one record batch of two nullable columns, uncompressed unless the caller asks
+for LZ4_FRAME:
 
-- dense: ``embeddings: fixed_size_list<float32>[dim]``
+- dense: ``embeddings: fixed_size_list<float32 | float16>[dim]``
 - sparse: ``sparse_embeddings: list<struct<index: uint32, value: float32>>``
+- ``error: utf8``: why that row has no embedding (its text is null, or the instance
+  refused it), else null.
 
 Embeddings come from the instances as tei.v1 replies. A dense reply's ``embeddings``
 is a packed repeated float, which on the wire already is little-endian float32, so
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 from array import array
 from collections.abc import Sequence
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -29,11 +32,15 @@ from tei_manager._proto.tei.v1 import tei_pb2
 
 __all__ = [
     "DENSE_COLUMN",
+    "ERROR_COLUMN",
     "NOOP_DIM",
+    "NULL_TEXT",
     "SPARSE_COLUMN",
     "SPARSE_TYPE",
     "TEXT_COLUMN",
     "ArrowInputError",
+    "Compression",
+    "Dtype",
     "SparseRow",
     "TextColumn",
     "dense_row",
@@ -50,6 +57,13 @@ __all__ = [
 TEXT_COLUMN: Final = "text"
 DENSE_COLUMN: Final = "embeddings"
 SPARSE_COLUMN: Final = "sparse_embeddings"
+ERROR_COLUMN: Final = "error"
+#: The ``error`` of a row whose text is null.
+NULL_TEXT: Final = "text is null"
+
+Dtype = Literal["f32", "f16"]
+#: IPC buffer compression of an answer: None or "lz4" (LZ4_FRAME).
+Compression = Literal["lz4"] | None
 
 #: Width of ``noop`` dense answers: that of all-MiniLM-L6-v2 and the other small
 #: sentence-transformers models, so a noop answer has the shape of a common real one.
@@ -61,7 +75,7 @@ SPARSE_TYPE: Final = pa.list_(
     )
 )
 
-_WRITE_OPTIONS: Final = pa.ipc.IpcWriteOptions(compression="lz4")
+_LZ4: Final = pa.ipc.IpcWriteOptions(compression="lz4")
 _FLOAT_BYTES: Final = 4
 # Noop answers are zeros; one read-only zero buffer, grown on demand, spares a fresh
 # allocation (and its page faults) per call.
@@ -244,59 +258,116 @@ def sparse_row(response: tei_pb2.EmbedSparseResponse) -> SparseRow:
 
 
 # -- answers ---------------------------------------------------------------------
-def write_dense(column: TextColumn, rows: Sequence[bytes], *, dim: int = NOOP_DIM) -> bytes:
-    """The dense answer: ``rows`` holds one embedding (float32 bytes) per text, in order.
+def write_dense(
+    column: TextColumn,
+    rows: Sequence[bytes | str],
+    *,
+    dim: int = NOOP_DIM,
+    dtype: Dtype = "f32",
+    compression: Compression = None,
+) -> bytes:
+    """The dense answer: ``rows`` holds, per text in order, its embedding (float32
+    bytes) or why it failed (a str, the row's ``error``).
 
-    The width comes from the rows; ``dim`` is used only when there are none (every
-    text null, or no rows at all). A row count or width that does not fit is the
-    backend's fault: ValueError.
+    The width comes from the embeddings; ``dim`` is used only when there are none.
+    A row count or width that does not fit is the backend's fault: ValueError.
     """
     if len(rows) != column.valid_count:
         raise ValueError(f"{len(rows)} embeddings for {column.valid_count} texts")
-    if rows:
-        row_bytes = len(rows[0])
-        if row_bytes % _FLOAT_BYTES or any(len(row) != row_bytes for row in rows):
-            widths = sorted({len(row) // _FLOAT_BYTES for row in rows})
+    embeddings = [row for row in rows if not isinstance(row, str)]
+    failed = len(embeddings) != len(rows)
+    if embeddings:
+        row_bytes = len(embeddings[0])
+        if row_bytes % _FLOAT_BYTES or any(len(row) != row_bytes for row in embeddings):
+            widths = sorted({len(row) // _FLOAT_BYTES for row in embeddings})
             raise ValueError(f"embeddings of different widths: {widths}")
         dim = row_bytes // _FLOAT_BYTES
-        data = b"".join(rows)
+    if failed:  # a failed row's slot holds zeros under its null
+        zeros = bytes(dim * _FLOAT_BYTES)
+        data = b"".join(zeros if isinstance(row, str) else row for row in rows)
     else:
-        data = b""
+        data = b"".join(embeddings)
     values = pa.Array.from_buffers(pa.float32(), len(rows) * dim, [None, pa.py_buffer(data)])
-    compact = pa.FixedSizeListArray.from_arrays(values, dim)
-    return _write(DENSE_COLUMN, column.expand(compact))
+    if dtype == "f16":
+        values = values.cast(pa.float16())
+    mask = pa.array([isinstance(row, str) for row in rows]) if failed else None
+    compact = pa.FixedSizeListArray.from_arrays(values, dim, mask=mask)
+    errors = _compact_errors(rows) if failed else None
+    return _answer(DENSE_COLUMN, column, compact, errors, compression)
 
 
-def write_sparse(column: TextColumn, rows: Sequence[SparseRow]) -> bytes:
-    """The sparse answer: ``rows`` holds one sparse embedding per text, in order."""
+def write_sparse(
+    column: TextColumn, rows: Sequence[SparseRow | str], *, compression: Compression = None
+) -> bytes:
+    """The sparse answer: ``rows`` holds, per text in order, its sparse embedding or
+    why it failed (a str)."""
     if len(rows) != column.valid_count:
         raise ValueError(f"{len(rows)} sparse embeddings for {column.valid_count} texts")
     indices = array("I")
     values = array("f")
     offsets = array("i", [0])
-    for row_indices, row_values in rows:
-        if len(row_indices) != len(row_values):
-            raise ValueError("a sparse embedding has more indices than values or fewer")
-        indices.extend(row_indices)
-        values.extend(row_values)
+    failed = False
+    for row in rows:
+        if isinstance(row, str):
+            failed = True
+        else:
+            row_indices, row_values = row
+            if len(row_indices) != len(row_values):
+                raise ValueError("a sparse embedding has more indices than values or fewer")
+            indices.extend(row_indices)
+            values.extend(row_values)
         offsets.append(len(indices))
-    compact = _sparse_array(offsets, indices, values)
-    return _write(SPARSE_COLUMN, column.expand(compact))
+    mask = pa.array([isinstance(row, str) for row in rows]) if failed else None
+    compact = _sparse_array(offsets, indices, values, mask=mask)
+    errors = _compact_errors(rows) if failed else None
+    return _answer(SPARSE_COLUMN, column, compact, errors, compression)
 
 
-def noop_dense(column: TextColumn, dim: int = NOOP_DIM) -> bytes:
+def _compact_errors(rows: Sequence[object]) -> Any:
+    return pa.array([row if isinstance(row, str) else None for row in rows], pa.string())
+
+
+def noop_dense(
+    column: TextColumn,
+    dim: int = NOOP_DIM,
+    *,
+    dtype: Dtype = "f32",
+    compression: Compression = None,
+) -> bytes:
     """A dense answer of zeros (``dim`` wide), shaped as a real one would be."""
     count = column.num_rows * dim
-    values = pa.Array.from_buffers(pa.float32(), count, [None, _zeros(count * _FLOAT_BYTES)])
+    kind, width = (pa.float16(), 2) if dtype == "f16" else (pa.float32(), _FLOAT_BYTES)
+    values = pa.Array.from_buffers(kind, count, [None, _zeros(count * width)])
     embeddings = pa.FixedSizeListArray.from_arrays(values, dim, mask=column.null_mask())
-    return _write(DENSE_COLUMN, embeddings)
+    return _write([DENSE_COLUMN, ERROR_COLUMN], [embeddings, _null_errors(column)], compression)
 
 
-def noop_sparse(column: TextColumn) -> bytes:
+def noop_sparse(column: TextColumn, *, compression: Compression = None) -> bytes:
     """A sparse answer of empty embeddings (all zeros), null where the text is null."""
     offsets = array("i", [0]) * (column.num_rows + 1)
     empty = _sparse_array(offsets, array("I"), array("f"), mask=column.null_mask())
-    return _write(SPARSE_COLUMN, empty)
+    return _write([SPARSE_COLUMN, ERROR_COLUMN], [empty, _null_errors(column)], compression)
+
+
+def _answer(
+    name: str, column: TextColumn, compact: Any, errors: Any, compression: Compression
+) -> bytes:
+    """Both columns of an answer, spread from one row per text over every row."""
+    if errors is None and not column.null_count:
+        errors = pa.nulls(column.num_rows, pa.string())
+    elif errors is None:
+        errors = _null_errors(column)
+    elif column.null_count:
+        errors = pc.if_else(column.null_mask(), NULL_TEXT, column.expand(errors))
+    return _write([name, ERROR_COLUMN], [column.expand(compact), errors], compression)
+
+
+def _null_errors(column: TextColumn) -> Any:
+    """The ``error`` column where only null texts failed."""
+    mask = column.null_mask()
+    if mask is None:
+        return pa.nulls(column.num_rows, pa.string())
+    return pc.if_else(mask, NULL_TEXT, pa.scalar(None, pa.string()))
 
 
 def _sparse_array(
@@ -328,11 +399,12 @@ def _zeros(nbytes: int) -> Any:
 
 def write_texts(texts: Sequence[str | None]) -> bytes:
     """A request's ``arrow_ipc``: one uncompressed record batch with a ``text`` column."""
-    return _write(TEXT_COLUMN, pa.array(texts, pa.string()), options=None)
+    return _write([TEXT_COLUMN], [pa.array(texts, pa.string())], None)
 
 
-def _write(name: str, array: Any, *, options: Any = _WRITE_OPTIONS) -> bytes:
-    batch = pa.RecordBatch.from_arrays([array], names=[name])
+def _write(names: list[str], arrays: list[Any], compression: Compression) -> bytes:
+    batch = pa.RecordBatch.from_arrays(arrays, names=names)
+    options = _LZ4 if compression == "lz4" else None
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, batch.schema, options=options) as writer:
         writer.write_batch(batch)

@@ -21,7 +21,7 @@ from typing import Final
 from tei_manager.auth.identity import AuthRequest, Identity, Scope, field_value, parse_peer
 from tei_manager.auth.security import Security
 from tei_manager.errors import ERROR_TABLE, ErrorCode
-from tei_manager.grpc.server import Authorizer, CallContext, CallRefusal
+from tei_manager.grpc.calls import Authorizer, CallContext, CallRefusal
 
 __all__ = ["grpc_authorizer", "scope_for_method"]
 

@@ -70,7 +70,15 @@ class MultiplexerServer:
             admission=self.admission,
             request_timeout=config.grpc_request_timeout_secs,
             stream_idle_timeout=config.grpc_request_timeout_secs,
+            arrow_dtype=config.arrow_output_dtype,
+            stream_batches=config.stream_batch_concurrency(),
         )
+        if config.stream_batch_concurrency() != config.grpc_stream_max_concurrent_batches:
+            log.warning(
+                "grpc_stream_max_concurrent_batches = %d is outside 1-64: using %d",
+                config.grpc_stream_max_concurrent_batches,
+                config.stream_batch_concurrency(),
+            )
         names = [Multiplexer.SERVICE]
         self.health = HealthServicer({name: NOT_SERVING for name in ["", *names]})
         self.server = GrpcServer(

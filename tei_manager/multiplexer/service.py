@@ -7,10 +7,11 @@ already the ``tei.v1`` response the client expects and comes back untouched. No
 protobuf message is built on the way, so a relayed call costs little more than
 its HTTP/2 work.
 
-``EmbedArrow`` / ``EmbedSparseArrow`` read every record batch of the request, send
-each non-null text as one message of a single ``EmbedStream`` (``EmbedSparseStream``)
-call to the instance, all in flight at once so the instance batches them as it
-likes, and answer one row per input row (null text, null row).
+``EmbedArrow`` / ``EmbedSparseArrow`` / ``EmbedArrowStream`` route here and embed
+in :mod:`~tei_manager.multiplexer.arrow_relay`: each non-null text is one message of
+a single ``EmbedStream`` (``EmbedSparseStream``) call to the instance, so the
+instance batches them as it likes, and the answer has one row per input row, with
+an ``error`` for each row that failed.
 
 Unary calls take a path with no task of their own (:class:`_UnaryRelay`) when the
 instance's connection is up: the request is passed on from the client
@@ -25,7 +26,9 @@ most the instance's ``max_concurrent_requests`` texts in flight, shared with eve
 other Arrow call to it (the pool's :class:`~tei_manager.multiplexer.pool.Pacer`).
 
 Deadlines: a unary call gets at most ``request_timeout`` (and the client's own
-deadline, which travels to the instance as ``grpc-timeout``); a stream fails after
+deadline, which travels to the instance as ``grpc-timeout``), counted from when its
+instance runs: the cold start of an on-demand instance has its own bound (its
+``startup_timeout_secs``, and the client's deadline); a stream fails after
 ``stream_idle_timeout`` without a message in either direction. A client that
 cancels cancels the instance's call. Statuses from the instance pass through
 unchanged; failures of the relay itself name the instance.
@@ -34,7 +37,6 @@ unchanged; failures of the relay itself name the instance.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
@@ -43,18 +45,20 @@ from typing import Any
 import trio
 from google.protobuf.message import DecodeError
 
-from tei_manager._proto.tei.v1 import tei_grpc, tei_pb2
+from tei_manager._proto.tei.v1 import tei_grpc
 from tei_manager._proto.tei_multiplexer.v1 import multiplexer_grpc, multiplexer_pb2
-from tei_manager.core.instances import InstanceRecord
+from tei_manager.config import DEFAULT_STREAM_BATCHES
+from tei_manager.core.instances import InstanceRecord, InstanceStatus
 from tei_manager.core.routing import Router
 from tei_manager.errors import TeiError, quote
 from tei_manager.gateway.admission import Admission
 from tei_manager.gateway.errors import InferenceError
+from tei_manager.grpc.calls import CallContext, FastCall, FastUnaryHandler, ServerCall
 from tei_manager.grpc.channel import Call, Channel, Metadata
 from tei_manager.grpc.rpc import GrpcError, MethodSpec, StatusCode, status_code
-from tei_manager.grpc.server import CallContext, FastCall, FastUnaryHandler, ServerCall
 from tei_manager.grpc.transport import MessageReceived, ResponseEnded, Stream
-from tei_manager.multiplexer import arrow
+from tei_manager.multiplexer import arrow, arrow_relay
+from tei_manager.multiplexer.arrow_stream import serve_stream
 from tei_manager.multiplexer.failover import (
     CLOSED,
     CONNECT,
@@ -65,7 +69,8 @@ from tei_manager.multiplexer.failover import (
     stream_failure,
 )
 from tei_manager.multiplexer.metrics import UNROUTED, CallMetrics, MultiplexerMetrics
-from tei_manager.multiplexer.pool import ConnectionPool, Pacer
+from tei_manager.multiplexer.pool import ConnectionPool
+from tei_manager.multiplexer.routing_key import call_target
 from tei_manager.multiplexer.wire import Target, WireError, parse_target, split_request
 
 __all__ = ["Multiplexer", "relayed_metadata"]
@@ -139,17 +144,23 @@ class Multiplexer(multiplexer_grpc.TeiMultiplexerServicer):
         admission: Admission,
         request_timeout: float,
         stream_idle_timeout: float,
+        arrow_dtype: arrow.Dtype = "f32",
+        stream_batches: int = DEFAULT_STREAM_BATCHES,
     ) -> None:
+        """``arrow_dtype``: dense Arrow answers' float type when a request leaves it
+        unspecified; ``stream_batches``: batches of one EmbedArrowStream run at once."""
         self._router = router
         self._admission = admission
         self._pool = pool
         self._metrics = metrics
         self._request_timeout = request_timeout
         self._stream_idle_timeout = stream_idle_timeout
+        self._arrow_dtype = arrow_dtype
+        self._stream_batches = stream_batches
         self._failover = Failover(router, metrics)
 
     # -- routing ---------------------------------------------------------------------
-    def _resolve(self, data: bytes) -> tuple[InstanceRecord, bytes, str | None]:
+    def _resolve(self, data: bytes, metadata: Metadata) -> tuple[InstanceRecord, bytes, str | None]:
         """The instance a wrapped request goes to, the inner request's bytes, and the
         model it may fail over within (see :func:`retry_model`)."""
         try:
@@ -159,12 +170,17 @@ class Multiplexer(multiplexer_grpc.TeiMultiplexerServicer):
             raise GrpcError(
                 StatusCode.INVALID_ARGUMENT, f"could not decode the request: {error}"
             ) from None
-        return self._choose(target), inner, retry_model(target)
+        target, record = self._choose(target, metadata)
+        return record, inner, retry_model(target)
 
-    def _choose(self, target: Target | None) -> InstanceRecord:
-        """The instance for ``target``; a routing failure as the status the client gets."""
+    def _choose(
+        self, target: Target | None, metadata: Metadata
+    ) -> tuple[Target | None, InstanceRecord]:
+        """The target (``target`` or the call's ``x-tei-*`` metadata) and its instance;
+        a routing failure as the status the client gets."""
         try:
-            return self._router.choose(target)
+            target = call_target(target, metadata)
+            return target, self._router.choose(target)
         except TeiError as error:
             raise GrpcError(error.grpc_status, error.message) from None
 
@@ -191,6 +207,7 @@ class Multiplexer(multiplexer_grpc.TeiMultiplexerServicer):
         try:
             target_bytes, inner = split_request(data)
             target = None if target_bytes is None else parse_target(target_bytes)
+            target = call_target(target, call.context.metadata)
             record = self._router.choose(target)
         except WireError as error:
             self._refuse(
@@ -201,7 +218,8 @@ class Multiplexer(multiplexer_grpc.TeiMultiplexerServicer):
             self._refuse(call, backend, error.grpc_status, error.message)
             return True
         name = record.name
-        call.limit(call.started + self._request_timeout, self._timed_out(name))
+        if record.status is InstanceStatus.RUNNING:  # else timed once it runs (_relay_later)
+            call.limit(call.started + self._request_timeout, self._timed_out(name))
         relay = _UnaryRelay(
             call, record, self._router, self._admission, self._metrics.call(name, backend.name)
         )
@@ -326,10 +344,14 @@ class Multiplexer(multiplexer_grpc.TeiMultiplexerServicer):
             return
         with trio.CancelScope(deadline=call.deadline) as scope:
             relay.scope = scope
+            cold = await self._started(record)
+            call.limit(trio.current_time() + self._request_timeout, self._timed_out(record.name))
+            scope.deadline = call.deadline
             while True:
-                outcome = await self._exchange(
+                outcome = cold or await self._exchange(
                     backend, record, inner, relayed_metadata(call.context.metadata)
                 )
+                cold = None
                 if outcome.retry is not None:
                     moved = self._reroute(relay, backend, outcome.retry)
                     if moved is not None:
@@ -343,16 +365,19 @@ class Multiplexer(multiplexer_grpc.TeiMultiplexerServicer):
     async def _unary(self, call: ServerCall, context: CallContext, backend: Spec) -> None:
         """A unary call the reader could not pass on (its request never came, say)."""
         with _Observed(self._metrics, backend.name) as observed:
-            record, inner, model = self._resolve(await self._first_request(call))
+            record, inner, model = self._resolve(await self._first_request(call), context.metadata)
             observed.routed(record.name)
             # The slot stays with the first replica if the call fails over.
             async with self._admitted(record, backend.name):
+                with self._router.track(record.name):
+                    cold = await self._started(record)
                 with trio.move_on_after(self._request_timeout) as timer:
                     while True:
                         with self._router.track(record.name):
-                            outcome = await self._exchange(
+                            outcome = cold or await self._exchange(
                                 backend, record, inner, relayed_metadata(context.metadata)
                             )
+                        cold = None
                         if outcome.retry is not None and model is not None:
                             moved = self._failover.reroute(
                                 model, record, backend.name, outcome.retry
@@ -369,6 +394,18 @@ class Multiplexer(multiplexer_grpc.TeiMultiplexerServicer):
                 raise GrpcError(StatusCode.DEADLINE_EXCEEDED, self._timed_out(record.name))
             if outcome.code is not StatusCode.OK:
                 raise GrpcError(outcome.code, outcome.message)
+
+    async def _started(self, record: InstanceRecord) -> Outcome | None:
+        """Wait for an on-demand instance's cold start (the pool's ``before_connect``,
+        bounded by its startup timeout and the client's deadline) before the call's
+        own ``request_timeout`` starts; None once it runs, else the failure."""
+        if record.status is InstanceStatus.RUNNING:
+            return None
+        try:
+            await self._pool.channel(record)
+        except GrpcError as error:
+            return Outcome(None, error.code, _naming(error, record.name), CONNECT)
+        return None
 
     async def _exchange(
         self, backend: Spec, record: InstanceRecord, inner: bytes, metadata: Metadata
@@ -415,7 +452,7 @@ class Multiplexer(multiplexer_grpc.TeiMultiplexerServicer):
     async def _stream(self, call: ServerCall, context: CallContext, backend: Spec) -> None:
         """Relay a client or bidi stream; the first message's target picks the instance."""
         with _Observed(self._metrics, backend.name) as observed:
-            record, inner, _ = self._resolve(await self._first_request(call))
+            record, inner, _ = self._resolve(await self._first_request(call), context.metadata)
             name = record.name
             observed.routed(name)
             async with self._admitted(record, backend.name):
@@ -489,143 +526,59 @@ class Multiplexer(multiplexer_grpc.TeiMultiplexerServicer):
         call: ServerCall,
         context: CallContext,
         method: str,
-        request_type: type[multiplexer_pb2.EmbedArrowRequest]
-        | type[multiplexer_pb2.EmbedSparseArrowRequest],
+        request_type: type[arrow_relay.ArrowRequest],
     ) -> None:
         with _Observed(self._metrics, method) as observed:
-            try:
-                request = request_type.FromString(await self._first_request(call))
-            except DecodeError:
-                raise GrpcError(
-                    StatusCode.INVALID_ARGUMENT, f"could not decode the {method} request"
-                ) from None
-            try:
-                column = arrow.read_texts(request.arrow_ipc)
-                texts = column.texts
-            except arrow.ArrowInputError as error:
-                raise GrpcError(
-                    StatusCode.INVALID_ARGUMENT, f"arrow_ipc: {error.message}"
-                ) from None
-            sparse = isinstance(request, multiplexer_pb2.EmbedSparseArrowRequest)
-            if request.noop:
-                payload = arrow.noop_sparse(column) if sparse else arrow.noop_dense(column)
-                await call.send(_arrow_response(payload))
-                return
-            routing = request.target.WhichOneof("routing") if request.HasField("target") else None
-            target = None if routing is None else (routing, getattr(request.target, routing))
-            record = self._choose(target)
-            name = record.name
-            observed.routed(name)
-            if isinstance(request, multiplexer_pb2.EmbedSparseArrowRequest):
-                backend: Spec = tei_grpc.Embed.EmbedSparseStream
-                messages: list[bytes] = [
-                    tei_pb2.EmbedSparseRequest(
-                        inputs=t, truncate=request.truncate
-                    ).SerializeToString()
-                    for t in texts
-                ]
-            else:
-                backend = tei_grpc.Embed.EmbedStream
-                messages = [
-                    tei_pb2.EmbedRequest(
-                        inputs=t, truncate=request.truncate, normalize=request.normalize
-                    ).SerializeToString()
-                    for t in texts
-                ]
-            with self._router.track(name):
-                channel = await self._pool.channel(record)
-                pacer = self._pool.pacer(record)
-                replies = await self._feed(channel, pacer, backend, context, name, messages)
-            try:
-                if sparse:
-                    rows = [
-                        arrow.sparse_row(tei_pb2.EmbedSparseResponse.FromString(r)) for r in replies
-                    ]
-                    payload = await trio.to_thread.run_sync(arrow.write_sparse, column, rows)
-                else:
-                    dense = [arrow.embed_response_floats(r) for r in replies]
-                    payload = await trio.to_thread.run_sync(arrow.write_dense, column, dense)
-            except (ValueError, DecodeError) as error:
-                raise GrpcError(
-                    StatusCode.INTERNAL, f"instance {quote(name)} answered badly: {error}"
-                ) from None
+            request = _arrow_request(await self._first_request(call), request_type, method)
+            options = arrow_relay.arrow_options(request, self._arrow_dtype)
+            async with self._arrow_instance(request, options, context, observed) as instance:
+                payload = await arrow_relay.answer(instance, options, request.arrow_ipc)
             await call.send(_arrow_response(payload))
 
-    async def _feed(
+    async def _arrow_stream(self, call: ServerCall, context: CallContext) -> None:
+        """EmbedArrowStream: the first request's target and options hold for every batch."""
+        method = "EmbedArrowStream"
+        with _Observed(self._metrics, method) as observed:
+            request = _arrow_request(
+                await self._first_request(call), multiplexer_pb2.EmbedArrowRequest, method
+            )
+            options = arrow_relay.arrow_options(request, self._arrow_dtype)
+            async with self._arrow_instance(request, options, context, observed) as instance:
+                await serve_stream(
+                    call,
+                    request.arrow_ipc,
+                    options,
+                    instance,
+                    concurrency=self._stream_batches,
+                    idle_timeout=self._stream_idle_timeout,
+                )
+
+    @asynccontextmanager
+    async def _arrow_instance(
         self,
-        channel: Channel,
-        pacer: Pacer,
-        backend: Spec,
+        request: arrow_relay.ArrowRequest,
+        options: arrow_relay.ArrowOptions,
         context: CallContext,
-        name: str,
-        messages: list[bytes],
-    ) -> list[bytes]:
-        """Send ``messages`` over one stream call; the replies in order.
-
-        Each message takes a place of the instance's ``pacer`` until its reply is
-        in, so the instance never holds more than it accepts, whatever the batch
-        size and however many calls share it; calls send in turn, first come first
-        served. The idle timeout runs only while this call has messages in flight:
-        waiting for its turn or a place is not idleness.
-        """
-        if not messages:
-            return []
-        idle_timeout = self._stream_idle_timeout
-        replies: list[bytes] = []
-        failures: list[GrpcError] = []
-        held = 0  # places of the pacer this call holds
-        try:
-            async with channel.open_call(
-                backend, metadata=relayed_metadata(context.metadata)
-            ) as relayed:
-                with trio.CancelScope(deadline=trio.current_time() + idle_timeout) as idle:
-                    async with trio.open_nursery() as nursery:
-
-                        async def send_all() -> None:
-                            nonlocal held
-                            try:
-                                idle.deadline = math.inf  # waiting for its turn
-                                async with pacer.turn:
-                                    for message in messages:
-                                        if not held:
-                                            idle.deadline = math.inf
-                                        await pacer.acquire()
-                                        held += 1
-                                        if idle.deadline == math.inf:
-                                            idle.deadline = trio.current_time() + idle_timeout
-                                        await relayed.send_raw(message)
-                                await relayed.done_writing()
-                            except GrpcError as error:
-                                failures.append(_from_instance(error, relayed, name))
-                                nursery.cancel_scope.cancel()
-
-                        nursery.start_soon(send_all)
-                        try:
-                            while (reply := await relayed.receive_raw()) is not None:
-                                if held:  # (more replies than messages fail below)
-                                    held -= 1
-                                    pacer.release()
-                                idle.deadline = trio.current_time() + idle_timeout
-                                replies.append(reply)
-                        except GrpcError as error:
-                            failures.append(_from_instance(error, relayed, name))
-                        nursery.cancel_scope.cancel()
-        finally:
-            pacer.release(held)
-        if failures:
-            raise failures[0]
-        if idle.cancelled_caught:
-            raise GrpcError(
-                StatusCode.DEADLINE_EXCEEDED,
-                f"instance {quote(name)} sent nothing for {idle_timeout:g} s "
-                "(grpc_request_timeout_secs)",
+        observed: _Observed,
+    ) -> AsyncIterator[arrow_relay.ArrowInstance | None]:
+        """The instance an Arrow call embeds on, for the whole call; None for ``noop``."""
+        if options.noop:
+            yield None
+            return
+        routing = request.target.WhichOneof("routing") if request.HasField("target") else None
+        target = None if routing is None else (routing, getattr(request.target, routing))
+        _, record = self._choose(target, context.metadata)
+        name = record.name
+        observed.routed(name)
+        with self._router.track(name):
+            channel = await self._pool.channel(record)
+            yield arrow_relay.ArrowInstance(
+                name,
+                channel,
+                self._pool.pacer(record),
+                relayed_metadata(context.metadata),
+                self._stream_idle_timeout,
             )
-        if len(replies) != len(messages):
-            raise GrpcError(
-                StatusCode.INTERNAL,
-                f"instance {quote(name)} answered {len(replies)} of {len(messages)} texts",
-            )
-        return replies
 
     # -- the service's methods ---------------------------------------------------------
     async def Info(self, call: ServerCall, context: CallContext) -> None:  # type: ignore[override]
@@ -656,6 +609,9 @@ class Multiplexer(multiplexer_grpc.TeiMultiplexerServicer):
         await self._arrow(
             call, context, "EmbedSparseArrow", multiplexer_pb2.EmbedSparseArrowRequest
         )
+
+    async def EmbedArrowStream(self, call: ServerCall, context: CallContext) -> None:  # type: ignore[override]
+        await self._arrow_stream(call, context)
 
     async def Predict(self, call: ServerCall, context: CallContext) -> None:  # type: ignore[override]
         await self._unary(call, context, tei_grpc.Predict.Predict)
@@ -821,6 +777,17 @@ def _from_instance(error: GrpcError, relayed: Call[Any, Any], name: str) -> Grpc
     if relayed.answered:
         return error
     return GrpcError(error.code, _naming(error, name))
+
+
+def _arrow_request(
+    data: bytes, request_type: type[arrow_relay.ArrowRequest], method: str
+) -> arrow_relay.ArrowRequest:
+    try:
+        return request_type.FromString(data)
+    except DecodeError:
+        raise GrpcError(
+            StatusCode.INVALID_ARGUMENT, f"could not decode the {method} request"
+        ) from None
 
 
 def _arrow_response(payload: bytes) -> bytes:

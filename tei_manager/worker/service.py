@@ -15,8 +15,8 @@ import trio
 
 from tei_manager import __version__
 from tei_manager._proto.tei.v1 import tei_grpc, tei_pb2
+from tei_manager.grpc.calls import CallContext
 from tei_manager.grpc.rpc import GrpcError, Servicer, StatusCode
-from tei_manager.grpc.server import CallContext
 from tei_manager.grpc.streams import ordered_map
 from tei_manager.worker.engine import Engine, EngineError, ErrorKind, Timings
 

@@ -10,7 +10,7 @@ import tei_manager._proto.tei.v1.tei_pb2 as tei_dot_v1_dot_tei_pb2
 from tei_manager.grpc.rpc import Cardinality, MethodSpec, Servicer, unimplemented
 
 if TYPE_CHECKING:
-    from tei_manager.grpc.server import CallContext
+    from tei_manager.grpc.calls import CallContext
 
 
 class Info:

@@ -11,7 +11,7 @@ import tei_manager._proto.tei_multiplexer.v1.multiplexer_pb2 as tei_multiplexer_
 from tei_manager.grpc.rpc import Cardinality, MethodSpec, Servicer, unimplemented
 
 if TYPE_CHECKING:
-    from tei_manager.grpc.server import CallContext
+    from tei_manager.grpc.calls import CallContext
 
 
 class TeiMultiplexer:
@@ -44,6 +44,9 @@ class TeiMultiplexer:
     )
     EmbedSparseArrow: MethodSpec[tei_multiplexer_dot_v1_dot_multiplexer_pb2.EmbedSparseArrowRequest, tei_multiplexer_dot_v1_dot_multiplexer_pb2.EmbedSparseArrowResponse] = MethodSpec(
         "tei_multiplexer.v1.TeiMultiplexer", "EmbedSparseArrow", Cardinality.UNARY_UNARY, tei_multiplexer_dot_v1_dot_multiplexer_pb2.EmbedSparseArrowRequest, tei_multiplexer_dot_v1_dot_multiplexer_pb2.EmbedSparseArrowResponse
+    )
+    EmbedArrowStream: MethodSpec[tei_multiplexer_dot_v1_dot_multiplexer_pb2.EmbedArrowRequest, tei_multiplexer_dot_v1_dot_multiplexer_pb2.EmbedArrowResponse] = MethodSpec(
+        "tei_multiplexer.v1.TeiMultiplexer", "EmbedArrowStream", Cardinality.STREAM_STREAM, tei_multiplexer_dot_v1_dot_multiplexer_pb2.EmbedArrowRequest, tei_multiplexer_dot_v1_dot_multiplexer_pb2.EmbedArrowResponse
     )
     Predict: MethodSpec[tei_multiplexer_dot_v1_dot_multiplexer_pb2.PredictRequest, tei_dot_v1_dot_tei_pb2.PredictResponse] = MethodSpec(
         "tei_multiplexer.v1.TeiMultiplexer", "Predict", Cardinality.UNARY_UNARY, tei_multiplexer_dot_v1_dot_multiplexer_pb2.PredictRequest, tei_dot_v1_dot_tei_pb2.PredictResponse
@@ -81,7 +84,7 @@ class TeiMultiplexerServicer(Servicer):
     """Base class for ``tei_multiplexer.v1.TeiMultiplexer``: override the methods you serve."""
 
     SERVICE = TeiMultiplexer.NAME
-    METHODS = (TeiMultiplexer.Info, TeiMultiplexer.Embed, TeiMultiplexer.EmbedStream, TeiMultiplexer.EmbedSparse, TeiMultiplexer.EmbedSparseStream, TeiMultiplexer.EmbedAll, TeiMultiplexer.EmbedAllStream, TeiMultiplexer.EmbedArrow, TeiMultiplexer.EmbedSparseArrow, TeiMultiplexer.Predict, TeiMultiplexer.PredictStream, TeiMultiplexer.PredictPair, TeiMultiplexer.PredictPairStream, TeiMultiplexer.Rerank, TeiMultiplexer.RerankStream, TeiMultiplexer.Tokenize, TeiMultiplexer.TokenizeStream, TeiMultiplexer.Decode, TeiMultiplexer.DecodeStream,)
+    METHODS = (TeiMultiplexer.Info, TeiMultiplexer.Embed, TeiMultiplexer.EmbedStream, TeiMultiplexer.EmbedSparse, TeiMultiplexer.EmbedSparseStream, TeiMultiplexer.EmbedAll, TeiMultiplexer.EmbedAllStream, TeiMultiplexer.EmbedArrow, TeiMultiplexer.EmbedSparseArrow, TeiMultiplexer.EmbedArrowStream, TeiMultiplexer.Predict, TeiMultiplexer.PredictStream, TeiMultiplexer.PredictPair, TeiMultiplexer.PredictPairStream, TeiMultiplexer.Rerank, TeiMultiplexer.RerankStream, TeiMultiplexer.Tokenize, TeiMultiplexer.TokenizeStream, TeiMultiplexer.Decode, TeiMultiplexer.DecodeStream,)
 
     async def Info(self, request: tei_multiplexer_dot_v1_dot_multiplexer_pb2.InfoRequest, context: CallContext) -> tei_dot_v1_dot_tei_pb2.InfoResponse:
         raise unimplemented("tei_multiplexer.v1.TeiMultiplexer", "Info")
@@ -112,6 +115,10 @@ class TeiMultiplexerServicer(Servicer):
 
     async def EmbedSparseArrow(self, request: tei_multiplexer_dot_v1_dot_multiplexer_pb2.EmbedSparseArrowRequest, context: CallContext) -> tei_multiplexer_dot_v1_dot_multiplexer_pb2.EmbedSparseArrowResponse:
         raise unimplemented("tei_multiplexer.v1.TeiMultiplexer", "EmbedSparseArrow")
+
+    async def EmbedArrowStream(self, requests: AsyncIterator[tei_multiplexer_dot_v1_dot_multiplexer_pb2.EmbedArrowRequest], context: CallContext) -> AsyncIterator[tei_multiplexer_dot_v1_dot_multiplexer_pb2.EmbedArrowResponse]:
+        raise unimplemented("tei_multiplexer.v1.TeiMultiplexer", "EmbedArrowStream")
+        yield  # pragma: no cover  (makes this an async generator)
 
     async def Predict(self, request: tei_multiplexer_dot_v1_dot_multiplexer_pb2.PredictRequest, context: CallContext) -> tei_dot_v1_dot_tei_pb2.PredictResponse:
         raise unimplemented("tei_multiplexer.v1.TeiMultiplexer", "Predict")

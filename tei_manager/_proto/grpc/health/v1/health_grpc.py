@@ -10,7 +10,7 @@ import tei_manager._proto.grpc.health.v1.health_pb2 as grpc_dot_health_dot_v1_do
 from tei_manager.grpc.rpc import Cardinality, MethodSpec, Servicer, unimplemented
 
 if TYPE_CHECKING:
-    from tei_manager.grpc.server import CallContext
+    from tei_manager.grpc.calls import CallContext
 
 
 class Health:

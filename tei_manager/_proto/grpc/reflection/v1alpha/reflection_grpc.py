@@ -10,7 +10,7 @@ import tei_manager._proto.grpc.reflection.v1alpha.reflection_pb2 as grpc_dot_ref
 from tei_manager.grpc.rpc import Cardinality, MethodSpec, Servicer, unimplemented
 
 if TYPE_CHECKING:
-    from tei_manager.grpc.server import CallContext
+    from tei_manager.grpc.calls import CallContext
 
 
 class ServerReflection:
