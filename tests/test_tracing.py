@@ -58,10 +58,7 @@ MUX_SERVICE = "tei_multiplexer.v1.TeiMultiplexer"
 @pytest.fixture
 def spans() -> Iterator[InMemorySpanExporter]:
     """Tracing on (sampling everything) for the test, finished spans kept in memory."""
-    exporter = InMemorySpanExporter()
-    tracing.install(
-        OtelConfig(endpoint="http://unused:4317"), processor=SimpleSpanProcessor(exporter)
-    )
+    exporter = _install(1.0)
     try:
         yield exporter
     finally:
