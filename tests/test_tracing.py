@@ -500,6 +500,37 @@ async def test_export_to_an_absent_collector_drops_and_logs(
     assert "1 spans not exported" in caplog.text
 
 
+class StuckCollector(Collector):
+    async def Export(
+        self, request: trace_service_pb2.ExportTraceServiceRequest, context: CallContext
+    ) -> trace_service_pb2.ExportTraceServiceResponse:
+        self.requests.append(request)
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+
+async def test_shutdown_sends_the_last_batch_for_a_bounded_time(
+    nursery: trio.Nursery, spans: InMemorySpanExporter
+) -> None:
+    collector = StuckCollector()
+    port = await nursery.start(GrpcServer([collector]).run)
+    exporter = OtlpExporter(f"http://127.0.0.1:{port}", interval=60, final_timeout=0.2)
+    assert tracing.tracer is not None
+    for _ in range(3):
+        with tracing.tracer.start_as_current_span("work") as span:
+            pass
+        exporter.on_end(span)  # type: ignore[arg-type]
+    async with trio.open_nursery() as inner:
+        await inner.start(exporter.run)
+        assert collector.requests == []  # not before the interval, or a full batch
+        started = trio.current_time()
+        inner.cancel_scope.cancel()
+    # The last send began as the task was cancelled, and was given up in time.
+    assert len(collector.requests) == 1
+    assert 0.2 <= trio.current_time() - started < 5
+    assert exporter.statistics() == (0, 0, 3)
+
+
 # -- configuration ---------------------------------------------------------------------
 def test_the_originals_otel_section_is_read_unchanged() -> None:
     config = parse_config(
