@@ -28,7 +28,8 @@ start to answer (where a span would wrap it); the routing key is
 
 from __future__ import annotations
 
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
+from functools import partial
 from typing import Any, Final, NamedTuple, cast
 
 import trio
@@ -101,38 +102,37 @@ class InferenceDispatch:
 
     async def serve(self, matched: Matched, scope: HTTPScope, exchange: Exchange) -> None:
         """Answer one request (nothing if the client leaves first)."""
-        method, path = scope["method"], scope["path"]
-        extras = cast(MutableMapping[str, Any], scope)
-        guard = self._guard if self._guard.active else None
-        headers: Headers | None = None
-        refusal = None
-        if guard is not None:
+        refusal: Response | None = None
+        finish: Finish = _no_headers
+        if self._guard.active:
+            method, path = scope["method"], scope["path"]
+            extras = cast(MutableMapping[str, Any], scope)
             headers = Headers(
                 [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
             )
-            refusal = guard.authorize(method, path, headers, extras)
+            refusal = self._guard.authorize(method, path, headers, extras)
+            finish = partial(self._guard.finish, method, path, headers, extras)
         body = await _read_body(exchange)
         if body is None:
             return  # the client left
         if refusal is not None:
-            assert guard is not None and headers is not None
-            refused = guard.finish(method, path, headers, extras, refusal.status_code)
-            await _send_response(exchange, refusal, refused)
-            return
-        if isinstance(body, InferenceError):
+            await _send_response(exchange, refusal, finish(refusal.status_code))
+        elif isinstance(body, InferenceError):
             answer = matched.door.error_response(body)
             if body.kind is Kind.TIMEOUT:
                 answer = answer._replace(status=408)
+            await _send_answer(exchange, answer, finish(answer.status))
         else:
             request = InferenceRequest(body, matched.model, scope["headers"])
-            found = await _answer_unless_left(matched.view, request, exchange)
-            if found is None:
-                return
-            answer = found
-        extra: Mapping[str, str] = {}
-        if guard is not None and headers is not None:
-            extra = guard.finish(method, path, headers, extras, answer.status)
-        await _send_answer(exchange, answer, extra)
+            await _answer_unless_left(matched.view, request, exchange, finish)
+
+
+#: The access log and CORS headers of an answered request, given its status.
+Finish = Callable[[int], Mapping[str, str]]
+
+
+def _no_headers(status: int) -> Mapping[str, str]:
+    return {}
 
 
 async def _read_body(exchange: Exchange) -> bytes | InferenceError | None:
@@ -156,19 +156,29 @@ async def _read_body(exchange: Exchange) -> bytes | InferenceError | None:
 
 
 async def _answer_unless_left(
-    view: InferenceView, request: InferenceRequest, exchange: Exchange
-) -> Answer | None:
-    """``view``'s answer, or None when the client went away first (the view cancelled)."""
-    answer: Answer | None = None
+    view: InferenceView,
+    request: InferenceRequest,
+    exchange: Exchange,
+    finish: Finish,
+) -> None:
+    """Send ``view``'s answer, unless the client goes away first (the view is cancelled).
+
+    The watcher is not cancelled: Hypercorn hands the request an ``http.disconnect``
+    once the answer's last part is sent, so it ends by itself (a cancellation per
+    request cost twice as much).
+    """
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_cancel_on_disconnect, exchange, nursery.cancel_scope)
-        answer = await view(request)
-        nursery.cancel_scope.cancel()
-    return answer
+        with trio.CancelScope() as view_scope:
+            nursery.start_soon(_cancel_on_disconnect, exchange, view_scope)
+            answer = await view(request)
+        if view_scope.cancelled_caught:
+            return  # the client left
+        await _send_answer(exchange, answer, finish(answer.status))
 
 
 async def _cancel_on_disconnect(exchange: Exchange, scope: trio.CancelScope) -> None:
-    # The body has been read: what comes next is the client going away.
+    # The body has been read: what comes next is the client going away, or the
+    # answer having been sent.
     while (await exchange.receive())["type"] != "http.disconnect":
         pass
     scope.cancel()
