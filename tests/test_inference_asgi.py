@@ -21,7 +21,7 @@ import pytest
 import trio
 from prometheus_client import generate_latest
 
-from tei_manager.api import serve_api
+from tei_manager.api import exchange, inference_asgi, serve_api
 from tei_manager.api.inference import INFERENCE_MAX_BODY_BYTES
 from tei_manager.auth.security import build_security
 from tei_manager.config import InstanceConfig, parse_config
@@ -31,7 +31,7 @@ from tei_manager.gateway.relay import Gateway, create_gateway
 from tei_manager.grpc.server import GrpcServer
 from tei_manager.multiplexer.server import shared_routing
 from tests.fake_manager import FakeManager
-from tests.test_api_connections import Connection
+from tests.test_api_connections import Connection, read_until_closed
 from tests.test_inference_routes import Backend, InfoBackend, vector
 
 KEY = "ci-secret"
@@ -162,6 +162,25 @@ async def test_a_body_over_the_limit_is_refused_unread_and_the_connection_closed
     assert answer.startswith(b"HTTP/1.1 413 ")
     assert b"connection: close" in answer.lower()
     assert b'"code":"PAYLOAD_TOO_LARGE"' in answer
+
+
+async def test_a_body_that_stalls_is_408_and_the_connection_closed(
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    opened: list[trio.SocketStream],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(inference_asgi, "BODY_TIMEOUT_SECS", 0.2)
+    monkeypatch.setattr(exchange, "BODY_LINGER_SECS", 0.1)
+    served = await serve(nursery, tmp_path, opened)
+    conn = await served.connection()
+    head = "POST /tei/b/embed HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\n"
+    await conn.stream.send_all(head.encode() + b"{")
+    with trio.fail_after(5):
+        answer = await read_until_closed(conn.stream)
+    assert answer.startswith(b"HTTP/1.1 408 ")
+    assert b"connection: close" in answer.lower()
+    assert answer.endswith(b'"error_type":"Validation"}')
 
 
 async def test_a_client_that_leaves_cancels_its_request_and_frees_its_slot(

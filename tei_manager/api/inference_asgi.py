@@ -119,8 +119,8 @@ class InferenceDispatch:
             await _send_response(exchange, refusal, finish(refusal.status_code))
         elif isinstance(body, InferenceError):
             answer = matched.door.error_response(body)
-            if body.kind is Kind.TIMEOUT:
-                answer = answer._replace(status=408)
+            if isinstance(body, _SlowBody):
+                answer = answer._replace(status=408)  # the client's delay: no door has a kind
             await _send_answer(exchange, answer, finish(answer.status))
         else:
             request = InferenceRequest(body, matched.model, scope["headers"])
@@ -150,9 +150,11 @@ async def _read_body(exchange: Exchange) -> bytes | InferenceError | None:
             chunks.append(message.get("body", b""))
             if not message.get("more_body", False):
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-    return InferenceError(
-        Kind.TIMEOUT, f"request body: not received within {BODY_TIMEOUT_SECS:g} s"
-    )
+    return _SlowBody(Kind.VALIDATION, f"request body: not received within {BODY_TIMEOUT_SECS:g} s")
+
+
+class _SlowBody(InferenceError):
+    """A body that did not arrive within :data:`BODY_TIMEOUT_SECS`: 408."""
 
 
 async def _answer_unless_left(
