@@ -641,13 +641,14 @@ async def test_without_the_gate_ready_does_not_wait_for_instances(
     config = msgspec.structs.replace(config, instances=_GATED_SEEDS)
     host = FakeHost(nursery, ready_after=30)
     async with running(_manager(config, host)) as manager:
+        # Set by the time run() started: the gRPC health serves as soon as it listens.
+        assert manager.instances_ready.is_set()
         assert manager.not_ready_reason() == (
             "not ready: state is being restored or the listeners are not up yet"
         )
         manager.mark_listening()
-        await trio.testing.wait_all_tasks_blocked()
         assert manager.get_instance("a").status is S.STARTING
-        assert manager.ready and manager.instances_ready.is_set()
+        assert manager.ready
 
 
 def _write(path: str | Path, data: bytes) -> Path:

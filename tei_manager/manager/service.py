@@ -674,7 +674,10 @@ class Manager:
                     await self._save_state()
                     self._restored = True
                     self.startup_complete = True
-                    service.start_soon(self._open_ready_gate)
+                    if self._gate.check() is None:  # off, or nothing to wait for
+                        self.instances_ready.set()
+                    else:
+                        service.start_soon(self._open_ready_gate)
                     engine = "built-in worker"
                     if self.program is not None and self.program.is_tei:
                         engine = self.program.argv[0]
