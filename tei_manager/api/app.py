@@ -166,12 +166,9 @@ class _Handlers:
         return json_response(_PROBE_OK)
 
     async def health_ready(self) -> Response:
-        if not self._manager.ready:
-            raise TeiError(
-                ErrorCode.NOT_READY,
-                "not ready: state is being restored, the listeners are not up yet, "
-                "or the manager is shutting down",
-            )
+        reason = self._manager.not_ready_reason()
+        if reason is not None:
+            raise TeiError(ErrorCode.NOT_READY, reason)
         return json_response(_PROBE_OK)
 
     async def health_startup(self) -> Response:
