@@ -9,25 +9,41 @@ built-in worker. In one run, with the same texts, this process measures:
   throughput ratio (target >= 0.85);
 - the same at concurrency 1: the latency the gateway adds, p50 (target <= 1 ms).
 
-The two sides of each workload run back to back, alternating which goes first per
-round; a figure is the median of the per-round ratios (the JSON keeps every round's).
-HTTP goes through httpx with keep-alive, gRPC through grpcio (both asyncio).
+For each HTTP workload it also reports the manager process's CPU time per input
+(user + system, from /proc): far less sensitive to a busy host than wall time, and
+what the gateway costs the other processes on a small machine. The gRPC side's
+figure is the manager's idle background (health checks) over the same span.
 
-    python benches/http_gateway.py [--rounds 3] [--quick] [--json F]
+The sides of each workload run back to back, the order rotating per round; a figure
+is the median of the per-round ratios (the JSON keeps every round's). gRPC goes
+through grpcio (asyncio). HTTP goes two ways: through httpx with keep-alive (a client
+people use, whose own CPU shares the two cores with the server: it counts against the
+HTTP side), and through a raw keep-alive HTTP/1.1 client that costs about what
+grpcio's does (``raw``: the gateway's own cost, as the gRPC side sees it).
+
+With ``--infinity BINARY`` (or ``$INFINITY_EMB``), Infinity (``infinity_emb v2``,
+torch engine) serves the same model folder and takes the same workloads on its
+``/embeddings`` through the raw client (``peer``), reported beside ours against the
+same direct-gRPC baseline.
+
+    python benches/http_gateway.py [--rounds 3] [--quick] [--json F] [--infinity BIN]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
+import shutil
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 import grpc.aio
@@ -36,11 +52,18 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from control_plane import HOST, print_table, run_manager, verdict, wait_status
+from worker_engines import start_infinity
 
 from tei_manager._proto.tei.v1 import tei_grpc, tei_pb2
 from tei_manager.testing import packaged_model_dir
 
 INSTANCE = "bench"
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds process ``pid`` has used (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def make_texts(count: int) -> list[str]:
@@ -68,10 +91,78 @@ async def run_concurrent(
     return latencies
 
 
-class Sides:
-    """The two ways to embed: ``http`` (the gateway) and ``grpc`` (direct to the instance)."""
+class RawHttp:
+    """POST JSON over raw keep-alive HTTP/1.1, one connection per concurrent caller.
 
-    def __init__(self, http: httpx.AsyncClient, channel: grpc.aio.Channel) -> None:
+    Costs the client about what grpcio does, so a ratio against direct gRPC shows
+    the server's cost rather than the client's.
+    """
+
+    def __init__(self, port: int, path: str, model: str) -> None:
+        self._port = port
+        self._path = path
+        self._model = model
+        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+    async def embed(self, inputs: str | list[str]) -> int:
+        body = json.dumps({"model": self._model, "input": inputs}).encode()
+        request = (
+            f"POST {self._path} HTTP/1.1\r\nHost: {HOST}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        while self._idle:  # a kept-alive connection the server may have closed since
+            conn = self._idle.pop()
+            with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+                return await self._exchange(conn, request)
+            conn[1].close()
+        return await self._exchange(await asyncio.open_connection(HOST, self._port), request)
+
+    async def _exchange(
+        self, conn: tuple[asyncio.StreamReader, asyncio.StreamWriter], request: bytes
+    ) -> int:
+        reader, writer = conn
+        writer.write(request)
+        head = await reader.readuntil(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        length = next(
+            (int(line[15:]) for line in lines if line.lower().startswith(b"content-length:")),
+            None,
+        )
+        if length is None:
+            raise RuntimeError(f"{self._path}: no Content-Length in {lines[0]!r}")
+        answer = await reader.readexactly(length)
+        if not lines[0].startswith(b"HTTP/1.1 200"):
+            raise RuntimeError(f"{self._path}: {lines[0].decode()}: {answer[:200]!r}")
+        self._idle.append(conn)
+        return len(json.loads(answer)["data"])
+
+    async def aclose(self) -> None:
+        for _, writer in self._idle:
+            writer.close()
+        self._idle.clear()
+
+
+class HttpSide(Protocol):
+    async def embed(self, inputs: str | list[str]) -> int: ...
+
+
+class Httpx:
+    def __init__(self, http: httpx.AsyncClient) -> None:
+        self._http = http
+
+    async def embed(self, inputs: str | list[str]) -> int:
+        reply = await self._http.post("/v1/embeddings", json={"model": INSTANCE, "input": inputs})
+        if reply.status_code != 200:
+            raise RuntimeError(f"/v1/embeddings: HTTP {reply.status_code}: {reply.text[:200]}")
+        return len(reply.json()["data"])
+
+
+class Sides:
+    """The ways to embed: HTTP sides by name (the gateway, a peer) and ``grpc`` (direct
+    to the instance)."""
+
+    def __init__(self, http: dict[str, HttpSide], channel: grpc.aio.Channel) -> None:
         self.http = http
         spec = tei_grpc.Embed.Embed
         self.embed = channel.unary_unary(
@@ -86,12 +177,6 @@ class Sides:
             response_deserializer=spec.response_type.FromString,
         )
 
-    async def http_embed(self, inputs: str | list[str]) -> int:
-        reply = await self.http.post("/v1/embeddings", json={"model": INSTANCE, "input": inputs})
-        if reply.status_code != 200:
-            raise RuntimeError(f"/v1/embeddings: HTTP {reply.status_code}: {reply.text[:200]}")
-        return len(reply.json()["data"])
-
     async def grpc_stream(self, texts: list[str]) -> int:
         requests = [tei_pb2.EmbedRequest(inputs=t, normalize=True) for t in texts]
         return len([r async for r in self.embed_stream(iter(requests), timeout=600)])
@@ -102,17 +187,17 @@ class Sides:
 
 async def batch(sides: Sides, side: str, texts: list[str]) -> dict[str, float]:
     started = time.perf_counter()
-    got = await (sides.http_embed(texts) if side == "http" else sides.grpc_stream(texts))
+    got = await (sides.grpc_stream(texts) if side == "grpc" else sides.http[side].embed(texts))
     assert got == len(texts)
     return {"throughput": len(texts) / (time.perf_counter() - started)}
 
 
 async def singles(sides: Sides, side: str, texts: list[str], concurrency: int) -> dict[str, float]:
     async def one(i: int) -> None:
-        if side == "http":
-            await sides.http_embed(texts[i])
-        else:
+        if side == "grpc":
             await sides.grpc_embed(texts[i])
+        else:
+            await sides.http[side].embed(texts[i])
 
     started = time.perf_counter()
     latencies = await run_concurrent(len(texts), concurrency, one)
@@ -121,7 +206,12 @@ async def singles(sides: Sides, side: str, texts: list[str], concurrency: int) -
 
 
 async def measure(
-    api_port: int, instance_port: int, rounds: int, quick: bool
+    api_port: int,
+    instance_port: int,
+    manager_pid: int,
+    rounds: int,
+    quick: bool,
+    peer: tuple[int, str] | None,
 ) -> dict[str, list[dict[str, float]]]:
     """Each workload's figures, one entry per round and side (``name/side``)."""
     options = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
@@ -133,44 +223,81 @@ async def measure(
         httpx.AsyncClient(base_url=f"http://{HOST}:{api_port}", timeout=600, limits=limits) as http,
         grpc.aio.insecure_channel(f"{HOST}:{instance_port}", options=options) as channel,
     ):
-        sides = Sides(http, channel)
-        for side in ("http", "grpc"):  # warm up both paths, the model and the connections
+        raw = RawHttp(api_port, "/v1/embeddings", INSTANCE)
+        http_sides: dict[str, HttpSide] = {"http": Httpx(http), "raw": raw}
+        if peer is not None:
+            http_sides["peer"] = RawHttp(peer[0], "/embeddings", peer[1])
+        sides = Sides(http_sides, channel)
+        names = ["grpc", *http_sides]
+        for side in names:  # warm up every path, the models and the connections
             await singles(sides, side, texts[:64], 16)
-        workloads: list[tuple[str, Callable[[str], Awaitable[dict[str, float]]]]] = [
-            ("batch1000", lambda side: batch(sides, side, texts[: 1000 // scale])),
-            ("single_c16", lambda side: singles(sides, side, texts[: 800 // scale], 16)),
-            ("single_c1", lambda side: singles(sides, side, texts[: 200 // scale], 1)),
+        n_batch, n_c16, n_c1 = 1000 // scale, 800 // scale, 200 // scale
+        workloads: list[tuple[str, int, Callable[[str], Awaitable[dict[str, float]]]]] = [
+            ("batch1000", n_batch, lambda side: batch(sides, side, texts[:n_batch])),
+            ("single_c16", n_c16, lambda side: singles(sides, side, texts[:n_c16], 16)),
+            ("single_c1", n_c1, lambda side: singles(sides, side, texts[:n_c1], 1)),
         ]
         for round_ in range(rounds):
-            order = ("grpc", "http") if round_ % 2 == 0 else ("http", "grpc")
-            for name, workload in workloads:
+            order = names[round_ % len(names) :] + names[: round_ % len(names)]
+            for name, inputs, workload in workloads:
                 for side in order:
-                    results.setdefault(f"{name}/{side}", []).append(await workload(side))
+                    cpu_before = cpu_seconds(manager_pid)
+                    figures = await workload(side)
+                    used = cpu_seconds(manager_pid) - cpu_before
+                    figures["manager_cpu_us_per_input"] = used / inputs * 1e6
+                    results.setdefault(f"{name}/{side}", []).append(figures)
             print(f"round {round_ + 1}/{rounds} done", file=sys.stderr)
+        for side in http_sides.values():
+            if isinstance(side, RawHttp):
+                await side.aclose()
     return results
 
 
 def summarize(results: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
     per_round: dict[str, list[float]] = {}
 
-    def per(name: str, key: str, combine: Callable[[float, float], float]) -> float:
-        pairs = zip(results[f"{name}/http"], results[f"{name}/grpc"], strict=True)
-        values = per_round[f"{name}_{key}"] = [combine(h[key], g[key]) for h, g in pairs]
+    def per(
+        name: str, key: str, combine: Callable[[float, float], float], side: str = "http"
+    ) -> float:
+        pairs = zip(results[f"{name}/{side}"], results[f"{name}/grpc"], strict=True)
+        label = f"{name}_{key}" if side == "http" else f"{side}_{name}_{key}"
+        values = per_round[label] = [combine(h[key], g[key]) for h, g in pairs]
         return statistics.median(values)
+
+    def added(h: float, g: float) -> float:
+        return h - g
+
+    def ratio(h: float, g: float) -> float:
+        return h / g
 
     def median(name: str, key: str) -> float:
         return statistics.median(v[key] for v in results[name])
 
+    others = {
+        side: {
+            "batch1000_throughput_ratio": per("batch1000", "throughput", ratio, side),
+            "single_c16_throughput_ratio": per("single_c16", "throughput", ratio, side),
+            "single_c1_added_p50_ms": per("single_c1", "p50_ms", added, side),
+            "single_c1_p50_ms": median(f"single_c1/{side}", "p50_ms"),
+        }
+        for side in ("raw", "peer")
+        if f"batch1000/{side}" in results
+    }
+
     return {
-        "batch1000_throughput_ratio": per("batch1000", "throughput", lambda h, g: h / g),
-        "single_c16_throughput_ratio": per("single_c16", "throughput", lambda h, g: h / g),
-        "single_c1_added_p50_ms": per("single_c1", "p50_ms", lambda h, g: h - g),
+        "by_side": others,
+        "batch1000_throughput_ratio": per("batch1000", "throughput", ratio),
+        "single_c16_throughput_ratio": per("single_c16", "throughput", ratio),
+        "single_c1_added_p50_ms": per("single_c1", "p50_ms", added),
         "single_c1_p50_ms": {
             "http": median("single_c1/http", "p50_ms"),
             "grpc": median("single_c1/grpc", "p50_ms"),
         },
         "throughput_per_sec": {
             name: median(name, "throughput") for name in results if "throughput" in results[name][0]
+        },
+        "manager_cpu_us_per_input": {
+            name: median(name, "manager_cpu_us_per_input") for name in results
         },
         "per_round": per_round,
     }
@@ -183,19 +310,40 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="a quarter of the work, one round")
     parser.add_argument("--json", type=Path, help="write the figures here")
+    parser.add_argument(
+        "--infinity",
+        default=os.environ.get("INFINITY_EMB"),
+        help="Infinity's infinity_emb binary: serve the same model as a peer",
+    )
     args = parser.parse_args()
+    infinity = args.infinity if args.infinity and shutil.which(args.infinity) else None
+    if args.infinity and infinity is None:
+        print(f"infinity: {args.infinity} not found; no peer")
     rounds = 1 if args.quick else args.rounds
-    with tempfile.TemporaryDirectory() as workdir, run_manager(Path(workdir)) as (manager, _):
+    model_dir = packaged_model_dir()
+    with contextlib.ExitStack() as stack:
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        peer = None
+        if infinity is not None:
+            _, client = stack.enter_context(
+                start_infinity(infinity, "torch", model_dir, workdir / "infinity.log")
+            )
+            peer = (client.port, client.model)
+        manager, _ = stack.enter_context(run_manager(workdir))
         status, body = manager.api.request(
             "POST",
             "/instances",
-            {"name": INSTANCE, "model_id": str(packaged_model_dir()),
+            {"name": INSTANCE, "model_id": str(model_dir),
              "max_concurrent_requests": 1024},
         )  # fmt: skip
         if status != 201:
             raise RuntimeError(f"create failed: {status} {body}")
         info = wait_status(manager, INSTANCE, lambda i: bool(i["status"] == "running"), "running")
-        results = asyncio.run(measure(manager.api.port, int(info["port"]), rounds, args.quick))
+        results = asyncio.run(
+            measure(
+                manager.api.port, int(info["port"]), manager.process.pid, rounds, args.quick, peer
+            )
+        )
     figures = summarize(results)
     c1 = figures["single_c1_p50_ms"]
     rows = [
@@ -218,6 +366,31 @@ def main() -> None:
             verdict(figures["single_c1_added_p50_ms"] <= 1.0),
         ),
     ]
+    cpu = figures["manager_cpu_us_per_input"]
+    rows += [
+        (
+            f"manager CPU per input, {name} (HTTP; gRPC side: idle)",
+            f"{cpu[f'{name}/http']:.0f} us, raw client {cpu[f'{name}/raw']:.0f} us "
+            f"({cpu[f'{name}/grpc']:.0f} us)",
+            "-",
+            "-",
+        )
+        for name in ("batch1000", "single_c16", "single_c1")
+    ]
+    for side, what in (("raw", "ours, raw HTTP/1.1 client"), ("peer", "Infinity, raw client")):
+        if side not in figures["by_side"]:
+            continue
+        f = figures["by_side"][side]
+        rows += [
+            (f"{what}: x1000 vs EmbedStream", f"{f['batch1000_throughput_ratio']:.3f}", "-", "-"),
+            (f"{what}: c16 vs Embed c16", f"{f['single_c16_throughput_ratio']:.3f}", "-", "-"),
+            (
+                f"{what}: c1 added p50",
+                f"{f['single_c1_added_p50_ms']:.2f} ms (p50 {f['single_c1_p50_ms']:.2f})",
+                "-",
+                "-",
+            ),
+        ]
     print_table(rows)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

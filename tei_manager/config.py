@@ -282,6 +282,10 @@ class ManagerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     health_check_initial_delay_secs: float = 0.0
     startup_timeout_secs: float = 300.0
     max_failures_before_restart: int = 3  # 0 disables health-triggered restarts
+    # Readiness gate (DESIGN "Many nodes"): /health/ready and gRPC health stay
+    # not-ready until every [[instances]] seed still wanted running (and not on
+    # demand) has been running at once; off by default, the contract's readiness.
+    ready_requires_instances: bool = False
     graceful_shutdown_timeout_secs: float = 30.0
     auto_restore_on_restart: bool = True
     max_instances: int | None = None  # None: unlimited
@@ -743,6 +747,7 @@ ENV_OVERRIDES: Final[tuple[tuple[str, str, Callable[[str], object]], ...]] = (
     ("TEI_MANAGER_STATE_FILE", "state_file", _env_str),
     ("TEI_MANAGER_LOG_DIR", "log_dir", _env_str),
     ("TEI_MANAGER_HEALTH_CHECK_INTERVAL", "health_check_interval_secs", _env_float),
+    ("TEI_MANAGER_READY_REQUIRES_INSTANCES", "ready_requires_instances", _env_bool),
     ("TEI_MANAGER_GRPC_MAX_PARALLEL_STREAMS", "grpc_max_parallel_streams", _env_int),
     ("TEI_MANAGER_GRPC_MAX_CONNECTIONS", "grpc.max_connections", _env_int),
     ("TEI_MANAGER_GRPC_HANDSHAKE_TIMEOUT", "grpc.handshake_timeout_secs", _env_float),

@@ -23,6 +23,7 @@ from tei_manager.config import InstanceConfig, ManagerConfig, validate_instance_
 from tei_manager.core.instances import InstanceInfo, InstanceStatus, InstanceTable
 from tei_manager.core.logslice import LogSlice, resolve_slice
 from tei_manager.core.ports import PortAllocator
+from tei_manager.core.readiness import ReadinessGate
 from tei_manager.hub.registry import ModelRegistry
 from tei_manager.hub.settings import HubSettings, RegistrySettings
 from tei_manager.manager.backup import Backup, BackupModel
@@ -81,6 +82,11 @@ class FakeManager:
             max_instances=config.max_instances,
             reserved_ports=config.manager_ports(),
         )
+        self._gate = ReadinessGate(
+            (seed.name for seed in config.instances),
+            self._registry,
+            enabled=config.ready_requires_instances,
+        )
         # The real model registry; by default on a cache beside the state file, offline.
         # Tests of /models give a local Hub and run it (``models.run``).
         cache_dir = os.path.join(os.path.dirname(config.state_file), "hub")
@@ -93,9 +99,10 @@ class FakeManager:
             in_use=lambda model_id: [r.name for r in self._registry.by_model(model_id)],
         )
 
-    @property
-    def ready(self) -> bool:
-        return self.state_restored and self.listening
+    def not_ready_reason(self) -> str | None:
+        if not (self.state_restored and self.listening):
+            return "not ready: state is being restored or the listeners are not up yet"
+        return self._gate.check()
 
     def mark_listening(self) -> None:
         self.listening = True

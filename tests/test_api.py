@@ -24,7 +24,7 @@ from tei_manager.api.app import NO_RESPONSE_STATUS, UNMATCHED_ROUTE
 from tei_manager.api.openapi import build_openapi
 from tei_manager.api.routes import MAX_BODY_BYTES, OPERATIONS, PROMETHEUS_TEXT, quart_rule
 from tei_manager.api.storage import classify, read_storage
-from tei_manager.config import ManagerConfig
+from tei_manager.config import ManagerConfig, SeedInstance
 from tei_manager.core.instances import InstanceStatus
 from tei_manager.errors import ErrorCode, NotFoundError
 from tests.fake_manager import FakeManager, http_count
@@ -440,6 +440,25 @@ async def test_probes(api: Api, manager: FakeManager) -> None:
     manager.startup_complete = True
     assert (await api("GET", "/health/ready")).status == 200
     assert (await api("GET", "/health/startup")).status == 200
+
+
+async def test_ready_requires_instances_holds_readiness_until_the_seeds_run(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    seeds = (SeedInstance(name="a", model_id="BAAI/bge"), SeedInstance(name="b", model_id="x/y"))
+    manager = make_manager(tmp_path, instances=seeds, ready_requires_instances=True)
+    api = Api(await nursery.start(serve_api, manager, "127.0.0.1", 0))
+    await manager.reset_state()  # the seeds, registered as a restore would
+    manager.state_restored = True
+    ready = await api("GET", "/health/ready")
+    assert_error(ready, 503, "NOT_READY", "declared instances not running yet: a (starting), b")
+    manager.set_status("a", InstanceStatus.RUNNING)
+    assert_error(await api("GET", "/health/ready"), 503, "NOT_READY", "b (starting)")
+    manager.set_status("b", InstanceStatus.RUNNING)
+    assert (await api("GET", "/health/ready")).status == 200
+    manager.set_status("b", InstanceStatus.STARTING)  # a crash once open
+    assert (await api("GET", "/health/ready")).status == 200
+    assert (await api("GET", "/health/live")).status == 200
 
 
 async def test_metrics_time_every_request_by_route_template(api: Api, manager: FakeManager) -> None:

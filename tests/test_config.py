@@ -56,6 +56,7 @@ def test_defaults() -> None:
     assert c.health_check_initial_delay_secs == 0
     assert c.startup_timeout_secs == 300
     assert c.max_failures_before_restart == 3
+    assert c.ready_requires_instances is False  # the contract's readiness
     assert c.graceful_shutdown_timeout_secs == 30
     assert c.auto_restore_on_restart is True
     assert c.max_instances is None
@@ -214,6 +215,8 @@ def test_load_config_missing_file(tmp_path: Path) -> None:
         ("TEI_MANAGER_RESTART_BACKOFF_MAX", "60", "restart_backoff_max_secs", 60.0),
         ("TEI_MANAGER_CRASH_LOOP_RESTARTS", "5", "crash_loop_restarts", 5),
         ("TEI_MANAGER_CRASH_LOOP_WINDOW", "600", "crash_loop_window_secs", 600.0),
+        ("TEI_MANAGER_READY_REQUIRES_INSTANCES", "true", "ready_requires_instances", True),
+        ("TEI_MANAGER_READY_REQUIRES_INSTANCES", "off", "ready_requires_instances", False),
     ],
 )
 def test_env_override(var: str, text: str, field: str, value: object) -> None:
@@ -247,6 +250,7 @@ def test_every_documented_env_var_is_wired() -> None:
         "TEI_MANAGER_OTEL_ENDPOINT",
         "TEI_MANAGER_OTEL_SERVICE_NAME",
         "TEI_MANAGER_OTEL_SAMPLE_RATIO",
+        "TEI_MANAGER_READY_REQUIRES_INSTANCES",
     }
     fields = set(ManagerConfig.__struct_fields__)
     grpc_fields = {f"grpc.{name}" for name in GrpcConfig.__struct_fields__}
@@ -296,6 +300,11 @@ def test_empty_env_var_means_unset() -> None:
         ("TEI_MANAGER_API_PORT", "nine", 'TEI_MANAGER_API_PORT: "nine" is not an integer'),
         ("TEI_MANAGER_HEALTH_CHECK_INTERVAL", "soon", 'TEI_MANAGER_HEALTH_CHECK_INTERVAL: "soon"'),
         ("TEI_MANAGER_GRPC_ENABLED", "maybe", 'TEI_MANAGER_GRPC_ENABLED: "maybe" is not a bool'),
+        (
+            "TEI_MANAGER_READY_REQUIRES_INSTANCES",
+            "seeds",
+            'TEI_MANAGER_READY_REQUIRES_INSTANCES: "seeds" is not a boolean: use true or false',
+        ),
         ("TEI_MANAGER_API_PORT", "80", "api_port (from TEI_MANAGER_API_PORT): 80 is privileged"),
         (
             "TEI_MANAGER_HEALTH_CHECK_INTERVAL",
@@ -331,6 +340,7 @@ def test_bad_env_values_name_the_variable(var: str, text: str, message: str) -> 
         ("foo = 1", 'unknown field "foo"'),
         ("api_port = '9000'", "api_port: expected int, got str"),
         ("grpc_enabled = 1", "grpc_enabled: expected bool, got int"),
+        ('ready_requires_instances = "yes"', "ready_requires_instances: expected bool, got str"),
         ('api_host = ""', "api_host: must not be empty"),
         ('state_file = ""', "state_file: must not be empty"),
         ("health_check_interval_secs = 0", "health_check_interval_secs: 0.0 is invalid: use a"),

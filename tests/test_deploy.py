@@ -669,10 +669,13 @@ def test_pool_members_run_as_the_single_node_deployment_with_their_configs_seeds
         labels = spec["template"]["metadata"]["labels"]
         assert spec["selector"]["matchLabels"] == labels
         config = _pool_config(docs, member)
-        # Same manager settings as the single node; only the seeds differ by pool.
-        assert msgspec_fields(config, exclude={"instances"}) == msgspec_fields(
-            base_config, exclude={"instances"}
+        # Same manager settings as the single node; only the seeds differ by pool, and
+        # a member is ready (in its Services) only once they run.
+        pool_only = {"instances", "ready_requires_instances"}
+        assert msgspec_fields(config, exclude=pool_only) == msgspec_fields(
+            base_config, exclude=pool_only
         )
+        assert config.ready_requires_instances and not base_config.ready_requires_instances
         assert len(config.instances) >= 2
         # A member's state is its config: /data is an emptyDir, seeded at every start.
         volumes = {v["name"]: v for v in pod["volumes"]}

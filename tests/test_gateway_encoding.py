@@ -12,9 +12,8 @@ from tei_manager._proto.tei.v1 import tei_pb2
 from tei_manager.gateway.encoding import (
     ARROW_MIN_FLOATS,
     base64_rows,
-    dense_matrix,
+    dense_embeddings,
     json_rows,
-    reply_tokens,
 )
 
 
@@ -34,12 +33,12 @@ def test_json_rows_read_back_to_the_same_float32(rows: int) -> None:
         np.float32
     )
     matrix[0, :3] = [0.0, -0.0, 1.0]
-    got = dense_matrix(replies(matrix))
+    got, tokens = dense_embeddings(replies(matrix))
     assert np.array_equal(got, matrix)
+    assert tokens == sum(range(1, rows + 1))
     rendered = json_rows(got)
     back = np.array([json.loads(r) for r in rendered], dtype=np.float32)
     assert np.array_equal(back, matrix)
-    assert [reply_tokens(r) for r in replies(matrix)] == list(range(1, rows + 1))
 
 
 def test_base64_rows_are_little_endian_float32() -> None:
@@ -56,5 +55,17 @@ def test_ragged_replies_are_refused() -> None:
         tei_pb2.EmbedResponse(embeddings=[1.0]).SerializeToString(),
     ]
     with pytest.raises(ValueError, match="different sizes"):
-        dense_matrix(ragged)
-    assert dense_matrix([]).shape == (0, 0)
+        dense_embeddings(ragged)
+    matrix, tokens = dense_embeddings([])
+    assert matrix.shape == (0, 0) and tokens == 0
+
+
+def test_metadata_split_over_the_wire_is_merged() -> None:
+    # Protobuf merges a message field that occurs twice; the one-pass reader must too.
+    first = tei_pb2.EmbedResponse(
+        embeddings=[1.0], metadata=tei_pb2.Metadata(compute_tokens=7)
+    ).SerializeToString()
+    second = tei_pb2.EmbedResponse(metadata=tei_pb2.Metadata(total_time_ns=5)).SerializeToString()
+    assert tei_pb2.EmbedResponse.FromString(first + second).metadata.compute_tokens == 7
+    matrix, tokens = dense_embeddings([first + second])
+    assert matrix.tolist() == [[1.0]] and tokens == 7

@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tei_manager.config import ConfigError, InstanceConfig, ManagerConfig, SeedInstance
 from tei_manager.core.instances import DesiredState, InstanceStatus
+from tei_manager.core.ondemand import StartPolicy
 from tei_manager.core.ports import probe_bindable
 from tei_manager.core.restart import RestartPolicy
 from tei_manager.errors import ErrorCode, TeiError
@@ -579,6 +580,75 @@ async def test_a_new_manager_restores_the_state_and_merges_seeds(
         assert (restored["d"].status, restored["d"].port) == (S.RUNNING, 20009)
         assert set(host.processes) == {"a", "d"}
         assert _persisted(config)["c"] == (DesiredState.STOPPED, 20001)
+
+
+# -- readiness ---------------------------------------------------------------------------------
+_GATED_SEEDS = (
+    SeedInstance(name="a", model_id="org/model"),
+    SeedInstance(name="off", model_id="org/model", auto_start=False),
+    SeedInstance(name="lazy", model_id="org/model", start=StartPolicy.ON_DEMAND),
+)
+
+
+async def test_ready_requires_instances_waits_for_the_seeds_then_latches(
+    clock: trio.testing.MockClock, nursery: trio.Nursery, config: ManagerConfig
+) -> None:
+    config = msgspec.structs.replace(config, instances=_GATED_SEEDS, ready_requires_instances=True)
+    host = FakeHost(nursery, ready_after=30)  # a model that takes 30 s to load
+    async with running(_manager(config, host)) as manager:
+        manager.mark_listening()
+        assert manager.not_ready_reason() == (
+            "not ready: declared instances not running yet: a (starting)"
+        )
+        assert not manager.ready and not manager.instances_ready.is_set()
+        await manager.instances_ready.wait()
+        # The supervisor saw it running, and the gate (polled each second) opened.
+        assert 30 <= trio.current_time() <= 32
+        assert manager.get_instance("a").status is S.RUNNING
+        assert manager.get_instance("lazy").status is S.IDLE
+        assert manager.ready and manager.not_ready_reason() is None
+        # Latched: a crash later does not take the member out of its Service.
+        host.current("a").exit(3)
+        await trio.testing.wait_all_tasks_blocked()
+        assert manager.get_instance("a").status is S.STARTING
+        assert manager.ready
+        manager.begin_shutdown()
+        assert manager.not_ready_reason() == "not ready: the manager is shutting down"
+
+
+async def test_a_failed_seed_holds_readiness_until_stopped(
+    clock: trio.testing.MockClock, nursery: trio.Nursery, config: ManagerConfig
+) -> None:
+    config = msgspec.structs.replace(config, instances=_GATED_SEEDS, ready_requires_instances=True)
+    host = FakeHost(nursery)
+    host.spawn_error = "cannot start x: No such file or directory"
+    async with running(_manager(config, host)) as manager:
+        manager.mark_listening()
+        await trio.sleep(60)
+        assert manager.get_instance("a").status is S.FAILED
+        reason = manager.not_ready_reason()
+        assert reason is not None and "a (failed)" in reason
+        assert not manager.instances_ready.is_set()
+        await manager.stop_instance("a")  # the operator gives up on it
+        assert manager.ready
+        await trio.sleep(1)
+        assert manager.instances_ready.is_set()
+
+
+async def test_without_the_gate_ready_does_not_wait_for_instances(
+    clock: trio.testing.MockClock, nursery: trio.Nursery, config: ManagerConfig
+) -> None:
+    config = msgspec.structs.replace(config, instances=_GATED_SEEDS)
+    host = FakeHost(nursery, ready_after=30)
+    async with running(_manager(config, host)) as manager:
+        # Set by the time run() started: the gRPC health serves as soon as it listens.
+        assert manager.instances_ready.is_set()
+        assert manager.not_ready_reason() == (
+            "not ready: state is being restored or the listeners are not up yet"
+        )
+        manager.mark_listening()
+        assert manager.get_instance("a").status is S.STARTING
+        assert manager.ready
 
 
 def _write(path: str | Path, data: bytes) -> Path:

@@ -23,7 +23,8 @@ from tei_manager.api.auth import install_auth
 from tei_manager.api.dto import ProbeStatus
 from tei_manager.api.exchange import Exchange
 from tei_manager.api.facade import ManagerFacade
-from tei_manager.api.inference import register_inference_routes
+from tei_manager.api.inference import INFERENCE_MAX_BODY_BYTES, register_inference_routes
+from tei_manager.api.inference_asgi import InferenceDispatch
 from tei_manager.api.inference_doors import inference_doors
 from tei_manager.api.models_routes import ModelHandlers, ModelIdConverter
 from tei_manager.api.openapi import openapi_json
@@ -65,11 +66,20 @@ def _scope_extras(scope: Scope) -> MutableMapping[str, Any]:
 
 
 class ApiApp(QuartTrio):
-    """A QuartTrio app bound to one manager, timing every HTTP request it answers."""
+    """A QuartTrio app bound to one manager, timing every HTTP request it answers.
+
+    The inference routes, once :meth:`serve_inference` is given them, are answered
+    in front of Quart (:mod:`.inference_asgi`); everything else is Quart's.
+    """
 
     def __init__(self, manager: ManagerFacade) -> None:
         super().__init__(__name__, static_folder=None)
         self.manager = manager
+        self._inference: InferenceDispatch | None = None
+
+    def serve_inference(self, dispatch: InferenceDispatch) -> None:
+        """Answer the requests ``dispatch`` matches with it, before Quart."""
+        self._inference = dispatch
 
     async def asgi_app(
         self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
@@ -79,10 +89,18 @@ class ApiApp(QuartTrio):
         if scope["type"] != "http":
             await super().asgi_app(scope, receive, send)
             return
-        exchange = Exchange(scope, receive, send, max_body_bytes=MAX_BODY_BYTES)
         started = time.perf_counter()
+        matched = None if self._inference is None else self._inference.match(scope)
+        if matched is not None:
+            _scope_extras(scope)[_ROUTE_KEY] = matched.label
+        limit = MAX_BODY_BYTES if matched is None else INFERENCE_MAX_BODY_BYTES
+        exchange = Exchange(scope, receive, send, max_body_bytes=limit)
         try:
-            await super().asgi_app(scope, exchange.receive, exchange.send)
+            if matched is None:
+                await super().asgi_app(scope, exchange.receive, exchange.send)
+            else:
+                assert self._inference is not None
+                await self._inference.serve(matched, scope, exchange)
             await exchange.read_off_body()
         except Exception:
             # The server answers 500 for what escapes the app.
@@ -148,12 +166,9 @@ class _Handlers:
         return json_response(_PROBE_OK)
 
     async def health_ready(self) -> Response:
-        if not self._manager.ready:
-            raise TeiError(
-                ErrorCode.NOT_READY,
-                "not ready: state is being restored, the listeners are not up yet, "
-                "or the manager is shutting down",
-            )
+        reason = self._manager.not_ready_reason()
+        if reason is not None:
+            raise TeiError(ErrorCode.NOT_READY, reason)
         return json_response(_PROBE_OK)
 
     async def health_startup(self) -> Response:
@@ -238,10 +253,13 @@ def create_app(
             # A model id is never rewritten: "//etc" stays a (refused) model id.
             merge_slashes="{model_id}" not in op.path,
         )
-    if gateway is not None:
-        register_inference_routes(app, inference_doors(gateway))
+    views = None if gateway is None else register_inference_routes(app, inference_doors(gateway))
     app.before_request(_note_route)
-    install_auth(app, security or build_security(manager.config, manager.metrics.prometheus))
+    guard = install_auth(
+        app, security or build_security(manager.config, manager.metrics.prometheus)
+    )
+    if views is not None:
+        app.serve_inference(InferenceDispatch(app.url_map, views, guard))
     app.register_error_handler(TeiError, _on_tei_error)
     app.register_error_handler(HTTPException, _on_http_exception)
     app.register_error_handler(Exception, _on_exception)

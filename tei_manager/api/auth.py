@@ -32,6 +32,7 @@ from collections.abc import MutableMapping
 from typing import Any, Final, cast
 
 from quart import Quart, Response, request
+from werkzeug.datastructures import Headers
 
 from tei_manager.api.refusals import render_refusal
 from tei_manager.api.routes import JSON
@@ -46,7 +47,13 @@ from tei_manager.auth.identity import (
 from tei_manager.auth.security import Security
 from tei_manager.errors import ErrorCode
 
-__all__ = ["IDENTITY_KEY", "capture_peer_certificates", "install_auth", "scope_for"]
+__all__ = [
+    "IDENTITY_KEY",
+    "RequestGuard",
+    "capture_peer_certificates",
+    "install_auth",
+    "scope_for",
+]
 
 access_log = logging.getLogger("tei_manager.access")
 
@@ -106,40 +113,52 @@ def _extras(scope: object) -> MutableMapping[str, Any]:
     return cast(MutableMapping[str, Any], scope)
 
 
-class _RestAuth:
+class RequestGuard:
+    """The checks :func:`install_auth` hooks into the app, callable outside Quart too."""
+
     def __init__(self, security: Security) -> None:
         self._auth = security.authenticator
         self._cors = security.cors
         self._metrics = security.metrics
 
-    def _refuse(self, refusal: Refusal) -> Response:
+    def _refuse(self, path: str, refusal: Refusal) -> Response:
         self._metrics.rejected("rest", refusal)
-        answer = render_refusal(request.path, refusal, bearer=self._auth.uses_bearer)
+        answer = render_refusal(path, refusal, bearer=self._auth.uses_bearer)
         return Response(answer.body, answer.status, answer.headers, content_type=JSON)
+
+    @property
+    def active(self) -> bool:
+        """Whether requests are checked, CORS applied or access logged at all."""
+        return self._auth.active or self._cors.enabled
 
     async def before(self) -> Response | None:
         headers = request.headers
         if request.method == "OPTIONS" and "Access-Control-Request-Method" in headers:
             return self._preflight()
-        path = request.path
+        return self.authorize(request.method, request.path, headers, _extras(request.scope))
+
+    def authorize(
+        self, method: str, path: str, headers: Headers, scope: MutableMapping[str, Any]
+    ) -> Response | None:
+        """The refusal of a request, or None to let it through (its identity noted in ``scope``)."""
         if self._auth.is_public(path) or not self._auth.active:
             return None
         verdict = self._auth.check(
             AuthRequest(
-                peer=parse_peer(request.scope.get("client")),
+                peer=parse_peer(scope.get("client")),
                 authorization=headers.get("Authorization"),
                 peer_certificate=_peer_certificate.get(),
                 cert_header=field_value(headers.getlist("X-SSL-Client-Cert")),
                 forwarded_for=field_value(headers.getlist("X-Forwarded-For")),
             ),
-            scope_for(request.method, path),
+            scope_for(method, path),
             time.time(),
         )
         if isinstance(verdict, Identity):
-            _extras(request.scope)[IDENTITY_KEY] = verdict.name
+            scope[IDENTITY_KEY] = verdict.name
             return None
-        _extras(request.scope)[IDENTITY_KEY] = verdict.identity
-        return self._refuse(verdict)
+        scope[IDENTITY_KEY] = verdict.identity
+        return self._refuse(path, verdict)
 
     def _preflight(self) -> Response:
         headers = request.headers
@@ -150,32 +169,55 @@ class _RestAuth:
         )
         if answer is None:
             return self._refuse(
-                Refusal(ErrorCode.FORBIDDEN, "cross-origin request not allowed by [cors]")
+                request.path,
+                Refusal(ErrorCode.FORBIDDEN, "cross-origin request not allowed by [cors]"),
             )
         response = Response(b"", status=204)
         response.headers.update(answer)
         return response
 
     async def after(self, response: Response) -> Response:
-        if self._cors.enabled and request.method != "OPTIONS":
-            response.headers.update(self._cors.response_headers(request.headers.get("Origin")))
+        response.headers.update(
+            self.finish(
+                request.method,
+                request.path,
+                request.headers,
+                _extras(request.scope),
+                response.status_code,
+            )
+        )
+        return response
+
+    def finish(
+        self,
+        method: str,
+        path: str,
+        headers: Headers,
+        scope: MutableMapping[str, Any],
+        status: int,
+    ) -> dict[str, str]:
+        """Log an answered request; the CORS headers its answer gets."""
         if self._auth.active:
-            identity = _extras(request.scope).get(IDENTITY_KEY) or "-"
-            client = request.scope.get("client")
+            identity = scope.get(IDENTITY_KEY) or "-"
+            client = scope.get("client")
             access_log.info(
                 "%s %s %s %d identity=%s",
                 client[0] if client else "-",
-                request.method,
-                _loggable(request.path),
-                response.status_code,
+                method,
+                _loggable(path),
+                status,
                 _loggable(identity),
-                extra={"identity": identity, "status": response.status_code},
+                extra={"identity": identity, "status": status},
             )
-        return response
+        if self._cors.enabled and method != "OPTIONS":
+            return self._cors.response_headers(headers.get("Origin"))
+        return {}
 
 
-def install_auth(app: Quart, security: Security) -> None:
-    """Check every request ``app`` serves against ``security``."""
-    hooks = _RestAuth(security)
+def install_auth(app: Quart, security: Security) -> RequestGuard:
+    """Check every request ``app`` serves against ``security``; the guard, for requests
+    served before Quart's hooks run (:mod:`~tei_manager.api.inference_asgi`)."""
+    hooks = RequestGuard(security)
     app.before_request(hooks.before)
     app.after_request(hooks.after)
+    return hooks

@@ -69,7 +69,8 @@ class Exchange:
         self.status = 0  # the answer's status, once it is sent
 
     @property
-    def _too_large(self) -> bool:
+    def too_large(self) -> bool:
+        """The body announced or received so far is over the limit."""
         return max(self._received, self._expected or 0) > self._max_body_bytes
 
     async def receive(self) -> ASGIReceiveEvent:
@@ -81,7 +82,7 @@ class Exchange:
                 self._body_complete = self._ended = True
         elif message["type"] == "http.disconnect":
             self._ended = True
-        if self._ended or self._too_large:
+        if self._ended or self.too_large:
             self._stop_waiting.set()
         return message
 
@@ -100,13 +101,15 @@ class Exchange:
 
     async def _body_taken(self) -> bool:
         """Wait, bounded, for the request body; False if the connection cannot carry another."""
-        if not self._ended and not self._too_large:
+        if not self._ended and not self.too_large:
             with trio.move_on_after(BODY_LINGER_SECS):
                 await self._stop_waiting.wait()
-        return self._body_complete and not self._too_large
+        return self._body_complete and not self.too_large
 
     async def read_off_body(self) -> None:
         """After the application returned: take what is left of the body, bounded in time."""
+        if self._ended:
+            return
         with trio.move_on_after(BODY_LINGER_SECS):
             while not self._ended:
                 await self.receive()

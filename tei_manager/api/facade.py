@@ -78,9 +78,9 @@ class ManagerFacade(Protocol):
     @property
     def models(self) -> ModelsFacade: ...
 
-    @property
-    def ready(self) -> bool:
-        """Config loaded, state restored and listeners up."""
+    def not_ready_reason(self) -> str | None:
+        """None when ready (config loaded, state restored, listeners up and, with
+        ``ready_requires_instances``, the declared instances running), else why not."""
         ...
 
     @property

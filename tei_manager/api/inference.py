@@ -6,6 +6,13 @@ The inference front doors (:mod:`~tei_manager.api.openai_routes`,
 app (only when a gateway serves them) and :func:`inference_openapi` documents
 them. Every entry carries ``scope = "inference"`` for the auth hook.
 
+Handlers know nothing of Quart or ASGI: each takes an :class:`InferenceRequest`
+(the body, the ``{model}`` path parameter, the request headers) and returns an
+:class:`Answer`. :mod:`~tei_manager.api.inference_asgi` serves them straight on the
+ASGI connection (the hot path); the Quart views registered here serve the same
+handlers for what that path leaves to Quart (HEAD) and give Quart the rules its
+405 answers come from.
+
 Each door answers its own error shape: a :class:`Door` maps an
 :class:`~tei_manager.gateway.errors.InferenceError` to a status and a body, and the
 guard around every handler makes sure nothing else leaves (a bug is a 500 in the
@@ -33,13 +40,17 @@ __all__ = [
     "INFERENCE_MAX_BODY_BYTES",
     "INFERENCE_PREFIXES",
     "INFERENCE_SCOPE",
+    "Answer",
     "Door",
+    "InferenceRequest",
     "InferenceRoute",
+    "InferenceView",
     "decode_body",
     "inference_openapi",
-    "read_body",
+    "json_bytes",
     "register_inference_routes",
     "retry_headers",
+    "too_large",
 ]
 
 log = logging.getLogger(__name__)
@@ -55,12 +66,33 @@ INFERENCE_PREFIXES: Final = ("/v1/", "/tei/")
 INFERENCE_MAX_BODY_BYTES: Final = 8 << 20
 
 
+class InferenceRequest(NamedTuple):
+    """What a handler gets of one HTTP request."""
+
+    body: bytes  # the whole body (empty for a GET)
+    model: str  # the ``{model}`` path parameter; "" on routes without one
+    headers: Iterable[tuple[bytes, bytes]]  # as ASGI gives them: names lower-cased
+
+
+class Answer(NamedTuple):
+    """What a handler answers: a status, a body, and headers beyond Content-Type/-Length."""
+
+    body: bytes
+    status: int = 200
+    headers: tuple[tuple[str, str], ...] = ()
+    content_type: str | None = JSON
+
+
+#: A handler, guarded: it always answers (errors in its door's shape).
+InferenceView = Callable[[InferenceRequest], Awaitable[Answer]]
+
+
 class Door(Protocol):
     """A front door's error shape."""
 
     def status(self, error: InferenceError) -> int: ...
 
-    def error_response(self, error: InferenceError) -> Response: ...
+    def error_response(self, error: InferenceError) -> Answer: ...
 
     #: The msgspec type of the error body, for the OpenAPI document.
     error_type: object
@@ -92,15 +124,11 @@ class _InferenceRequest(TrioRequest):
         super().__init__(method, scheme, path, *args, **kwargs)
 
 
-async def read_body() -> bytes:
-    """The request body, whatever its Content-Type; TOO_LARGE over the limit."""
-    try:
-        return await request.get_data(cache=False, as_text=False, parse_form_data=False)
-    except RequestEntityTooLarge:
-        raise InferenceError(
-            Kind.TOO_LARGE,
-            f"request body too large: the limit is {INFERENCE_MAX_BODY_BYTES} bytes",
-        ) from None
+def too_large() -> InferenceError:
+    """The refusal of a body over :data:`INFERENCE_MAX_BODY_BYTES`."""
+    return InferenceError(
+        Kind.TOO_LARGE, f"request body too large: the limit is {INFERENCE_MAX_BODY_BYTES} bytes"
+    )
 
 
 def decode_body(body: bytes, kind: type[T]) -> T:
@@ -114,40 +142,55 @@ def decode_body(body: bytes, kind: type[T]) -> T:
         raise InferenceError(Kind.VALIDATION, f"invalid JSON: {error}") from None
 
 
-def _guarded(
-    door: Door, endpoint: str, handler: Callable[..., Awaitable[Response]]
-) -> Callable[..., Awaitable[Response]]:
-    async def view(**kwargs: Any) -> Response:
+def _guarded(door: Door, route: InferenceRoute, handler: InferenceView) -> InferenceView:
+    async def view(request: InferenceRequest) -> Answer:
         try:
-            return await handler(**kwargs)
+            return await handler(request)
         except InferenceError as error:
             return door.error_response(error)
-        except RequestEntityTooLarge:
-            return door.error_response(
-                InferenceError(
-                    Kind.TOO_LARGE,
-                    f"request body too large: the limit is {INFERENCE_MAX_BODY_BYTES} bytes",
-                )
-            )
         except Exception:
-            log.exception("unhandled error answering %s %s", request.method, endpoint)
+            log.exception("unhandled error answering %s %s", route.method, route.endpoint)
             return door.error_response(InferenceError(Kind.BACKEND, "internal error"))
 
-    view.__name__ = endpoint
     return view
+
+
+def _quart_view(
+    door: Door, endpoint: str, view: InferenceView
+) -> Callable[..., Awaitable[Response]]:
+    async def quart_view(model: str = "") -> Response:
+        try:
+            body = await request.get_data(cache=False, as_text=False, parse_form_data=False)
+        except RequestEntityTooLarge:
+            answer = door.error_response(too_large())
+        else:
+            answer = await view(InferenceRequest(body, model, request.scope["headers"]))
+        response = Response(answer.body, status=answer.status, headers=dict(answer.headers) or None)
+        if answer.content_type is None:
+            del response.headers["Content-Type"]
+        else:
+            response.content_type = answer.content_type
+        return response
+
+    quart_view.__name__ = endpoint
+    return quart_view
 
 
 def register_inference_routes(
     app: Quart, doors: Iterable[tuple[Door, object, tuple[InferenceRoute, ...]]]
-) -> None:
-    """Add each door's routes, handled by the same-named methods of its handler object."""
+) -> dict[str, tuple[Door, InferenceView]]:
+    """Add each door's routes, handled by the same-named methods of its handler object;
+    the guarded handlers by endpoint, with their door, for the ASGI path."""
     app.request_class = _InferenceRequest
+    views: dict[str, tuple[Door, InferenceView]] = {}
     for door, handlers, routes in doors:
         for route in routes:
+            view = _guarded(door, route, getattr(handlers, route.endpoint))
+            views[route.endpoint] = (door, view)
             app.add_url_rule(
                 _quart_rule(route.path),
                 route.endpoint,
-                _guarded(door, route.endpoint, getattr(handlers, route.endpoint)),
+                _quart_view(door, route.endpoint, view),
                 methods=[route.method],
                 merge_slashes=False,
                 # TEI's root, "/tei/NAME/", is also reached as "/tei/NAME" (a client's
@@ -155,6 +198,7 @@ def register_inference_routes(
                 # connection, and some clients then hang on it.
                 strict_slashes=False,
             )
+    return views
 
 
 def _quart_rule(path: str) -> str:
@@ -219,13 +263,13 @@ def inference_openapi(
     return types, paths
 
 
-def retry_headers(error: InferenceError) -> dict[str, str] | None:
+def retry_headers(error: InferenceError) -> tuple[tuple[str, str], ...]:
     """``Retry-After`` (whole seconds, at least 1) for a refusal that says when to retry."""
     if error.retry_after is None:
-        return None
-    return {"Retry-After": str(max(1, round(error.retry_after)))}
+        return ()
+    return (("Retry-After", str(max(1, round(error.retry_after)))),)
 
 
-def json_bytes(body: bytes, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    """A JSON response from already encoded bytes."""
-    return Response(body, status=status, content_type=JSON, headers=headers)
+def json_bytes(body: bytes, status: int = 200, headers: tuple[tuple[str, str], ...] = ()) -> Answer:
+    """A JSON answer from already encoded bytes."""
+    return Answer(body, status, headers)

@@ -19,14 +19,14 @@ from typing import Final, Literal
 
 import msgspec
 import trio
-from quart import Response
 
 from tei_manager._proto.tei.v1 import tei_grpc, tei_pb2
 from tei_manager.api.inference import (
+    Answer,
+    InferenceRequest,
     InferenceRoute,
     decode_body,
     json_bytes,
-    read_body,
     retry_headers,
 )
 from tei_manager.api.routing_key import request_target
@@ -144,7 +144,7 @@ class OpenAIDoor:
     def status(self, error: InferenceError) -> int:
         return status_hint(error)
 
-    def error_response(self, error: InferenceError) -> Response:
+    def error_response(self, error: InferenceError) -> Answer:
         status = status_hint(error)
         if status == 429:
             kind = "rate_limit_error"
@@ -235,9 +235,9 @@ class OpenAIHandlers:
         self._gateway = gateway
         self._status = door.status
 
-    async def openai_embeddings(self) -> Response:
-        req = decode_body(await read_body(), EmbeddingsRequest)
-        model = request_target(req.model)
+    async def openai_embeddings(self, request: InferenceRequest) -> Answer:
+        req = decode_body(request.body, EmbeddingsRequest)
+        model = request_target(request, req.model)
         texts, id_lists = _texts_or_ids(req.input)
         if req.dimensions is not None and req.dimensions < 1:
             raise InferenceError(
@@ -259,11 +259,11 @@ class OpenAIHandlers:
             rows = encoding.json_rows(matrix)
         return json_bytes(_embeddings_body(rows, model, tokens))
 
-    async def openai_list_models(self) -> Response:
+    async def openai_list_models(self, request: InferenceRequest) -> Answer:
         return json_bytes(_encode(ModelList(data=self._cards())))
 
-    async def openai_retrieve_model(self, model: str) -> Response:
-        model = request_target(model)
+    async def openai_retrieve_model(self, request: InferenceRequest) -> Answer:
+        model = request_target(request, request.model)
         for card in self._cards():
             if card.id == model:
                 return json_bytes(_encode(card))
@@ -282,9 +282,9 @@ class OpenAIHandlers:
                     cards[name] = ModelCard(id=name, created=created)
         return list(cards.values())
 
-    async def openai_rerank(self) -> Response:
-        req = decode_body(await read_body(), RerankRequest)
-        model = request_target(req.model)
+    async def openai_rerank(self, request: InferenceRequest) -> Answer:
+        req = decode_body(request.body, RerankRequest)
+        model = request_target(request, req.model)
         if not req.documents:
             raise InferenceError(Kind.EMPTY, "documents: must not be empty", param="documents")
         if req.top_n is not None and req.top_n < 1:

@@ -200,7 +200,8 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
     ),
     Operation(
         "health_ready", "GET", "/health/ready",
-        "Readiness probe: 200 once config is loaded, state restored and listeners up",
+        "Readiness probe: 200 once config is loaded, state restored and listeners up "
+        "(with ready_requires_instances, once the declared instances ran too)",
         200, ProbeStatus, errors=(ErrorCode.NOT_READY,),
     ),
     Operation(

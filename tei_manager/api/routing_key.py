@@ -6,9 +6,7 @@ answers in the doors' vocabulary (VALIDATION naming the fields).
 
 from __future__ import annotations
 
-from typing import Any, Final
-
-from quart import request
+from typing import TYPE_CHECKING, Any, Final
 
 from tei_manager.core.routing_key import (
     INSTANCE_HEADER,
@@ -18,6 +16,9 @@ from tei_manager.core.routing_key import (
 )
 from tei_manager.errors import ValidationError
 from tei_manager.gateway.errors import InferenceError, Kind
+
+if TYPE_CHECKING:
+    from tei_manager.api.inference import InferenceRequest
 
 __all__ = ["HEADER_PARAMETERS", "request_target"]
 
@@ -38,13 +39,21 @@ HEADER_PARAMETERS: Final[list[dict[str, Any]]] = [
 ]
 
 
-def request_target(body: str | None, body_field: str = "model") -> str:
-    """The name this request is for: ``body`` (``model``, or the URL's name) or the
+_INSTANCE: Final = INSTANCE_HEADER.encode()
+_MODEL: Final = MODEL_HEADER.encode()
+
+
+def request_target(request: InferenceRequest, body: str | None, body_field: str = "model") -> str:
+    """The name ``request`` is for: ``body`` (``model``, or the URL's name) or the
     header's, which must agree when both are given."""
-    headers = request.headers
+    instance: str | None = None
+    model: str | None = None
+    for name, value in request.headers:  # names lower-cased, as ASGI gives them
+        if name == _INSTANCE and instance is None:
+            instance = value.decode("latin-1")
+        elif name == _MODEL and model is None:
+            model = value.decode("latin-1")
     try:
-        return rest_target(
-            body, body_field, headers.get(INSTANCE_HEADER), headers.get(MODEL_HEADER)
-        )
+        return rest_target(body, body_field, instance, model)
     except ValidationError as error:
         raise InferenceError(Kind.VALIDATION, error.message, param=body_field) from None

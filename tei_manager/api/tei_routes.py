@@ -21,15 +21,15 @@ from typing import Any, Final, Literal
 import msgspec
 import numpy as np
 import trio
-from quart import Response
 
 from tei_manager import __version__
 from tei_manager._proto.tei.v1 import tei_grpc, tei_pb2
 from tei_manager.api.inference import (
+    Answer,
+    InferenceRequest,
     InferenceRoute,
     decode_body,
     json_bytes,
-    read_body,
     retry_headers,
 )
 from tei_manager.api.routing_key import request_target
@@ -201,7 +201,7 @@ class TeiDoor:
     def status(self, error: InferenceError) -> int:
         return _ERRORS[error.kind][0]
 
-    def error_response(self, error: InferenceError) -> Response:
+    def error_response(self, error: InferenceError) -> Answer:
         status, name = _ERRORS[error.kind]
         body = _encode(TeiErrorResponse(error.message, name))
         return json_bytes(body, status, retry_headers(error))
@@ -286,17 +286,20 @@ class TeiHandlers:
         self._gateway = gateway
         self._status = door.status
 
-    def _session(self, route: str, model: str) -> AbstractAsyncContextManager[Session]:
-        request_target(model)  # an x-tei-* header must name the URL's model
+    def _session(
+        self, route: str, request: InferenceRequest
+    ) -> AbstractAsyncContextManager[Session]:
+        model = request_target(request, request.model)  # a header must name the URL's
         return self._gateway.session(f"/tei/{{model}}/{route}", model, self._status)
 
     # -- metadata ----------------------------------------------------------------------
-    async def tei_info(self, model: str) -> Response:
+    async def tei_info(self, request: InferenceRequest) -> Answer:
+        model = request_target(request, request.model)
         record = self._gateway.resolve(model)
         if self._gateway.resting(record):  # idle on demand: what its last process said
             info = self._gateway.resting_info(record)
         else:
-            async with self._session("info", model) as session:
+            async with self._session("info", request) as session:
                 info = await session.info()
                 record = session.instance
         config = record.config
@@ -331,15 +334,15 @@ class TeiHandlers:
         )
         return json_bytes(_encode(body))
 
-    async def tei_health(self, model: str) -> Response:
-        request_target(model)
+    async def tei_health(self, request: InferenceRequest) -> Answer:
+        model = request_target(request, request.model)
         record = self._gateway.resolve(model)  # unknown: 404; stopped, failed ...: 503
         if self._gateway.resting(record):
             # Never loads a model. Idle on demand: available, its first request loads
             # it (as a scale-to-zero service stays ready); loading or unloading: not
             # yet, as TEI is not while its model loads.
             if record.status is InstanceStatus.IDLE:
-                return Response(b"", status=200)
+                return Answer(b"", content_type=None)
             raise InferenceError(
                 Kind.UNAVAILABLE, f"instance {quote(record.name)} is {record.status.value}"
             )
@@ -349,13 +352,13 @@ class TeiHandlers:
             await self._gateway.instance_info(record, fresh=True)
         except InferenceError:
             raise InferenceError(Kind.UNAVAILABLE, "unhealthy") from None
-        return Response(b"", status=200)
+        return Answer(b"", content_type=None)
 
     # -- embeddings --------------------------------------------------------------------
-    async def tei_embed(self, model: str, body: bytes | None = None) -> Response:
-        req = decode_body(await read_body() if body is None else body, TeiEmbedRequest)
+    async def tei_embed(self, request: InferenceRequest) -> Answer:
+        req = decode_body(request.body, TeiEmbedRequest)
         inputs = _inputs(req.inputs)
-        async with self._session("embed", model) as session:
+        async with self._session("embed", request) as session:
             info = await session.require(tei_pb2.MODEL_TYPE_EMBEDDING, "embed")
             _check_batch(info, len(inputs))
             texts = await _as_texts(session, inputs)
@@ -370,10 +373,10 @@ class TeiHandlers:
             )
         return json_bytes(await _matrix_json(matrix))
 
-    async def tei_embed_sparse(self, model: str, body: bytes | None = None) -> Response:
-        req = decode_body(await read_body() if body is None else body, TeiEmbedSparseRequest)
+    async def tei_embed_sparse(self, request: InferenceRequest) -> Answer:
+        req = decode_body(request.body, TeiEmbedSparseRequest)
         inputs = _inputs(req.inputs)
-        async with self._session("embed_sparse", model) as session:
+        async with self._session("embed_sparse", request) as session:
             info = await session.require(tei_pb2.MODEL_TYPE_EMBEDDING, "embed_sparse")
             _check_batch(info, len(inputs))
             texts = await _as_texts(session, inputs)
@@ -389,10 +392,10 @@ class TeiHandlers:
         answer = [[TeiSparseValue(v.index, v.value) for v in r.sparse_embeddings] for r in replies]
         return json_bytes(_encode(answer))
 
-    async def tei_embed_all(self, model: str) -> Response:
-        req = decode_body(await read_body(), TeiEmbedAllRequest)
+    async def tei_embed_all(self, request: InferenceRequest) -> Answer:
+        req = decode_body(request.body, TeiEmbedAllRequest)
         inputs = _inputs(req.inputs)
-        async with self._session("embed_all", model) as session:
+        async with self._session("embed_all", request) as session:
             info = await session.require(tei_pb2.MODEL_TYPE_EMBEDDING, "embed_all")
             _check_batch(info, len(inputs))
             texts = await _as_texts(session, inputs)
@@ -412,13 +415,13 @@ class TeiHandlers:
             rows.append(await _matrix_json(matrix))
         return json_bytes(b"[" + b",".join(rows) + b"]")
 
-    async def tei_similarity(self, model: str, body: bytes | None = None) -> Response:
-        req = decode_body(await read_body() if body is None else body, TeiSimilarityRequest)
+    async def tei_similarity(self, request: InferenceRequest) -> Answer:
+        req = decode_body(request.body, TeiSimilarityRequest)
         if not req.inputs.sentences:
             raise _empty("inputs.sentences")
         params = req.parameters or TeiSimilarityParameters()
         texts = [req.inputs.source_sentence, *req.inputs.sentences]
-        async with self._session("similarity", model) as session:
+        async with self._session("similarity", request) as session:
             info = await session.require(tei_pb2.MODEL_TYPE_EMBEDDING, "compare sentences")
             _check_batch(info, len(texts))
             matrix, session.tokens = await embed_texts(
@@ -437,10 +440,10 @@ class TeiHandlers:
         return json_bytes(_encode(scores.astype(np.float32).tolist()))
 
     # -- scores ------------------------------------------------------------------------
-    async def tei_predict(self, model: str, body: bytes | None = None) -> Response:
-        req = decode_body(await read_body() if body is None else body, TeiPredictRequest)
+    async def tei_predict(self, request: InferenceRequest) -> Answer:
+        req = decode_body(request.body, TeiPredictRequest)
         single, sequences = _predict_inputs(req.inputs)
-        async with self._session("predict", model) as session:
+        async with self._session("predict", request) as session:
             info = await session.info()
             if info.model_type == tei_pb2.MODEL_TYPE_EMBEDDING:
                 raise InferenceError(Kind.UNSUPPORTED, "model is not a classifier model")
@@ -458,11 +461,11 @@ class TeiHandlers:
         ]
         return json_bytes(_encode(batch[0] if single else batch))
 
-    async def tei_rerank(self, model: str, body: bytes | None = None) -> Response:
-        req = decode_body(await read_body() if body is None else body, TeiRerankRequest)
+    async def tei_rerank(self, request: InferenceRequest) -> Answer:
+        req = decode_body(request.body, TeiRerankRequest)
         if not req.texts:
             raise _empty("texts")
-        async with self._session("rerank", model) as session:
+        async with self._session("rerank", request) as session:
             info = await session.info()
             if info.model_type != tei_pb2.MODEL_TYPE_RERANKER:
                 raise InferenceError(Kind.UNSUPPORTED, "model is not a re-ranker model")
@@ -487,12 +490,12 @@ class TeiHandlers:
         return json_bytes(_encode(answer))
 
     # -- tokenizer ---------------------------------------------------------------------
-    async def tei_tokenize(self, model: str) -> Response:
-        req = decode_body(await read_body(), TeiTokenizeRequest)
+    async def tei_tokenize(self, request: InferenceRequest) -> Answer:
+        req = decode_body(request.body, TeiTokenizeRequest)
         texts = [req.inputs] if isinstance(req.inputs, str) else req.inputs
         if not texts:
             raise _empty("inputs")
-        async with self._session("tokenize", model) as session:
+        async with self._session("tokenize", request) as session:
             if not isinstance(req.inputs, str):
                 _check_batch(await session.info(), len(texts))
             messages = [
@@ -519,8 +522,8 @@ class TeiHandlers:
         ]
         return json_bytes(_encode(body))
 
-    async def tei_decode(self, model: str) -> Response:
-        req = decode_body(await read_body(), TeiDecodeRequest)
+    async def tei_decode(self, request: InferenceRequest) -> Answer:
+        req = decode_body(request.body, TeiDecodeRequest)
         if not req.ids:
             raise _empty("ids")
         if all(isinstance(i, int) for i in req.ids):
@@ -532,7 +535,7 @@ class TeiHandlers:
         for i, ids in enumerate(lists):
             if any(not 0 <= t < 1 << 32 for t in ids):
                 raise InferenceError(Kind.VALIDATION, f"ids[{i}]: a token id is out of range")
-        async with self._session("decode", model) as session:
+        async with self._session("decode", request) as session:
             if len(lists) > 1:
                 _check_batch(await session.info(), len(lists))
             messages = [
@@ -547,22 +550,21 @@ class TeiHandlers:
         return json_bytes(_encode([tei_pb2.DecodeResponse.FromString(r).text for r in replies]))
 
     # -- TEI's POST / : the model type's main route ------------------------------------
-    async def tei_root(self, model: str) -> Response:
+    async def tei_root(self, request: InferenceRequest) -> Answer:
         """What TEI's ``POST /`` does for the model's type, and, for an embedding
         model, ``/similarity`` when ``inputs`` is a sentence-similarity object (as
         ``InferenceClient.sentence_similarity`` sends it to a base URL)."""
-        body = await read_body()
-        record = self._gateway.resolve(model)
+        record = self._gateway.resolve(request_target(request, request.model))
         info = await self._gateway.instance_info(record)
         if info.model_type == tei_pb2.MODEL_TYPE_CLASSIFIER:
-            return await self.tei_predict(model, body)
+            return await self.tei_predict(request)
         if info.model_type == tei_pb2.MODEL_TYPE_RERANKER:
-            return await self.tei_rerank(model, body)
-        if _is_similarity(body):
-            return await self.tei_similarity(model, body)
+            return await self.tei_rerank(request)
+        if _is_similarity(request.body):
+            return await self.tei_similarity(request)
         if record.config.pooling == "splade":
-            return await self.tei_embed_sparse(model, body)
-        return await self.tei_embed(model, body)
+            return await self.tei_embed_sparse(request)
+        return await self.tei_embed(request)
 
 
 class _SimilarityProbe(msgspec.Struct):

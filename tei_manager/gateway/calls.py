@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from google.protobuf.message import DecodeError
+
 from tei_manager._proto.tei.v1 import tei_grpc, tei_pb2
 from tei_manager.errors import quote
 from tei_manager.gateway import encoding
@@ -65,10 +67,8 @@ async def embed_texts(
         session, tei_grpc.Embed.Embed, tei_grpc.Embed.EmbedStream, messages
     )
     try:
-        matrix = encoding.dense_matrix(replies)
-    except ValueError as error:
+        return encoding.dense_embeddings(replies)
+    except (ValueError, DecodeError) as error:
         raise InferenceError(
             Kind.BACKEND, f"instance {quote(session.instance.name)} answered badly: {error}"
         ) from None
-    tokens = sum(encoding.reply_tokens(r) for r in replies)
-    return matrix, tokens

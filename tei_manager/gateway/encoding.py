@@ -2,7 +2,8 @@
 
 A dense reply's ``embeddings`` is a packed repeated float: on the wire it already
 is little-endian float32, so the floats are sliced out of the reply bytes
-(:func:`~tei_manager.multiplexer.arrow.embed_response_floats`) into one numpy
+(:func:`~tei_manager.multiplexer.arrow.embed_response_parts`, which also
+hands over the reply's metadata, so a reply is read once) into one numpy
 matrix. That matrix becomes JSON in one of two ways:
 
 - many floats: Arrow casts them to their shortest round-trip decimal text and joins
@@ -27,15 +28,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from tei_manager._proto.tei.v1 import tei_pb2
-from tei_manager.multiplexer.arrow import embed_response_floats
+from tei_manager.multiplexer.arrow import embed_response_parts
 
 __all__ = [
     "ARROW_MIN_FLOATS",
     "Matrix",
     "base64_rows",
-    "dense_matrix",
+    "dense_embeddings",
     "json_rows",
-    "reply_tokens",
 ]
 
 Matrix = npt.NDArray[np.float32]
@@ -46,21 +46,24 @@ ARROW_MIN_FLOATS: Final = 8192
 _encode: Final = msgspec.json.encode
 
 
-def dense_matrix(replies: Sequence[bytes]) -> Matrix:
-    """The embeddings of serialized EmbedResponses, one row each (ValueError if ragged)."""
-    rows = [embed_response_floats(r) for r in replies]
+def dense_embeddings(replies: Sequence[bytes]) -> tuple[Matrix, int]:
+    """The embeddings of serialized EmbedResponses, one row each, and the compute tokens
+    they report, from one pass over each reply (ValueError if one is malformed or the
+    rows are ragged)."""
+    rows: list[bytes] = []
+    tokens = 0
+    for reply in replies:
+        floats, metadata = embed_response_parts(reply)
+        rows.append(floats)
+        if metadata:
+            tokens += tei_pb2.Metadata.FromString(metadata).compute_tokens
     if not rows:
-        return np.zeros((0, 0), dtype="<f4")
+        return np.zeros((0, 0), dtype="<f4"), 0
     width = len(rows[0])
     if any(len(row) != width for row in rows):
         raise ValueError("the instance answered embeddings of different sizes")
     flat = np.frombuffer(b"".join(rows) if len(rows) > 1 else rows[0], dtype="<f4")
-    return flat.reshape(len(rows), width // 4)
-
-
-def reply_tokens(reply: bytes, kind: type[tei_pb2.EmbedResponse] = tei_pb2.EmbedResponse) -> int:
-    """``metadata.compute_tokens`` of a serialized reply (any message with metadata = 2)."""
-    return int(kind.FromString(reply).metadata.compute_tokens)
+    return flat.reshape(len(rows), width // 4), tokens
 
 
 def json_rows(matrix: Matrix) -> list[bytes]:

@@ -18,7 +18,7 @@ from prometheus_client.registry import Collector
 
 from tei_manager.gateway.gate import AdmissionStatistics
 
-__all__ = ["GatewayMetrics", "RouteMetrics"]
+__all__ = ["QUEUE_BUCKETS", "GatewayMetrics", "RouteMetrics"]
 
 _LATENCY_BUCKETS: Final = (
     0.001,
@@ -37,7 +37,8 @@ _LATENCY_BUCKETS: Final = (
     30,
     float("inf"),
 )
-_QUEUE_BUCKETS: Final = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, float("inf"))
+#: Seconds waited in an instance's admission queue, on either door.
+QUEUE_BUCKETS: Final = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, float("inf"))
 
 
 class RouteMetrics:
@@ -122,7 +123,7 @@ class GatewayMetrics:
             "tei_manager_inference_queued_seconds",
             "Time inference requests waited for a slot on their instance",
             labels,
-            buckets=_QUEUE_BUCKETS,
+            buckets=QUEUE_BUCKETS,
             registry=registry,
         )
         self.retries = Counter(

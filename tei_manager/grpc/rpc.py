@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
@@ -132,6 +133,12 @@ class GrpcError(Exception):
         #: Raised by a handler before any response: sent as ``grpc-retry-pushback-ms``
         #: (when the client may retry: gRPC's retry throttling reads it).
         self.retry_pushback_ms = retry_pushback_ms
+
+
+def pushback_ms(seconds: float) -> int:
+    """A retry delay as ``grpc-retry-pushback-ms``: rounded up, at least 1 ms, so a
+    client that waits exactly that long never retries before the delay is over."""
+    return max(1, math.ceil(seconds * 1000))
 
 
 def unimplemented(service: str, method: str) -> GrpcError:

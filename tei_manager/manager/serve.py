@@ -124,6 +124,7 @@ async def serve(
                         shutdown=manager.shutdown_requested,
                         drain_timeout_secs=config.graceful_shutdown_timeout_secs * _DRAIN_SHARE,
                         security=security,
+                        ready=manager.instances_ready,
                         task_status=task_status,
                     )
 

@@ -27,7 +27,7 @@ import time
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import msgspec
 import trio
@@ -49,6 +49,7 @@ from tei_manager.core.instances import (
 )
 from tei_manager.core.logslice import LogSlice, read_log_slice
 from tei_manager.core.ports import PortAllocator, PortProbe, probe_bindable
+from tei_manager.core.readiness import ReadinessGate
 from tei_manager.core.restart import RestartPolicy
 from tei_manager.errors import (
     ConfigError,
@@ -112,6 +113,9 @@ from tei_manager.supervisor.process import spawn
 from tei_manager.supervisor.procfs import read_stat
 
 __all__ = ["Manager"]
+
+# How often the readiness gate is looked at until it opens (for the gRPC health).
+_READY_GATE_POLL_SECS: Final = 1.0
 
 log = logging.getLogger("tei_manager.manager")
 
@@ -222,6 +226,15 @@ class Manager:
         self._started_monotonic = time.monotonic()
         self._restored = False
         self._listening = False
+        # ready_requires_instances: the seeds must have run before readiness.
+        self._gate = ReadinessGate(
+            (seed.name for seed in config.instances),
+            self.instances,
+            enabled=config.ready_requires_instances,
+        )
+        # Set once the gate opened (at once when it is off), after the state is
+        # restored: the gRPC health service reports SERVING from then on.
+        self.instances_ready = trio.Event()
         self._runners: dict[str, InstanceRunner] = {}
         # Set once a runner's process is gone, its log removed if it was deleted, and
         # its name free again.
@@ -260,8 +273,20 @@ class Manager:
     # -- readiness -----------------------------------------------------------------
     @property
     def ready(self) -> bool:
-        """Config loaded, state restored, listeners up, and not shutting down."""
-        return self._restored and self._listening and not self.shutdown_requested.is_set()
+        """Config loaded, state restored, listeners up, not shutting down and, with
+        ``ready_requires_instances``, the declared instances running."""
+        return self.not_ready_reason() is None
+
+    def not_ready_reason(self) -> str | None:
+        """Why ``/health/ready`` answers 503, or None when it answers 200."""
+        if self.shutdown_requested.is_set():
+            return "not ready: the manager is shutting down"
+        if not (self._restored and self._listening):
+            return "not ready: state is being restored or the listeners are not up yet"
+        reason = self._gate.check()
+        if reason is None:
+            self.instances_ready.set()
+        return reason
 
     def mark_listening(self) -> None:
         """The REST server accepts connections (``/health/ready`` may answer 200)."""
@@ -649,6 +674,10 @@ class Manager:
                     await self._save_state()
                     self._restored = True
                     self.startup_complete = True
+                    if self._gate.check() is None:  # off, or nothing to wait for
+                        self.instances_ready.set()
+                    else:
+                        service.start_soon(self._open_ready_gate)
                     engine = "built-in worker"
                     if self.program is not None and self.program.is_tei:
                         engine = self.program.argv[0]
@@ -669,6 +698,18 @@ class Manager:
             log.info("manager stopped")
 
     # -- internals --------------------------------------------------------------------------
+    async def _open_ready_gate(self) -> None:
+        """Set ``instances_ready`` once the readiness gate opens (at once when off).
+
+        Polled, once a second: instance status changes come from many places, and
+        a probe (Kubernetes: every 10 s by default) asks the REST route directly.
+        """
+        while True:
+            if self._gate.check() is None:
+                self.instances_ready.set()
+                return
+            await trio.sleep(_READY_GATE_POLL_SECS)
+
     def _restore(self, state: PersistedState) -> list[InstanceRunner]:
         """Register the persisted instances, then the seeds new to the state."""
         self.ondemand.remember(state.footprints)

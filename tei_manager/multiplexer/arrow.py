@@ -45,6 +45,7 @@ __all__ = [
     "TextColumn",
     "dense_row",
     "embed_response_floats",
+    "embed_response_parts",
     "noop_dense",
     "noop_sparse",
     "read_texts",
@@ -213,7 +214,15 @@ def embed_response_floats(data: bytes) -> bytes:
 
     Reads the wire format directly (packed or not); ValueError when it is malformed.
     """
+    return embed_response_parts(data)[0]
+
+
+def embed_response_parts(data: bytes) -> tuple[bytes, bytes]:
+    """A serialized tei.v1 EmbedResponse's ``embeddings`` (little-endian float32 bytes)
+    and its serialized ``metadata``, in one pass over the wire format (ValueError when
+    it is malformed)."""
     parts: list[bytes] = []
+    metadata: list[bytes] = []
     pos = 0
     end = len(data)
     try:
@@ -226,6 +235,8 @@ def embed_response_floats(data: bytes) -> bytes:
                     if length % _FLOAT_BYTES:
                         raise ValueError("packed floats are not a multiple of 4 bytes")
                     parts.append(data[pos : pos + length])
+                elif field == 2:
+                    metadata.append(data[pos : pos + length])  # repeated: protobuf merges
                 pos += length
             elif wire_type == 5:
                 if field == 1:
@@ -241,7 +252,8 @@ def embed_response_floats(data: bytes) -> bytes:
         pos = end + 1
     if pos > end:
         raise ValueError("EmbedResponse is truncated")
-    return parts[0] if len(parts) == 1 else b"".join(parts)
+    floats = parts[0] if len(parts) == 1 else b"".join(parts)
+    return floats, metadata[0] if len(metadata) == 1 else b"".join(metadata)
 
 
 def dense_row(response: tei_pb2.EmbedResponse | bytes) -> bytes:

@@ -14,7 +14,6 @@ Refusals: UNAUTHENTICATED, PERMISSION_DENIED, and RESOURCE_EXHAUSTED with
 from __future__ import annotations
 
 import logging
-import math
 import time
 from typing import Final
 
@@ -22,6 +21,7 @@ from tei_manager.auth.identity import AuthRequest, Identity, Scope, field_value,
 from tei_manager.auth.security import Security
 from tei_manager.errors import ERROR_TABLE, ErrorCode
 from tei_manager.grpc.calls import Authorizer, CallContext, CallRefusal
+from tei_manager.grpc.rpc import pushback_ms
 
 __all__ = ["grpc_authorizer", "scope_for_method"]
 
@@ -63,7 +63,7 @@ def grpc_authorizer(security: Security) -> Authorizer | None:
         log.debug("refused %s from %s: %s", path, context.peer, verdict.message)
         pushback = None
         if verdict.code is ErrorCode.OVERLOADED:
-            pushback = max(1, math.ceil(verdict.retry_after_secs * 1000))
+            pushback = pushback_ms(verdict.retry_after_secs)
         return CallRefusal(ERROR_TABLE[verdict.code].grpc_status, verdict.message, pushback)
 
     return authorize

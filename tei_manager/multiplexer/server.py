@@ -96,15 +96,25 @@ class MultiplexerServer:
         *,
         shutdown: trio.Event | None = None,
         drain_timeout_secs: float = 0.0,
+        ready: trio.Event | None = None,
         task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Serve until cancelled, or until ``shutdown``: then drain for up to the timeout."""
+        """Serve until cancelled, or until ``shutdown``: then drain for up to the timeout.
+
+        Health reports SERVING once listening and ``ready`` is set (the manager's
+        readiness gate, ``ready_requires_instances``; None: at once), as
+        ``/health/ready`` does; NOT_SERVING again from ``shutdown`` on.
+        """
         async with trio.open_nursery() as nursery:
             if self._owns_pool:
                 await nursery.start(self.pool.run)
             async with trio.open_nursery() as serving:
                 port: int = await serving.start(self.server.run)
-                self.health.set_all(SERVING)
+                announce = trio.CancelScope()
+                if ready is None or ready.is_set():
+                    self.health.set_all(SERVING)
+                else:
+                    serving.start_soon(self._serving_when, ready, announce)
                 log.info(
                     "gRPC multiplexer listening on %s port %d%s",
                     self.server.host,
@@ -114,9 +124,15 @@ class MultiplexerServer:
                 task_status.started(port)
                 if shutdown is not None:
                     await shutdown.wait()
+                    announce.cancel()
                     self.health.set_all(NOT_SERVING)
                     self.server.shutdown(drain_timeout_secs)
             nursery.cancel_scope.cancel()
+
+    async def _serving_when(self, ready: trio.Event, scope: trio.CancelScope) -> None:
+        with scope:
+            await ready.wait()
+            self.health.set_all(SERVING)
 
 
 class SharedRouting(NamedTuple):
@@ -182,12 +198,17 @@ async def serve_multiplexer(
     security: Security | None = None,
     activity: Activity | None = None,
     starter: Starter | None = None,
+    ready: trio.Event | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve the multiplexer on ``config.grpc_port``; hands back the bound port."""
+    """Serve the multiplexer on ``config.grpc_port``; hands back the bound port.
+    Health is SERVING once ``ready`` is set (see :meth:`MultiplexerServer.run`)."""
     server = MultiplexerServer(
         config, instances, metrics, security, shared=shared, activity=activity, starter=starter
     )
     await server.run(
-        shutdown=shutdown, drain_timeout_secs=drain_timeout_secs, task_status=task_status
+        shutdown=shutdown,
+        drain_timeout_secs=drain_timeout_secs,
+        ready=ready,
+        task_status=task_status,
     )

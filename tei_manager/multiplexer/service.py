@@ -40,7 +40,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
-from typing import Any
+from typing import Any, Final
 
 import trio
 from google.protobuf.message import DecodeError
@@ -55,7 +55,7 @@ from tei_manager.gateway.admission import Admission
 from tei_manager.gateway.errors import InferenceError
 from tei_manager.grpc.calls import CallContext, FastCall, FastUnaryHandler, ServerCall
 from tei_manager.grpc.channel import Call, Channel, Metadata
-from tei_manager.grpc.rpc import GrpcError, MethodSpec, StatusCode, status_code
+from tei_manager.grpc.rpc import GrpcError, MethodSpec, StatusCode, pushback_ms, status_code
 from tei_manager.grpc.transport import MessageReceived, ResponseEnded, Stream
 from tei_manager.multiplexer import arrow, arrow_relay
 from tei_manager.multiplexer.arrow_stream import serve_stream
@@ -81,14 +81,18 @@ _CREDENTIALS = frozenset({"authorization", "x-ssl-client-cert"})
 
 def relayed_metadata(metadata: Metadata) -> Metadata:
     """``metadata`` without the client's credentials (its API key, JWT or certificate)."""
-    if not any(key in _CREDENTIALS for key, _ in metadata):
-        return metadata
-    return tuple(item for item in metadata if item[0] not in _CREDENTIALS)
+    for key, _ in metadata:  # a loop, not any(): no generator on every relayed call
+        if key in _CREDENTIALS:
+            return tuple(item for item in metadata if item[0] not in _CREDENTIALS)
+    return metadata
 
 
 log = logging.getLogger(__name__)
 
 Spec = MethodSpec[Any, Any]
+
+#: Timeout messages kept (one per instance name); far more than a host runs.
+_TIMEOUT_MESSAGES: Final = 4096
 
 
 class _Observed:
@@ -106,9 +110,9 @@ class _Observed:
     def routed(self, instance: str) -> None:
         """The call goes to ``instance`` (again: a retry moves it there)."""
         if self._series is not None:
-            self._series.in_flight.dec()
+            self._series.in_flight -= 1
         self._series = self._metrics.call(instance, self._method)
-        self._series.in_flight.inc()
+        self._series.in_flight += 1
 
     def __enter__(self) -> _Observed:
         return self
@@ -126,7 +130,7 @@ class _Observed:
         if series is None:
             series = self._metrics.call(UNROUTED, self._method)
         else:
-            series.in_flight.dec()
+            series.in_flight -= 1
         series.finished(trio.current_time() - self._started, self.code)
 
 
@@ -158,6 +162,8 @@ class Multiplexer(multiplexer_grpc.TeiMultiplexerServicer):
         self._arrow_dtype = arrow_dtype
         self._stream_batches = stream_batches
         self._failover = Failover(router, metrics)
+        # Each unary call carries its timeout message; made once per instance name.
+        self._timeout_messages: dict[str, str] = {}
 
     # -- routing ---------------------------------------------------------------------
     def _resolve(self, data: bytes, metadata: Metadata) -> tuple[InstanceRecord, bytes, str | None]:
@@ -224,8 +230,9 @@ class Multiplexer(multiplexer_grpc.TeiMultiplexerServicer):
             call, record, self._router, self._admission, self._metrics.call(name, backend.name)
         )
         relay.start()
-        relay.model = retry_model(target)
-        if relay.model is not None:
+        model = retry_model(target)
+        if model is not None:
+            relay.model = model
             relay.retry = partial(self._fail_over, backend, inner)
         limit = record.config.max_concurrent_requests
         if self._admission.try_enter(name, limit):
@@ -234,12 +241,7 @@ class Multiplexer(multiplexer_grpc.TeiMultiplexerServicer):
             return True
         refusal = self._admission.refusal(name, limit)
         if refusal is not None:  # not even a place in the queue: no task for it
-            call.reply(
-                None,
-                StatusCode.RESOURCE_EXHAUSTED,
-                refusal.message,
-                retry_pushback_ms=_pushback_ms(refusal),
-            )
+            _answer(call, _overloaded(refusal))
             return True
         call.spawn(self._admit_later, relay, backend, record, inner)
         return True
@@ -255,20 +257,14 @@ class Multiplexer(multiplexer_grpc.TeiMultiplexerServicer):
         with trio.CancelScope() as scope:  # cancelled when the call ends
             relay.scope = scope
             try:
-                waited = await self._admission.enter(name, record.config.max_concurrent_requests)
-            except InferenceError as error:
-                call.reply(
-                    None,
-                    StatusCode.RESOURCE_EXHAUSTED,
-                    error.message,
-                    retry_pushback_ms=_pushback_ms(error),
-                )
+                await self._queue(record, backend.name)
+            except GrpcError as error:
+                _answer(call, error)
                 return
             if call.done:  # it ended as the slot came
                 self._admission.leave(name)
                 return
             relay.admitted = name
-            self._metrics.queued.labels(method=backend.name).observe(waited)
         relay.scope = None
         if scope.cancelled_caught or relay.admitted is None:
             return
@@ -278,19 +274,21 @@ class Multiplexer(multiplexer_grpc.TeiMultiplexerServicer):
     async def _admitted(self, record: InstanceRecord, method: str) -> AsyncIterator[None]:
         """Hold an admission slot on ``record`` (waiting in its queue) for the block."""
         name = record.name
-        limit = record.config.max_concurrent_requests
-        try:
-            if not self._admission.try_enter(name, limit):
-                waited = await self._admission.enter(name, limit)
-                self._metrics.queued.labels(method=method).observe(waited)
-        except InferenceError as error:
-            raise GrpcError(
-                StatusCode.RESOURCE_EXHAUSTED, error.message, retry_pushback_ms=_pushback_ms(error)
-            ) from None
+        if not self._admission.try_enter(name, record.config.max_concurrent_requests):
+            await self._queue(record, method)
         try:
             yield
         finally:
             self._admission.leave(name)
+
+    async def _queue(self, record: InstanceRecord, method: str) -> None:
+        """Wait in ``record``'s admission queue for a slot (pair it with ``leave``);
+        a refusal (queue full, waited too long) as RESOURCE_EXHAUSTED with pushback."""
+        try:
+            waited = await self._admission.enter(record.name, record.config.max_concurrent_requests)
+        except InferenceError as error:
+            raise _overloaded(error) from None
+        self._metrics.queued.labels(method=method).observe(waited)
 
     def _dispatch(
         self, relay: _UnaryRelay, backend: Spec, record: InstanceRecord, inner: bytes
@@ -347,18 +345,15 @@ class Multiplexer(multiplexer_grpc.TeiMultiplexerServicer):
             cold = await self._started(record)
             call.limit(trio.current_time() + self._request_timeout, self._timed_out(record.name))
             scope.deadline = call.deadline
-            while True:
-                outcome = cold or await self._exchange(
-                    backend, record, inner, relayed_metadata(call.context.metadata)
-                )
-                cold = None
-                if outcome.retry is not None:
-                    moved = self._reroute(relay, backend, outcome.retry)
-                    if moved is not None:
-                        record = moved
-                        continue
-                call.reply(outcome.reply, outcome.code, outcome.message)
-                break
+            outcome = await self._exchange_failing_over(
+                backend,
+                record,
+                inner,
+                relayed_metadata(call.context.metadata),
+                partial(self._reroute, relay, backend),
+                cold,
+            )
+            call.reply(outcome.reply, outcome.code, outcome.message)
         if scope.cancelled_caught:  # moot if the call ended otherwise meanwhile
             call.reply(None, StatusCode.DEADLINE_EXCEEDED, call.deadline_message)
 
@@ -367,31 +362,42 @@ class Multiplexer(multiplexer_grpc.TeiMultiplexerServicer):
         with _Observed(self._metrics, backend.name) as observed:
             record, inner, model = self._resolve(await self._first_request(call), context.metadata)
             observed.routed(record.name)
+            current = record  # the replica the call is at (a retry moves it)
+
+            def reroute(reason: str) -> InstanceRecord | None:
+                nonlocal model, current
+                if model is None:
+                    return None
+                moved = self._failover.reroute(model, current, backend.name, reason)
+                model = None  # once only
+                if moved is not None:
+                    self._router.end(current.name)
+                    self._router.begin(moved.name)
+                    observed.routed(moved.name)
+                    current = moved
+                return moved
+
             # The slot stays with the first replica if the call fails over.
             async with self._admitted(record, backend.name):
                 with self._router.track(record.name):
                     cold = await self._started(record)
                 with trio.move_on_after(self._request_timeout) as timer:
-                    while True:
-                        with self._router.track(record.name):
-                            outcome = cold or await self._exchange(
-                                backend, record, inner, relayed_metadata(context.metadata)
-                            )
-                        cold = None
-                        if outcome.retry is not None and model is not None:
-                            moved = self._failover.reroute(
-                                model, record, backend.name, outcome.retry
-                            )
-                            model = None  # once only
-                            if moved is not None:
-                                record = moved
-                                observed.routed(record.name)
-                                continue
-                        break
+                    self._router.begin(record.name)
+                    try:
+                        outcome = await self._exchange_failing_over(
+                            backend,
+                            record,
+                            inner,
+                            relayed_metadata(context.metadata),
+                            reroute,
+                            cold,
+                        )
+                    finally:
+                        self._router.end(current.name)
                     if outcome.reply is not None:
                         await call.send(outcome.reply)
             if timer.cancelled_caught:
-                raise GrpcError(StatusCode.DEADLINE_EXCEEDED, self._timed_out(record.name))
+                raise GrpcError(StatusCode.DEADLINE_EXCEEDED, self._timed_out(current.name))
             if outcome.code is not StatusCode.OK:
                 raise GrpcError(outcome.code, outcome.message)
 
@@ -406,6 +412,31 @@ class Multiplexer(multiplexer_grpc.TeiMultiplexerServicer):
         except GrpcError as error:
             return Outcome(None, error.code, _naming(error, record.name), CONNECT)
         return None
+
+    async def _exchange_failing_over(
+        self,
+        backend: Spec,
+        record: InstanceRecord,
+        inner: bytes,
+        metadata: Metadata,
+        reroute: Callable[[str], InstanceRecord | None],
+        first: Outcome | None = None,
+    ) -> Outcome:
+        """:meth:`_exchange`, sent again where ``reroute`` moves the call (it says
+        None when the call may not move, or no other replica runs) after an
+        attempt that never got an answer; ``first``: the outcome of an attempt
+        already made (a cold start that failed)."""
+        outcome = first
+        while True:
+            if outcome is None:
+                outcome = await self._exchange(backend, record, inner, metadata)
+            if outcome.retry is None:
+                return outcome
+            moved = reroute(outcome.retry)
+            if moved is None:
+                return outcome
+            record = moved
+            outcome = None
 
     async def _exchange(
         self, backend: Spec, record: InstanceRecord, inner: bytes, metadata: Metadata
@@ -443,10 +474,15 @@ class Multiplexer(multiplexer_grpc.TeiMultiplexerServicer):
             relayed.close()
 
     def _timed_out(self, name: str) -> str:
-        return (
-            f"instance {quote(name)} did not answer within "
-            f"{self._request_timeout:g} s (grpc_request_timeout_secs)"
-        )
+        message = self._timeout_messages.get(name)
+        if message is None:
+            if len(self._timeout_messages) >= _TIMEOUT_MESSAGES:
+                self._timeout_messages.clear()  # names of deleted instances
+            message = self._timeout_messages[name] = (
+                f"instance {quote(name)} did not answer within "
+                f"{self._request_timeout:g} s (grpc_request_timeout_secs)"
+            )
+        return message
 
     # -- streams -----------------------------------------------------------------------
     async def _stream(self, call: ServerCall, context: CallContext, backend: Spec) -> None:
@@ -690,14 +726,14 @@ class _UnaryRelay:
 
     def start(self) -> None:
         self._router.begin(self.record.name)
-        self._series.in_flight.inc()
+        self._series.in_flight += 1
         self.call.on_end = self._ended
 
     def move_to(self, record: InstanceRecord, series: CallMetrics) -> None:
         """The call goes to ``record`` instead: its failed stream is let go."""
         self._forget_stream()
         self._router.end(self.record.name)
-        self._series.in_flight.dec()
+        self._series.in_flight -= 1
         # The slot moves too if the new replica has one free; else the retry goes
         # on without (it already waited its turn once).
         self._leave()
@@ -706,7 +742,7 @@ class _UnaryRelay:
         self.record = record
         self._series = series
         self._router.begin(record.name)
-        series.in_flight.inc()
+        series.in_flight += 1
 
     def on_reply(self, stream: Stream) -> None:
         """The instance's stream has news (its watcher): answer once its status is in."""
@@ -750,15 +786,23 @@ class _UnaryRelay:
         if self.scope is not None:
             self.scope.cancel()
         self._router.end(self.record.name)
-        self._series.in_flight.dec()
+        self._series.in_flight -= 1
         self._series.finished(trio.current_time() - self.call.started, code)
 
 
-def _pushback_ms(refusal: InferenceError) -> int | None:
-    """An admission refusal's retry delay as ``grpc-retry-pushback-ms``."""
-    if refusal.retry_after is None:
-        return None
-    return max(1, round(refusal.retry_after * 1000))
+def _overloaded(refusal: InferenceError) -> GrpcError:
+    """An admission refusal as RESOURCE_EXHAUSTED with its retry delay as pushback."""
+    after = refusal.retry_after
+    return GrpcError(
+        StatusCode.RESOURCE_EXHAUSTED,
+        refusal.message,
+        retry_pushback_ms=None if after is None else pushback_ms(after),
+    )
+
+
+def _answer(call: FastCall, error: GrpcError) -> None:
+    """End a task-free call with ``error``'s status (and pushback, if any)."""
+    call.reply(None, error.code, error.message, retry_pushback_ms=error.retry_pushback_ms)
 
 
 def _no_response(name: str) -> str:

@@ -71,7 +71,11 @@ def split_request(data: bytes) -> tuple[bytes | None, bytes]:
     while pos < end:
         key = data[pos]
         if key == 0x0A or key == 0x12:  # field 1 or 2, length-delimited, one-byte key
-            length, start = _varint(data, pos + 1)
+            length = data[pos + 1] if pos + 1 < end else 0x80
+            if length < 0x80:  # a one-byte length: the target's, a small request's
+                start = pos + 2
+            else:
+                length, start = _varint(data, pos + 1)
             pos = start + length
             if pos > end:
                 raise WireError("truncated field")
@@ -100,10 +104,18 @@ def parse_target(data: bytes) -> Target | None:
     end = len(data)
     found: Target | None = None
     while pos < end:
-        tag, pos = _varint(data, pos)
+        tag = data[pos]
+        if tag < 0x80:  # one-byte tags and lengths read inline: the usual target
+            pos += 1
+        else:
+            tag, pos = _varint(data, pos)
         field, wire_type = tag >> 3, tag & 7
         if field in (1, 2) and wire_type == _LEN:
-            length, pos = _varint(data, pos)
+            length = data[pos] if pos < end else 0x80
+            if length < 0x80:
+                pos += 1
+            else:
+                length, pos = _varint(data, pos)
             stop = pos + length
             if stop > end:
                 raise WireError("truncated field")
