@@ -3,11 +3,14 @@ fits two, a grpcio client rotating over them by name through the multiplexer."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
 import subprocess
 import sys
+import time
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +20,7 @@ import tomli_w
 
 from tei_manager._proto.tei.v1 import tei_pb2
 from tei_manager._proto.tei_multiplexer.v1 import multiplexer_grpc, multiplexer_pb2
+from tei_manager.manager.ondemand import REFRESH_SECS
 from tests import grpcio_client
 from tests.e2e.test_manager_processes import READY_TIMEOUT, _free_port, _free_port_range
 from tests.e2e.test_multiplexer_serve import Served
@@ -26,13 +30,12 @@ pytestmark = pytest.mark.slow
 M = multiplexer_grpc.TeiMultiplexer
 mux = multiplexer_pb2
 MIB = 1 << 20
-# The worker with all-MiniLM-L6-v2 holds about 530 MiB (measured) and is estimated
-# at about 540 MiB: two fit in 1300 MiB, three do not, by either figure.
-LIMIT_BYTES = 1300 * MIB
+# What the instances of the test share (the measured footprint is kept per such config).
+_INSTANCE = {"max_batch_tokens": 512}
 
 
-@pytest.fixture
-def served(tmp_path: Path) -> Iterator[Served]:
+@contextlib.contextmanager
+def _serve(tmp_path: Path, limit_bytes: int | None) -> Iterator[Served]:
     api, grpc_port = _free_port(), _free_port()
     start = _free_port_range(6)
     settings = {
@@ -46,7 +49,7 @@ def served(tmp_path: Path) -> Iterator[Served]:
         "startup_timeout_secs": READY_TIMEOUT,
         "graceful_shutdown_timeout_secs": 4.0,
         "grpc_request_timeout_secs": READY_TIMEOUT,
-        "devices": {"cpu_memory_limit_bytes": LIMIT_BYTES},
+        "devices": {} if limit_bytes is None else {"cpu_memory_limit_bytes": limit_bytes},
     }
     config = tmp_path / "config.toml"
     config.write_text(tomli_w.dumps(settings))
@@ -75,6 +78,48 @@ def served(tmp_path: Path) -> Iterator[Served]:
                     process.wait()
 
 
+def _measured_footprint(tmp_path: Path, minilm_dir: Path) -> int:
+    """What the manager measures an instance of the test's configuration to hold.
+
+    Admission sizes an instance by its estimate until one like it was measured, then
+    by the measurement (the worker's engine decides which is larger), so a cap that
+    fits exactly two must come from the measured figure: one manager runs an instance
+    until it is measured and keeps the figure in the state file, which the test's
+    manager then starts from.
+    """
+    with _serve(tmp_path, None) as served:
+        probe = {**_INSTANCE, "name": "probe", "model_id": str(minilm_dir)}
+        status, body = served.request("POST", "/instances", probe)
+        assert status == 201, body
+        served.wait("running", lambda: _statuses(served)["probe"] == "running")
+
+        # Measured every REFRESH_SECS; reserved then becomes what the process holds
+        # (unless it was measured already by the time of the first reading).
+        def reserved() -> int:
+            return int(served.request("GET", "/devices")[1]["devices"][0]["reserved_bytes"])
+
+        first = reserved()
+        deadline = time.monotonic() + 3 * REFRESH_SECS
+        while reserved() == first and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert served.request("DELETE", "/instances/probe")[0] in (200, 204)
+    state = tomllib.loads((tmp_path / "state.toml").read_text())
+    (footprint,) = state["footprints"]
+    return int(footprint["bytes"])
+
+
+@pytest.fixture
+def cap_bytes(tmp_path: Path, minilm_dir: Path) -> int:
+    """Two instances fit, three do not, with room for the measured peak to grow by a quarter."""
+    return _measured_footprint(tmp_path, minilm_dir) * 5 // 2
+
+
+@pytest.fixture
+def served(tmp_path: Path, cap_bytes: int) -> Iterator[Served]:
+    with _serve(tmp_path, cap_bytes) as served:
+        yield served
+
+
 def _metric(served: Served, name: str, labels: str) -> float:
     _, text = served.request("GET", "/metrics")
     found = re.search(rf"^{name}\{{{re.escape(labels)}\}} (\S+)$", text, re.MULTILINE)
@@ -87,23 +132,18 @@ def _statuses(served: Served) -> dict[str, str]:
 
 
 def test_three_on_demand_models_rotate_through_a_cap_that_fits_two(
-    served: Served, minilm_dir: Path
+    served: Served, minilm_dir: Path, cap_bytes: int
 ) -> None:
     for name in ("a", "b", "c"):
         status, body = served.request(
             "POST",
             "/instances",
-            {
-                "name": name,
-                "model_id": str(minilm_dir),
-                "start": "on_demand",
-                "max_batch_tokens": 512,
-            },
+            {**_INSTANCE, "name": name, "model_id": str(minilm_dir), "start": "on_demand"},
         )
         assert status == 201, body
         assert body["status"] == "idle"
     _, devices = served.request("GET", "/devices")
-    assert devices["devices"][0]["cap_bytes"] == LIMIT_BYTES
+    assert devices["devices"][0]["cap_bytes"] == cap_bytes
 
     with grpc.insecure_channel(f"127.0.0.1:{served.grpc_port}") as channel:
         embed = grpcio_client.stub(channel, M.Embed)
@@ -138,4 +178,4 @@ def test_three_on_demand_models_rotate_through_a_cap_that_fits_two(
         text,
         re.MULTILINE,
     )
-    assert reserved is not None and 0 < float(reserved.group(1)) <= LIMIT_BYTES
+    assert reserved is not None and 0 < float(reserved.group(1)) <= cap_bytes
