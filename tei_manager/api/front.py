@@ -7,7 +7,8 @@ frequent, that was almost half of what the manager spends per request. So every
 plaintext connection starts here, in :meth:`LeanFront.serve`:
 
 - a request head is read with h11 (at most Hypercorn's ``h11_max_incomplete_size``
-  bytes; 431 over it, and the connection closed);
+  bytes, 16 KiB, even when it arrives whole in one read; 431 over it, and the
+  connection closed);
 - a request an inference route serves (the same match as
   :class:`~tei_manager.api.inference_asgi.InferenceDispatch`: the app's own Werkzeug
   map, GET and POST only, no ``Upgrade``) is answered here: its body read whole
@@ -72,6 +73,10 @@ _MAX_RECV: Final = 1 << 16
 # Status of a request whose client went away before its answer (as on Quart's path).
 _NO_RESPONSE: Final = 499
 _METHODS: Final = frozenset({b"GET", b"POST"})
+#: How long a connection closed with input unread keeps reading it off, so that closing
+#: does not reset the connection before the client has read the answer (nginx's
+#: lingering close; its lingering_timeout is 5 s).
+LINGER_SECS: Final = 2.0
 
 #: Records one answered (or abandoned) request: route, method, status, seconds.
 Observe = Callable[[str, str, int, float], None]
@@ -156,6 +161,7 @@ class LeanFront:
                     break
                 if isinstance(head, _Refused):
                     await self._refuse_head(conn, stream, head.status)
+                    await _linger(stream)
                     break
                 request = head.request
                 matched = self._match(request)
@@ -165,7 +171,10 @@ class LeanFront:
                 served += 1
                 if not await self._serve_request(conn, stream, request, matched, client, served):
                     break
-                if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+                if conn.their_state is not h11.DONE:  # its body was refused, unread
+                    await _linger(stream)
+                    break
+                if conn.our_state is not h11.DONE:  # Connection: close, HTTP/1.0
                     break
                 conn.start_next_cycle()
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError):
@@ -190,6 +199,7 @@ class LeanFront:
     ) -> _Head | _Refused | None:
         """The next request head; None if the client closes, is too slow, or we shut down."""
         raw = [bytes(conn.trailing_data[0])]
+        limit = self._config.h11_max_incomplete_size
         with trio.CancelScope(
             deadline=trio.current_time() + self._config.keep_alive_timeout
         ) as waiting:
@@ -201,7 +211,11 @@ class LeanFront:
                     except h11.RemoteProtocolError as error:
                         return _Refused(error.error_status_hint)
                     if isinstance(event, h11.Request):
-                        return _Head(event, b"".join(raw))
+                        read = b"".join(raw)
+                        # h11 bounds only a head still incomplete; one read can bring more.
+                        if len(read) - len(conn.trailing_data[0]) > limit:
+                            return _Refused(431)
+                        return _Head(event, read)
                     if event is not h11.NEED_DATA:
                         return None  # ConnectionClosed
                     data = await stream.receive_some(_MAX_RECV)
@@ -305,6 +319,14 @@ class LeanFront:
         out = conn.send(h11.Response(status_code=answer.status, headers=headers)) or b""
         out += conn.send(h11.Data(data=answer.body)) or b""
         return out + (conn.send(h11.EndOfMessage()) or b"")
+
+
+async def _linger(stream: trio.SocketStream) -> None:
+    """Close our side, then read off what the client still sends, for a while."""
+    await stream.send_eof()
+    with trio.move_on_after(LINGER_SECS):
+        while await stream.receive_some(_MAX_RECV):
+            pass
 
 
 def _with_headers(answer: Answer, extra: Mapping[str, str]) -> Answer:
