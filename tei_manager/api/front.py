@@ -179,6 +179,9 @@ class LeanFront:
                 conn.start_next_cycle()
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError):
             pass  # the client went away, or broke the protocol after its answer
+        except Exception:
+            # A bug here must cost one connection, not the listener (Hypercorn's rule).
+            log.exception("REST connection from the lean front failed")
         await stream.aclose()
 
     def _match(self, request: h11.Request) -> Matched | None:
