@@ -24,8 +24,17 @@ import h2.events
 import h11
 import pytest
 import trio
+from hypercorn.config import Config
+from prometheus_client import CollectorRegistry
+from werkzeug.routing import Map, Rule
 
-from tei_manager.api.inference import INFERENCE_MAX_BODY_BYTES
+from tei_manager.api.auth import RequestGuard
+from tei_manager.api.front import LeanFront, ReplayStream
+from tei_manager.api.inference import INFERENCE_MAX_BODY_BYTES, Answer, InferenceRequest
+from tei_manager.api.inference_asgi import InferenceDispatch
+from tei_manager.api.openai_routes import OpenAIDoor
+from tei_manager.auth.security import build_security
+from tei_manager.config import ManagerConfig
 from tests.test_api_connections import read_until_closed
 from tests.test_inference_asgi import EMBED, Served, serve
 from tests.test_inference_routes import vector
@@ -455,3 +464,58 @@ async def test_shutdown_closes_idle_connections_at_once_and_lets_requests_finish
         status, headers, _ = await busy_answers.next()
         assert status == 200 and headers["connection"] == "close"
         assert await busy_answers.closed()
+
+
+# --- the front alone, with a trivial view ----------------------------------------------
+
+
+async def start_front(
+    nursery: trio.Nursery, tmp_path: Path, config: Config, handed: list[bytes]
+) -> int:
+    """A front whose one inference route answers ``{}``; a handoff records what it replays."""
+
+    async def view(request: InferenceRequest) -> Answer:
+        return Answer(b"{}")
+
+    async def hand_off(stream: ReplayStream) -> None:
+        handed.append(bytes(await stream.receive_some(65536)))
+        await stream.send_all(b"HTTP/1.1 204 \r\n\r\n")
+        await stream.aclose()
+
+    manager_config = ManagerConfig(state_file=str(tmp_path / "s.toml"), log_dir=str(tmp_path))
+    guard = RequestGuard(build_security(manager_config, CollectorRegistry()))
+    url_map = Map([Rule("/v1/embeddings", endpoint="embed", methods=["POST"])])
+    dispatch = InferenceDispatch(url_map, {"embed": (OpenAIDoor(), view)}, guard)
+    front = LeanFront(dispatch, config, hand_off, lambda *observed: None)
+    listeners = await nursery.start(trio.serve_tcp, front.serve, 0)
+    port: int = listeners[0].socket.getsockname()[1]
+    return port
+
+
+async def test_the_handoff_replays_exactly_the_bytes_not_yet_served(
+    nursery: trio.Nursery, tmp_path: Path, opened: list[trio.SocketStream]
+) -> None:
+    handed: list[bytes] = []
+    port = await start_front(nursery, tmp_path, Config(), handed)
+    opened.append(stream := await trio.open_tcp_stream("127.0.0.1", port))
+    rest = b"GET /health/live HTTP/1.1\r\nHost: t\r\n\r\nGET /metrics HTTP/1.1\r\nHost: t\r\n\r\n"
+    await stream.send_all(embed_request() + embed_request() + rest)
+    answers = Answers(stream)
+    assert [(await answers.next())[0] for _ in range(3)] == [200, 200, 204]
+    assert handed == [rest]
+
+
+async def test_a_connection_closes_after_keep_alive_max_requests(
+    nursery: trio.Nursery, tmp_path: Path, opened: list[trio.SocketStream]
+) -> None:
+    config = Config()
+    config.keep_alive_max_requests = 2
+    port = await start_front(nursery, tmp_path, config, [])
+    opened.append(stream := await trio.open_tcp_stream("127.0.0.1", port))
+    answers = Answers(stream)
+    await stream.send_all(embed_request())
+    assert "connection" not in (await answers.next())[1]
+    await stream.send_all(embed_request())
+    assert (await answers.next())[1]["connection"] == "close"
+    with trio.fail_after(5):
+        assert await answers.closed()
