@@ -154,29 +154,32 @@ class LeanFront:
             conn = h11.Connection(
                 h11.SERVER, max_incomplete_event_size=self._config.h11_max_incomplete_size
             )
-            served = 0
-            while not self._terminated:
-                head = await self._read_head(conn, stream)
-                if head is None:
-                    break
-                if isinstance(head, _Refused):
-                    await self._refuse_head(conn, stream, head.status)
-                    await _linger(stream)
-                    break
-                request = head.request
-                matched = self._match(request)
-                if matched is None:
-                    await self._hand_off(ReplayStream(stream, head.raw))
-                    return
-                served += 1
-                if not await self._serve_request(conn, stream, request, matched, client, served):
-                    break
-                if conn.their_state is not h11.DONE:  # its body was refused, unread
-                    await _linger(stream)
-                    break
-                if conn.our_state is not h11.DONE:  # Connection: close, HTTP/1.0
-                    break
-                conn.start_next_cycle()
+            async with trio.open_nursery() as watchers:
+                served = 0
+                while not self._terminated:
+                    head = await self._read_head(conn, stream)
+                    if head is None:
+                        break
+                    if isinstance(head, _Refused):
+                        await self._refuse_head(conn, stream, head.status)
+                        await _linger(stream)
+                        break
+                    request = head.request
+                    matched = self._match(request)
+                    if matched is None:
+                        await self._hand_off(ReplayStream(stream, head.raw))
+                        return
+                    served += 1
+                    if not await self._serve_request(
+                        conn, stream, request, matched, client, served, watchers
+                    ):
+                        break
+                    if conn.their_state is not h11.DONE:  # its body was refused, unread
+                        await _linger(stream)
+                        break
+                    if conn.our_state is not h11.DONE:  # Connection: close, HTTP/1.0
+                        break
+                    conn.start_next_cycle()
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError):
             pass  # the client went away, or broke the protocol after its answer
         except Exception:
@@ -249,13 +252,16 @@ class LeanFront:
         matched: Matched,
         client: tuple[str, int] | None,
         served: int,
+        watchers: trio.Nursery,
     ) -> bool:
         """Answer one inference request; False if the connection cannot carry another."""
         started = time.perf_counter()
         method = request.method.decode("ascii")
         status = _NO_RESPONSE
         try:
-            status = await self._answer(conn, stream, request, matched, method, client, served)
+            status = await self._answer(
+                conn, stream, request, matched, method, client, served, watchers
+            )
         finally:
             self._observe(matched.label, method, status, time.perf_counter() - started)
         return status != _NO_RESPONSE
@@ -269,6 +275,7 @@ class LeanFront:
         method: str,
         client: tuple[str, int] | None,
         served: int,
+        watchers: trio.Nursery,
     ) -> int:
         """Read, check and answer the request; its status, or 499 if the client left."""
         guard = self._dispatch.guard
@@ -298,7 +305,7 @@ class LeanFront:
                 answer = _with_headers(answer, finish(answer.status))
         else:
             found = await _run_unless_left(
-                matched, InferenceRequest(body, matched.model, request.headers), stream
+                matched, InferenceRequest(body, matched.model, request.headers), stream, watchers
             )
             if found is None:
                 return _NO_RESPONSE
@@ -381,25 +388,33 @@ async def _read_body(
 
 
 async def _run_unless_left(
-    matched: Matched, request: InferenceRequest, stream: trio.SocketStream
+    matched: Matched, request: InferenceRequest, stream: trio.SocketStream, watchers: trio.Nursery
 ) -> Answer | None:
-    """The handler's answer, or None if the client goes away first (the handler is cancelled)."""
-    async with trio.open_nursery() as nursery:
-        with trio.CancelScope() as view_scope:
-            nursery.start_soon(_cancel_on_close, stream.socket, view_scope)
-            answer = await matched.view(request)
-        nursery.cancel_scope.cancel()
+    """The handler's answer, or None if the client goes away first (the handler is cancelled).
+
+    The watcher runs in the connection's nursery, so the answer need not wait for it to
+    end: cancelling it takes its socket registration away at once.
+    """
+    watching = trio.CancelScope()
+    with trio.CancelScope() as view_scope:
+        watchers.start_soon(_cancel_on_close, stream.socket, view_scope, watching)
+        answer = await matched.view(request)
+    watching.cancel()
     if view_scope.cancelled_caught:
         return None
     return answer
 
 
-async def _cancel_on_close(sock: trio.socket.SocketType, scope: trio.CancelScope) -> None:
+async def _cancel_on_close(
+    sock: trio.socket.SocketType, scope: trio.CancelScope, watching: trio.CancelScope
+) -> None:
     """Cancel ``scope`` if the client closes; stop watching at the first byte it sends
-    (a pipelined request, read once this answer is written)."""
-    try:
-        data = await sock.recv(1, trio.socket.MSG_PEEK)
-    except OSError:
-        data = b""
-    if not data:
-        scope.cancel()
+    (a pipelined request, read once this answer is written), or when ``watching`` is
+    cancelled."""
+    with watching:
+        try:
+            data = await sock.recv(1, trio.socket.MSG_PEEK)
+        except OSError:
+            data = b""
+        if not data:
+            scope.cancel()
