@@ -8,6 +8,9 @@ Three servers run side by side as subprocesses, each answering the same keep-ali
   instance that answers every Embed with the same reply;
 - ``hypercorn``: Hypercorn with a trivial ASGI app that sends the same JSON: what the
   server costs before any of our code runs;
+- ``front``: the REST port's lean HTTP/1.1 front (``tei_manager.api.front``) with a
+  trivial inference view that answers the same JSON: what the front costs before the
+  handler runs (the ``gateway`` row's plaintext connections go through it);
 - ``h11``: a bare trio + h11 loop that sends the same JSON: the floor of HTTP/1.1 here.
 
 The client (this process, blocking sockets) sends batches of ``--batch`` requests to
@@ -58,7 +61,7 @@ ANSWER: Final = msgspec.json.encode(
         "usage": {"prompt_tokens": 9, "total_tokens": 9},
     }
 )
-VARIANTS: Final = ("gateway", "hypercorn", "h11")
+VARIANTS: Final = ("gateway", "hypercorn", "front", "h11")
 
 
 # --- the servers (child processes) -----------------------------------------------------------
@@ -140,6 +143,35 @@ async def _hypercorn(nursery: trio.Nursery) -> int:
     return port
 
 
+async def _front(nursery: trio.Nursery, workdir: Path) -> int:
+    from hypercorn.config import Config
+    from prometheus_client import CollectorRegistry
+    from werkzeug.routing import Map, Rule
+
+    from tei_manager.api.auth import RequestGuard
+    from tei_manager.api.front import LeanFront, ReplayStream
+    from tei_manager.api.inference import Answer, InferenceRequest
+    from tei_manager.api.inference_asgi import InferenceDispatch
+    from tei_manager.api.openai_routes import OpenAIDoor
+    from tei_manager.auth.security import build_security
+    from tei_manager.config import ManagerConfig
+
+    async def view(request: InferenceRequest) -> Answer:
+        return Answer(ANSWER)
+
+    async def hand_off(stream: ReplayStream) -> None:
+        await stream.aclose()  # every request here is an inference one
+
+    config = ManagerConfig(state_file=str(workdir / "s.toml"), log_dir=str(workdir))
+    guard = RequestGuard(build_security(config, CollectorRegistry()))
+    url_map = Map([Rule("/v1/embeddings", endpoint="embed", methods=["POST"])])
+    dispatch = InferenceDispatch(url_map, {"embed": (OpenAIDoor(), view)}, guard)
+    front = LeanFront(dispatch, Config(), hand_off, lambda *observed: None)
+    listeners = await nursery.start(trio.serve_tcp, front.serve, 0)
+    port: int = listeners[0].socket.getsockname()[1]
+    return port
+
+
 async def _h11_connection(stream: trio.SocketStream) -> None:
     import h11
 
@@ -172,6 +204,8 @@ async def serve(variant: str) -> None:
                 port, backend_port = await _gateway(nursery, Path(workdir))
             elif variant == "hypercorn":
                 port = await _hypercorn(nursery)
+            elif variant == "front":
+                port = await _front(nursery, Path(workdir))
             else:
                 listeners = await nursery.start(trio.serve_tcp, _h11_connection, 0)
                 port = listeners[0].socket.getsockname()[1]
@@ -274,6 +308,8 @@ def main() -> None:
     print(f"{'manager (gateway - fake instance)':40s} {manager:6.0f}")
     over = figures["hypercorn"] - figures["h11"]
     print(f"{'Hypercorn over a bare h11 loop':40s} {over:6.0f}")
+    over = figures["front"] - figures["h11"]
+    print(f"{'the lean front over a bare h11 loop':40s} {over:6.0f}")
 
 
 if __name__ == "__main__":

@@ -65,13 +65,20 @@ async def opened() -> AsyncIterator[list[trio.SocketStream]]:
 
 
 async def serve(
-    nursery: trio.Nursery, tmp_path: Path, opened: list[trio.SocketStream], extra: str = ""
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    opened: list[trio.SocketStream],
+    extra: str = "",
+    *,
+    keep_alive: float = 5,
+    shutdown: trio.Event | None = None,
+    drain_timeout: float | None = None,
 ) -> Served:
     config = parse_config(
         f"""
 api_port = 0
 grpc_port = 0
-api_keep_alive_timeout_secs = 5
+api_keep_alive_timeout_secs = {keep_alive}
 state_file = "{tmp_path / "state.toml"}"
 log_dir = "{tmp_path / "logs"}"
 {extra}
@@ -101,7 +108,16 @@ log_dir = "{tmp_path / "logs"}"
     )
     security = build_security(config, manager.metrics.prometheus)
     port = await nursery.start(
-        partial(serve_api, manager, "127.0.0.1", 0, gateway=gateway, security=security)
+        partial(
+            serve_api,
+            manager,
+            "127.0.0.1",
+            0,
+            gateway=gateway,
+            security=security,
+            shutdown=shutdown,
+            drain_timeout_secs=drain_timeout,
+        )
     )
     return Served(port, backend, gateway, manager, opened)
 

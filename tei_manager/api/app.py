@@ -77,6 +77,11 @@ class ApiApp(QuartTrio):
         self.manager = manager
         self._inference: InferenceDispatch | None = None
 
+    @property
+    def inference(self) -> InferenceDispatch | None:
+        """What answers the inference routes ahead of Quart; None without a gateway."""
+        return self._inference
+
     def serve_inference(self, dispatch: InferenceDispatch) -> None:
         """Answer the requests ``dispatch`` matches with it, before Quart."""
         self._inference = dispatch

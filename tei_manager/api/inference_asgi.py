@@ -51,7 +51,15 @@ from tei_manager.api.inference import (
 )
 from tei_manager.gateway.errors import InferenceError, Kind
 
-__all__ = ["BODY_TIMEOUT_SECS", "InferenceDispatch", "Matched"]
+__all__ = [
+    "BODY_TIMEOUT_SECS",
+    "Finish",
+    "InferenceDispatch",
+    "Matched",
+    "error_answer",
+    "refusal_answer",
+    "slow_body",
+]
 
 #: How long a request body may take to arrive (Quart's ``BODY_TIMEOUT`` default).
 BODY_TIMEOUT_SECS: Final = 60.0
@@ -82,10 +90,17 @@ class InferenceDispatch:
         self._views = views
         self._guard = guard
 
+    @property
+    def guard(self) -> RequestGuard:
+        """The auth, CORS and access-log checks every inference request goes through."""
+        return self._guard
+
     def match(self, scope: HTTPScope) -> Matched | None:
         """The inference route that serves this request; None: Quart's."""
-        path = scope["path"]
-        method = scope["method"]
+        return self.match_path(scope["method"], scope["path"])
+
+    def match_path(self, method: str, path: str) -> Matched | None:
+        """The inference route for ``method`` on ``path`` (percent-decoded); None: Quart's."""
         if not path.startswith(INFERENCE_PREFIXES) or method not in _METHODS:
             return None
         if self._adapter is None:
@@ -118,9 +133,7 @@ class InferenceDispatch:
         if refusal is not None:
             await _send_response(exchange, refusal, finish(refusal.status_code))
         elif isinstance(body, InferenceError):
-            answer = matched.door.error_response(body)
-            if isinstance(body, _SlowBody):
-                answer = answer._replace(status=408)  # the client's delay: no door has a kind
+            answer = error_answer(matched.door, body)
             await _send_answer(exchange, answer, finish(answer.status))
         else:
             request = InferenceRequest(body, matched.model, scope["headers"])
@@ -150,11 +163,32 @@ async def _read_body(exchange: Exchange) -> bytes | InferenceError | None:
             chunks.append(message.get("body", b""))
             if not message.get("more_body", False):
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-    return _SlowBody(Kind.VALIDATION, f"request body: not received within {BODY_TIMEOUT_SECS:g} s")
+    return slow_body()
 
 
 class _SlowBody(InferenceError):
     """A body that did not arrive within :data:`BODY_TIMEOUT_SECS`: 408."""
+
+
+def slow_body() -> InferenceError:
+    """The error of a request body that did not arrive within :data:`BODY_TIMEOUT_SECS`."""
+    return _SlowBody(Kind.VALIDATION, f"request body: not received within {BODY_TIMEOUT_SECS:g} s")
+
+
+def error_answer(door: Door, error: InferenceError) -> Answer:
+    """``door``'s answer to a request whose body could not be taken (413, 408)."""
+    answer = door.error_response(error)
+    if isinstance(error, _SlowBody):
+        answer = answer._replace(status=408)  # the client's delay: no door has a kind
+    return answer
+
+
+async def refusal_answer(response: Response, extra: Mapping[str, str]) -> Answer:
+    """The auth hook's refusal (a Quart response) as an answer, ``extra`` headers added."""
+    response.headers.update(extra)
+    body = await response.get_data(as_text=False)
+    headers = tuple((k, v) for k, v in response.headers.items() if k.lower() != "content-length")
+    return Answer(body, response.status_code, headers, None)
 
 
 async def _answer_unless_left(
@@ -200,8 +234,4 @@ async def _send_answer(exchange: Exchange, answer: Answer, extra: Mapping[str, s
 
 async def _send_response(exchange: Exchange, response: Response, extra: Mapping[str, str]) -> None:
     """A Quart response (the auth hook's refusal), sent as Quart would."""
-    response.headers.update(extra)
-    body = await response.get_data(as_text=False)
-    headers = tuple((k, v) for k, v in response.headers.items() if k.lower() != "content-length")
-    answer = Answer(body, response.status_code, headers, None)
-    await _send_answer(exchange, answer, {})
+    await _send_answer(exchange, await refusal_answer(response, extra), {})

@@ -6,12 +6,20 @@ before anything else starts, and the socket options are ours (SO_REUSEADDR so a
 restart need not wait out TIME_WAIT; never SO_REUSEPORT, so a second manager
 cannot silently share the port).
 
-Connections are Hypercorn's: ``Connection: close`` and HTTP/1.0 are honoured, and
-an idle keep-alive connection closes after ``api_keep_alive_timeout_secs``
-(:mod:`tei_manager.api.exchange` keeps Quart-Trio from cutting either short).
-Shutdown is Hypercorn's too: once ``shutdown`` is set the listener closes (new
-connections are refused), idle keep-alive connections close at once, and requests
-in flight get ``drain_timeout_secs`` to finish before they are cancelled.
+The accept loop is ours (Hypercorn's ``worker_serve``, with one change): a
+plaintext connection starts in the lean front (:mod:`tei_manager.api.front`), which
+answers inference requests itself and hands the connection to Hypercorn's
+``TCPServer`` at its first other request. TLS connections all go to Hypercorn
+(ALPN h2, client certificates): the lean front's saving is in the HTTP/1.1 framing,
+and behind TLS the handshake and record layer cost more than that. The app's ASGI
+lifespan (Quart's startup and shutdown hooks) runs as Hypercorn runs it.
+
+Connection rules are Hypercorn's on both: ``Connection: close`` and HTTP/1.0 are
+honoured, and an idle keep-alive connection closes after
+``api_keep_alive_timeout_secs`` (:mod:`tei_manager.api.exchange` keeps Quart-Trio
+from cutting either short). Shutdown: once ``shutdown`` is set the listener closes
+(new connections are refused), idle keep-alive connections close at once, and
+requests in flight get ``drain_timeout_secs`` to finish before they are cancelled.
 """
 
 from __future__ import annotations
@@ -19,45 +27,30 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
+from collections.abc import Awaitable, Callable
 from functools import partial
+from typing import cast
 
 import trio
-from hypercorn.config import Config, Sockets
-from hypercorn.trio import serve
+from hypercorn.config import Config
+from hypercorn.trio.lifespan import Lifespan
+from hypercorn.trio.statsd import StatsdLogger
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import AppWrapper, ASGIFramework, ConnectionState, LifespanState
+from hypercorn.utils import wrap_app
 
 from tei_manager import tracing
-from tei_manager.api.app import create_app, route_of
+from tei_manager.api.app import ApiApp, create_app, route_of
 from tei_manager.api.auth import capture_peer_certificates
 from tei_manager.api.facade import ManagerFacade
+from tei_manager.api.front import LeanFront, ReplayStream
 from tei_manager.auth.security import Security, build_security
 from tei_manager.gateway.relay import Gateway
 
 __all__ = ["serve_api"]
 
 log = logging.getLogger(__name__)
-
-
-class _PreboundConfig(Config):
-    """A Hypercorn config that serves on an already bound socket, with our TLS context.
-
-    The context is ours (not one Hypercorn builds from file names) so that
-    certificates can be reloaded into it while it serves, and so that it notes
-    client certificates for the auth hook.
-    """
-
-    def __init__(self, sock: socket.socket, ssl_context: ssl.SSLContext | None) -> None:
-        super().__init__()
-        self._sock = sock
-        self._ssl_context = ssl_context
-
-    def create_sockets(self) -> Sockets:
-        # Hypercorn listens on these and closes them when it stops serving.
-        if self._ssl_context is not None:
-            return Sockets(secure_sockets=[self._sock], insecure_sockets=[], quic_sockets=[])
-        return Sockets(secure_sockets=[], insecure_sockets=[self._sock], quic_sockets=[])
-
-    def create_ssl_context(self) -> ssl.SSLContext | None:
-        return self._ssl_context
 
 
 async def _bind(host: str, port: int) -> socket.socket:
@@ -111,7 +104,7 @@ async def serve_api(
     # Closing twice is harmless: this only matters if Hypercorn never took the socket.
     with sock:
         bound_port: int = sock.getsockname()[1]
-        config = _PreboundConfig(sock, ssl_context)
+        config = Config()
         config.bind = [f"{host}:{bound_port}"]
         config.graceful_timeout = (
             manager.config.graceful_shutdown_timeout_secs
@@ -124,16 +117,10 @@ async def serve_api(
         config.errorlog = logging.getLogger("hypercorn.error")
         config.accesslog = None
         config.include_server_header = False
-        app = tracing.wrap_asgi(create_app(manager, security, gateway), route_of)
+        app = create_app(manager, security, gateway)
+        asgi = tracing.wrap_asgi(app, route_of)  # app itself when tracing is off
         async with trio.open_nursery() as nursery:
-            await nursery.start(
-                partial(
-                    serve,
-                    app,
-                    config,
-                    shutdown_trigger=shutdown.wait if shutdown is not None else None,
-                )
-            )
+            await nursery.start(_serve, app, asgi, config, sock, ssl_context, shutdown)
             log.info(
                 "REST API listening on %s port %d%s",
                 host,
@@ -142,3 +129,68 @@ async def serve_api(
             )
             manager.mark_listening()
             task_status.started(bound_port)
+
+
+async def _serve(
+    app: ApiApp,
+    traced: ASGIFramework,
+    config: Config,
+    sock: socket.socket,
+    ssl_context: ssl.SSLContext | None,
+    shutdown: trio.Event | None,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Hypercorn's ``worker_serve`` for our one socket, plaintext connections through the
+    lean front; returns once ``shutdown`` is set and the connections have drained.
+    ``traced`` is ``app`` with a span per request when tracing is on: then every
+    request takes the ASGI path, which makes the span (the front makes none).
+
+    Closes ``sock`` when it stops accepting."""
+    config.set_statsd_logger_class(StatsdLogger)
+    asgi: AppWrapper = wrap_app(traced, config.wsgi_max_body_size, "asgi")
+    lifespan_state: LifespanState = {}
+    lifespan = Lifespan(asgi, config, lifespan_state)
+    context = WorkerContext(None)
+    state = ConnectionState(lifespan_state.copy())
+
+    async def hypercorn(stream: trio.abc.Stream | ReplayStream) -> None:
+        # TCPServer tells TLS from plaintext by the stream's do_handshake (ReplayStream
+        # and SocketStream have none); its type says SSLStream only.
+        tls_or_not = cast(trio.SSLStream[trio.SocketStream], stream)
+        await TCPServer(asgi, config, context, state, tls_or_not)
+
+    front: LeanFront | None = None
+    handler: Callable[[trio.abc.Stream], Awaitable[None]] = hypercorn
+    if ssl_context is None and app.inference is not None and traced is app:
+        front = LeanFront(app.inference, config, hypercorn, app.manager.metrics.observe_http)
+        handler = cast(Callable[[trio.abc.Stream], Awaitable[None]], front.serve)
+    async with trio.open_nursery() as lifespan_nursery:
+        await lifespan_nursery.start(lifespan.handle_lifespan)
+        await lifespan.wait_for_startup()
+        async with trio.open_nursery() as connections:
+            sock.listen(config.backlog)
+            listener: trio.abc.Listener[trio.abc.Stream]
+            listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+            if ssl_context is not None:
+                listener = trio.SSLListener(listener, ssl_context, https_compatible=True)
+            task_status.started()
+            try:
+                async with trio.open_nursery() as accepting:
+                    accepting.start_soon(
+                        partial(
+                            trio.serve_listeners, handler, [listener], handler_nursery=connections
+                        )
+                    )
+                    if shutdown is None:
+                        await trio.sleep_forever()
+                    else:
+                        await shutdown.wait()
+                    accepting.cancel_scope.cancel()  # closes the listener
+            finally:
+                await context.terminated.set()
+                if front is not None:
+                    front.terminate()
+                connections.cancel_scope.deadline = trio.current_time() + config.graceful_timeout
+        await lifespan.wait_for_shutdown()
+        lifespan_nursery.cancel_scope.cancel()
