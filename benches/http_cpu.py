@@ -21,10 +21,9 @@ the fake's own share, which the "manager" figure leaves out.
 
 ``--baseline DIR`` adds a fourth server: the ``gateway`` one with ``tei_manager``
 imported from the source tree DIR (another checkout), measured in the same rounds.
-Run with the source tree on PYTHONPATH, as the servers import ``tei_manager`` and
-``tests`` from it:
+The servers import ``tei_manager`` and the tests' fakes from this source tree:
 
-    PYTHONPATH=$PWD python benches/http_cpu.py [--rounds 10] [--batch 400] [--baseline DIR]
+    python benches/http_cpu.py [--rounds 10] [--batch 400] [--baseline DIR] [--json F]
 """
 
 from __future__ import annotations
@@ -226,8 +225,8 @@ def cpu_seconds(pid: int) -> float:
 class Server:
     def __init__(self, variant: str, source: Path | None = None) -> None:
         env = dict(os.environ)
-        if source is not None:
-            env["PYTHONPATH"] = str(source)
+        # The servers import tei_manager and the tests' fakes from this tree (or ``source``).
+        env["PYTHONPATH"] = str(source or Path(__file__).resolve().parent.parent)
         self.process = subprocess.Popen(
             [sys.executable, __file__, "--serve", variant],
             stdout=subprocess.PIPE,
@@ -266,6 +265,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--batch", type=int, default=400)
     parser.add_argument("--baseline", type=Path, help="another source tree's gateway too")
+    parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument("--serve", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
@@ -310,6 +310,10 @@ def main() -> None:
     print(f"{'Hypercorn over a bare h11 loop':40s} {over:6.0f}")
     over = figures["front"] - figures["h11"]
     print(f"{'the lean front over a bare h11 loop':40s} {over:6.0f}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        result = {"cpu_us_per_request": figures, "manager_us": manager, "rounds": samples}
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":
