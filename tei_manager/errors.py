@@ -9,6 +9,7 @@ front doors can never disagree about what a failure means.
 from __future__ import annotations
 
 import enum
+import math
 import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -33,6 +34,7 @@ __all__ = [
     "error_body",
     "from_msgspec_error",
     "quote",
+    "retry_after",
     "rfc3339_utc",
 ]
 
@@ -266,6 +268,13 @@ def rfc3339_utc(moment: datetime | None = None) -> str:
         moment = moment.replace(tzinfo=UTC)
     moment = moment.astimezone(UTC)
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def retry_after(seconds: float) -> str:
+    """A retry delay as an HTTP ``Retry-After`` value: whole seconds, rounded up and at
+    least 1, so a client that waits exactly that long never retries before the delay is
+    over (gRPC's ``pushback_ms`` rounds up the same way)."""
+    return str(max(1, math.ceil(seconds)))
 
 
 def quote(text: str) -> str:

@@ -26,13 +26,16 @@ from prometheus_client import generate_latest
 from tei_manager._proto.tei.v1 import tei_grpc, tei_pb2
 from tei_manager.api import create_app, serve_api
 from tei_manager.api.auth import scope_for
-from tei_manager.api.inference import INFERENCE_MAX_BODY_BYTES
+from tei_manager.api.inference import INFERENCE_MAX_BODY_BYTES, retry_headers
 from tei_manager.api.openapi import build_openapi
-from tei_manager.auth.identity import Scope
+from tei_manager.api.refusals import render_refusal
+from tei_manager.auth.identity import Refusal, Scope
 from tei_manager.auth.security import build_security
 from tei_manager.config import InstanceConfig, ManagerConfig, parse_config
 from tei_manager.core.instances import InstanceStatus, InstanceTable
 from tei_manager.core.ports import PortAllocator
+from tei_manager.errors import ErrorCode
+from tei_manager.gateway.errors import InferenceError, Kind
 from tei_manager.gateway.relay import Gateway, create_gateway
 from tei_manager.grpc.calls import CallContext
 from tei_manager.grpc.server import GrpcServer
@@ -469,3 +472,16 @@ def test_openapi_documents_the_routing_headers_where_a_model_is_named() -> None:
     # The header may name the model, so the bodies may leave it out.
     for name in ("EmbeddingsRequest", "RerankRequest"):
         assert "model" not in doc["components"]["schemas"][name]["required"]
+
+
+@pytest.mark.parametrize(
+    ("delay", "header"), [(0.0, "1"), (0.2, "1"), (1.0, "1"), (1.2, "2"), (2.5, "3"), (59.01, "60")]
+)
+def test_retry_after_rounds_up_on_every_path(delay: float, header: str) -> None:
+    # A client that waits exactly Retry-After must never come back before the delay
+    # is over: the gateway's refusals and the guard's rate limit round up alike.
+    gateway = InferenceError(Kind.OVERLOADED, "busy", retry_after=delay)
+    assert retry_headers(gateway) == (("Retry-After", header),)
+    refusal = Refusal(ErrorCode.OVERLOADED, "slow down", retry_after_secs=delay)
+    answer = render_refusal("/v1/embeddings", refusal, bearer=False)
+    assert answer.headers["Retry-After"] == header

@@ -33,7 +33,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from tei_manager.api.routes import JSON
 from tei_manager.api.routing_key import HEADER_PARAMETERS
 from tei_manager.auth.identity import Scope
-from tei_manager.errors import from_msgspec_error
+from tei_manager.errors import from_msgspec_error, retry_after
 from tei_manager.gateway.errors import InferenceError, Kind
 
 __all__ = [
@@ -264,10 +264,11 @@ def inference_openapi(
 
 
 def retry_headers(error: InferenceError) -> tuple[tuple[str, str], ...]:
-    """``Retry-After`` (whole seconds, at least 1) for a refusal that says when to retry."""
+    """``Retry-After`` (whole seconds, rounded up, at least 1) for a refusal that says
+    when to retry."""
     if error.retry_after is None:
         return ()
-    return (("Retry-After", str(max(1, round(error.retry_after)))),)
+    return (("Retry-After", retry_after(error.retry_after)),)
 
 
 def json_bytes(body: bytes, status: int = 200, headers: tuple[tuple[str, str], ...] = ()) -> Answer:

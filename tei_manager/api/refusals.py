@@ -29,7 +29,6 @@ Both keep ``WWW-Authenticate`` (401 with a bearer provider) and ``Retry-After``
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Final, NamedTuple
 
@@ -38,7 +37,7 @@ import msgspec
 from tei_manager.api.openai_routes import ErrorDetail, OpenAIError
 from tei_manager.api.tei_routes import TeiErrorResponse
 from tei_manager.auth.identity import Refusal
-from tei_manager.errors import ERROR_TABLE, ErrorCode, TeiError, error_body
+from tei_manager.errors import ERROR_TABLE, ErrorCode, TeiError, error_body, retry_after
 
 __all__ = ["BEARER_REALM", "RefusalAnswer", "refusal_renderer", "render_refusal"]
 
@@ -110,6 +109,6 @@ def render_refusal(path: str, refusal: Refusal, *, bearer: bool) -> RefusalAnswe
             challenge += f', error="{refusal.bearer_error}"'
         headers["WWW-Authenticate"] = challenge
     if refusal.code is ErrorCode.OVERLOADED:
-        headers["Retry-After"] = str(max(1, math.ceil(refusal.retry_after_secs)))
+        headers["Retry-After"] = retry_after(refusal.retry_after_secs)
     status = ERROR_TABLE[refusal.code].http_status
     return RefusalAnswer(status, headers, refusal_renderer(path)(refusal))
