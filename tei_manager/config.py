@@ -273,6 +273,9 @@ class ManagerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     api_port: int = 9000  # 0: the OS picks (tests)
     # An idle keep-alive connection to the REST port is closed after this (Hypercorn's default).
     api_keep_alive_timeout_secs: float = 5.0
+    # Connections the REST port serves at once; more are closed at once and counted
+    # (as the gRPC port's grpc.max_connections; nginx's worker_connections default).
+    api_max_connections: int = 512
     grpc_port: int = 9001  # 0: the OS picks (tests)
     grpc_enabled: bool = True
     state_file: str = msgspec.field(default_factory=_default_state_file)
@@ -548,6 +551,7 @@ def validate_manager_config(config: ManagerConfig) -> None:
     _text(config.api_host, "api_host")
     validate_port(config.api_port, "api_port", allow_zero=True)
     _positive(config.api_keep_alive_timeout_secs, "api_keep_alive_timeout_secs")
+    _count(config.api_max_connections, "api_max_connections")
     validate_port(config.grpc_port, "grpc_port", allow_zero=True)
     if config.grpc_enabled and config.api_port != 0 and config.api_port == config.grpc_port:
         raise ValidationError("grpc_port", f"{config.grpc_port} is also api_port: use another")
@@ -742,6 +746,7 @@ def _env_str(text: str) -> str:
 ENV_OVERRIDES: Final[tuple[tuple[str, str, Callable[[str], object]], ...]] = (
     ("TEI_MANAGER_API_PORT", "api_port", _env_int),
     ("TEI_MANAGER_API_KEEP_ALIVE_TIMEOUT", "api_keep_alive_timeout_secs", _env_float),
+    ("TEI_MANAGER_API_MAX_CONNECTIONS", "api_max_connections", _env_int),
     ("TEI_MANAGER_GRPC_PORT", "grpc_port", _env_int),
     ("TEI_MANAGER_GRPC_ENABLED", "grpc_enabled", _env_bool),
     ("TEI_MANAGER_STATE_FILE", "state_file", _env_str),

@@ -519,3 +519,57 @@ async def test_a_connection_closes_after_keep_alive_max_requests(
     assert (await answers.next())[1]["connection"] == "close"
     with trio.fail_after(5):
         assert await answers.closed()
+
+
+# --- the connection limit --------------------------------------------------------------
+
+
+def count_tasks() -> int:
+    def below(task: trio.lowlevel.Task) -> int:
+        return 1 + sum(below(child) for n in task.child_nurseries for child in n.child_tasks)
+
+    return below(trio.lowlevel.current_root_task())
+
+
+async def closed_unanswered(served: Served) -> bool:
+    stream = await open_raw(served)
+    try:
+        await stream.send_all(LIVE)
+        return await read_until_closed(stream) == b""
+    except trio.BrokenResourceError:  # reset before or while sending
+        return True
+
+
+async def test_connections_over_api_max_connections_are_closed_until_one_ends(
+    nursery: trio.Nursery, tmp_path: Path, opened: list[trio.SocketStream]
+) -> None:
+    served = await serve(nursery, tmp_path, opened, "api_max_connections = 2")
+    # One idle connection in the lean front, one handed to Hypercorn: both count.
+    front = await open_raw(served)
+    await front.send_all(embed_request())
+    assert (await Answers(front).next())[0] == 200
+    handed = await open_raw(served)
+    await handed.send_all(LIVE)
+    assert (await Answers(handed).next())[0] == 200
+    tasks = count_tasks()
+    with trio.fail_after(5):
+        for _ in range(20):  # a flood over the limit: each closed unanswered, none kept
+            assert await closed_unanswered(served)
+        await trio.testing.wait_all_tasks_blocked()
+    assert count_tasks() <= tasks
+    # The held connections are still served.
+    await front.send_all(embed_request())
+    assert (await Answers(front).next())[0] == 200
+    # Once the Hypercorn one ends, its place is free for a well-behaved client.
+    await handed.aclose()
+    with trio.fail_after(5):
+        while True:
+            fresh = await open_raw(served)
+            await fresh.send_all(embed_request())
+            try:
+                status, _, body = await Answers(fresh).next()
+                break
+            except (trio.BrokenResourceError, h11.RemoteProtocolError):
+                await trio.sleep(0.01)  # not yet noticed closed: still at the limit
+    assert status == 200 and embedding(body) == pytest.approx(vector("one two"))
+    assert await closed_unanswered(served)  # at the limit again

@@ -211,6 +211,7 @@ def test_load_config_missing_file(tmp_path: Path) -> None:
         ("TEI_MANAGER_GRPC_ENABLED", "Yes", "grpc_enabled", True),
         ("TEI_MANAGER_LOG_DIR", "/data/logs", "log_dir", "/data/logs"),
         ("TEI_MANAGER_API_KEEP_ALIVE_TIMEOUT", "2.5", "api_keep_alive_timeout_secs", 2.5),
+        ("TEI_MANAGER_API_MAX_CONNECTIONS", "64", "api_max_connections", 64),
         ("TEI_MANAGER_RESTART_BACKOFF_INITIAL", "0.5", "restart_backoff_initial_secs", 0.5),
         ("TEI_MANAGER_RESTART_BACKOFF_MAX", "60", "restart_backoff_max_secs", 60.0),
         ("TEI_MANAGER_CRASH_LOOP_RESTARTS", "5", "crash_loop_restarts", 5),
@@ -231,6 +232,7 @@ def test_env_beats_file() -> None:
 def test_every_documented_env_var_is_wired() -> None:
     assert {var for var, _, _ in ENV_OVERRIDES} == {
         "TEI_MANAGER_API_PORT",
+        "TEI_MANAGER_API_MAX_CONNECTIONS",
         "TEI_MANAGER_GRPC_PORT",
         "TEI_MANAGER_STATE_FILE",
         "TEI_MANAGER_HEALTH_CHECK_INTERVAL",
@@ -347,6 +349,8 @@ def test_bad_env_values_name_the_variable(var: str, text: str, message: str) -> 
         ("health_check_interval_secs = nan", "health_check_interval_secs: nan is invalid"),
         ("api_keep_alive_timeout_secs = -1", "api_keep_alive_timeout_secs: -1.0 is invalid"),
         ("api_keep_alive_timeout_secs = inf", "api_keep_alive_timeout_secs: inf is invalid"),
+        ("api_max_connections = 0", "api_max_connections: 0 is invalid: use 1-"),
+        ("api_max_connections = 1.5", "api_max_connections: expected int, got float"),
         ("health_check_initial_delay_secs = -1", "health_check_initial_delay_secs: -1.0 is inv"),
         ("startup_timeout_secs = inf", "startup_timeout_secs: inf is invalid"),
         ("max_failures_before_restart = -1", "max_failures_before_restart: -1 is invalid"),

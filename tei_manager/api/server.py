@@ -20,15 +20,20 @@ honoured, and an idle keep-alive connection closes after
 from cutting either short). Shutdown: once ``shutdown`` is set the listener closes
 (new connections are refused), idle keep-alive connections close at once, and
 requests in flight get ``drain_timeout_secs`` to finish before they are cancelled.
+
+At most ``api_max_connections`` connections are served at once, as the gRPC port
+does it: one accepted over the limit is closed at once (the peer sees its connection
+closed before any answer, never a hang), and a connection counts from its accept
+until its handler ends, lean front and Hypercorn alike, TLS or not.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
-from functools import partial
 from typing import cast
 
 import trio
@@ -51,6 +56,11 @@ from tei_manager.gateway.relay import Gateway
 __all__ = ["serve_api"]
 
 log = logging.getLogger(__name__)
+
+#: How long the accept loop waits after running out of descriptors or memory (trio's
+#: ``serve_listeners`` waits as long).
+ACCEPT_BACKOFF_SECS = 0.1
+_ACCEPT_BACKOFF_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 
 
 async def _bind(host: str, port: int) -> socket.socket:
@@ -120,7 +130,16 @@ async def serve_api(
         app = create_app(manager, security, gateway)
         asgi = tracing.wrap_asgi(app, route_of)  # app itself when tracing is off
         async with trio.open_nursery() as nursery:
-            await nursery.start(_serve, app, asgi, config, sock, ssl_context, shutdown)
+            await nursery.start(
+                _serve,
+                app,
+                asgi,
+                config,
+                sock,
+                ssl_context,
+                shutdown,
+                manager.config.api_max_connections,
+            )
             log.info(
                 "REST API listening on %s port %d%s",
                 host,
@@ -138,6 +157,7 @@ async def _serve(
     sock: socket.socket,
     ssl_context: ssl.SSLContext | None,
     shutdown: trio.Event | None,
+    max_connections: int,
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -177,11 +197,7 @@ async def _serve(
             task_status.started()
             try:
                 async with trio.open_nursery() as accepting:
-                    accepting.start_soon(
-                        partial(
-                            trio.serve_listeners, handler, [listener], handler_nursery=connections
-                        )
-                    )
+                    accepting.start_soon(_accept, listener, handler, connections, max_connections)
                     if shutdown is None:
                         await trio.sleep_forever()
                     else:
@@ -194,3 +210,65 @@ async def _serve(
                 connections.cancel_scope.deadline = trio.current_time() + config.graceful_timeout
         await lifespan.wait_for_shutdown()
         lifespan_nursery.cancel_scope.cancel()
+
+
+async def _accept(
+    listener: trio.abc.Listener[trio.abc.Stream],
+    handler: Callable[[trio.abc.Stream], Awaitable[None]],
+    nursery: trio.Nursery,
+    limit: int,
+) -> None:
+    """Serve each connection ``listener`` accepts with ``handler`` in ``nursery``, at
+    most ``limit`` at once: one over the limit is closed at once. Backs off while the
+    process is out of descriptors or memory; closes ``listener`` when cancelled."""
+    count = _Count()
+    failing = refusing = False
+    async with listener:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as error:
+                if error.errno not in _ACCEPT_BACKOFF_ERRNOS:
+                    raise
+                if not failing:
+                    failing = True
+                    log.warning("accept failed on the REST port, backing off: %s", error)
+                await trio.sleep(ACCEPT_BACKOFF_SECS)
+                continue
+            if failing:
+                failing = False
+                log.warning("accepting again on the REST port")
+            if count.open >= limit:
+                if not refusing:
+                    refusing = True
+                    log.warning(
+                        "REST port at api_max_connections %d: closing new connections", limit
+                    )
+                await trio.aclose_forcefully(stream)
+                continue
+            refusing = False
+            count.open += 1
+            nursery.start_soon(_counted, handler, stream, count)
+
+
+async def _counted(
+    handler: Callable[[trio.abc.Stream], Awaitable[None]],
+    stream: trio.abc.Stream,
+    count: _Count,
+) -> None:
+    try:
+        await handler(stream)
+    finally:
+        try:
+            await trio.aclose_forcefully(stream)
+        finally:
+            count.open -= 1
+
+
+class _Count:
+    """Connections the REST port has open (``api_max_connections``)."""
+
+    __slots__ = ("open",)
+
+    def __init__(self) -> None:
+        self.open = 0
