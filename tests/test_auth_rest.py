@@ -7,6 +7,7 @@ proxy (and the admin network), 127.0.0.2 anyone else.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -430,3 +431,44 @@ async def test_jwt_bearer_tokens(nursery: trio.Nursery, tmp_path: Path, pki: Pki
         assert 'error="invalid_token"' in refused.headers["WWW-Authenticate"]
     admin = await client("DELETE", "/instances/x", key=sign(key, claims))
     assert_error(admin, 403, "FORBIDDEN")
+
+
+async def tls_handshake(port: int, pki: Pki) -> trio.SSLStream[trio.SocketStream] | None:
+    """A TLS connection to ``port`` once its handshake is done; None when the server
+    closed it first."""
+    context = ssl.create_default_context(cafile=str(pki.ca_path))
+    stream = await trio.open_ssl_over_tcp_stream("127.0.0.1", port, ssl_context=context)
+    try:
+        await stream.do_handshake()
+    except trio.BrokenResourceError:
+        await trio.aclose_forcefully(stream)
+        return None
+    return stream
+
+
+async def test_tls_connections_count_against_api_max_connections(
+    nursery: trio.Nursery, tmp_path: Path, pki: Pki
+) -> None:
+    manager, security = manager_for(
+        tmp_path,
+        native_toml(pki).replace("grpc_port = 0\n", "grpc_port = 0\napi_max_connections = 1\n"),
+    )
+    port = await serve(nursery, manager, security)
+    held = await tls_handshake(port, pki)
+    assert held is not None
+    with trio.fail_after(5):
+        assert await tls_handshake(port, pki) is None  # closed before its handshake
+        # Once the held one ends, the next is served.
+        await held.send_all(b"GET /health/live HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        answer = b""
+        with contextlib.suppress(trio.BrokenResourceError):
+            while chunk := await held.receive_some(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200")
+        await held.aclose()
+        while True:
+            fresh = await tls_handshake(port, pki)
+            if fresh is not None:
+                break
+            await trio.sleep(0.01)  # the server has not yet seen the held one end
+    await fresh.aclose()
