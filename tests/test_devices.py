@@ -29,7 +29,11 @@ from tei_manager.supervisor.footprint import (
     ACTIVATION_FACTOR,
     CPU_RUNTIME_BYTES,
     GPU_RUNTIME_BYTES,
+    ONNX_RUNTIME_BYTES,
+    TEI_RUNTIME_BYTES,
+    TORCH_RUNTIME_BYTES,
     FootprintError,
+    cpu_runtime,
     estimate_footprint,
     safetensors_parameters,
 )
@@ -143,6 +147,54 @@ def test_the_estimate_counts_parameters_activations_and_runtime(tmp_path: Path) 
     gpu = estimate_footprint(tmp_path, max_batch_tokens=100, gpu=True)
     assert gpu.weights_bytes == 232 * 2
     assert gpu.runtime_bytes == GPU_RUNTIME_BYTES
+
+
+def test_the_cpu_runtime_is_what_will_run_the_instance(tmp_path: Path) -> None:
+    _safetensors(tmp_path / "model.safetensors", {"a": ("F32", [10, 20])})
+    sizes = {
+        runtime: estimate_footprint(tmp_path, max_batch_tokens=100, gpu=False, runtime=runtime)
+        for runtime in ("onnx", "torch", "tei")
+    }
+    assert sizes["onnx"].runtime_bytes == ONNX_RUNTIME_BYTES
+    assert sizes["torch"].runtime_bytes == TORCH_RUNTIME_BYTES
+    assert sizes["tei"].runtime_bytes == TEI_RUNTIME_BYTES
+    # Measured: the worker holds about 136 MiB beyond its weights on ONNX, 436 on torch.
+    assert 136 << 20 < ONNX_RUNTIME_BYTES < TEI_RUNTIME_BYTES < TORCH_RUNTIME_BYTES
+    assert 436 << 20 < TORCH_RUNTIME_BYTES == CPU_RUNTIME_BYTES
+    assert {s.weights_bytes + s.activation_bytes for s in sizes.values()} == {
+        800 + 100 * 1024 * 4 * ACTIVATION_FACTOR  # no config.json: the default hidden size
+    }
+    # Unknown: the largest; on a GPU, a CUDA context whatever runs it.
+    assert estimate_footprint(tmp_path, max_batch_tokens=1, gpu=False).runtime_bytes == (
+        CPU_RUNTIME_BYTES
+    )
+    gpu = estimate_footprint(tmp_path, max_batch_tokens=1, gpu=True, runtime="onnx")
+    assert gpu.runtime_bytes == GPU_RUNTIME_BYTES
+
+
+@pytest.mark.parametrize(
+    ("engine", "extra_args", "onnx_installed", "expected"),
+    [
+        (None, (), True, "onnx"),  # the worker's default on CPU
+        ("auto", (), True, "onnx"),
+        (None, (), False, "torch"),  # auto without onnxruntime
+        ("torch", (), True, "torch"),
+        ("onnx", (), True, "onnx"),
+        (None, ("--engine", "torch"), True, "torch"),  # extra_args come last and win
+        ("torch", ("--engine=onnx",), True, "onnx"),
+        ("onnx", ("--engine", "torch", "--engine", "auto"), True, "onnx"),
+        (None, ("--dtype", "float16"), True, "torch"),  # ORT on CPU runs no float16
+        (None, ("--dtype=bfloat16",), True, "torch"),
+        (None, ("--dtype", "int8"), True, "onnx"),
+    ],
+)
+def test_the_engine_is_chosen_as_the_worker_chooses_it(
+    engine: str | None, extra_args: tuple[str, ...], onnx_installed: bool, expected: str
+) -> None:
+    runtime = cpu_runtime(engine, extra_args, is_tei=False, onnx_installed=onnx_installed)
+    assert runtime == expected
+    # TEI takes no --engine: its runtime is its own whatever the fields say.
+    assert cpu_runtime(engine, extra_args, is_tei=True, onnx_installed=onnx_installed) == "tei"
 
 
 def test_the_packaged_model_is_sized_by_its_header() -> None:
