@@ -6,9 +6,10 @@ weights + activations + runtime:
   then a JSON table of tensors with dtype and shape: no tensor data is read), times
   the bytes per parameter the instance computes in (float32 on the CPU, float16 on
   a GPU, as TEI and the worker load them);
-- activations: ``max_batch_tokens`` tokens of ``hidden_size`` floats, times
-  :data:`ACTIVATION_FACTOR` (the intermediate layer is 4x hidden, and attention,
-  norms and the copies between them come on top);
+- activations: ``max_batch_tokens`` tokens of ``hidden_size`` floats, times a factor
+  (:func:`activation_factor`): measured for the built-in worker per engine on CPU, else
+  :data:`ACTIVATION_FACTOR` (the intermediate layer is 4x hidden, and attention, norms
+  and the copies between them come on top);
 - runtime: the process itself, by what will run it (:func:`cpu_runtime`): the built-in
   worker on ONNX Runtime (its CPU default, torch-free), the worker on torch, or TEI; on a
   GPU, a CUDA context.
@@ -32,12 +33,15 @@ __all__ = [
     "ACTIVATION_FACTOR",
     "CPU_RUNTIME_BYTES",
     "GPU_RUNTIME_BYTES",
+    "ONNX_ACTIVATION_FACTOR",
     "ONNX_RUNTIME_BYTES",
     "TEI_RUNTIME_BYTES",
+    "TORCH_ACTIVATION_FACTOR",
     "TORCH_RUNTIME_BYTES",
     "Footprint",
     "FootprintError",
     "Runtime",
+    "activation_factor",
     "cpu_runtime",
     "estimate_footprint",
     "runtime_bytes",
@@ -62,8 +66,18 @@ DTYPE_BYTES: Final = {
     "U8": 1,
     "BOOL": 1,
 }
-#: Floats of activation memory per token and hidden unit at the batch's peak.
+#: Floats of activation memory per token and hidden unit at the batch's peak (on a GPU,
+#: and for TEI: not measured here).
 ACTIVATION_FACTOR: Final = 8
+# The built-in worker on CPU, measured in-process (Model.forward, as the worker calls
+# it) on the packaged all-MiniLM-L6-v2, one batch of N rows of 252 tokens (its longest:
+# attention grows with the square of the length), VmHWM after minus before, per token
+# and hidden float: ONNX 39 (N=16) and 43 (N=64: +1006 MiB: ONNX Runtime's arena keeps
+# what the largest batch took), torch 23 and 17. Plus about 15 %.
+#: Activation floats per token and hidden unit, the built-in worker on ONNX Runtime.
+ONNX_ACTIVATION_FACTOR: Final = 50
+#: Activation floats per token and hidden unit, the built-in worker on torch.
+TORCH_ACTIVATION_FACTOR: Final = 27
 # The CPU runtimes are what a process holds beyond its float32 weights, measured as the
 # VmHWM of a real worker process (tei_manager.testing.run_worker_process) serving the
 # packaged all-MiniLM-L6-v2 (22.7 M parameters: 87 MiB of weights) with
@@ -204,6 +218,18 @@ def runtime_bytes(runtime: Runtime | None, *, gpu: bool) -> int:
     return CPU_RUNTIME_BYTES if runtime is None else _CPU_RUNTIME_BYTES[runtime]
 
 
+def activation_factor(runtime: Runtime | None, *, gpu: bool) -> int:
+    """Activation floats per token and hidden unit for ``runtime`` (None: the largest)."""
+    if gpu:
+        return ACTIVATION_FACTOR
+    return {
+        "onnx": ONNX_ACTIVATION_FACTOR,
+        "torch": TORCH_ACTIVATION_FACTOR,
+        "tei": ACTIVATION_FACTOR,
+        None: max(ONNX_ACTIVATION_FACTOR, TORCH_ACTIVATION_FACTOR, ACTIVATION_FACTOR),
+    }[runtime]
+
+
 def estimate_footprint(
     model_dir: str | Path, *, max_batch_tokens: int, gpu: bool, runtime: Runtime | None = None
 ) -> Footprint:
@@ -225,7 +251,7 @@ def estimate_footprint(
             parameters = sum(p.stat().st_size for p in stored) // 4
     except OSError as e:
         raise FootprintError(f"cannot read the weights: {e.strerror or e}") from None
-    activation = max_batch_tokens * _hidden_size(folder) * 4 * ACTIVATION_FACTOR
+    activation = max_batch_tokens * _hidden_size(folder) * 4 * activation_factor(runtime, gpu=gpu)
     return Footprint(
         parameters=parameters,
         weights_bytes=parameters * per_parameter,
