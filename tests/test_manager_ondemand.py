@@ -328,6 +328,14 @@ async def test_a_measured_footprint_is_used_next_time_and_survives_a_restart(
         await manager.create_instance(_od("t", engine="torch"))
         await manager.ensure_running(manager.instances.get("t"))
         assert manager.get_instance("t").memory_bytes == 100 * MIB
+        devices.rss[manager.instances.get("t").pid or 0] = 500 * MIB
+        await trio.sleep(6)
+        assert manager.get_instance("t").memory_bytes == 500 * MIB
+    # Each engine's measurement is kept apart in the state file.
+    async with _running(config, FakeHost(nursery), devices) as manager:
+        for name, size in (("b", 300 * MIB), ("t", 500 * MIB)):
+            await manager.ensure_running(manager.instances.get(name))
+            assert manager.get_instance(name).memory_bytes == size
 
 
 async def test_the_new_instance_starts_once_the_evicted_process_is_gone(
