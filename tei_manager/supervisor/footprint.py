@@ -73,7 +73,8 @@ ACTIVATION_FACTOR: Final = 8
 # it) on the packaged all-MiniLM-L6-v2, one batch of N rows of 252 tokens (its longest:
 # attention grows with the square of the length), VmHWM after minus before, per token
 # and hidden float: ONNX 39 (N=16) and 43 (N=64: +1006 MiB: ONNX Runtime's arena keeps
-# what the largest batch took), torch 23 and 17. Plus about 15 %.
+# what the largest batch took), torch 23 and 17. Plus about 15 %. Reproduce with
+# ``benches/worker_rss.py --full-batch N``.
 #: Activation floats per token and hidden unit, the built-in worker on ONNX Runtime.
 ONNX_ACTIVATION_FACTOR: Final = 50
 #: Activation floats per token and hidden unit, the built-in worker on torch.
