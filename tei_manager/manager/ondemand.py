@@ -32,7 +32,7 @@ from typing import Final, Literal
 import msgspec
 import trio
 
-from tei_manager.config import DevicesConfig, InstanceConfig, Pooling
+from tei_manager.config import DevicesConfig, Engine, InstanceConfig, Pooling
 from tei_manager.core.instances import DesiredState, InstanceRecord, InstanceStatus, InstanceTable
 from tei_manager.core.ondemand import (
     CPU_DEVICE,
@@ -65,7 +65,9 @@ _HOLDING = frozenset({InstanceStatus.STARTING, InstanceStatus.RUNNING, InstanceS
 # The cap of a device we cannot read: larger than any sum of reservations.
 _UNACCOUNTED: Final = 1 << 62
 
-FootprintKey = tuple[str, str | None, int | Literal["auto"], Pooling | None, tuple[str, ...], bool]
+FootprintKey = tuple[
+    str, str | None, int | Literal["auto"], Pooling | None, tuple[str, ...], bool, Engine | None
+]
 Estimator = Callable[[InstanceConfig, bool], int]
 """The estimated bytes of an instance of ``config`` (on a GPU if the flag says so); blocking."""
 MemoryReader = Callable[[int], int]
@@ -73,7 +75,8 @@ MemoryReader = Callable[[int], int]
 
 
 def footprint_key(config: InstanceConfig, gpu: bool) -> FootprintKey:
-    """What decides an instance's memory: the model and how it is served."""
+    """What decides an instance's memory: the model and how it is served (the engine too:
+    the worker on torch holds twice what it holds on ONNX Runtime)."""
     return (
         config.model_id,
         config.revision,
@@ -81,6 +84,7 @@ def footprint_key(config: InstanceConfig, gpu: bool) -> FootprintKey:
         config.pooling,
         config.extra_args,
         gpu,
+        config.engine,
     )
 
 
@@ -210,15 +214,27 @@ class OnDemand:
                 pooling=pooling,
                 extra_args=extra,
                 gpu=gpu,
+                engine=engine,
                 bytes=size,
             )
-            for (model_id, revision, tokens, pooling, extra, gpu), size in self._measured.items()
+            for (
+                (model_id, revision, tokens, pooling, extra, gpu, engine),
+                size,
+            ) in self._measured.items()
         ]
 
     def remember(self, footprints: Iterable[MeasuredFootprint]) -> None:
         """Take footprints measured by an earlier run (from the state file)."""
         for f in footprints:
-            key = (f.model_id, f.revision, f.max_batch_tokens, f.pooling, f.extra_args, f.gpu)
+            key = (
+                f.model_id,
+                f.revision,
+                f.max_batch_tokens,
+                f.pooling,
+                f.extra_args,
+                f.gpu,
+                f.engine,
+            )
             self._measured[key] = max(f.bytes, self._measured.get(key, 0))
 
     # -- the hook -----------------------------------------------------------------------

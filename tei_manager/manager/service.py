@@ -19,6 +19,7 @@ changing what is wanted running, and saves the state for the next start.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import os
@@ -88,10 +89,10 @@ from tei_manager.supervisor.devices import (
     process_tree_peak_rss,
 )
 from tei_manager.supervisor.footprint import (
-    CPU_RUNTIME_BYTES,
-    GPU_RUNTIME_BYTES,
     FootprintError,
+    cpu_runtime,
     estimate_footprint,
+    runtime_bytes,
 )
 from tei_manager.supervisor.instance import (
     BlockingRunner,
@@ -797,6 +798,13 @@ class Manager:
         A model not on disk yet (being downloaded) or that cannot be sized counts
         for its runtime alone until it has run once and been measured.
         """
+        # The worker runs this interpreter, so it has the onnxruntime this process finds.
+        runtime = cpu_runtime(
+            cfg.engine,
+            cfg.extra_args,
+            is_tei=self.program is not None and self.program.is_tei,
+            onnx_installed=importlib.util.find_spec("onnxruntime") is not None,
+        )
         folder: str | None = cfg.model_id
         if not cfg.model_id.startswith("/"):
             snapshot = locate(self.models.cache_dir, cfg.model_id, cfg.revision)
@@ -810,10 +818,12 @@ class Manager:
                     if cfg.max_batch_tokens == "auto"
                     else cfg.max_batch_tokens
                 )
-                return estimate_footprint(folder, max_batch_tokens=tokens, gpu=gpu).total_bytes
+                return estimate_footprint(
+                    folder, max_batch_tokens=tokens, gpu=gpu, runtime=runtime
+                ).total_bytes
             except FootprintError as e:
                 log.warning("instance %s: cannot estimate its memory: %s", cfg.name, e)
-        return GPU_RUNTIME_BYTES if gpu else CPU_RUNTIME_BYTES
+        return runtime_bytes(runtime, gpu=gpu)
 
     def _release(self, runner: InstanceRunner) -> None:
         if self._runners.get(runner.name) is runner:

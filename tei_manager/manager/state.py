@@ -25,7 +25,13 @@ from typing import Any, Final, Literal
 import msgspec
 import tomli_w
 
-from tei_manager.config import InstanceConfig, Pooling, SeedInstance, validate_instance_config
+from tei_manager.config import (
+    Engine,
+    InstanceConfig,
+    Pooling,
+    SeedInstance,
+    validate_instance_config,
+)
 from tei_manager.core.instances import DesiredState, InstanceRecord
 from tei_manager.errors import ErrorCode, TeiError, ValidationError, quote
 
@@ -70,6 +76,7 @@ class MeasuredFootprint(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     pooling: Pooling | None = None
     extra_args: tuple[str, ...] = ()
     gpu: bool
+    engine: Engine | None = None  # the instance's engine field (None: the worker's default)
     bytes: int
 
 

@@ -6,10 +6,13 @@ weights + activations + runtime:
   then a JSON table of tensors with dtype and shape: no tensor data is read), times
   the bytes per parameter the instance computes in (float32 on the CPU, float16 on
   a GPU, as TEI and the worker load them);
-- activations: ``max_batch_tokens`` tokens of ``hidden_size`` floats, times
-  :data:`ACTIVATION_FACTOR` (the intermediate layer is 4x hidden, and attention,
-  norms and the copies between them come on top);
-- runtime: the process itself (Python and torch, or a CUDA context).
+- activations: ``max_batch_tokens`` tokens of ``hidden_size`` floats, times a factor
+  (:func:`activation_factor`): measured for the built-in worker per engine on CPU, else
+  :data:`ACTIVATION_FACTOR` (the intermediate layer is 4x hidden, and attention, norms
+  and the copies between them come on top);
+- runtime: the process itself, by what will run it (:func:`cpu_runtime`): the built-in
+  worker on ONNX Runtime (its CPU default, torch-free), the worker on torch, or TEI; on a
+  GPU, a CUDA context.
 
 A model without safetensors (``pytorch_model.bin`` only) is sized by its weight
 files. Once the instance runs, the manager measures it and uses that figure next
@@ -20,8 +23,9 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Final
+from typing import Final, Literal
 
 import msgspec
 
@@ -29,9 +33,18 @@ __all__ = [
     "ACTIVATION_FACTOR",
     "CPU_RUNTIME_BYTES",
     "GPU_RUNTIME_BYTES",
+    "ONNX_ACTIVATION_FACTOR",
+    "ONNX_RUNTIME_BYTES",
+    "TEI_RUNTIME_BYTES",
+    "TORCH_ACTIVATION_FACTOR",
+    "TORCH_RUNTIME_BYTES",
     "Footprint",
     "FootprintError",
+    "Runtime",
+    "activation_factor",
+    "cpu_runtime",
     "estimate_footprint",
+    "runtime_bytes",
     "safetensors_parameters",
 ]
 
@@ -53,16 +66,54 @@ DTYPE_BYTES: Final = {
     "U8": 1,
     "BOOL": 1,
 }
-#: Floats of activation memory per token and hidden unit at the batch's peak.
+#: Floats of activation memory per token and hidden unit at the batch's peak (on a GPU,
+#: and for TEI: not measured here).
 ACTIVATION_FACTOR: Final = 8
-#: A worker process before its model: the interpreter, torch and tokenizers (measured
-#: about 430 MiB RSS for the built-in worker on CPU, before its weights).
-CPU_RUNTIME_BYTES: Final = 448 << 20
+# The built-in worker on CPU, measured in-process (Model.forward, as the worker calls
+# it) on the packaged all-MiniLM-L6-v2, one batch of N rows of 252 tokens (its longest:
+# attention grows with the square of the length), VmHWM after minus before, per token
+# and hidden float: ONNX 39 (N=16) and 43 (N=64: +1006 MiB: ONNX Runtime's arena keeps
+# what the largest batch took), torch 23 and 17. Plus about 15 %. Reproduce with
+# ``benches/worker_rss.py --full-batch N``.
+#: Activation floats per token and hidden unit, the built-in worker on ONNX Runtime.
+ONNX_ACTIVATION_FACTOR: Final = 50
+#: Activation floats per token and hidden unit, the built-in worker on torch.
+TORCH_ACTIVATION_FACTOR: Final = 27
+# The CPU runtimes are what a process holds beyond its float32 weights, measured as the
+# VmHWM of a real worker process (tei_manager.testing.run_worker_process) serving the
+# packaged all-MiniLM-L6-v2 (22.7 M parameters: 87 MiB of weights) with
+# --max-batch-tokens 512, once loaded, on the second start (the ONNX graph cached):
+# ONNX 223 MiB, torch 523 MiB (three runs each, within 1 MiB). Each constant is that
+# minus the weights, plus about 15 %: an estimate below the real peak over-commits.
+# A first ONNX start exports the graph in a child process (onnx_load.py) that loads
+# torch and peaks at about 840 MiB for this model; it exits before the worker is
+# ready, so it is neither in the worker's VmHWM nor in this estimate.
+#: The built-in worker on ONNX Runtime (its CPU default): Python, onnxruntime,
+#: tokenizers and numpy, no torch (measured 136 MiB).
+ONNX_RUNTIME_BYTES: Final = 160 << 20
+#: The built-in worker on torch: Python, torch, transformers, sentence-transformers
+#: and tokenizers (measured 436 MiB).
+TORCH_RUNTIME_BYTES: Final = 512 << 20
+#: text-embeddings-router on CPU: not measured here (no TEI binary on this host); the
+#: figure this estimate always used, from the worker on torch before its weights.
+TEI_RUNTIME_BYTES: Final = 448 << 20
+#: A CPU instance whose runtime is not known: the largest of them.
+CPU_RUNTIME_BYTES: Final = max(ONNX_RUNTIME_BYTES, TORCH_RUNTIME_BYTES, TEI_RUNTIME_BYTES)
 #: A CUDA context and the allocator's slack on a GPU.
 GPU_RUNTIME_BYTES: Final = 512 << 20
 # A header larger than this is no safetensors file (the format caps it at 100 MB).
 _MAX_HEADER_BYTES: Final = 100_000_000
 _DEFAULT_HIDDEN_SIZE: Final = 1024
+# The worker's --dtype values that keep its "auto" engine off ONNX Runtime on CPU.
+_TORCH_ONLY_DTYPES: Final = frozenset({"float16", "bfloat16"})
+
+Runtime = Literal["onnx", "torch", "tei"]
+"""What runs a CPU instance: the built-in worker on one of its engines, or TEI."""
+_CPU_RUNTIME_BYTES: Final[dict[Runtime, int]] = {
+    "onnx": ONNX_RUNTIME_BYTES,
+    "torch": TORCH_RUNTIME_BYTES,
+    "tei": TEI_RUNTIME_BYTES,
+}
 
 
 class FootprintError(Exception):
@@ -127,8 +178,66 @@ def _hidden_size(model_dir: Path) -> int:
     return _DEFAULT_HIDDEN_SIZE
 
 
-def estimate_footprint(model_dir: str | Path, *, max_batch_tokens: int, gpu: bool) -> Footprint:
-    """The estimated memory of an instance of the model in ``model_dir``; blocking."""
+def _flag(args: Sequence[str], name: str) -> str | None:
+    """The last value of ``name`` in ``args`` (``--x v`` or ``--x=v``), as argparse takes it."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg == name and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(name + "="):
+            value = arg[len(name) + 1 :]
+    return value
+
+
+def cpu_runtime(
+    engine: str | None, extra_args: Sequence[str], *, is_tei: bool, onnx_installed: bool
+) -> Runtime:
+    """What will run an instance on the CPU, decided as the worker decides its engine.
+
+    ``engine`` is the instance's ``engine`` field; an ``--engine`` or ``--dtype`` in its
+    ``extra_args`` comes later on the command line and wins. On ``auto`` the worker runs
+    ONNX Runtime unless it is not installed or the dtype is one it cannot run (a model it
+    cannot export falls back to torch at load: measured once it runs).
+    """
+    if is_tei:
+        return "tei"
+    chosen = _flag(extra_args, "--engine") or engine or "auto"
+    if chosen == "torch":
+        return "torch"
+    if chosen == "onnx":
+        return "onnx"
+    if not onnx_installed or _flag(extra_args, "--dtype") in _TORCH_ONLY_DTYPES:
+        return "torch"
+    return "onnx"
+
+
+def runtime_bytes(runtime: Runtime | None, *, gpu: bool) -> int:
+    """The runtime part of an estimate: a CUDA context on a GPU, else by ``runtime``
+    (None: not known, the largest)."""
+    if gpu:
+        return GPU_RUNTIME_BYTES
+    return CPU_RUNTIME_BYTES if runtime is None else _CPU_RUNTIME_BYTES[runtime]
+
+
+def activation_factor(runtime: Runtime | None, *, gpu: bool) -> int:
+    """Activation floats per token and hidden unit for ``runtime`` (None: the largest)."""
+    if gpu:
+        return ACTIVATION_FACTOR
+    return {
+        "onnx": ONNX_ACTIVATION_FACTOR,
+        "torch": TORCH_ACTIVATION_FACTOR,
+        "tei": ACTIVATION_FACTOR,
+        None: max(ONNX_ACTIVATION_FACTOR, TORCH_ACTIVATION_FACTOR, ACTIVATION_FACTOR),
+    }[runtime]
+
+
+def estimate_footprint(
+    model_dir: str | Path, *, max_batch_tokens: int, gpu: bool, runtime: Runtime | None = None
+) -> Footprint:
+    """The estimated memory of an instance of the model in ``model_dir``; blocking.
+
+    ``runtime`` is what runs it on the CPU (:func:`cpu_runtime`; None: the largest).
+    """
     folder = Path(model_dir)
     per_parameter = 2 if gpu else 4
     files = sorted(folder.glob("*.safetensors"))
@@ -143,10 +252,10 @@ def estimate_footprint(model_dir: str | Path, *, max_batch_tokens: int, gpu: boo
             parameters = sum(p.stat().st_size for p in stored) // 4
     except OSError as e:
         raise FootprintError(f"cannot read the weights: {e.strerror or e}") from None
-    activation = max_batch_tokens * _hidden_size(folder) * 4 * ACTIVATION_FACTOR
+    activation = max_batch_tokens * _hidden_size(folder) * 4 * activation_factor(runtime, gpu=gpu)
     return Footprint(
         parameters=parameters,
         weights_bytes=parameters * per_parameter,
         activation_bytes=activation,
-        runtime_bytes=GPU_RUNTIME_BYTES if gpu else CPU_RUNTIME_BYTES,
+        runtime_bytes=runtime_bytes(runtime, gpu=gpu),
     )
