@@ -28,6 +28,7 @@ Instances run the built-in worker, so ``text-embeddings-router`` must not be on 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import http.client
 import json
 import os
@@ -40,7 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -496,6 +497,34 @@ def bench_idle_manager(starts: int, settle: float) -> dict[str, Any]:
 
 
 # -- report -------------------------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds process ``pid`` has used (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def run_concurrent(
+    count: int, concurrency: int, one: Callable[[int], Awaitable[None]]
+) -> list[float]:
+    """``count`` calls of ``one(i)`` by ``concurrency`` asyncio workers; each call's seconds."""
+    latencies: list[float] = []
+    next_index = 0
+
+    async def worker() -> None:
+        nonlocal next_index
+        while next_index < count:
+            i = next_index
+            next_index += 1
+            started = time.perf_counter()
+            await one(i)
+            latencies.append(time.perf_counter() - started)
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return latencies
+
+
 def verdict(ok: bool) -> str:
     return "PASS" if ok else "MISS"
 

@@ -45,6 +45,7 @@ from typing import Any, Final
 import grpc
 import msgspec
 import trio
+from control_plane import cpu_seconds
 
 from tei_manager._proto.tei.v1 import tei_grpc, tei_pb2
 
@@ -215,11 +216,6 @@ async def serve(variant: str) -> None:
 
 
 # --- the client -----------------------------------------------------------------------------
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class Server:

@@ -51,7 +51,15 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from control_plane import HOST, print_table, run_manager, verdict, wait_status
+from control_plane import (
+    HOST,
+    cpu_seconds,
+    print_table,
+    run_concurrent,
+    run_manager,
+    verdict,
+    wait_status,
+)
 from worker_engines import start_infinity
 
 from tei_manager._proto.tei.v1 import tei_grpc, tei_pb2
@@ -60,35 +68,9 @@ from tei_manager.testing import packaged_model_dir
 INSTANCE = "bench"
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds process ``pid`` has used (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def make_texts(count: int) -> list[str]:
     words = "the quick brown fox jumps over a lazy dog while embeddings map text to vectors".split()
     return [" ".join(words[(i + k) % len(words)] for k in range(8 + i % 9)) for i in range(count)]
-
-
-async def run_concurrent(
-    count: int, concurrency: int, one: Callable[[int], Awaitable[None]]
-) -> list[float]:
-    """``count`` calls of ``one(i)`` by ``concurrency`` workers; each call's seconds."""
-    latencies: list[float] = []
-    next_index = 0
-
-    async def worker() -> None:
-        nonlocal next_index
-        while next_index < count:
-            i = next_index
-            next_index += 1
-            started = time.perf_counter()
-            await one(i)
-            latencies.append(time.perf_counter() - started)
-
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return latencies
 
 
 class RawHttp:

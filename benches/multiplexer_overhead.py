@@ -59,6 +59,7 @@ from control_plane import (
     HOST,
     free_port,
     print_table,
+    run_concurrent,
     run_manager,
     verdict,
     wait_status,
@@ -192,26 +193,6 @@ class Client:
         if self.via_mux:
             return multiplexer_pb2.EncodeRequest(target=self.target, request=inner)
         return inner
-
-
-async def run_concurrent(
-    count: int, concurrency: int, one: Callable[[int], Awaitable[None]]
-) -> list[float]:
-    """``count`` calls of ``one(i)`` by ``concurrency`` workers; each call's seconds."""
-    latencies: list[float] = []
-    next_index = 0
-
-    async def worker() -> None:
-        nonlocal next_index
-        while next_index < count:
-            i = next_index
-            next_index += 1
-            started = time.perf_counter()
-            await one(i)
-            latencies.append(time.perf_counter() - started)
-
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return latencies
 
 
 async def unary(client: Client, kind: str, texts: list[str], concurrency: int) -> dict[str, float]:
