@@ -1,14 +1,17 @@
-"""The REST port's lean HTTP/1.1 front: inference requests served straight with h11.
+"""The REST port's lean HTTP/1.1 front: inference requests served straight off the socket.
 
 Hypercorn spends about 950 µs of CPU per request on a trivial app (a task, a
-channel and shielded sends per request, two socket writes), where a bare trio + h11
-loop giving the same answer spends about 240 µs. For the inference routes, small and
-frequent, that was almost half of what the manager spends per request. So every
-plaintext connection starts here, in :meth:`LeanFront.serve`:
+channel and shielded sends per request, two socket writes), and even a bare trio +
+h11 loop about 300 µs. For the inference routes, small and frequent, that was most
+of what the manager spends per request. So every plaintext connection starts here,
+in :meth:`LeanFront.serve`:
 
-- a request head is read with h11 (at most Hypercorn's ``h11_max_incomplete_size``
+- a request head is read whole (at most Hypercorn's ``h11_max_incomplete_size``
   bytes, 16 KiB, even when it arrives whole in one read; 431 over it, and the
-  connection closed);
+  connection closed) and parsed by :mod:`tei_manager.api.http1`, which reads only
+  plain heads: GET or POST, origin-form, ``Content-Length`` framing, clean CRLF
+  lines. Anything else (a chunked body, a bare LF, obs-fold, a malformed line)
+  is not the front's: the connection goes to Hypercorn, whose h11 answers it;
 - a request an inference route serves (the same match as
   :class:`~tei_manager.api.inference_asgi.InferenceDispatch`: the app's own Werkzeug
   map, GET and POST only, no ``Upgrade``) is answered here: its body read whole
@@ -21,9 +24,10 @@ plaintext connection starts here, in :meth:`LeanFront.serve`:
   cancels it (499 in the request metrics, as on Quart's path);
 - the first request that is anything else (a control-plane route, HEAD, OPTIONS, an
   upgrade, HTTP/2's prior-knowledge preface ``PRI * HTTP/2.0``, an absolute-form
-  target) hands the connection to Hypercorn for the rest of its life: a
-  :class:`~hypercorn.trio.tcp_server.TCPServer` over the same socket, fed first the
-  bytes already read for that request (and anything pipelined behind it).
+  target, a head that is not plain) hands the connection to Hypercorn for the rest
+  of its life: a :class:`~hypercorn.trio.tcp_server.TCPServer` over the same socket,
+  fed first the bytes already read for that request (and anything pipelined
+  behind it).
 
 The connection rules are Hypercorn's: keep-alive unless the client asks to close or
 speaks HTTP/1.0; the keep-alive timeout runs from the end of one answer (or the
@@ -41,13 +45,13 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Final, NamedTuple
 from urllib.parse import unquote
 
-import h11
 import trio
 from hypercorn.config import Config
 from hypercorn.utils import parse_socket_addr
 from werkzeug.datastructures import Headers
 
 from tei_manager.api import inference_asgi
+from tei_manager.api.http1 import CONTINUE, Head, encode_answer, head_end, parse_head
 from tei_manager.api.inference import (
     INFERENCE_MAX_BODY_BYTES,
     Answer,
@@ -72,7 +76,8 @@ log = logging.getLogger(__name__)
 _MAX_RECV: Final = 1 << 16
 # Status of a request whose client went away before its answer (as on Quart's path).
 _NO_RESPONSE: Final = 499
-_METHODS: Final = frozenset({b"GET", b"POST"})
+# How many route matches a front keeps (see LeanFront._routes).
+_ROUTES_CACHED: Final = 1024
 #: How long a connection closed with input unread keeps reading it off, so that closing
 #: does not reset the connection before the client has read the answer (nginx's
 #: lingering close; its lingering_timeout is 5 s).
@@ -114,13 +119,8 @@ class ReplayStream:
         await self._stream.aclose()
 
 
-class _Head(NamedTuple):
-    request: h11.Request
-    raw: bytes  # every byte read since this request's cycle began: what a handoff replays
-
-
 class _Refused(NamedTuple):
-    status: int  # h11's hint: 400 for a malformed head, 431 for one too large
+    status: int  # 431: a head too large
 
 
 class LeanFront:
@@ -139,6 +139,10 @@ class LeanFront:
         self._observe = observe
         self._waiting: set[trio.CancelScope] = set()  # connections between requests
         self._terminated = False
+        self._server = b"hypercorn-h11" if config.include_server_header else None
+        # Routes matched by (method, target path): a request does not pay Werkzeug's
+        # match each time. Only matches are kept, and at most _ROUTES_CACHED of them.
+        self._routes: dict[tuple[str, bytes], Matched] = {}
 
     def terminate(self) -> None:
         """Shutdown: close connections waiting for a request; answer the rest with a close."""
@@ -151,151 +155,130 @@ class LeanFront:
         sock = stream.socket
         try:
             client = parse_socket_addr(sock.family, sock.getpeername())
-            conn = h11.Connection(
-                h11.SERVER, max_incomplete_event_size=self._config.h11_max_incomplete_size
-            )
+            conn = _Connection(stream)
             async with trio.open_nursery() as watchers:
                 served = 0
                 while not self._terminated:
-                    head = await self._read_head(conn, stream)
-                    if head is None:
+                    end = await self._read_head(conn)
+                    if end is None:
                         break
-                    if isinstance(head, _Refused):
-                        await self._refuse_head(conn, stream, head.status)
+                    if isinstance(end, _Refused):
+                        await stream.send_all(self._encode(end.status, [], b"", close=True))
                         await _linger(stream)
                         break
-                    request = head.request
-                    matched = self._match(request)
-                    if matched is None:
-                        await self._hand_off(ReplayStream(stream, head.raw))
+                    head = parse_head(conn.buffer[:end])
+                    matched = None if head is None else self._match(head)
+                    if head is None or matched is None:
+                        await self._hand_off(ReplayStream(stream, conn.buffer))
                         return
+                    conn.buffer = conn.buffer[end:]
                     served += 1
-                    if not await self._serve_request(
-                        conn, stream, request, matched, client, served, watchers
-                    ):
+                    status, taken = await self._serve_request(
+                        conn, head, matched, client, served, watchers
+                    )
+                    if status == _NO_RESPONSE:
                         break
-                    if conn.their_state is not h11.DONE:  # its body was refused, unread
+                    if not taken:  # its body was refused, unread
                         await _linger(stream)
                         break
-                    if conn.our_state is not h11.DONE:  # Connection: close, HTTP/1.0
+                    if not head.keep_alive or served >= self._config.keep_alive_max_requests:
                         break
-                    conn.start_next_cycle()
-        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError):
-            pass  # the client went away, or broke the protocol after its answer
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the client went away
         except Exception:
             # A bug here must cost one connection, not the listener (Hypercorn's rule).
             log.exception("REST connection from the lean front failed")
         await stream.aclose()
 
-    def _match(self, request: h11.Request) -> Matched | None:
-        if request.method not in _METHODS:
-            return None
-        for name, _ in request.headers:
-            if name == b"upgrade":  # h2c, websocket: Hypercorn's
-                return None
-        target = request.target.partition(b"?")[0]
+    def _match(self, head: Head) -> Matched | None:
+        target = head.target.partition(b"?")[0]
+        key = (head.method, target)
+        matched = self._routes.get(key)
+        if matched is not None:
+            return matched
         try:
             path = unquote(target.decode("ascii"), errors="strict")
         except UnicodeError:
             return None  # Hypercorn answers what it makes of it
-        return self._dispatch.match_path(request.method.decode("ascii"), path)
+        matched = self._dispatch.match_path(head.method, path)
+        if matched is not None:
+            if len(self._routes) >= _ROUTES_CACHED:
+                self._routes.clear()
+            self._routes[key] = matched
+        return matched
 
-    async def _read_head(
-        self, conn: h11.Connection, stream: trio.SocketStream
-    ) -> _Head | _Refused | None:
-        """The next request head; None if the client closes, is too slow, or we shut down."""
-        raw = [bytes(conn.trailing_data[0])]
+    async def _read_head(self, conn: _Connection) -> int | _Refused | None:
+        """Where the next request head ends in ``conn.buffer``; None if the client
+        closes, is too slow, or we shut down."""
         limit = self._config.h11_max_incomplete_size
+        stream = conn.stream
+        scanned = 0
         with trio.CancelScope(
             deadline=trio.current_time() + self._config.keep_alive_timeout
         ) as waiting:
             self._waiting.add(waiting)
             try:
                 while True:
-                    try:
-                        event = conn.next_event()
-                    except h11.RemoteProtocolError as error:
-                        return _Refused(error.error_status_hint)
-                    if isinstance(event, h11.Request):
-                        read = b"".join(raw)
-                        # h11 bounds only a head still incomplete; one read can bring more.
-                        if len(read) - len(conn.trailing_data[0]) > limit:
-                            return _Refused(431)
-                        return _Head(event, read)
-                    if event is not h11.NEED_DATA:
-                        return None  # ConnectionClosed
+                    end = head_end(conn.buffer, scanned)
+                    if end >= 0:
+                        return _Refused(431) if end > limit else end
+                    if len(conn.buffer) > limit:
+                        return _Refused(431)
+                    scanned = len(conn.buffer)
                     data = await stream.receive_some(_MAX_RECV)
-                    raw.append(data)
-                    conn.receive_data(data)
+                    if not data:
+                        return None
+                    conn.buffer += data
             finally:
                 self._waiting.discard(waiting)
         return None  # the keep-alive timeout, or shutdown
 
-    async def _refuse_head(
-        self, conn: h11.Connection, stream: trio.SocketStream, status: int
-    ) -> None:
-        """Answer a head h11 refused as Hypercorn does: an empty answer, then close."""
-        headers = [(b"content-length", b"0"), (b"connection", b"close")]
-        headers += self._config.response_headers("h11")
-        try:
-            out = conn.send(h11.Response(status_code=status, headers=headers)) or b""
-            out += conn.send(h11.EndOfMessage()) or b""
-        except h11.LocalProtocolError:
-            return
-        await stream.send_all(out)
-
     async def _serve_request(
         self,
-        conn: h11.Connection,
-        stream: trio.SocketStream,
-        request: h11.Request,
+        conn: _Connection,
+        head: Head,
         matched: Matched,
         client: tuple[str, int] | None,
         served: int,
         watchers: trio.Nursery,
-    ) -> bool:
-        """Answer one inference request; False if the connection cannot carry another."""
+    ) -> tuple[int, bool]:
+        """Answer one inference request: its status (499 if the client left), and
+        whether its body was read whole."""
         started = time.perf_counter()
-        method = request.method.decode("ascii")
-        status = _NO_RESPONSE
+        status, taken = _NO_RESPONSE, False
         try:
-            status = await self._answer(
-                conn, stream, request, matched, method, client, served, watchers
-            )
+            status, taken = await self._answer(conn, head, matched, client, served, watchers)
         finally:
-            self._observe(matched.label, method, status, time.perf_counter() - started)
-        return status != _NO_RESPONSE
+            self._observe(matched.label, head.method, status, time.perf_counter() - started)
+        return status, taken
 
     async def _answer(
         self,
-        conn: h11.Connection,
-        stream: trio.SocketStream,
-        request: h11.Request,
+        conn: _Connection,
+        head: Head,
         matched: Matched,
-        method: str,
         client: tuple[str, int] | None,
         served: int,
         watchers: trio.Nursery,
-    ) -> int:
-        """Read, check and answer the request; its status, or 499 if the client left."""
+    ) -> tuple[int, bool]:
+        """Read, check and answer the request (see :meth:`_serve_request`)."""
         guard = self._dispatch.guard
+        method = head.method
         refusal = None
         finish: Finish | None = None
         if guard.active:
-            path = unquote(request.target.partition(b"?")[0].decode("ascii"))
-            headers = Headers(
-                [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers]
-            )
+            path = unquote(head.target.partition(b"?")[0].decode("ascii"))
+            headers = Headers([(k.decode("latin-1"), v.decode("latin-1")) for k, v in head.headers])
             extras: dict[str, object] = {"client": client}
             refusal = guard.authorize(method, path, headers, extras)
 
             def finish(status: int) -> dict[str, str]:
                 return guard.finish(method, path, headers, extras, status)
 
-        body = await _read_body(conn, stream, request)
+        body = await _read_body(conn, head)
         if body is None:
-            return _NO_RESPONSE
-        close = isinstance(body, InferenceError)  # the body is not (all) taken
+            return _NO_RESPONSE, False
+        taken = not isinstance(body, InferenceError)
         if refusal is not None:
             extra = {} if finish is None else finish(refusal.status_code)
             answer = await refusal_answer(refusal, extra)
@@ -305,30 +288,46 @@ class LeanFront:
                 answer = _with_headers(answer, finish(answer.status))
         else:
             found = await _run_unless_left(
-                matched, InferenceRequest(body, matched.model, request.headers), stream, watchers
+                matched, InferenceRequest(body, matched.model, head.headers), conn, watchers
             )
             if found is None:
-                return _NO_RESPONSE
+                return _NO_RESPONSE, False
             answer = found
             if finish is not None:
                 answer = _with_headers(answer, finish(answer.status))
-        close = close or self._terminated or served >= self._config.keep_alive_max_requests
-        await stream.send_all(self._encode(conn, answer, close))
-        return answer.status
-
-    def _encode(self, conn: h11.Connection, answer: Answer, close: bool) -> bytes:
-        """The whole answer, head and body, for one socket write."""
-        headers = [(b"content-length", b"%d" % len(answer.body))]
+        close = (
+            not taken
+            or not head.keep_alive
+            or self._terminated
+            or served >= self._config.keep_alive_max_requests
+        )
+        fields = [(name.lower().encode(), value.encode()) for name, value in answer.headers]
         if answer.content_type is not None:
-            headers.append((b"content-type", answer.content_type.encode()))
-        for name, value in answer.headers:
-            headers.append((name.lower().encode(), value.encode()))
-        headers += self._config.response_headers("h11")
-        if close:
-            headers.append((b"connection", b"close"))
-        out = conn.send(h11.Response(status_code=answer.status, headers=headers)) or b""
-        out += conn.send(h11.Data(data=answer.body)) or b""
-        return out + (conn.send(h11.EndOfMessage()) or b"")
+            fields.insert(0, (b"content-type", answer.content_type.encode()))
+        await conn.stream.send_all(self._encode(answer.status, fields, answer.body, close=close))
+        return answer.status, taken
+
+    def _encode(
+        self, status: int, headers: list[tuple[bytes, bytes]], body: bytes, *, close: bool
+    ) -> bytes:
+        return encode_answer(
+            status,
+            headers,
+            body,
+            date=self._config.include_date_header,
+            server=self._server,
+            close=close,
+        )
+
+
+class _Connection:
+    """One plaintext connection's stream, and what was read off it and not yet served."""
+
+    __slots__ = ("buffer", "stream")
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.buffer = b""
 
 
 async def _linger(stream: trio.SocketStream) -> None:
@@ -345,50 +344,35 @@ def _with_headers(answer: Answer, extra: Mapping[str, str]) -> Answer:
     return answer._replace(headers=(*answer.headers, *extra.items()))
 
 
-def _content_length(request: h11.Request) -> int | None:
-    for name, value in request.headers:
-        if name == b"content-length":
-            return int(value)  # h11 checked it is digits
-    return None
-
-
-async def _read_body(
-    conn: h11.Connection, stream: trio.SocketStream, request: h11.Request
-) -> bytes | InferenceError | None:
-    """The whole body; an error for one too large or too slow; None if the client left."""
-    length = _content_length(request)
-    if length is not None and length > INFERENCE_MAX_BODY_BYTES:
+async def _read_body(conn: _Connection, head: Head) -> bytes | InferenceError | None:
+    """The whole body (and ``conn.buffer`` past it); an error for a body too large or
+    too slow (left unread); None if the client left."""
+    length = head.length
+    if length > INFERENCE_MAX_BODY_BYTES:
         return too_large()  # not read at all, and no 100 Continue asked for it
-    chunks: list[bytes] = []
-    size = 0
-    # Read where tests can shorten it.
-    with trio.move_on_after(inference_asgi.BODY_TIMEOUT_SECS):
-        while True:
-            try:
-                event = conn.next_event()
-            except h11.RemoteProtocolError:
-                return None  # closed half way, or a broken chunk: nothing to answer
-            if event is h11.NEED_DATA:
-                if conn.they_are_waiting_for_100_continue:
-                    await stream.send_all(
-                        conn.send(h11.InformationalResponse(status_code=100, headers=[])) or b""
-                    )
-                data = await stream.receive_some(_MAX_RECV)
-                conn.receive_data(data)
-            elif isinstance(event, h11.Data):
-                chunks.append(bytes(event.data))
-                size += len(event.data)
-                if size > INFERENCE_MAX_BODY_BYTES:
-                    return too_large()
-            elif isinstance(event, h11.EndOfMessage):
-                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-            else:
-                return None
-    return slow_body()
+    buffer = conn.buffer
+    if len(buffer) < length:
+        if head.expects_continue and not buffer:
+            await conn.stream.send_all(CONTINUE)
+        chunks = [buffer]
+        size = len(buffer)
+        # Read where tests can shorten it.
+        with trio.move_on_after(inference_asgi.BODY_TIMEOUT_SECS):
+            while size < length:
+                data = await conn.stream.receive_some(_MAX_RECV)
+                if not data:
+                    return None  # closed half way: nothing to answer
+                chunks.append(data)
+                size += len(data)
+        if size < length:
+            return slow_body()
+        buffer = b"".join(chunks)
+    conn.buffer = buffer[length:]
+    return buffer[:length] if len(buffer) != length else buffer
 
 
 async def _run_unless_left(
-    matched: Matched, request: InferenceRequest, stream: trio.SocketStream, watchers: trio.Nursery
+    matched: Matched, request: InferenceRequest, conn: _Connection, watchers: trio.Nursery
 ) -> Answer | None:
     """The handler's answer, or None if the client goes away first (the handler is cancelled).
 
@@ -397,7 +381,7 @@ async def _run_unless_left(
     """
     watching = trio.CancelScope()
     with trio.CancelScope() as view_scope:
-        watchers.start_soon(_cancel_on_close, stream.socket, view_scope, watching)
+        watchers.start_soon(_cancel_on_close, conn.stream.socket, view_scope, watching)
         answer = await matched.view(request)
     watching.cancel()
     if view_scope.cancelled_caught:
