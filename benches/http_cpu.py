@@ -8,10 +8,12 @@ Three servers run side by side as subprocesses, each answering the same keep-ali
   instance that answers every Embed with the same reply;
 - ``hypercorn``: Hypercorn with a trivial ASGI app that sends the same JSON: what the
   server costs before any of our code runs;
-- ``front``: the REST port's lean HTTP/1.1 front (``tei_manager.api.front``) with a
-  trivial inference view that answers the same JSON: what the front costs before the
-  handler runs (the ``gateway`` row's plaintext connections go through it);
-- ``h11``: a bare trio + h11 loop that sends the same JSON: the floor of HTTP/1.1 here.
+- ``front``: the REST port's lean HTTP/1.1 front (``tei_manager.api.front``, its
+  heads read by ``tei_manager.api.http1``) with a trivial inference view that answers
+  the same JSON: what the front costs before the handler runs (the ``gateway`` row's
+  plaintext connections go through it);
+- ``h11``: a bare trio + h11 loop that sends the same JSON: the scale of HTTP/1.1 in
+  Python here (the front used h11 until it cost as much as the rest of the front).
 
 The client (this process, blocking sockets) sends batches of ``--batch`` requests to
 each in turn for ``--rounds`` rounds and reads each server's user + system CPU from
