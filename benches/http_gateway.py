@@ -48,6 +48,7 @@ from typing import Any, Protocol
 import grpc
 import grpc.aio
 import httpx
+import msgspec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -73,55 +74,93 @@ def make_texts(count: int) -> list[str]:
     return [" ".join(words[(i + k) % len(words)] for k in range(8 + i % 9)) for i in range(count)]
 
 
+class _Exchange(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection: a request written whole, its answer gathered
+    until its Content-Length is in (the least a Python client can do per request)."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self._buffer = b""
+        self._waiter: asyncio.Future[tuple[bytes, bytes]] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        end = self._buffer.find(b"\r\n\r\n")
+        if end < 0 or self._waiter is None:
+            return
+        head = self._buffer[:end]
+        at = head.lower().find(b"content-length:")
+        if at < 0:
+            self._fail(ConnectionError(f"no Content-Length in {head[:80]!r}"))
+            return
+        length = int(head[at + 15 :].split(b"\r\n", 1)[0])
+        if len(self._buffer) < end + 4 + length:
+            return
+        body = self._buffer[end + 4 : end + 4 + length]
+        self._buffer = self._buffer[end + 4 + length :]
+        waiter, self._waiter = self._waiter, None
+        waiter.set_result((head.split(b"\r\n", 1)[0], body))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self._fail(ConnectionError("closed"))
+
+    def _fail(self, error: Exception) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_exception(error)
+        self._waiter = None
+
+    async def exchange(self, request: bytes) -> tuple[bytes, bytes]:
+        assert self.transport is not None
+        self._waiter = asyncio.get_running_loop().create_future()
+        self.transport.write(request)
+        return await self._waiter
+
+
 class RawHttp:
     """POST JSON over raw keep-alive HTTP/1.1, one connection per concurrent caller.
 
-    Costs the client about what grpcio does, so a ratio against direct gRPC shows
-    the server's cost rather than the client's.
+    Costs the client about what grpcio does (the bench prints both), so a ratio
+    against direct gRPC shows the server's cost rather than the client's.
     """
 
     def __init__(self, port: int, path: str, model: str) -> None:
         self._port = port
         self._path = path
         self._model = model
-        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self._idle: list[_Exchange] = []
 
     async def embed(self, inputs: str | list[str]) -> int:
-        body = json.dumps({"model": self._model, "input": inputs}).encode()
+        body = msgspec.json.encode({"model": self._model, "input": inputs})
         request = (
-            f"POST {self._path} HTTP/1.1\r\nHost: {HOST}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
-            + body
+            b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (self._path.encode(), HOST.encode(), len(body), body)
         )
         while self._idle:  # a kept-alive connection the server may have closed since
             conn = self._idle.pop()
-            with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
-                return await self._exchange(conn, request)
-            conn[1].close()
-        return await self._exchange(await asyncio.open_connection(HOST, self._port), request)
+            if conn.transport is not None:
+                with contextlib.suppress(ConnectionError):
+                    return await self._exchange(conn, request)
+        loop = asyncio.get_running_loop()
+        _, conn = await loop.create_connection(_Exchange, HOST, self._port)
+        return await self._exchange(conn, request)
 
-    async def _exchange(
-        self, conn: tuple[asyncio.StreamReader, asyncio.StreamWriter], request: bytes
-    ) -> int:
-        reader, writer = conn
-        writer.write(request)
-        head = await reader.readuntil(b"\r\n\r\n")
-        lines = head.split(b"\r\n")
-        length = next(
-            (int(line[15:]) for line in lines if line.lower().startswith(b"content-length:")),
-            None,
-        )
-        if length is None:
-            raise RuntimeError(f"{self._path}: no Content-Length in {lines[0]!r}")
-        answer = await reader.readexactly(length)
-        if not lines[0].startswith(b"HTTP/1.1 200"):
-            raise RuntimeError(f"{self._path}: {lines[0].decode()}: {answer[:200]!r}")
+    async def _exchange(self, conn: _Exchange, request: bytes) -> int:
+        status, answer = await conn.exchange(request)
+        if not status.startswith(b"HTTP/1.1 200"):
+            raise RuntimeError(f"{self._path}: {status.decode()}: {answer[:200]!r}")
         self._idle.append(conn)
-        return len(json.loads(answer)["data"])
+        data: list[Any] = msgspec.json.decode(answer)["data"]  # every float, as grpcio's
+        return len(data)
 
     async def aclose(self) -> None:
-        for _, writer in self._idle:
-            writer.close()
+        for conn in self._idle:
+            if conn.transport is not None:
+                conn.transport.close()
         self._idle.clear()
 
 
