@@ -169,6 +169,7 @@ async def _front(nursery: trio.Nursery, workdir: Path) -> int:
     url_map = Map([Rule("/v1/embeddings", endpoint="embed", methods=["POST"])])
     dispatch = InferenceDispatch(url_map, {"embed": (OpenAIDoor(), view)}, guard)
     front = LeanFront(dispatch, Config(), hand_off, lambda *observed: None)
+    await nursery.start(front.run)
     listeners = await nursery.start(trio.serve_tcp, front.serve, 0)
     port: int = listeners[0].socket.getsockname()[1]
     return port

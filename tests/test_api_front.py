@@ -24,12 +24,13 @@ import h2.events
 import h11
 import pytest
 import trio
+import trio.testing
 from hypercorn.config import Config
 from prometheus_client import CollectorRegistry
 from werkzeug.routing import Map, Rule
 
 from tei_manager.api.auth import RequestGuard
-from tei_manager.api.front import LeanFront, ReplayStream
+from tei_manager.api.front import LEFT_POLL_SECS, LeanFront, ReplayStream
 from tei_manager.api.inference import INFERENCE_MAX_BODY_BYTES, Answer, InferenceRequest
 from tei_manager.api.inference_asgi import InferenceDispatch
 from tei_manager.api.openai_routes import OpenAIDoor
@@ -464,6 +465,56 @@ async def test_a_client_that_leaves_cancels_its_request_and_is_counted_as_499(
     assert f'{duration}route="/v1/embeddings",status="499"}} 1.0' in served.metrics()
 
 
+async def test_a_client_that_half_closes_after_its_request_has_left_too(
+    nursery: trio.Nursery, tmp_path: Path, opened: list[trio.SocketStream]
+) -> None:
+    """As on Hypercorn: the end of the client's stream is the client going away."""
+    served = await serve(nursery, tmp_path, opened)
+    stream = await open_raw(served)
+    await stream.send_all(embed_request("hang"))
+    await served.backend.hanging.wait()
+    await stream.send_eof()
+    with trio.fail_after(5):
+        assert await read_until_closed(stream) == b""  # cancelled: no answer, closed
+        fresh = await open_raw(served)
+        await fresh.send_all(embed_request())
+        assert (await Answers(fresh).next())[0] == 200
+    assert not served.backend.release.is_set()
+
+
+async def test_a_request_pipelined_behind_a_running_one_does_not_cancel_it(
+    nursery: trio.Nursery, tmp_path: Path, opened: list[trio.SocketStream]
+) -> None:
+    served = await serve(nursery, tmp_path, opened)
+    stream = await open_raw(served)
+    await stream.send_all(embed_request("hang"))
+    await served.backend.hanging.wait()
+    await stream.send_all(embed_request("next"))
+    await trio.sleep(3 * LEFT_POLL_SECS)  # polled with the next request waiting
+    served.backend.release.set()
+    answers = Answers(stream)
+    with trio.fail_after(5):
+        assert (await answers.next())[0] == 200
+        status, _, body = await answers.next()
+    assert status == 200 and embedding(body) == pytest.approx(vector("next"))
+
+
+async def test_the_front_serves_only_while_it_watches_for_clients_that_leave(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    config = ManagerConfig(state_file=str(tmp_path / "s.toml"), log_dir=str(tmp_path))
+    guard = RequestGuard(build_security(config, CollectorRegistry()))
+    dispatch = InferenceDispatch(Map([]), {}, guard)
+
+    async def hand_off(stream: ReplayStream) -> None:
+        await stream.aclose()
+
+    lean = LeanFront(dispatch, Config(), hand_off, lambda *observed: None)
+    left, _ = trio.testing.lockstep_stream_pair()
+    with pytest.raises(RuntimeError, match=r"LeanFront\.run"):
+        await lean.serve(left)  # type: ignore[arg-type]
+
+
 async def test_requests_are_timed_and_access_logged_with_the_client_address(
     nursery: trio.Nursery,
     tmp_path: Path,
@@ -538,6 +589,7 @@ async def start_front(
     url_map = Map([Rule("/v1/embeddings", endpoint="embed", methods=["POST"])])
     dispatch = InferenceDispatch(url_map, {"embed": (OpenAIDoor(), view)}, guard)
     front = LeanFront(dispatch, config, hand_off, lambda *observed: None)
+    await nursery.start(front.run)
     listeners = await nursery.start(trio.serve_tcp, front.serve, 0)
     port: int = listeners[0].socket.getsockname()[1]
     return port

@@ -188,6 +188,8 @@ async def _serve(
     async with trio.open_nursery() as lifespan_nursery:
         await lifespan_nursery.start(lifespan.handle_lifespan)
         await lifespan.wait_for_startup()
+        if front is not None:  # outlives the connections, drained ones included
+            await lifespan_nursery.start(front.run)
         async with trio.open_nursery() as connections:
             sock.listen(config.backlog)
             listener: trio.abc.Listener[trio.abc.Stream]
