@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import re
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from prometheus_client import CollectorRegistry
 from werkzeug.routing import Map, Rule
 
 from tei_manager.api.auth import RequestGuard
-from tei_manager.api.front import LEFT_POLL_SECS, LeanFront, ReplayStream
+from tei_manager.api.front import LEFT_POLL_SECS, LeanFront, ReplayStream, at_eof
 from tei_manager.api.inference import INFERENCE_MAX_BODY_BYTES, Answer, InferenceRequest
 from tei_manager.api.inference_asgi import InferenceDispatch
 from tei_manager.api.openai_routes import OpenAIDoor
@@ -513,6 +514,18 @@ async def test_the_front_serves_only_while_it_watches_for_clients_that_leave(
     left, _ = trio.testing.lockstep_stream_pair()
     with pytest.raises(RuntimeError, match=r"LeanFront\.run"):
         await lean.serve(left)  # type: ignore[arg-type]
+
+
+def test_where_poll_cannot_tell_a_close_a_peek_does() -> None:
+    ours, peer = socket.socketpair()
+    with ours, peer:
+        assert not at_eof(ours.fileno())  # open, nothing sent
+        peer.send(b"G")
+        assert not at_eof(ours.fileno())  # a pipelined request
+        assert ours.recv(1) == b"G"  # only peeked
+        peer.shutdown(socket.SHUT_WR)
+        assert at_eof(ours.fileno())
+        assert ours.fileno() >= 0  # borrowed, not closed
 
 
 async def test_requests_are_timed_and_access_logged_with_the_client_address(

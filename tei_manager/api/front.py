@@ -70,7 +70,7 @@ from tei_manager.api.inference_asgi import (
 )
 from tei_manager.gateway.errors import InferenceError
 
-__all__ = ["LeanFront", "ReplayStream"]
+__all__ = ["LeanFront", "ReplayStream", "at_eof"]
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,8 @@ _ROUTES_CACHED: Final = 1024
 LINGER_SECS: Final = 2.0
 #: How often the sockets of requests in flight are checked for a client that left.
 LEFT_POLL_SECS: Final = 0.1
-_LEFT: Final = select.POLLHUP | select.POLLERR | select.POLLNVAL | getattr(select, "POLLRDHUP", 0)
+_RDHUP: Final[int] = getattr(select, "POLLRDHUP", 0)  # Linux's; elsewhere, _at_eof asks
+_LEFT: Final = select.POLLHUP | select.POLLERR | select.POLLNVAL | _RDHUP
 
 #: Records one answered (or abandoned) request: route, method, status, seconds.
 Observe = Callable[[str, str, int, float], None]
@@ -187,7 +188,7 @@ class LeanFront:
                 poll.register(fd, select.POLLIN | _LEFT)
         for fd, events in poll.poll(0):
             conn = asked[fd]
-            if events & _LEFT or (events & select.POLLIN and _at_eof(fd)):
+            if events & _LEFT or (events & select.POLLIN and not _RDHUP and at_eof(fd)):
                 self._in_flight.pop(conn).cancel()
             elif events & select.POLLIN:
                 del self._in_flight[conn]
@@ -434,11 +435,9 @@ async def _read_body(conn: _Connection, head: Head) -> bytes | InferenceError | 
     return buffer[:length] if len(buffer) != length else buffer
 
 
-def _at_eof(fd: int) -> bool:
-    """Whether the peer of socket ``fd``, readable, closed it (where poll has no
+def at_eof(fd: int) -> bool:
+    """Whether the peer of socket ``fd`` closed it (asked where poll has no
     ``POLLRDHUP`` to say so): a one-byte peek, the socket borrowed, never owned."""
-    if getattr(select, "POLLRDHUP", 0):
-        return False
     borrowed = socket.socket(fileno=fd)
     try:
         return borrowed.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
