@@ -690,6 +690,10 @@ async def test_connections_over_api_max_connections_are_closed_until_one_ends(
             assert await closed_unanswered(served)
         await trio.testing.wait_all_tasks_blocked()
     assert count_tasks() <= tasks
+    metrics = served.metrics()
+    assert "tei_manager_http_connections 2.0" in metrics
+    assert "tei_manager_http_connections_refused_total 20.0" in metrics
+    assert "tei_manager_http_accept_errors_total 0.0" in metrics
     # The held connections are still served.
     await front.send_all(embed_request())
     assert (await front_answers.next())[0] == 200

@@ -15,6 +15,7 @@ from tei_manager.config import InstanceConfig, ManagerConfig
 from tei_manager.core.instances import InstanceInfo
 from tei_manager.core.logslice import LogSlice
 from tei_manager.hub.state import ModelInfo
+from tei_manager.listener_metrics import ListenerCollector
 from tei_manager.manager.backup import Backup
 from tei_manager.manager.ondemand import DevicesReport
 
@@ -27,6 +28,11 @@ class HttpMetrics(Protocol):
     @property
     def prometheus(self) -> CollectorRegistry:
         """The Prometheus registry ``GET /metrics`` exposes."""
+        ...
+
+    @property
+    def http_listener(self) -> ListenerCollector:
+        """``tei_manager_http_connections*``: pointed at the REST port's accept loop."""
         ...
 
     def observe_http(self, route: str, method: str, status: int, seconds: float) -> None:

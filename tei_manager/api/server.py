@@ -188,6 +188,8 @@ async def _serve(
     async with trio.open_nursery() as lifespan_nursery:
         await lifespan_nursery.start(lifespan.handle_lifespan)
         await lifespan.wait_for_startup()
+        count = _Count()
+        app.manager.metrics.http_listener.watch(count.statistics)
         if front is not None:  # outlives the connections, drained ones included
             await lifespan_nursery.start(front.run)
         async with trio.open_nursery() as connections:
@@ -199,7 +201,9 @@ async def _serve(
             task_status.started()
             try:
                 async with trio.open_nursery() as accepting:
-                    accepting.start_soon(_accept, listener, handler, connections, max_connections)
+                    accepting.start_soon(
+                        _accept, listener, handler, connections, max_connections, count
+                    )
                     if shutdown is None:
                         await trio.sleep_forever()
                     else:
@@ -219,11 +223,12 @@ async def _accept(
     handler: Callable[[trio.abc.Stream], Awaitable[None]],
     nursery: trio.Nursery,
     limit: int,
+    count: _Count,
 ) -> None:
     """Serve each connection ``listener`` accepts with ``handler`` in ``nursery``, at
     most ``limit`` at once: one over the limit is closed at once. Backs off while the
-    process is out of descriptors or memory; closes ``listener`` when cancelled."""
-    count = _Count()
+    process is out of descriptors or memory; closes ``listener`` when cancelled.
+    ``count`` keeps what it sees."""
     failing = refusing = False
     async with listener:
         while True:
@@ -232,6 +237,7 @@ async def _accept(
             except OSError as error:
                 if error.errno not in _ACCEPT_BACKOFF_ERRNOS:
                     raise
+                count.accept_errors += 1
                 if not failing:
                     failing = True
                     log.warning("accept failed on the REST port, backing off: %s", error)
@@ -241,6 +247,7 @@ async def _accept(
                 failing = False
                 log.warning("accepting again on the REST port")
             if count.open >= limit:
+                count.refused += 1
                 if not refusing:
                     refusing = True
                     log.warning(
@@ -270,7 +277,17 @@ async def _counted(
 class _Count:
     """Connections the REST port has open (``api_max_connections``)."""
 
-    __slots__ = ("open",)
+    __slots__ = ("accept_errors", "open", "refused")
 
     def __init__(self) -> None:
         self.open = 0
+        self.refused = 0
+        self.accept_errors = 0
+
+    def statistics(self) -> dict[str, int]:
+        """For ``tei_manager_http_connections*`` (see :mod:`tei_manager.listener_metrics`)."""
+        return {
+            "connections": self.open,
+            "connections_refused": self.refused,
+            "accept_errors": self.accept_errors,
+        }

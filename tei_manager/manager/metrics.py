@@ -28,6 +28,8 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
+from tei_manager.listener_metrics import ListenerCollector
+
 __all__ = [
     "CONTENT_TYPE",
     "INSTANCE_STATUSES",
@@ -127,6 +129,9 @@ class ManagerMetrics:
     def __init__(self) -> None:
         self.prometheus = CollectorRegistry(auto_describe=True)
         r = self.prometheus
+        #: The REST port's connections (``serve_api`` points it at its accept loop).
+        self.http_listener = ListenerCollector("tei_manager_http", "REST")
+        r.register(self.http_listener)
         self.instances_count = Gauge(
             "tei_manager_instances_count", "Instances registered with the manager", registry=r
         )

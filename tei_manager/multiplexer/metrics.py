@@ -19,6 +19,7 @@ from prometheus_client.registry import Collector
 
 from tei_manager.gateway.metrics import QUEUE_BUCKETS
 from tei_manager.grpc.rpc import StatusCode
+from tei_manager.listener_metrics import ListenerCollector
 
 __all__ = ["UNROUTED", "CallMetrics", "MultiplexerMetrics"]
 
@@ -126,6 +127,9 @@ class MultiplexerMetrics:
         )
         self._children: dict[tuple[str, str], CallMetrics] = {}
         registry.register(_InFlightCollector(self._children))
+        #: The gRPC port's connections (``MultiplexerServer`` points it at its server).
+        self.listener = ListenerCollector("tei_manager_grpc", "gRPC")
+        registry.register(self.listener)
 
     def retried(self, method: str, reason: str) -> None:
         self.retries.labels(method=method, reason=reason).inc()

@@ -90,6 +90,7 @@ class MultiplexerServer:
             ssl_context=security.tls.grpc_context if security.tls is not None else None,
             authorize=grpc_authorizer(security),
         )
+        metrics.listener.watch(self.server.statistics)
 
     async def run(
         self,
