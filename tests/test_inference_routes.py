@@ -331,6 +331,41 @@ def keys_rows(keys: dict[str, tuple[str, str]]) -> str:
     )
 
 
+async def test_no_such_route_and_method_not_allowed_answer_in_each_doors_error_shape(
+    setup: Setup,
+) -> None:
+    """What routing itself refuses under a door is in that door's shape too: the
+    OpenAI SDK raises NotFoundError with our message, a TEI client reads its shape."""
+    client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{setup.port}/v1", api_key="x")
+    with pytest.raises(openai.NotFoundError, match="no such route: POST /v1/nope"):
+        await client.post("/nope", cast_to=httpx.Response, body={})
+    await client.close()
+    missing = await setup.post("/v1/nope", {})
+    assert missing.status == 404
+    assert missing.json() == {
+        "error": {
+            "message": "no such route: POST /v1/nope",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": "NOT_FOUND",
+        }
+    }
+    wrong = await setup.get("/v1/embeddings")
+    assert wrong.status == 405 and wrong.headers["allow"] == "OPTIONS, POST"
+    assert wrong.json()["error"]["code"] == "METHOD_NOT_ALLOWED"
+    assert wrong.json()["error"]["message"].startswith("GET is not allowed on /v1/embeddings")
+    tei = await setup.get("/tei/b/embed")
+    assert tei.status == 405
+    assert tei.json() == {
+        "error": "GET is not allowed on /tei/b/embed: use OPTIONS, POST",
+        "error_type": "Validation",
+    }
+    long = await setup.post("/v1/" + "x" * 5000, {})
+    assert long.status == 404 and len(long.body) < 400  # the path is not echoed whole
+    manager = await setup.post("/nope", {})
+    assert manager.status == 404 and manager.json()["code"] == "NOT_FOUND"  # the manager's
+
+
 async def test_refusals_answer_in_each_doors_error_shape(
     setup: Setup, nursery: trio.Nursery, tmp_path: Path
 ) -> None:

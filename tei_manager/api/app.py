@@ -28,6 +28,7 @@ from tei_manager.api.inference_asgi import InferenceDispatch
 from tei_manager.api.inference_doors import inference_doors
 from tei_manager.api.models_routes import ModelHandlers, ModelIdConverter
 from tei_manager.api.openapi import openapi_json
+from tei_manager.api.refusals import door_error_renderer
 from tei_manager.api.responses import (
     error_response,
     http_exception_response,
@@ -222,7 +223,9 @@ async def _on_tei_error(error: TeiError) -> Response:
 
 
 async def _on_http_exception(error: HTTPException) -> Response:
-    return http_exception_response(error, request.method, request.path)
+    # Under /v1/ and /tei/ a client of that door reads the door's error shape.
+    render = door_error_renderer(request.path)
+    return http_exception_response(error, request.method, request.path, render)
 
 
 async def _on_exception(error: Exception) -> Response:

@@ -39,7 +39,14 @@ from tei_manager.api.tei_routes import TeiErrorResponse
 from tei_manager.auth.identity import Refusal
 from tei_manager.errors import ERROR_TABLE, ErrorCode, TeiError, error_body, retry_after
 
-__all__ = ["BEARER_REALM", "RefusalAnswer", "refusal_renderer", "render_refusal"]
+__all__ = [
+    "BEARER_REALM",
+    "DoorError",
+    "RefusalAnswer",
+    "door_error_renderer",
+    "refusal_renderer",
+    "render_refusal",
+]
 
 #: The RFC 6750 challenge of a 401 where a bearer provider is configured.
 BEARER_REALM: Final = 'Bearer realm="tei-manager"'
@@ -97,6 +104,22 @@ def refusal_renderer(path: str) -> RefusalBody:
     if path.startswith(_TEI_PREFIX):
         return _tei
     return _manager
+
+
+#: Renders an error the manager itself answers (a 404 or 405 from routing) in a door's
+#: shape: its code and message, the body bytes.
+DoorError = Callable[[ErrorCode, str], bytes]
+
+
+def door_error_renderer(path: str) -> DoorError | None:
+    """How to render the manager's own error (no such route, method not allowed) for
+    a request to ``path``: in OpenAI's shape under ``/v1/`` (the SDK raises
+    ``NotFoundError`` with its message), TEI's under ``/tei/``; None elsewhere (the
+    manager's shape)."""
+    render = refusal_renderer(path)
+    if render is _manager:
+        return None
+    return lambda code, message: render(Refusal(code, message))
 
 
 def render_refusal(path: str, refusal: Refusal, *, bearer: bool) -> RefusalAnswer:

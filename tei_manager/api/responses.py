@@ -9,6 +9,7 @@ goes to the server log, never to the client).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Final
 
 import msgspec
@@ -57,8 +58,14 @@ def error_response(error: TeiError) -> Response:
     return json_response(error_body(error), error.http_status)
 
 
-def http_exception_response(error: HTTPException, method: str, path: str) -> Response:
-    """A Werkzeug HTTP error (404, 405, 413, ...) in the contract's error shape."""
+def http_exception_response(
+    error: HTTPException,
+    method: str,
+    path: str,
+    render: Callable[[ErrorCode, str], bytes] | None = None,
+) -> Response:
+    """A Werkzeug HTTP error (404, 405, 413, ...) in the contract's error shape, or
+    rendered by ``render`` from its code and message (a front door's own shape)."""
     status = error.code or 500
     code = _HTTP_CODES.get(status)
     if code is None:
@@ -74,8 +81,12 @@ def http_exception_response(error: HTTPException, method: str, path: str) -> Res
         message = f"request body too large: the limit is {MAX_BODY_BYTES} bytes"
     else:
         message = (error.description or error.name).rstrip(".")
-    body = ErrorBody(error=message, code=code, timestamp=rfc3339_utc())
-    response = json_response(body, status)
+    if render is None:
+        response = json_response(
+            ErrorBody(error=message, code=code, timestamp=rfc3339_utc()), status
+        )
+    else:
+        response = Response(render(ErrorCode(code), message), status=status, content_type=JSON)
     response.headers.update(headers)
     return response
 
