@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tei_manager.config import InstanceConfig
+from tei_manager.config import InstanceConfig, OtelConfig
 from tei_manager.errors import ConfigError, ErrorCode
 from tei_manager.supervisor.gpus import count_gpus, parse_nvidia_smi_list
 from tei_manager.supervisor.launch import (
@@ -208,3 +208,14 @@ def test_without_nvidia_smi_the_driver_entries_count(tmp_path: Path) -> None:
 def test_this_host_is_counted_without_error() -> None:
     # Whatever the host has; on a GPU-less machine this is 0 and every gpu_id is refused.
     assert count_gpus() >= 0
+
+
+def test_tei_exports_its_spans_where_the_manager_does_when_tracing_is_on() -> None:
+    otel = OtelConfig(endpoint=" http://collector:4317 ", service_name="tm")
+    argv = build_command(_config(name="bge"), TEI, otel=otel)
+    assert argv[argv.index("--otlp-endpoint") + 1] == "http://collector:4317"
+    assert argv[argv.index("--otlp-service-name") + 1] == "tm-bge"
+    assert "--otlp-endpoint" not in build_command(_config(), TEI, otel=OtelConfig())
+    assert "--otlp-endpoint" not in build_command(_config(), WORKER, otel=otel)  # no such flag
+    own = _config(extra_args=["--otlp-endpoint", "http://other:4317"])
+    assert build_command(own, TEI, otel=otel).count("--otlp-endpoint") == 1

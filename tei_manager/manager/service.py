@@ -835,7 +835,10 @@ class Manager:
     def _spawn_process(self, cfg: InstanceConfig) -> ProcessHandle:
         assert self.program is not None
         env = {**os.environ, **self.models.instance_env(cfg.model_id, cfg.revision)}
-        return spawn(launch_spec(cfg, self.program, log_dir=self.config.log_dir, base_env=env))
+        spec = launch_spec(
+            cfg, self.program, log_dir=self.config.log_dir, base_env=env, otel=self.config.otel
+        )
+        return spawn(spec)
 
     async def _run_runner_when_model_ready(self, runner: InstanceRunner, wait: ModelWait) -> None:
         """Start ``runner`` once the model registry downloaded its model.

@@ -17,7 +17,7 @@ from typing import Final
 
 import msgspec
 
-from tei_manager.config import InstanceConfig
+from tei_manager.config import InstanceConfig, OtelConfig
 from tei_manager.core.gpu import DEFAULT_MAX_BATCH_TOKENS
 from tei_manager.errors import ConfigError, quote
 
@@ -85,8 +85,16 @@ def resolve_program(
     return worker_program()
 
 
-def build_command(config: InstanceConfig, program: Program) -> list[str]:
-    """The full command line of ``config``'s process; its port must be resolved."""
+def build_command(
+    config: InstanceConfig, program: Program, *, otel: OtelConfig | None = None
+) -> list[str]:
+    """The full command line of ``config``'s process; its port must be resolved.
+
+    With tracing on (``otel``), TEI exports its own spans to the same collector
+    (``--otlp-endpoint``) as service ``{service_name}-{instance}``; the relayed
+    calls carry ``traceparent``, so its spans join the manager's traces. An
+    ``--otlp-endpoint`` in the instance's ``extra_args`` wins.
+    """
     if not config.port:
         raise ValueError(f"instance {config.name!r} has no port assigned")
     argv = [
@@ -115,6 +123,9 @@ def build_command(config: InstanceConfig, program: Program) -> list[str]:
         # TEI's Python backends talk to the router over a unix socket whose default
         # path is the same for every TEI on the host: give each instance its own.
         argv += ["--uds-path", os.path.join(tempfile.gettempdir(), f"tei-manager-{config.port}")]
+        if otel is not None and otel.enabled and "--otlp-endpoint" not in config.extra_args:
+            service = f"{otel.service_name}-{config.name}"
+            argv += ["--otlp-endpoint", otel.endpoint.strip(), "--otlp-service-name", service]
     argv += config.extra_args
     return argv
 
@@ -148,10 +159,11 @@ def launch_spec(
     *,
     log_dir: str | os.PathLike[str],
     base_env: Mapping[str, str] | None = None,
+    otel: OtelConfig | None = None,
 ) -> LaunchSpec:
     """Command, environment and log file of ``config``'s process."""
     return LaunchSpec(
-        argv=tuple(build_command(config, program)),
+        argv=tuple(build_command(config, program, otel=otel)),
         env=build_env(config, os.environ if base_env is None else base_env),
         log_path=str(instance_log_path(log_dir, config.name)),
     )
