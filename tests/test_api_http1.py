@@ -178,7 +178,8 @@ def heads(draw: st.DrawFn) -> bytes:
     return b"".join(out)
 
 
-@settings(max_examples=1500, deadline=None)
+# derandomize: the same heads on every run, so CI results are reproducible.
+@settings(max_examples=1500, deadline=None, derandomize=True)
 @given(heads())
 def test_a_random_head_read_as_plain_is_read_as_h11_reads_it(raw: bytes) -> None:
     end = head_end(raw)
