@@ -15,14 +15,18 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
 import trio
-from prometheus_client import generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
+from werkzeug.routing import Map, MapAdapter, Rule
 
 from tei_manager.api import exchange, inference_asgi, serve_api
-from tei_manager.api.inference import INFERENCE_MAX_BODY_BYTES
+from tei_manager.api.auth import RequestGuard
+from tei_manager.api.inference import INFERENCE_MAX_BODY_BYTES, Answer, InferenceRequest
+from tei_manager.api.openai_routes import OpenAIDoor
 from tei_manager.auth.security import build_security
 from tei_manager.config import InstanceConfig, parse_config
 from tei_manager.core.instances import InstanceTable
@@ -263,3 +267,59 @@ allowed_origins = ["{ORIGIN}"]
         "OPTIONS", "/v1/embeddings", headers=[*origin, ("Access-Control-Request-Method", "POST")]
     )
     assert status == 204 and headers["access-control-allow-origin"] == ORIGIN
+
+
+def test_routing_answers_are_remembered_within_bounds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    asked: list[str] = []
+
+    class CountingMap(Map):
+        """Werkzeug's map, noting each path its matcher is asked about."""
+
+        def bind(self, *args: Any, **kwargs: Any) -> MapAdapter:
+            adapter = super().bind(*args, **kwargs)
+            match = adapter.match
+
+            def counted(path: str, method: str, **options: Any) -> Any:
+                asked.append(path)
+                return match(path, method, **options)
+
+            adapter.match = counted  # type: ignore[method-assign,assignment]
+            return adapter
+
+    async def view(request: InferenceRequest) -> Answer:
+        return Answer(b"{}")
+
+    monkeypatch.setattr(inference_asgi, "MAX_REMEMBERED_MATCHES", 4)
+    config = parse_config(f'state_file = "{tmp_path / "s.toml"}"\nlog_dir = "{tmp_path}"\n', env={})
+    rules = [
+        Rule("/v1/embeddings", endpoint="embed", methods=["POST"]),
+        Rule("/tei/<path:model>/embed", endpoint="tei_embed", methods=["POST"]),
+    ]
+    door = OpenAIDoor()
+    dispatch = inference_asgi.InferenceDispatch(
+        CountingMap(rules),
+        {"embed": (door, view), "tei_embed": (door, view)},
+        RequestGuard(build_security(config, CollectorRegistry())),
+    )
+    first = dispatch.match_path("POST", "/v1/embeddings")
+    assert first is not None and first.label == "/v1/embeddings" and first.view is view
+    assert dispatch.match_path("POST", "/v1/embeddings") is first
+    assert dispatch.match_path("GET", "/v1/embeddings") is None  # 405: Quart's
+    assert dispatch.match_path("GET", "/v1/embeddings") is None
+    assert asked == ["/v1/embeddings", "/v1/embeddings"]
+    # Each name its own answer.
+    a, b = (dispatch.match_path("POST", f"/tei/{name}/embed") for name in "ab")
+    assert a is not None and a.model == "a" and b is not None and b.model == "b"
+    assert len(asked) == 4
+    # The fifth remembered answer forgets the other four: the first is asked again.
+    assert dispatch.match_path("POST", "/tei/c/embed") is not None
+    assert dispatch.match_path("POST", "/v1/embeddings") == first
+    assert asked[4:] == ["/tei/c/embed", "/v1/embeddings"]
+    # A path longer than the bound is never remembered.
+    long = "/tei/" + "x" * inference_asgi.MAX_REMEMBERED_PATH_CHARS + "/embed"
+    for _ in range(2):
+        found = dispatch.match_path("POST", long)
+        assert found is not None and found.model == "x" * inference_asgi.MAX_REMEMBERED_PATH_CHARS
+    assert asked[6:] == [long, long]

@@ -24,6 +24,7 @@ from tei_manager.core.ondemand import StartPolicy
 from tei_manager.core.ports import probe_bindable
 from tei_manager.core.restart import RestartPolicy
 from tei_manager.errors import ErrorCode, TeiError
+from tei_manager.manager.metrics import ManagerMetrics
 from tei_manager.manager.service import Manager
 from tei_manager.supervisor.process import SpawnError
 from tests.fake_devices import FakeDevices
@@ -529,6 +530,23 @@ async def test_every_contract_metric_is_recorded(
     samples = [s for family in text_string_to_metric_families(text) for s in family.samples]
     assert samples
     assert [s.name for s in samples if s.name.endswith("_created")] == []
+
+
+def test_http_durations_stay_counted_when_the_kept_children_are_dropped() -> None:
+    metrics = ManagerMetrics()
+    metrics.observe_http("/v1/embeddings", "POST", 200, 0.002)
+    for i in range(1100):  # made-up methods: more series than are kept at hand
+        metrics.observe_http("unmatched", f"M{i}", 405, 0.001)
+    metrics.observe_http("/v1/embeddings", "POST", 200, 0.003)
+    families = text_string_to_metric_families(metrics.render().decode())
+    counts = {
+        (s.labels["route"], s.labels["method"], s.labels["status"]): s.value
+        for family in families
+        for s in family.samples
+        if s.name == "tei_manager_http_request_duration_seconds_count"
+    }
+    assert counts[("/v1/embeddings", "POST", "200")] == 2.0
+    assert counts[("unmatched", "M0", "405")] == counts[("unmatched", "M1099", "405")] == 1.0
 
 
 # -- restore and shutdown --------------------------------------------------------------------

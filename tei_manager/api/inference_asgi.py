@@ -65,6 +65,11 @@ __all__ = [
 BODY_TIMEOUT_SECS: Final = 60.0
 # HEAD and OPTIONS (CORS preflight) stay Quart's; every inference route is GET or POST.
 _METHODS: Final = frozenset({"GET", "POST"})
+#: Routing answers remembered (see ``InferenceDispatch.match_path``), for paths up to
+#: this long; all forgotten when this many are, so paths a client makes up cannot
+#: grow it past ~0.5 MB.
+MAX_REMEMBERED_MATCHES: Final = 1024
+MAX_REMEMBERED_PATH_CHARS: Final = 512
 
 
 class Matched(NamedTuple):
@@ -89,6 +94,7 @@ class InferenceDispatch:
         self._adapter: MapAdapter | None = None  # bound at first use, once every rule is in
         self._views = views
         self._guard = guard
+        self._matches: dict[tuple[str, str], Matched | None] = {}
 
     @property
     def guard(self) -> RequestGuard:
@@ -100,9 +106,28 @@ class InferenceDispatch:
         return self.match_path(scope["method"], scope["path"])
 
     def match_path(self, method: str, path: str) -> Matched | None:
-        """The inference route for ``method`` on ``path`` (percent-decoded); None: Quart's."""
+        """The inference route for ``method`` on ``path`` (percent-decoded); None: Quart's.
+
+        Werkzeug's matcher costs some microseconds a request (tens for a route with a
+        ``{model}``), and the answer for a path never changes once the app is built:
+        it is remembered, for a bounded number of paths of bounded length.
+        """
         if not path.startswith(INFERENCE_PREFIXES) or method not in _METHODS:
             return None
+        if len(path) > MAX_REMEMBERED_PATH_CHARS:
+            return self._match(method, path)
+        key = (method, path)
+        try:
+            return self._matches[key]
+        except KeyError:
+            pass
+        matched = self._match(method, path)
+        if len(self._matches) >= MAX_REMEMBERED_MATCHES:
+            self._matches.clear()
+        self._matches[key] = matched
+        return matched
+
+    def _match(self, method: str, path: str) -> Matched | None:
         if self._adapter is None:
             self._adapter = self._map.bind("localhost")
         try:

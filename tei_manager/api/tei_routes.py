@@ -15,7 +15,6 @@ it or failed, 429 overloaded, 503 unhealthy. We add 404 for a model nobody serve
 
 from __future__ import annotations
 
-from contextlib import AbstractAsyncContextManager
 from typing import Any, Final, Literal
 
 import msgspec
@@ -286,9 +285,7 @@ class TeiHandlers:
         self._gateway = gateway
         self._status = door.status
 
-    def _session(
-        self, route: str, request: InferenceRequest
-    ) -> AbstractAsyncContextManager[Session]:
+    def _session(self, route: str, request: InferenceRequest) -> Session:
         model = request_target(request, request.model)  # a header must name the URL's
         return self._gateway.session(f"/tei/{{model}}/{route}", model, self._status)
 

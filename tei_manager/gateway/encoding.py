@@ -50,6 +50,10 @@ def dense_embeddings(replies: Sequence[bytes]) -> tuple[Matrix, int]:
     """The embeddings of serialized EmbedResponses, one row each, and the compute tokens
     they report, from one pass over each reply (ValueError if one is malformed or the
     rows are ragged)."""
+    if len(replies) == 1:  # a single input, the common request: no join, no checks
+        floats, metadata = embed_response_parts(replies[0])
+        tokens = tei_pb2.Metadata.FromString(metadata).compute_tokens if metadata else 0
+        return np.frombuffer(floats, dtype="<f4").reshape(1, len(floats) // 4), tokens
     rows: list[bytes] = []
     tokens = 0
     for reply in replies:
@@ -62,7 +66,7 @@ def dense_embeddings(replies: Sequence[bytes]) -> tuple[Matrix, int]:
     width = len(rows[0])
     if any(len(row) != width for row in rows):
         raise ValueError("the instance answered embeddings of different sizes")
-    flat = np.frombuffer(b"".join(rows) if len(rows) > 1 else rows[0], dtype="<f4")
+    flat = np.frombuffer(b"".join(rows), dtype="<f4")
     return flat.reshape(len(rows), width // 4), tokens
 
 

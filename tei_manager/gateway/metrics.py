@@ -5,22 +5,36 @@
 found), never the client's raw string: the label sets stay bounded whatever
 clients send. Queue depth and in-flight counts per instance are read from the
 admission gates at scrape time.
+
+Requests, latency, tokens and queued time are counted in plain numbers per (route,
+model) and exposed at scrape time as the counters and histograms prometheus_client
+would (same names, help, labels, buckets): its per-observation lock and checks cost
+more than the rest of a request's bookkeeping together. The manager turns off
+prometheus_client's ``_created`` series process-wide, so these have none either.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from bisect import bisect_left
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Final
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from tei_manager.gateway.gate import AdmissionStatistics
 
-__all__ = ["QUEUE_BUCKETS", "GatewayMetrics", "RouteMetrics"]
+__all__ = ["LATENCY_BUCKETS", "QUEUE_BUCKETS", "GatewayMetrics", "RouteMetrics"]
 
-_LATENCY_BUCKETS: Final = (
+#: Seconds an inference request took, queueing included.
+LATENCY_BUCKETS: Final = (
     0.001,
     0.0025,
     0.005,
@@ -41,6 +55,46 @@ _LATENCY_BUCKETS: Final = (
 QUEUE_BUCKETS: Final = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, float("inf"))
 
 
+class _Buckets:
+    """A histogram's bucket bounds, and their ``le`` label values."""
+
+    __slots__ = ("bounds", "les")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = tuple(bounds)
+        self.les = tuple(floatToGoString(b) for b in bounds)  # type: ignore[no-untyped-call]
+
+
+class _Histogram:
+    """One histogram series: counts per bucket (not cumulative) and the sum."""
+
+    __slots__ = ("_bounds", "_les", "counts", "sum")
+
+    def __init__(self, buckets: _Buckets) -> None:
+        self._bounds = buckets.bounds
+        self._les = buckets.les
+        self.counts = [0] * len(buckets.bounds)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        # The first bucket whose bound is >= value, as prometheus_client's ``le``.
+        self.counts[bisect_left(self._bounds, value)] += 1
+        self.sum += value
+
+    def buckets(self) -> list[tuple[str, float]]:
+        """Cumulative counts by ``le``, as the exposition wants them."""
+        out: list[tuple[str, float]] = []
+        total = 0.0
+        for le, count in zip(self._les, list(self.counts), strict=True):
+            total += count
+            out.append((le, total))
+        return out
+
+
+_LATENCY: Final = _Buckets(LATENCY_BUCKETS)
+_QUEUED: Final = _Buckets(QUEUE_BUCKETS)
+
+
 class RouteMetrics:
     """The series of one (route, model) pair."""
 
@@ -50,20 +104,61 @@ class RouteMetrics:
         self._errors = metrics.errors
         self._route = route
         self._model = model
-        self.requests = metrics.requests.labels(route=route, model=model)
-        self.duration = metrics.duration.labels(route=route, model=model)
-        self.tokens = metrics.tokens.labels(route=route, model=model)
-        self.queued = metrics.queued.labels(route=route, model=model)
+        self.requests = 0
+        self.tokens = 0
+        self.duration = _Histogram(_LATENCY)
+        self.queued = _Histogram(_QUEUED)
 
     def finished(self, status: int, seconds: float, tokens: int, queued: float | None) -> None:
-        self.requests.inc()
+        self.requests += 1
         self.duration.observe(seconds)
         if tokens:
-            self.tokens.inc(tokens)
+            self.tokens += tokens
         if queued is not None:
             self.queued.observe(queued)
         if status >= 400:
             self._errors.labels(route=self._route, model=self._model, status=str(status)).inc()
+
+
+class _RouteCollector(Collector):
+    """Requests, latency, tokens and queued time of every (route, model), at scrape time."""
+
+    def __init__(self, children: Mapping[tuple[str, str], RouteMetrics]) -> None:
+        self._children = children
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["route", "model"]
+        requests = CounterMetricFamily(
+            "tei_manager_inference_requests",
+            "Inference requests, by route and model",
+            labels=labels,
+        )
+        duration = HistogramMetricFamily(
+            "tei_manager_inference_request_duration_seconds",
+            "Duration of inference requests, queueing included",
+            labels=labels,
+        )
+        tokens = CounterMetricFamily(
+            "tei_manager_inference_input_tokens",
+            "Input tokens the instances computed for inference requests",
+            labels=labels,
+        )
+        queued = HistogramMetricFamily(
+            "tei_manager_inference_queued_seconds",
+            "Time inference requests waited for a slot on their instance",
+            labels=labels,
+        )
+        # A copy: a scrape may run in a worker thread while requests add series.
+        for (route, model), child in list(self._children.items()):
+            values = [route, model]
+            requests.add_metric(values, float(child.requests))
+            duration.add_metric(values, child.duration.buckets(), child.duration.sum)
+            tokens.add_metric(values, float(child.tokens))
+            queued.add_metric(values, child.queued.buckets(), child.queued.sum)
+        yield requests
+        yield duration
+        yield tokens
+        yield queued
 
 
 class _AdmissionCollector(Collector):
@@ -93,37 +188,12 @@ class GatewayMetrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self._registry = registry
-        labels = ["route", "model"]
-        self.requests = Counter(
-            "tei_manager_inference_requests",
-            "Inference requests, by route and model",
-            labels,
-            registry=registry,
-        )
+        self._children: dict[tuple[str, str], RouteMetrics] = {}
+        registry.register(_RouteCollector(self._children))
         self.errors = Counter(
             "tei_manager_inference_errors",
             "Inference requests answered with an error, by HTTP status",
-            [*labels, "status"],
-            registry=registry,
-        )
-        self.duration = Histogram(
-            "tei_manager_inference_request_duration_seconds",
-            "Duration of inference requests, queueing included",
-            labels,
-            buckets=_LATENCY_BUCKETS,
-            registry=registry,
-        )
-        self.tokens = Counter(
-            "tei_manager_inference_input_tokens",
-            "Input tokens the instances computed for inference requests",
-            labels,
-            registry=registry,
-        )
-        self.queued = Histogram(
-            "tei_manager_inference_queued_seconds",
-            "Time inference requests waited for a slot on their instance",
-            labels,
-            buckets=QUEUE_BUCKETS,
+            ["route", "model", "status"],
             registry=registry,
         )
         self.retries = Counter(
@@ -133,7 +203,6 @@ class GatewayMetrics:
             ["route", "reason"],
             registry=registry,
         )
-        self._children: dict[tuple[str, str], RouteMetrics] = {}
 
     def route(self, route: str, model: str) -> RouteMetrics:
         key = (route, model)

@@ -56,6 +56,10 @@ ColdStartFailure = Literal["memory", "failed", "refused"]
 #: Every value of the ``status`` label of ``tei_manager_instance_status``.
 INSTANCE_STATUSES: Final = ("idle", "starting", "running", "stopping", "stopped", "failed")
 
+#: Series of ``tei_manager_http_request_duration_seconds`` whose child is kept at
+#: hand (see ``ManagerMetrics.observe_http``); all dropped when this many are.
+_HTTP_CHILDREN_KEPT: Final = 1024
+
 # Model loading takes from a second (tiny models) to minutes (large ones, first download).
 _STARTUP_BUCKETS: Final = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, float("inf"))
 # A health check is one Info call over loopback: milliseconds, unless the instance hangs.
@@ -174,6 +178,9 @@ class ManagerMetrics:
             ["route", "method", "status"],
             registry=r,
         )
+        # (route, method, status) -> its child: ``labels()`` costs more than the
+        # observation itself, and this is paid by every REST request.
+        self._http_children: dict[tuple[str, str, int], Histogram] = {}
         self.cold_starts = Counter(
             "tei_manager_cold_starts",
             "On-demand instances started by a request",
@@ -266,9 +273,16 @@ class ManagerMetrics:
 
     def observe_http(self, route: str, method: str, status: int, seconds: float) -> None:
         """One REST request; ``route`` is the route template, never the raw path."""
-        self.http_request_duration_seconds.labels(
-            route=route, method=method, status=str(status)
-        ).observe(seconds)
+        key = (route, method, status)
+        child = self._http_children.get(key)
+        if child is None:
+            children = self._http_children
+            if len(children) >= _HTTP_CHILDREN_KEPT:
+                children.clear()  # a client's made-up methods cannot grow it
+            child = children[key] = self.http_request_duration_seconds.labels(
+                route=route, method=method, status=str(status)
+            )
+        child.observe(seconds)
 
     # -- reading ------------------------------------------------------------------------
     def statistics(self) -> MetricsStatistics:
