@@ -158,9 +158,9 @@ async def test_what_the_inference_path_leaves_to_quart(
     conn = await served.connection()
     status, headers, body = await conn.request("GET", "/v1/embeddings")
     assert status == 405 and "POST" in headers["allow"]
-    assert json.loads(body)["code"] == "METHOD_NOT_ALLOWED"
+    assert json.loads(body)["error"]["code"] == "METHOD_NOT_ALLOWED"  # in OpenAI's shape
     status, _, body = await conn.request("POST", "/v1/nothing", b"{}")
-    assert status == 404 and json.loads(body)["code"] == "NOT_FOUND"
+    assert status == 404 and json.loads(body)["error"]["code"] == "NOT_FOUND"
     status, headers, body = await conn.request("HEAD", "/v1/models")
     assert status == 200 and body == b""
     assert 'route="unmatched",status="405"' in served.metrics()

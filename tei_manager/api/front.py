@@ -78,8 +78,6 @@ log = logging.getLogger(__name__)
 _MAX_RECV: Final = 1 << 16
 # Status of a request whose client went away before its answer (as on Quart's path).
 _NO_RESPONSE: Final = 499
-# How many route matches a front keeps (see LeanFront._routes).
-_ROUTES_CACHED: Final = 1024
 #: How long a connection closed with input unread keeps reading it off, so that closing
 #: does not reset the connection before the client has read the answer (nginx's
 #: lingering close; its lingering_timeout is 5 s).
@@ -146,9 +144,6 @@ class LeanFront:
         self._waiting: set[trio.CancelScope] = set()  # connections between requests
         self._terminated = False
         self._server = b"hypercorn-h11" if config.include_server_header else None
-        # Routes matched by (method, target path): a request does not pay Werkzeug's
-        # match each time. Only matches are kept, and at most _ROUTES_CACHED of them.
-        self._routes: dict[tuple[str, bytes], Matched] = {}
         # Requests whose handler runs, by connection: run() cancels one whose client left.
         self._in_flight: dict[_Connection, trio.CancelScope] = {}
         self._polling = False
@@ -239,21 +234,11 @@ class LeanFront:
         await stream.aclose()
 
     def _match(self, head: Head) -> Matched | None:
-        target = head.target.partition(b"?")[0]
-        key = (head.method, target)
-        matched = self._routes.get(key)
-        if matched is not None:
-            return matched
         try:
-            path = unquote(target.decode("ascii"), errors="strict")
+            path = unquote(head.target.partition(b"?")[0].decode("ascii"), errors="strict")
         except UnicodeError:
             return None  # Hypercorn answers what it makes of it
-        matched = self._dispatch.match_path(head.method, path)
-        if matched is not None:
-            if len(self._routes) >= _ROUTES_CACHED:
-                self._routes.clear()
-            self._routes[key] = matched
-        return matched
+        return self._dispatch.match_path(head.method, path)  # remembered there
 
     async def _read_head(self, conn: _Connection) -> int | _Refused | None:
         """Where the next request head ends in ``conn.buffer``; None if the client
