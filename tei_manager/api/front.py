@@ -40,6 +40,7 @@ request in flight is answered with ``Connection: close``.
 from __future__ import annotations
 
 import logging
+import math
 import select
 import socket
 import time
@@ -141,11 +142,11 @@ class LeanFront:
         self._config = config
         self._hand_off = hand_off
         self._observe = observe
-        self._waiting: set[trio.CancelScope] = set()  # connections between requests
+        self._connections: set[_Connection] = set()  # served here (terminate() looks)
         self._terminated = False
         self._server = b"hypercorn-h11" if config.include_server_header else None
-        # Requests whose handler runs, by connection: run() cancels one whose client left.
-        self._in_flight: dict[_Connection, trio.CancelScope] = {}
+        # Connections whose handler runs: run() cancels one whose client left.
+        self._in_flight: set[_Connection] = set()
         self._polling = False
         self._parked: trio.Event | None = None  # run() waits on it while nothing runs
 
@@ -184,53 +185,57 @@ class LeanFront:
         for fd, events in poll.poll(0):
             conn = asked[fd]
             if events & _LEFT or (events & select.POLLIN and not _RDHUP and at_eof(fd)):
-                self._in_flight.pop(conn).cancel()
+                self._in_flight.discard(conn)
+                conn.scope.cancel()  # the handler, then the connection
             elif events & select.POLLIN:
-                del self._in_flight[conn]
+                self._in_flight.discard(conn)
 
     def terminate(self) -> None:
         """Shutdown: close connections waiting for a request; answer the rest with a close."""
         self._terminated = True
-        for scope in self._waiting:
-            scope.cancel()
+        for conn in self._connections:
+            if conn.waiting:
+                conn.scope.cancel()
 
     async def serve(self, stream: trio.SocketStream) -> None:
         """Serve one accepted plaintext connection until it closes or goes to Hypercorn."""
         if not self._polling:
             raise RuntimeError("LeanFront.serve needs LeanFront.run running")
         sock = stream.socket
+        conn = _Connection(stream)
+        self._connections.add(conn)
         try:
             client = parse_socket_addr(sock.family, sock.getpeername())
-            conn = _Connection(stream)
-            served = 0
-            while not self._terminated:
-                end = await self._read_head(conn)
-                if end is None:
-                    break
-                if isinstance(end, _Refused):
-                    await stream.send_all(self._encode(end.status, [], b"", close=True))
-                    await _linger(stream)
-                    break
-                head = parse_head(conn.buffer[:end])
-                matched = None if head is None else self._match(head)
-                if head is None or matched is None:
-                    await self._hand_off(ReplayStream(stream, conn.buffer))
-                    return
-                conn.buffer = conn.buffer[end:]
-                served += 1
-                status, taken = await self._serve_request(conn, head, matched, client, served)
-                if status == _NO_RESPONSE:
-                    break
-                if not taken:  # its body was refused, unread
-                    await _linger(stream)
-                    break
-                if not head.keep_alive or served >= self._config.keep_alive_max_requests:
-                    break
+            with conn.scope:  # the keep-alive timeout, shutdown, or the client gone
+                served = 0
+                while not self._terminated:
+                    end = await self._read_head(conn)
+                    if end is None:
+                        break
+                    if isinstance(end, _Refused):
+                        await _send_all(sock, self._encode(end.status, [], b"", close=True))
+                        await _linger(stream)
+                        break
+                    head = parse_head(conn.buffer[:end])
+                    matched = None if head is None else self._match(head)
+                    if head is None or matched is None:
+                        await self._hand_off(ReplayStream(stream, conn.buffer))
+                        return
+                    conn.buffer = conn.buffer[end:]
+                    served += 1
+                    taken = await self._serve_request(conn, head, matched, client, served)
+                    if not taken:  # its body was refused, unread
+                        await _linger(stream)
+                        break
+                    if not head.keep_alive or served >= self._config.keep_alive_max_requests:
+                        break
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the client went away
         except Exception:
             # A bug here must cost one connection, not the listener (Hypercorn's rule).
             log.exception("REST connection from the lean front failed")
+        finally:
+            self._connections.discard(conn)
         await stream.aclose()
 
     def _match(self, head: Head) -> Matched | None:
@@ -242,29 +247,29 @@ class LeanFront:
 
     async def _read_head(self, conn: _Connection) -> int | _Refused | None:
         """Where the next request head ends in ``conn.buffer``; None if the client
-        closes, is too slow, or we shut down."""
+        closes. Waiting for it runs the keep-alive timeout (on the connection's scope,
+        so a head sent slowly is cut off too) and shutdown closes it."""
         limit = self._config.h11_max_incomplete_size
-        stream = conn.stream
-        scanned = 0
-        with trio.CancelScope(
-            deadline=trio.current_time() + self._config.keep_alive_timeout
-        ) as waiting:
-            self._waiting.add(waiting)
+        buffer = conn.buffer
+        end = head_end(buffer)
+        if end < 0:
+            scope = conn.scope
+            scope.deadline = trio.current_time() + self._config.keep_alive_timeout
+            conn.waiting = True
             try:
-                while True:
-                    end = head_end(conn.buffer, scanned)
-                    if end >= 0:
-                        return _Refused(431) if end > limit else end
-                    if len(conn.buffer) > limit:
+                while end < 0:
+                    if len(buffer) > limit:
                         return _Refused(431)
-                    scanned = len(conn.buffer)
-                    data = await stream.receive_some(_MAX_RECV)
+                    scanned = len(buffer)
+                    data = await conn.sock.recv(_MAX_RECV)
                     if not data:
                         return None
-                    conn.buffer += data
+                    buffer = conn.buffer = buffer + data
+                    end = head_end(buffer, scanned)
             finally:
-                self._waiting.discard(waiting)
-        return None  # the keep-alive timeout, or shutdown
+                conn.waiting = False
+                scope.deadline = math.inf
+        return _Refused(431) if end > limit else end
 
     async def _serve_request(
         self,
@@ -273,16 +278,17 @@ class LeanFront:
         matched: Matched,
         client: tuple[str, int] | None,
         served: int,
-    ) -> tuple[int, bool]:
-        """Answer one inference request: its status (499 if the client left), and
-        whether its body was read whole."""
+    ) -> bool:
+        """Answer one inference request; whether its body was read whole. Timed and
+        counted under its status, 499 if the client left (the connection's scope is
+        then cancelled: it ends)."""
         started = time.perf_counter()
         status, taken = _NO_RESPONSE, False
         try:
             status, taken = await self._answer(conn, head, matched, client, served)
         finally:
             self._observe(matched.label, head.method, status, time.perf_counter() - started)
-        return status, taken
+        return taken
 
     async def _answer(
         self,
@@ -307,7 +313,8 @@ class LeanFront:
                 return guard.finish(method, path, headers, extras, status)
 
         body = await _read_body(conn, head)
-        if body is None:
+        if body is None:  # the client closed half way: nothing to answer
+            conn.scope.cancel()
             return _NO_RESPONSE, False
         taken = not isinstance(body, InferenceError)
         if refusal is not None:
@@ -318,12 +325,9 @@ class LeanFront:
             if finish is not None:
                 answer = _with_headers(answer, finish(answer.status))
         else:
-            found = await self._run_unless_left(
+            answer = await self._run_unless_left(
                 matched, InferenceRequest(body, matched.model, head.headers), conn
             )
-            if found is None:
-                return _NO_RESPONSE, False
-            answer = found
             if finish is not None:
                 answer = _with_headers(answer, finish(answer.status))
         close = (
@@ -335,26 +339,22 @@ class LeanFront:
         fields = [(name.lower().encode(), value.encode()) for name, value in answer.headers]
         if answer.content_type is not None:
             fields.insert(0, (b"content-type", answer.content_type.encode()))
-        await conn.stream.send_all(self._encode(answer.status, fields, answer.body, close=close))
+        await _send_all(conn.sock, self._encode(answer.status, fields, answer.body, close=close))
         return answer.status, taken
 
     async def _run_unless_left(
         self, matched: Matched, request: InferenceRequest, conn: _Connection
-    ) -> Answer | None:
-        """The handler's answer, or None if the client goes away first (the handler is
-        cancelled by :meth:`run`)."""
-        with trio.CancelScope() as view_scope:
-            self._in_flight[conn] = view_scope
-            if self._parked is not None:
-                self._parked.set()
-                self._parked = None
-            try:
-                answer = await matched.view(request)
-            finally:
-                self._in_flight.pop(conn, None)
-        if view_scope.cancelled_caught:
-            return None
-        return answer
+    ) -> Answer:
+        """The handler's answer; if the client goes away first, :meth:`run` cancels
+        the connection's scope, the handler with it."""
+        self._in_flight.add(conn)
+        if self._parked is not None:
+            self._parked.set()
+            self._parked = None
+        try:
+            return await matched.view(request)
+        finally:
+            self._in_flight.discard(conn)
 
     def _encode(
         self, status: int, headers: list[tuple[bytes, bytes]], body: bytes, *, close: bool
@@ -370,13 +370,29 @@ class LeanFront:
 
 
 class _Connection:
-    """One plaintext connection's stream, and what was read off it and not yet served."""
+    """One plaintext connection: its stream and socket, what was read off it and not
+    yet served, and the scope it is served in."""
 
-    __slots__ = ("buffer", "stream")
+    __slots__ = ("buffer", "scope", "sock", "stream", "waiting")
 
     def __init__(self, stream: trio.SocketStream) -> None:
         self.stream = stream
+        # Its own operations, not SocketStream's (two context managers and a
+        # conflict check each): one task serves the connection.
+        self.sock = stream.socket
         self.buffer = b""
+        #: Cancelled when the keep-alive timeout passes, at shutdown while waiting
+        #: for a head, or when the client leaves while its handler runs.
+        self.scope = trio.CancelScope()
+        self.waiting = False  # for the next request head
+
+
+async def _send_all(sock: trio.socket.SocketType, data: bytes) -> None:
+    sent = await sock.send(data)
+    if sent < len(data):
+        with memoryview(data) as view:
+            while sent < len(view):
+                sent += await sock.send(view[sent:])
 
 
 async def _linger(stream: trio.SocketStream) -> None:
@@ -402,13 +418,13 @@ async def _read_body(conn: _Connection, head: Head) -> bytes | InferenceError | 
     buffer = conn.buffer
     if len(buffer) < length:
         if head.expects_continue and not buffer:
-            await conn.stream.send_all(CONTINUE)
+            await _send_all(conn.sock, CONTINUE)
         chunks = [buffer]
         size = len(buffer)
         # Read where tests can shorten it.
         with trio.move_on_after(inference_asgi.BODY_TIMEOUT_SECS):
             while size < length:
-                data = await conn.stream.receive_some(_MAX_RECV)
+                data = await conn.sock.recv(_MAX_RECV)
                 if not data:
                     return None  # closed half way: nothing to answer
                 chunks.append(data)

@@ -380,7 +380,8 @@ class Session:
         except GrpcError as error:
             raise _Unanswered(CONNECT, from_instance(error)) from None
         try:
-            call = channel.start_call(spec)
+            # grpc-timeout: the timer is the call's deadline (no scope around it sets one).
+            call = channel.start_call(spec, deadline=timer.deadline)
         except GrpcError as error:  # closed or going away since it was pooled
             raise _Unanswered(CLOSED, _failure(error, None, record.name)) from None
         try:
