@@ -7,19 +7,23 @@ built-in worker. In one run, with the same texts, this process measures:
   direct gRPC ``EmbedStream`` call to the instance: throughput ratio (target >= 0.95);
 - single-input ``/v1/embeddings`` at concurrency 16 vs direct gRPC ``Embed`` at 16:
   throughput ratio (target >= 0.85);
-- the same at concurrency 1: the latency the gateway adds, p50 (target <= 1 ms).
+- the same at concurrency 1: the latency the gateway adds, p50 (target <= 1 ms),
+  measured paired: the sides take turns request by request, and the figure is the
+  median of (HTTP latency - direct gRPC latency) for the same text.
 
 For each HTTP workload it also reports the manager process's CPU time per input
 (user + system, from /proc): far less sensitive to a busy host than wall time, and
 what the gateway costs the other processes on a small machine. The gRPC side's
 figure is the manager's idle background (health checks) over the same span.
 
-The sides of each workload run back to back, the order rotating per round; a figure
-is the median of the per-round ratios (the JSON keeps every round's). gRPC goes
-through grpcio (asyncio). HTTP goes two ways: through httpx with keep-alive (a client
-people use, whose own CPU shares the two cores with the server: it counts against the
-HTTP side), and through a raw keep-alive HTTP/1.1 client that costs about what
-grpcio's does (``raw``: the gateway's own cost, as the gRPC side sees it).
+The sides of the throughput workloads run back to back, the order rotating per
+round; a figure is the median of the per-round figures (the JSON keeps every
+round's). gRPC goes through grpcio (asyncio). HTTP goes two ways: through a raw
+keep-alive HTTP/1.1 client (``raw``: one write per request, the answer decoded with
+msgspec) whose own CPU per request is below grpcio's, so the figures show the
+gateway's cost and the targets are read from it; and through httpx with keep-alive
+(a client people use, whose own CPU, several times grpcio's on the same two cores,
+counts against the HTTP side). Each client's CPU per input is printed.
 
 With ``--infinity BINARY`` (or ``$INFINITY_EMB``), Infinity (``infinity_emb v2``,
 torch engine) serves the same model folder and takes the same workloads on its
@@ -183,8 +187,11 @@ class Sides:
     """The ways to embed: HTTP sides by name (the gateway, a peer) and ``grpc`` (direct
     to the instance)."""
 
-    def __init__(self, http: dict[str, HttpSide], channel: grpc.aio.Channel) -> None:
+    def __init__(
+        self, http: dict[str, HttpSide], channel: grpc.aio.Channel, manager_pid: int
+    ) -> None:
         self.http = http
+        self.manager_pid = manager_pid
         spec = tei_grpc.Embed.Embed
         self.embed = channel.unary_unary(
             spec.path,
@@ -226,6 +233,40 @@ async def singles(sides: Sides, side: str, texts: list[str], concurrency: int) -
     return {"throughput": len(texts) / elapsed, "p50_ms": statistics.median(latencies) * 1e3}
 
 
+async def paired_c1(
+    sides: Sides, names: list[str], texts: list[str]
+) -> dict[str, dict[str, float]]:
+    """Concurrency 1, the sides taking turns request by request (the same text to each
+    in a row), so what the host does meanwhile weighs on all of them alike: each
+    side's p50, and the median of its latency minus direct gRPC's for the same text
+    (``added_p50_ms``). CPU per input is summed per side around each request."""
+    latencies: dict[str, list[float]] = {side: [] for side in names}
+    manager: dict[str, float] = dict.fromkeys(names, 0.0)
+    client: dict[str, float] = dict.fromkeys(names, 0.0)
+    for text in texts:
+        for side in names:
+            cpu_before, client_before = cpu_seconds(sides.manager_pid), time.process_time()
+            started = time.perf_counter()
+            if side == "grpc":
+                await sides.grpc_embed(text)
+            else:
+                await sides.http[side].embed(text)
+            latencies[side].append(time.perf_counter() - started)
+            client[side] += time.process_time() - client_before
+            manager[side] += cpu_seconds(sides.manager_pid) - cpu_before
+    direct = latencies["grpc"]
+    return {
+        side: {
+            "p50_ms": statistics.median(values) * 1e3,
+            "added_p50_ms": statistics.median(v - d for v, d in zip(values, direct, strict=True))
+            * 1e3,
+            "manager_cpu_us_per_input": manager[side] / len(texts) * 1e6,
+            "client_cpu_us_per_input": client[side] / len(texts) * 1e6,
+        }
+        for side, values in latencies.items()
+    }
+
+
 async def measure(
     api_port: int,
     instance_port: int,
@@ -248,15 +289,14 @@ async def measure(
         http_sides: dict[str, HttpSide] = {"http": Httpx(http), "raw": raw}
         if peer is not None:
             http_sides["peer"] = RawHttp(peer[0], "/embeddings", peer[1])
-        sides = Sides(http_sides, channel)
+        sides = Sides(http_sides, channel, manager_pid)
         names = ["grpc", *http_sides]
         for side in names:  # warm up every path, the models and the connections
             await singles(sides, side, texts[:64], 16)
-        n_batch, n_c16, n_c1 = 1000 // scale, 800 // scale, 200 // scale
+        n_batch, n_c16, n_c1 = 1000 // scale, 800 // scale, 300 // scale
         workloads: list[tuple[str, int, Callable[[str], Awaitable[dict[str, float]]]]] = [
             ("batch1000", n_batch, lambda side: batch(sides, side, texts[:n_batch])),
             ("single_c16", n_c16, lambda side: singles(sides, side, texts[:n_c16], 16)),
-            ("single_c1", n_c1, lambda side: singles(sides, side, texts[:n_c1], 1)),
         ]
         for round_ in range(rounds):
             order = names[round_ % len(names) :] + names[: round_ % len(names)]
@@ -270,6 +310,9 @@ async def measure(
                     client = time.process_time() - client_before
                     figures["client_cpu_us_per_input"] = client / inputs * 1e6
                     results.setdefault(f"{name}/{side}", []).append(figures)
+            order = names[round_ % len(names) :] + names[: round_ % len(names)]
+            for side, figures in (await paired_c1(sides, order, texts[:n_c1])).items():
+                results.setdefault(f"single_c1/{side}", []).append(figures)
             print(f"round {round_ + 1}/{rounds} done", file=sys.stderr)
         for side in http_sides.values():
             if isinstance(side, RawHttp):
@@ -286,8 +329,11 @@ def summarize(results: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
         values = per_round[label] = [combine(h[key], g[key]) for h, g in pairs]
         return statistics.median(values)
 
-    def added(h: float, g: float) -> float:
-        return h - g
+    def paired(side: str) -> float:
+        values = per_round[f"{side}_single_c1_added_p50_ms"] = [
+            r["added_p50_ms"] for r in results[f"single_c1/{side}"]
+        ]
+        return statistics.median(values)
 
     def ratio(h: float, g: float) -> float:
         return h / g
@@ -299,7 +345,7 @@ def summarize(results: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
         side: {
             "batch1000_throughput_ratio": per("batch1000", "throughput", ratio, side),
             "single_c16_throughput_ratio": per("single_c16", "throughput", ratio, side),
-            "single_c1_added_p50_ms": per("single_c1", "p50_ms", added, side),
+            "single_c1_added_p50_ms": paired(side),
             "single_c1_p50_ms": median(f"single_c1/{side}", "p50_ms"),
         }
         for side in ("raw", "http", "peer")
