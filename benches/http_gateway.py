@@ -8,8 +8,9 @@ built-in worker. In one run, with the same texts, this process measures:
 - single-input ``/v1/embeddings`` at concurrency 16 vs direct gRPC ``Embed`` at 16:
   throughput ratio (target >= 0.85);
 - the same at concurrency 1: the latency the gateway adds, p50 (target <= 1 ms),
-  measured paired: the sides take turns request by request, and the figure is the
-  median of (HTTP latency - direct gRPC latency) for the same text.
+  measured paired: each HTTP side and direct gRPC take turns request by request
+  (no other side in between), and the figure is the median of (HTTP latency -
+  direct gRPC latency) for the same text.
 
 For each HTTP workload it also reports the manager process's CPU time per input
 (user + system, from /proc): far less sensitive to a busy host than wall time, and
@@ -236,35 +237,49 @@ async def singles(sides: Sides, side: str, texts: list[str], concurrency: int) -
 async def paired_c1(
     sides: Sides, names: list[str], texts: list[str]
 ) -> dict[str, dict[str, float]]:
-    """Concurrency 1, the sides taking turns request by request (the same text to each
-    in a row), so what the host does meanwhile weighs on all of them alike: each
-    side's p50, and the median of its latency minus direct gRPC's for the same text
-    (``added_p50_ms``). CPU per input is summed per side around each request."""
-    latencies: dict[str, list[float]] = {side: [] for side in names}
-    manager: dict[str, float] = dict.fromkeys(names, 0.0)
-    client: dict[str, float] = dict.fromkeys(names, 0.0)
-    for text in texts:
-        for side in names:
-            cpu_before, client_before = cpu_seconds(sides.manager_pid), time.process_time()
-            started = time.perf_counter()
-            if side == "grpc":
-                await sides.grpc_embed(text)
-            else:
-                await sides.http[side].embed(text)
-            latencies[side].append(time.perf_counter() - started)
-            client[side] += time.process_time() - client_before
-            manager[side] += cpu_seconds(sides.manager_pid) - cpu_before
-    direct = latencies["grpc"]
-    return {
-        side: {
+    """Concurrency 1, each HTTP side paired with direct gRPC: the two take turns
+    request by request (the same text to each, which goes first alternating), so
+    what the host does meanwhile weighs on both alike, and no other HTTP side runs
+    in between (a request through the manager just before would find it warm).
+    Each side's p50, and the median of its latency minus direct gRPC's for the same
+    text (``added_p50_ms``); CPU per input summed per side around each request."""
+    figures: dict[str, dict[str, float]] = {}
+    direct_all: list[float] = []
+    direct_manager = direct_client = 0.0
+    for side in names:
+        if side == "grpc":
+            continue
+        latencies: dict[str, list[float]] = {"grpc": [], side: []}
+        manager = dict.fromkeys(latencies, 0.0)
+        client = dict.fromkeys(latencies, 0.0)
+        for i, text in enumerate(texts):
+            for one in ("grpc", side) if i % 2 == 0 else (side, "grpc"):
+                cpu_before, client_before = cpu_seconds(sides.manager_pid), time.process_time()
+                started = time.perf_counter()
+                if one == "grpc":
+                    await sides.grpc_embed(text)
+                else:
+                    await sides.http[one].embed(text)
+                latencies[one].append(time.perf_counter() - started)
+                client[one] += time.process_time() - client_before
+                manager[one] += cpu_seconds(sides.manager_pid) - cpu_before
+        values, direct = latencies[side], latencies["grpc"]
+        direct_all += direct
+        added = statistics.median(v - d for v, d in zip(values, direct, strict=True))
+        figures[side] = {
             "p50_ms": statistics.median(values) * 1e3,
-            "added_p50_ms": statistics.median(v - d for v, d in zip(values, direct, strict=True))
-            * 1e3,
+            "added_p50_ms": added * 1e3,
             "manager_cpu_us_per_input": manager[side] / len(texts) * 1e6,
             "client_cpu_us_per_input": client[side] / len(texts) * 1e6,
         }
-        for side, values in latencies.items()
+        direct_manager += manager["grpc"]
+        direct_client += client["grpc"]
+    figures["grpc"] = {
+        "p50_ms": statistics.median(direct_all) * 1e3,
+        "manager_cpu_us_per_input": direct_manager / len(direct_all) * 1e6,
+        "client_cpu_us_per_input": direct_client / len(direct_all) * 1e6,
     }
+    return figures
 
 
 async def measure(
