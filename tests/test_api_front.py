@@ -448,39 +448,30 @@ async def test_a_malformed_head_is_400_and_the_connection_closed(
 # --- a client that leaves, and shutdown ----------------------------------------------
 
 
+@pytest.mark.parametrize("half_close", [False, True], ids=["close", "half-close"])
 async def test_a_client_that_leaves_cancels_its_request_and_is_counted_as_499(
-    nursery: trio.Nursery, tmp_path: Path, opened: list[trio.SocketStream]
+    nursery: trio.Nursery, tmp_path: Path, opened: list[trio.SocketStream], half_close: bool
 ) -> None:
+    """As on Hypercorn, the end of the client's stream (a half-close) is the client
+    going away too."""
     served = await serve(nursery, tmp_path, opened)
     stream = await open_raw(served)
     await stream.send_all(embed_request("hang"))
     await served.backend.hanging.wait()
-    await stream.aclose()
+    if half_close:
+        await stream.send_eof()
+    else:
+        await stream.aclose()
     # The next request (limit 1) gets the slot only because the first one was cancelled.
     with trio.fail_after(5):
+        if half_close:
+            assert await read_until_closed(stream) == b""  # cancelled: no answer, closed
         fresh = await open_raw(served)
         await fresh.send_all(embed_request())
         assert (await Answers(fresh).next())[0] == 200
     assert not served.backend.release.is_set()
     duration = 'tei_manager_http_request_duration_seconds_count{method="POST",'
     assert f'{duration}route="/v1/embeddings",status="499"}} 1.0' in served.metrics()
-
-
-async def test_a_client_that_half_closes_after_its_request_has_left_too(
-    nursery: trio.Nursery, tmp_path: Path, opened: list[trio.SocketStream]
-) -> None:
-    """As on Hypercorn: the end of the client's stream is the client going away."""
-    served = await serve(nursery, tmp_path, opened)
-    stream = await open_raw(served)
-    await stream.send_all(embed_request("hang"))
-    await served.backend.hanging.wait()
-    await stream.send_eof()
-    with trio.fail_after(5):
-        assert await read_until_closed(stream) == b""  # cancelled: no answer, closed
-        fresh = await open_raw(served)
-        await fresh.send_all(embed_request())
-        assert (await Answers(fresh).next())[0] == 200
-    assert not served.backend.release.is_set()
 
 
 async def test_a_request_pipelined_behind_a_running_one_does_not_cancel_it(

@@ -178,7 +178,7 @@ class LeanFront:
         poll = select.poll()
         asked: dict[int, _Connection] = {}
         for conn in self._in_flight:
-            fd = conn.stream.socket.fileno()
+            fd = conn.sock.fileno()
             if fd >= 0:
                 asked[fd] = conn
                 poll.register(fd, select.POLLIN | _LEFT)
