@@ -108,9 +108,7 @@ async def _gateway(nursery: trio.Nursery, workdir: Path) -> tuple[int, int]:
         config,
         table,
         manager.metrics.prometheus,
-        router=shared.router,
-        pool=shared.pool,
-        admission=shared.admission,
+        shared,
     )
     port: int = await nursery.start(partial(serve_api, manager, HOST, 0, gateway=gateway))
     return port, backend_port

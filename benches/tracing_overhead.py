@@ -205,9 +205,7 @@ async def _measure(args: argparse.Namespace) -> dict[str, Any]:
                 config,
                 table,
                 manager.metrics.prometheus,
-                router=shared.router,
-                pool=shared.pool,
-                admission=shared.admission,
+                shared,
             )
             api_port = await nursery.start(
                 partial(serve_api, manager, "127.0.0.1", 0, gateway=gateway)

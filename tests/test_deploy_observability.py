@@ -112,9 +112,7 @@ async def _scrape(tmp_path: Path) -> str:
             config,
             manager.instances,
             manager.metrics.prometheus,
-            router=shared.router,
-            pool=shared.pool,
-            admission=shared.admission,
+            shared,
         )
         await nursery.start(manager.run)
         await nursery.start(shared.pool.run)

@@ -54,15 +54,12 @@ class Replicas:
             record.mark_starting(pid=pid, now=now)
             record.mark_running()
         shared = shared_routing(self.config, self.table)
-        router, pool = shared.router, shared.pool
-        await self.nursery.start(pool.run)
+        await self.nursery.start(shared.pool.run)
         self.gateway = create_gateway(
             self.config,
             self.table,
             self.registry,
-            router=router,
-            pool=pool,
-            admission=shared.admission,
+            shared,
         )
         return self.gateway
 

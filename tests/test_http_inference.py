@@ -86,17 +86,14 @@ def served(
 
     async def main() -> None:
         shared = shared_routing(config, table)
-        router, pool = shared.router, shared.pool
         gateway = create_gateway(
             config,
             table,
             manager.metrics.prometheus,
-            router=router,
-            pool=pool,
-            admission=shared.admission,
+            shared,
         )
         async with trio.open_nursery() as nursery:
-            await nursery.start(pool.run)
+            await nursery.start(shared.pool.run)
             port = await nursery.start(partial(serve_api, manager, "127.0.0.1", 0, gateway=gateway))
             started.put(port)
             await trio.to_thread.run_sync(stop.wait, abandon_on_cancel=True)

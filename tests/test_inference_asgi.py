@@ -106,9 +106,7 @@ log_dir = "{tmp_path / "logs"}"
         config,
         table,
         manager.metrics.prometheus,
-        router=shared.router,
-        pool=shared.pool,
-        admission=shared.admission,
+        shared,
     )
     security = build_security(config, manager.metrics.prometheus)
     port = await nursery.start(

@@ -135,15 +135,12 @@ async def setup(nursery: trio.Nursery, tmp_path: Path) -> Setup:
             record.mark_stopped()
     manager = FakeManager(config)
     shared = shared_routing(config, table)
-    router, pool = shared.router, shared.pool
-    await nursery.start(pool.run)
+    await nursery.start(shared.pool.run)
     gateway = create_gateway(
         config,
         table,
         manager.metrics.prometheus,
-        router=router,
-        pool=pool,
-        admission=shared.admission,
+        shared,
     )
     port = await nursery.start(partial(serve_api, manager, "127.0.0.1", 0, gateway=gateway))
     return Setup(port, backend, gateway, manager, table)

@@ -148,9 +148,7 @@ async def test_http_and_grpc_share_the_slot(door: Door) -> None:
         config,
         door.table,
         CollectorRegistry(),
-        router=shared.router,
-        pool=shared.pool,
-        admission=shared.admission,
+        shared,
     )
     async with open_channel("127.0.0.1", door.port) as channel, trio.open_nursery() as calls:
 

@@ -261,9 +261,7 @@ async def gateway_port(
         config,
         table,
         manager.metrics.prometheus,
-        router=shared.router,
-        pool=shared.pool,
-        admission=shared.admission,
+        shared,
     )
     port = await nursery.start(partial(serve_api, manager, "127.0.0.1", 0, gateway=gateway))
     return port, shared
@@ -359,9 +357,7 @@ async def test_probes_listing_and_info_never_load_a_model(
         config,
         table,
         manager.metrics.prometheus,
-        router=shared.router,
-        pool=shared.pool,
-        admission=shared.admission,
+        shared,
     )
     port = await nursery.start(partial(serve_api, manager, "127.0.0.1", 0, gateway=gateway))
     record = table.get("od")

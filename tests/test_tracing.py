@@ -140,9 +140,7 @@ async def _serve_rest(nursery: trio.Nursery, tmp_path: Path, backend: Backend) -
         config,
         table,
         manager.metrics.prometheus,
-        router=shared.router,
-        pool=shared.pool,
-        admission=shared.admission,
+        shared,
     )
     port: int = await nursery.start(partial(serve_api, manager, "127.0.0.1", 0, gateway=gateway))
     return port

@@ -28,7 +28,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from types import TracebackType
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import trio
 from prometheus_client import CollectorRegistry
@@ -45,6 +45,9 @@ from tei_manager.grpc.channel import Call, Channel
 from tei_manager.grpc.rpc import GrpcError, MethodSpec
 from tei_manager.multiplexer.failover import CLOSED, CONNECT, call_failure
 from tei_manager.multiplexer.pool import ConnectionPool
+
+if TYPE_CHECKING:  # (multiplexer.server builds on the gateway's modules)
+    from tei_manager.multiplexer.server import SharedRouting
 
 __all__ = ["MODEL_TYPES", "Gateway", "Session", "create_gateway", "status_hint"]
 
@@ -469,18 +472,15 @@ def create_gateway(
     config: ManagerConfig,
     instances: InstanceTable,
     registry: CollectorRegistry,
-    *,
-    router: Router,
-    pool: ConnectionPool,
-    admission: Admission,
+    shared: SharedRouting,
 ) -> Gateway:
-    """The gateway for ``instances``, its metrics on ``registry``; ``router``, ``pool``
-    and ``admission`` are the ones every front door shares."""
+    """The gateway for ``instances``, its metrics on ``registry``, over the router,
+    pool and admission every front door shares (``shared_routing``)."""
     return Gateway(
         instances,
-        router,
-        pool,
-        admission,
+        shared.router,
+        shared.pool,
+        shared.admission,
         GatewayMetrics(registry),
         request_timeout=config.grpc_request_timeout_secs,
     )

@@ -81,9 +81,7 @@ async def serve(
         config,
         manager.instances,
         manager.metrics.prometheus,
-        router=shared.router,
-        pool=shared.pool,
-        admission=shared.admission,
+        shared,
     )
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as root:
