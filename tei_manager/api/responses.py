@@ -9,13 +9,13 @@ goes to the server log, never to the client).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import Final
 
 import msgspec
 from quart import Response
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
+from tei_manager.api.refusals import DoorError
 from tei_manager.api.routes import JSON, MAX_BODY_BYTES
 from tei_manager.errors import ErrorBody, ErrorCode, TeiError, error_body, rfc3339_utc
 
@@ -62,7 +62,7 @@ def http_exception_response(
     error: HTTPException,
     method: str,
     path: str,
-    render: Callable[[ErrorCode, str], bytes] | None = None,
+    render: DoorError | None = None,
 ) -> Response:
     """A Werkzeug HTTP error (404, 405, 413, ...) in the contract's error shape, or
     rendered by ``render`` from its code and message (a front door's own shape)."""
